@@ -1,0 +1,1 @@
+"""crosscheck: runs torch's eager fbgemm quantization and refquant side by side and compares every value."""
