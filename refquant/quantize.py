@@ -1,0 +1,345 @@
+"""Quantize and dequantize: float32 <-> integer codes, with torch's names and torch 2.13's exact rounding.
+
+Affine quantization maps a float ``x`` to an integer code ``q`` with a ``scale`` (float32, > 0) and a
+``zero_point`` (the code that stands for 0.0):
+
+    q = clamp(round(x / scale) + zero_point, quant_min, quant_max)          (the textbook formula)
+    x ~ (q - zero_point) * scale
+
+What torch 2.13 computes on x86 differs from the textbook in ways that change codes. Each function below writes
+the exact steps as numbered equations:
+
+    inv = f32(1 / f32(scale))                                                                    (eq. Q0)
+
+    quint8 / qint8, per tensor (fbgemm's vectorized path, "fbgemm_legacy_fma"):
+        v = fmaf(x, inv, f32(zero_point))          one rounding: the zero point is added BEFORE rounding
+        v = min(v, 2147483520.0f)                  (_mm256_min_ps; NaN becomes that constant)
+        q = clamp(cvtps2dq(v), quant_min, quant_max)        cvtps2dq rounds half to even     (eq. Q1)
+
+    qint32 per tensor, and every dtype per channel (fbgemm's scalar path):
+        t = f32(f32(x * inv) + f32(zero_point))
+        q = clamp(nearbyint(t), quant_min, quant_max)                                         (eq. Q2)
+
+    dequantize per tensor:   x = f32(f32(q - zero_point) * f32(scale))     a single multiply    (eq. D1)
+    dequantize per channel:  x = f32(f64(f32(q) - f32(zp_c)) * f64(scale_c))                  (eq. D2)
+
+The rounding of eq. Q1 is named because it changed across releases: the FBGEMM inside torch 2.13 defaults to
+``LEGACY = true``; a later FBGEMM computes ``rint(f32(x * inv)) + zero_point`` instead ("nearbyint_then_add"),
+which rounds differently when x * inv lands near a .5 tie.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Literal
+
+import numpy as np
+from numba import njit
+
+from ._float32 import cvtps2dq, fma_f32, fmaf
+from .dtypes import QDTYPES, check_qdtype, qdtype_of_codes, qdtype_range
+
+Rounding = Literal["fbgemm_legacy_fma", "nearbyint_then_add"]
+ROUNDINGS: tuple[str, ...] = ("fbgemm_legacy_fma", "nearbyint_then_add")
+
+# The largest float32 below 2^31: fbgemm clamps with it before converting to int32.
+INT32_FLOAT_MAX = np.float32(2147483520.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# argument checks (shared by the public functions below)
+
+
+def _as_float32_input(x: object, argname: str = "x") -> np.ndarray:
+    """x as a float32 array. Python numbers and lists become float32, as ``torch.tensor`` makes them; a NumPy array
+    of another dtype is refused, as ``torch.quantize_per_tensor`` refuses a Double tensor."""
+    if isinstance(x, np.ndarray):
+        if x.dtype != np.float32:
+            raise TypeError(
+                f"{argname} must be a float32 array (torch quantizes only Float tensors), got dtype {x.dtype}; "
+                f"convert it deliberately with {argname}.astype(np.float32)"
+            )
+        return x
+    try:
+        arr = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{argname} must be a float32 array or a number, got {type(x).__name__}") from e
+    return arr
+
+
+def _scalar(value: object, argname: str, kind: type) -> float | int:
+    """A Python float/int from a number or a one-element array (what observers return)."""
+    arr = np.asarray(value)
+    if arr.size != 1:
+        raise ValueError(f"{argname} must be a single number (or a one-element array), got shape {arr.shape}")
+    item = arr.reshape(()).item()
+    if kind is int:
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+            if isinstance(item, float) and item.is_integer():
+                return int(item)
+            raise TypeError(f"{argname} must be an integer, got {item!r}")
+        return int(item)
+    if isinstance(item, bool) or not isinstance(item, numbers.Real):
+        raise TypeError(f"{argname} must be a real number, got {item!r}")
+    return float(item)
+
+
+def check_scale(scale: object, argname: str = "scale") -> np.float32:
+    """The scale as torch's kernels use it, f32(scale); refuse scales that would give garbage codes.
+
+    torch accepts 0, negative, NaN and inf scales and returns meaningless codes; refquant raises instead.
+    """
+    s = _scalar(scale, argname, float)
+    s_f32 = np.float32(s)
+    if not (np.isfinite(s) and s > 0 and np.isfinite(s_f32) and s_f32 > 0):
+        raise ValueError(f"{argname} must be a finite positive number (also after rounding to float32), got {s!r}")
+    return s_f32
+
+
+def check_zero_point(zero_point: object, dtype: str, argname: str = "zero_point") -> int:
+    """The zero point as an int, inside the dtype's range (torch: "zero_point 300 is above upper bound")."""
+    zp = _scalar(zero_point, argname, int)
+    qmin, qmax = qdtype_range(dtype)
+    if not qmin <= zp <= qmax:
+        raise ValueError(f"{argname} must lie in [{qmin}, {qmax}] for {dtype}, got {zp}")
+    return zp
+
+
+def _check_axis(axis: object, ndim: int, argname: str = "axis") -> int:
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"{argname} must be an int, got {axis!r}")
+    if not 0 <= axis < ndim:  # torch refuses negative axes too ("Channel axis out of range")
+        raise ValueError(f"{argname} must lie in [0, {ndim}) for an input with {ndim} dimensions, got {axis}")
+    return int(axis)
+
+
+def _per_channel_params(scales: object, zero_points: object, n_channels: int, dtype: str | None):
+    """Per-channel scales as float64 (torch stores them as double) and zero points as int64, checked."""
+    scales_f64 = np.asarray(scales)
+    if scales_f64.ndim != 1 or scales_f64.shape[0] != n_channels:
+        raise ValueError(f"scales must be a 1-D array of length {n_channels} (one per channel), "
+                         f"got shape {scales_f64.shape}")
+    if not np.issubdtype(scales_f64.dtype, np.floating):
+        raise TypeError(f"scales must be a floating-point array, got dtype {scales_f64.dtype}")
+    scales_f64 = scales_f64.astype(np.float64)
+    s_f32 = scales_f64.astype(np.float32)
+    bad = ~(np.isfinite(scales_f64) & (scales_f64 > 0) & np.isfinite(s_f32) & (s_f32 > 0))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"scales must be finite and positive (also after rounding to float32); "
+                         f"scales[{i}] = {scales_f64[i]!r}")
+    zps = np.asarray(zero_points)
+    if zps.ndim != 1 or zps.shape[0] != n_channels:
+        raise ValueError(f"zero_points must be a 1-D array of length {n_channels}, got shape {zps.shape}")
+    if not np.issubdtype(zps.dtype, np.integer):
+        raise TypeError(f"zero_points must be an integer array, got dtype {zps.dtype}")
+    zps_i64 = zps.astype(np.int64)
+    if dtype is not None:
+        qmin, qmax = qdtype_range(dtype)
+        bad = (zps_i64 < qmin) | (zps_i64 > qmax)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"zero_points must lie in [{qmin}, {qmax}] for {dtype}; zero_points[{i}] = {zps_i64[i]}")
+    return scales_f64, zps_i64
+
+
+def _channel_view(n_channels: int, axis: int, ndim: int) -> tuple[int, ...]:
+    """Shape that broadcasts a per-channel vector along ``axis``."""
+    shape = [1] * ndim
+    shape[axis] = n_channels
+    return tuple(shape)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# quantize
+
+
+def quantize_per_tensor(x: object, scale: object, zero_point: object, dtype: str,
+                        *, rounding: Rounding = "fbgemm_legacy_fma") -> np.ndarray:
+    """Quantize float32 ``x`` with one scale and zero point; returns the integer codes (torch's ``int_repr()``).
+
+    quint8 / qint8, ``rounding="fbgemm_legacy_fma"`` (torch 2.13's default), eq. Q1::
+
+        inv = f32(1 / f32(scale))
+        v   = fmaf(x, inv, f32(zero_point))       # zero point added before rounding, one rounding
+        v   = min(v, 2147483520.0f)               # NaN -> 2147483520.0f
+        q   = clamp(cvtps2dq(v), quant_min, quant_max)
+
+    so NaN and +inf give quant_max, -inf gives quant_min.
+    Matches: pytorch/FBGEMM src/QuantUtilsAvx2.cc (QuantizeAvx2<T, LEGACY=true>, _mm256_fmadd_ps), reached from
+    pytorch/pytorch aten/src/ATen/native/quantized/cpu/kernels/QuantizedOpKernels.cpp
+    (quantize_tensor_per_tensor_affine_cpu -> fbgemm::Quantize).
+
+    ``rounding="nearbyint_then_add"`` is what a later FBGEMM (LEGACY = false) computes::
+
+        q = clamp(rint(f32(x * inv)) + zero_point, quant_min, quant_max)
+
+    qint32 always takes fbgemm's scalar path, eq. Q2 (``rounding`` does not apply)::
+
+        t = f32(f32(x * inv) + f32(zero_point));  q = clamp(nearbyint(t), -2^31, 2^31 - 1)   # NaN -> -2^31
+
+    Matches: pytorch/FBGEMM include/fbgemm/QuantUtils.h (Quantize<T> scalar loop, clamp in double).
+
+    Args:
+        x: float32 array of any shape and layout (Python numbers/lists become float32; other arrays are refused).
+        scale: positive finite number (or one-element array, as observers return); used as f32(scale).
+        zero_point: integer in the dtype's range.
+        dtype: "quint8" (uint8 codes), "qint8" (int8) or "qint32" (int32).
+        rounding: "fbgemm_legacy_fma" or "nearbyint_then_add" (quint8/qint8 only).
+    """
+    x_f32 = _as_float32_input(x)
+    dtype = check_qdtype(dtype)
+    scale_f32 = check_scale(scale)
+    zp = check_zero_point(zero_point, dtype)
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    inv_f32 = np.float32(1) / scale_f32                                             # eq. Q0
+    qmin, qmax = qdtype_range(dtype)
+    out = np.empty(x_f32.shape, QDTYPES[dtype])
+    flat_x = np.ascontiguousarray(x_f32).reshape(-1)
+    if dtype == "qint32":
+        out.reshape(-1)[:] = _quantize_scalar_path(flat_x, inv_f32, np.float32(zp), qmin, qmax)
+    elif rounding == "fbgemm_legacy_fma":
+        _quantize_fma_kernel(flat_x, inv_f32, np.float32(zp), qmin, qmax, out.reshape(-1))
+    else:
+        out.reshape(-1)[:] = _quantize_nearbyint_then_add(flat_x, inv_f32, zp, qmin, qmax)
+    return out
+
+
+def _quantize_fma_readable(x_f32: np.ndarray, inv_f32: np.float32, zp_f32: np.float32,
+                           qmin: int, qmax: int) -> np.ndarray:
+    """Eq. Q1 step by step in NumPy (the definition :func:`_quantize_fma_kernel` must equal)."""
+    v_f32 = fmaf(x_f32, inv_f32, zp_f32)                 # one rounding of x * inv + zero_point
+    v_f32 = np.fmin(v_f32, INT32_FLOAT_MAX)              # _mm256_min_ps(v, 2147483520.0f): NaN -> the constant
+    r_i32 = cvtps2dq(v_f32)                              # round half to even; -inf -> INT32_MIN
+    return np.clip(r_i32, qmin, qmax)                    # packus / min-max to the dtype's range
+
+
+@njit(cache=True)
+def _quantize_fma_kernel(x_f32, inv_f32, zp_f32, qmin, qmax, out):
+    """Eq. Q1 as a loop, writing codes into ``out``. Clamping before rounding equals rounding before clamping
+    because the bounds are integers; NaN takes quant_max as in the readable path."""
+    lo = np.float32(qmin)
+    hi = np.float32(qmax)
+    for i in range(x_f32.size):
+        v = fma_f32(x_f32[i], inv_f32, zp_f32)
+        if v != v:  # NaN
+            v = hi
+        elif v < lo:
+            v = lo
+        elif v > hi:
+            v = hi
+        out[i] = np.int32(np.rint(v))
+
+
+def _quantize_nearbyint_then_add(x_f32: np.ndarray, inv_f32: np.float32, zp: int,
+                                 qmin: int, qmax: int) -> np.ndarray:
+    """The later FBGEMM's non-legacy rounding: rint(f32(x * inv)) + zero_point, then clamp (NaN -> quant_max)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        t_f32 = np.rint(x_f32 * inv_f32)                 # float32 multiply, then round half to even
+        v_f32 = np.fmin(t_f32 + np.float32(zp), INT32_FLOAT_MAX)
+    return np.clip(cvtps2dq(v_f32), qmin, qmax)
+
+
+def _quantize_scalar_path(x_f32: np.ndarray, inv_f32: np.float32 | np.ndarray, zp_f32: np.float32 | np.ndarray,
+                          qmin: int, qmax: int) -> np.ndarray:
+    """Eq. Q2: fbgemm's scalar ``Quantize``: multiply, add the zero point, round, clamp (in double).
+
+    NaN becomes INT32_MIN before the cast to the storage type; for 8-bit storage that truncates to 0.
+    Matches: pytorch/FBGEMM include/fbgemm/QuantUtils.h (Quantize<T>(src, scale, zero_point, qparams) scalar).
+    """
+    with np.errstate(invalid="ignore", over="ignore"):
+        t_f32 = x_f32 * inv_f32                          # f32(x * inv)
+        t_f32 = zp_f32 + t_f32                           # f32(f32(zero_point) + t)
+        r_f32 = np.rint(t_f32)                           # nearbyint: round half to even
+    nan = np.isnan(r_f32)
+    r_f64 = np.clip(r_f32.astype(np.float64), qmin, qmax)   # std::min/max in double
+    r_f64[nan] = -(2.0**31)                                  # NaN: the int conversion gives INT32_MIN
+    return r_f64.astype(np.int64)
+
+
+def quantize_per_channel(x: object, scales: object, zero_points: object, axis: int, dtype: str) -> np.ndarray:
+    """Quantize float32 ``x`` with one (scale, zero point) per slice along ``axis``; returns integer codes.
+
+    Every dtype takes fbgemm's scalar path, eq. Q2, channel by channel (no FMA)::
+
+        inv_c = f32(1 / f32(scales[c]))
+        t     = f32(f32(x * inv_c) + f32(zero_points[c]))
+        q     = clamp(nearbyint(t), quant_min, quant_max)      # NaN -> 0 (8-bit) or -2^31 (qint32)
+
+    The scales are rounded to float32 (torch keeps them as double but hands float to fbgemm).
+    Matches: pytorch/pytorch aten/src/ATen/native/quantized/AffineQuantizerBase.cpp (quantize_val ->
+    fbgemm::Quantize<T>), via aten/src/ATen/native/quantized/cpu/kernels/QuantizedOpKernels.cpp
+    (quantize_tensor_per_channel_affine_cpu).
+
+    Args:
+        x: float32 array; ``x.shape[axis]`` channels.
+        scales: 1-D floating array, one positive finite scale per channel.
+        zero_points: 1-D integer array, one zero point per channel, in the dtype's range.
+        axis: the channel axis, 0 <= axis < x.ndim (torch refuses negative axes).
+        dtype: "quint8", "qint8" or "qint32".
+    """
+    x_f32 = _as_float32_input(x)
+    dtype = check_qdtype(dtype)
+    axis = _check_axis(axis, x_f32.ndim)
+    scales_f64, zps_i64 = _per_channel_params(scales, zero_points, x_f32.shape[axis], dtype)
+    view = _channel_view(x_f32.shape[axis], axis, x_f32.ndim)
+    inv_f32 = (np.float32(1) / scales_f64.astype(np.float32)).reshape(view)         # eq. Q0 per channel
+    zp_f32 = zps_i64.astype(np.float32).reshape(view)
+    qmin, qmax = qdtype_range(dtype)
+    q = _quantize_scalar_path(x_f32, inv_f32, zp_f32, qmin, qmax)
+    return q.astype(QDTYPES[dtype])                      # NaN's INT32_MIN keeps its low bits: 0 for 8-bit codes
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dequantize
+
+
+def dequantize(q: np.ndarray, scale: object, zero_point: object) -> np.ndarray:
+    """Integer codes back to float32 with one scale and zero point, eq. D1::
+
+        x = f32(f32(q - zero_point) * f32(scale))      # the subtraction in int32 (it wraps for qint32)
+
+    A single multiply: no fused multiply-add, so ``q * scale - zero_point * scale`` would differ.
+    Matches: pytorch/pytorch aten/src/ATen/native/quantized/cpu/kernels/QuantizedOpKernels.cpp
+    (dequantize_tensor_per_tensor_affine_cpu, Vectorized<c10::quint8>::dequantize).
+
+    Args:
+        q: uint8 (quint8), int8 (qint8) or int32 (qint32) codes; the dtype of ``q`` decides which.
+        scale: positive finite number; used as f32(scale).
+        zero_point: integer in the dtype's range.
+    """
+    if not isinstance(q, np.ndarray):
+        raise TypeError(f"q must be a NumPy array of integer codes, got {type(q).__name__}")
+    dtype = qdtype_of_codes(q)
+    scale_f32 = check_scale(scale)
+    zp = check_zero_point(zero_point, dtype)
+    with np.errstate(over="ignore"):
+        diff_i32 = q.astype(np.int32) - np.int32(zp)          # int32, wrapping (matters only for qint32)
+    return diff_i32.astype(np.float32) * scale_f32           # f32(q - zp), then one float32 multiply
+
+
+def dequantize_per_channel(q: np.ndarray, scales: object, zero_points: object, axis: int) -> np.ndarray:
+    """Integer codes back to float32 with a (scale, zero point) per slice along ``axis``, eq. D2::
+
+        x = f32(f64(f32(q) - f32(zero_points[c])) * f64(scales[c]))
+
+    Unlike the quantize side, the scale enters in full double precision (torch stores per-channel scales as
+    double); the difference is taken in float32.
+    Matches: pytorch/pytorch aten/src/ATen/native/quantized/cpu/kernels/QuantizedOpKernels.cpp
+    (dequantize_per_channel_affine_kernel).
+
+    Args:
+        q: uint8, int8 or int32 codes.
+        scales: 1-D floating array, one scale per channel (float32 values are taken exactly).
+        zero_points: 1-D integer array.
+        axis: the channel axis, 0 <= axis < q.ndim.
+    """
+    if not isinstance(q, np.ndarray):
+        raise TypeError(f"q must be a NumPy array of integer codes, got {type(q).__name__}")
+    dtype = qdtype_of_codes(q)
+    axis = _check_axis(axis, q.ndim)
+    scales_f64, zps_i64 = _per_channel_params(scales, zero_points, q.shape[axis], dtype)
+    view = _channel_view(q.shape[axis], axis, q.ndim)
+    diff_f32 = q.astype(np.float32) - zps_i64.astype(np.float32).reshape(view)    # float32 subtraction
+    return (diff_f32.astype(np.float64) * scales_f64.reshape(view)).astype(np.float32)
