@@ -55,7 +55,7 @@ def per_tensor_configs():
 
 
 def per_channel_configs():
-    for dtype in ("quint8", "qint8"):
+    for dtype in ("quint8", "qint8", "qint32"):
         for qscheme in ("per_channel_affine", "per_channel_symmetric", "per_channel_affine_float_qparams"):
             yield dict(dtype=dtype, qscheme=qscheme)
     yield dict(dtype="qint8", qscheme="per_channel_symmetric", reduce_range=True)
