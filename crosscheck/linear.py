@@ -1,0 +1,188 @@
+"""``python -m crosscheck.linear``: quantize one nn.Linear with torch's eager fbgemm flow and with refquant, and
+compare every value bit for bit.
+
+With no arguments it runs the seed study::
+
+    torch.manual_seed(0)
+    model = QuantStub -> nn.Linear(3, 3) -> DeQuantStub;  model.qconfig = get_default_qconfig("fbgemm")
+    prepared = prepare(model);  prepared(torch.randn(1, 2, 3, 3));  quantized = convert(prepared)
+
+then runs 1000 fresh random inputs through both quantized models and the float model.
+
+Exit codes: 0 every parity row equal; 1 any mismatch (the first differing element and both values are printed);
+2 bad arguments (a message says what was wrong).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+EXIT_EQUAL, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
+DISTRIBUTIONS = ("normal", "uniform", "laplace", "outliers", "relu")  # crosscheck.torch_study.draw
+ENGINES = ("fbgemm", "x86")
+MAX_ELEMENTS = 1 << 28  # refuse shapes whose single input or weight would not fit comfortably in memory
+
+
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {v}")
+        return v
+    return parse
+
+
+def _nonnegative_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 0, got {text!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 0, got {v}")
+        return v
+    return parse
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(p) for p in text.replace(" ", "").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--input-shape must be comma-separated positive integers such as 1,2,3,3, got {text!r}") from None
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"--input-shape dimensions must all be >= 1, got {text!r}")
+    return dims
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer, got {text!r}") from None
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"--seed must be in [0, 2**63), got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m crosscheck.linear",
+        description="Quantize one nn.Linear with torch's eager post-training static quantization (QuantStub -> "
+                    "Linear -> DeQuantStub, get_default_qconfig(engine), prepare, calibrate, convert) and with "
+                    "refquant from the same float weights and calibration data; compare every value bit for bit. "
+                    "With no options: the seed study, nn.Linear(3, 3), calibration on one torch.randn(1, 2, 3, 3) "
+                    "batch, seed 0, engine fbgemm.",
+        epilog="Exit codes: 0 every parity row equal, 1 any mismatch (first differing element printed), "
+               "2 bad arguments.",
+    )
+    p.add_argument("--in-features", type=_positive_int("--in-features"), default=3, metavar="K",
+                   help="nn.Linear in_features K (default 3)")
+    p.add_argument("--out-features", type=_positive_int("--out-features"), default=3, metavar="N",
+                   help="nn.Linear out_features N (default 3)")
+    p.add_argument("--input-shape", type=_shape, default=None, metavar="D1,...,K",
+                   help="shape of one input tensor, comma-separated; the last dimension must equal --in-features "
+                        "(default 1,2,3,K)")
+    p.add_argument("--calib-batches", type=_positive_int("--calib-batches"), default=1, metavar="B",
+                   help="number of calibration batches, each of --input-shape (default 1)")
+    p.add_argument("--calib-dist", choices=DISTRIBUTIONS, default="normal",
+                   help="distribution of the calibration batches and of the samples: normal N(0,1); uniform "
+                        "U[-1,1); laplace Laplace(0,1); outliers N(0,1) with ~1%% of values x20; relu relu(N(0,1)) "
+                        "(default normal)")
+    p.add_argument("--samples", type=_nonnegative_int("--samples"), default=1000, metavar="S",
+                   help="fresh random inputs of --input-shape for the error study and the forward-pass parity "
+                        "rows (default 1000; 0 skips them)")
+    p.add_argument("--seed", type=_seed, default=0, help="torch.manual_seed before the Linear's init, the "
+                   "calibration data and the samples (default 0)")
+    p.add_argument("--relu", action="store_true", help="Linear + ReLU, fused to LinearReLU before prepare")
+    p.add_argument("--no-bias", action="store_true", help="nn.Linear(..., bias=False)")
+    p.add_argument("--engine", choices=ENGINES, default="fbgemm",
+                   help="torch.backends.quantized.engine and get_default_qconfig(engine) (default fbgemm)")
+    p.add_argument("--json", metavar="PATH", default=None,
+                   help="write the full comparison as JSON to PATH ('-' for stdout, which then replaces the "
+                        "text report)")
+    p.add_argument("--plots", metavar="DIR", default=None,
+                   help="draw PNG figures into DIR (needs matplotlib: pip install 'refquant[plots]')")
+    p.add_argument("--quiet", action="store_true",
+                   help="print only the result line (and the first mismatch of each differing row)")
+    return p
+
+
+def parse_config(argv: Sequence[str] | None):
+    """Parse and validate the options; argparse exits with code 2 and a message on any problem."""
+    from .study import StudyConfig
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    shape = args.input_shape if args.input_shape is not None else (1, 2, 3, args.in_features)
+    if shape[-1] != args.in_features:
+        parser.error(f"--input-shape {','.join(map(str, shape))}: the last dimension ({shape[-1]}) must equal "
+                     f"--in-features ({args.in_features})")
+    n_input = 1
+    for d in shape:
+        n_input *= d
+    if n_input > MAX_ELEMENTS or args.in_features * args.out_features > MAX_ELEMENTS:
+        parser.error(f"--input-shape {shape} with --out-features {args.out_features} is too large "
+                     f"(more than {MAX_ELEMENTS} elements in one tensor)")
+    if args.plots is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plots needs matplotlib, which is not installed: pip install 'refquant[plots]' "
+                         "(or pip install matplotlib)")
+        if os.path.exists(args.plots) and not os.path.isdir(args.plots):
+            parser.error(f"--plots {args.plots!r} exists and is not a directory")
+    if args.json not in (None, "-"):
+        parent = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(parent):
+            parser.error(f"--json {args.json!r}: directory {parent!r} does not exist")
+        if os.path.isdir(args.json):
+            parser.error(f"--json {args.json!r} is a directory; give a file path")
+    config = StudyConfig(in_features=args.in_features, out_features=args.out_features, input_shape=tuple(shape),
+                         calib_batches=args.calib_batches, calib_dist=args.calib_dist, samples=args.samples,
+                         seed=args.seed, relu=args.relu, bias=not args.no_bias, engine=args.engine)
+    return config, args
+
+
+def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None = None) -> int:
+    """Run the CLI; returns the exit code. ``_perturb`` is a test hook (see crosscheck.study.run_study)."""
+    config, args = parse_config(argv)
+    from .report import json_document, quiet_report, text_report
+    from .study import run_study
+    from .worker import UsageError
+
+    try:
+        result = run_study(config, progress=not args.quiet, plot_data=args.plots is not None, _perturb=_perturb)
+    except UsageError as e:  # e.g. an engine this torch build lacks: the torch side says so
+        build_parser().print_usage(sys.stderr)
+        print(f"python -m crosscheck.linear: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    code = EXIT_EQUAL if result.equal else EXIT_MISMATCH
+
+    if args.json == "-":
+        json.dump(json_document(result), sys.stdout, indent=1, allow_nan=False)
+        sys.stdout.write("\n")
+    else:
+        print(quiet_report(result) if args.quiet else text_report(result))
+        if args.json is not None:
+            with open(args.json, "w") as f:
+                json.dump(json_document(result), f, indent=1, allow_nan=False)
+                f.write("\n")
+    if args.plots is not None:
+        from .plots import draw_all
+
+        paths = draw_all(result, args.plots)
+        if args.json != "-":
+            print("figures: " + ", ".join(paths))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

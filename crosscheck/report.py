@@ -1,0 +1,248 @@
+"""The study's printed report and its JSON document (schema: see ``JSON_SCHEMA`` below and the README)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from . import compare as C
+from .study import StudyResult
+
+JSON_SCHEMA = """\
+{
+  "equal":     true when every parity and derived row is equal (exit code 0), else false (exit code 1)
+  "exit_code": 0 or 1
+  "study":     the options: in_features, out_features, input_shape, calib_batches, calib_dist, samples, seed,
+               relu, bias, engine
+  "fields": [  one object per compared value, in the printed order:
+    {"name":       e.g. "input scale", "weight int8 (int_repr)", "output codes (1000 samples)"
+     "kind":       "parity"        torch's value read from torch's model, observers or outputs;
+                   "derived"       torch's value computed from torch's own integer tensors with exact int64
+                                   torch ops (fbgemm does not expose col_offsets or int32 accumulators);
+                   "refquant_only" an intermediate torch does not expose (torch null, equal null);
+                   "float_forward" refquant's own NumPy float forward vs torch's F.linear: reported, never
+                                   part of "equal"
+     "equal":      true/false (null for refquant_only): integers equal by value, floats by bit pattern
+     "mismatches": number of differing elements
+     "first_mismatch": null, or {"index": [...] (index into the value), "torch": v, "refquant": v,
+                   "torch_bits"/"refquant_bits": "0x..." for floats}
+     "size", "shape", "torch_dtype", "refquant_dtype"
+     "torch", "refquant": the value (a number or nested lists) when it has <= 256 elements, else
+                   {"shape", "dtype", "first": [first 8 values], "sha256": of the raw bytes}; floats are exact
+                   (JSON numbers round-trip float64), non-finite floats are the strings "nan", "inf", "-inf"
+     "note":       where each side's value comes from, and what to know about it}
+  ]
+  "calibration": the first calibration batch: "input", "float_output" (torch's float model),
+                 "quantized_output" (torch's quantized model), "output_codes"
+  "error":     {"samples", "distribution", "reference" (torch's float model),
+                "torch": {"n", "mean_abs", "max_abs", "sqnr_db"}, "refquant": {same}, "equal": bitwise,
+                "refquant_vs_own_float_forward": {same, against refquant's NumPy float forward}}
+  "float_forward": {"output_qparams_changed", "torch": {"scale", "zero_point"},
+                "refquant_own": {"scale", "zero_point"}, "float_outputs_differing", "float_outputs",
+                "explanation"}
+  "environment": {"torch", "numpy", "numba", "engine", "cpu_isa" (torch.backends.cpu.get_cpu_capability()),
+                "vnni" (AVX-512 VNNI or AVX-VNNI present), "torch_threads"}
+  "torch_warnings": the distinct warnings torch raised (deprecations), first lines
+}
+"""
+
+
+def _fmt_scalar(v: Any) -> str:
+    """float32 as its shortest float32 repr (0.036346395), float64 as Python's, integers as integers."""
+    v = v[()] if isinstance(v, np.ndarray) else v
+    if isinstance(v, np.float32):
+        return str(v)
+    if isinstance(v, (np.floating, float)):
+        return repr(float(v))
+    return str(v)
+
+
+def fmt_value(a: Any, limit: int = 4) -> str:
+    """A short rendering: small arrays inline, larger ones as dtype and shape."""
+    if a is None:
+        return "None"
+    a = np.asarray(a)
+    if a.size == 1:
+        return _fmt_scalar(a.reshape(-1)[0])
+    if a.size <= limit:
+        return "[" + " ".join(_fmt_scalar(v) for v in a.reshape(-1)) + "]"
+    return f"{a.dtype} {tuple(a.shape)}"
+
+
+def _field_line(f: C.Field, width: int) -> str:
+    if f.kind == C.REFQUANT_ONLY:
+        return f"  {f.name:<{width}}  {'-':<5}  {'':>11}  refquant {fmt_value(f.refquant, 3)}"
+    eq = "yes" if f.equal else "NO"
+    count = f"{f.mismatches}/{f.size}"
+    shown = ""
+    if f.size <= 4 and f.torch is not None:
+        shown = f"torch {fmt_value(f.torch)}" + ("" if f.equal else f"  refquant {fmt_value(f.refquant)}")
+    else:
+        shown = f"{f.torch_dtype}" + ("" if f.torch_dtype == f.refquant_dtype else f" / {f.refquant_dtype}") + \
+            f" {tuple(f.shape) if f.shape is not None else ''}"
+    return f"  {f.name:<{width}}  {eq:<5}  {count:>11}  {shown}"
+
+
+def _first_mismatch_line(f: C.Field) -> str:
+    m = f.first_mismatch or {}
+    if m.get("index") is None:
+        return f"    {f.name}: {m.get('reason', 'differs')}"
+    bits = ""
+    if m.get("torch_bits"):
+        bits = f" (bits {m['torch_bits']} vs {m['refquant_bits']})"
+    return (f"    {f.name}: {f.mismatches} of {f.size} differ; first at index {tuple(m['index'])}: "
+            f"torch {m['torch']!r}, refquant {m['refquant']!r}{bits}")
+
+
+def text_report(res: StudyResult) -> str:
+    cfg, ts, env = res.config, res.torch, res.environment
+    L: list[str] = []
+    layer = f"Linear({cfg.in_features}, {cfg.out_features}{'' if cfg.bias else ', bias=False'})"
+    if cfg.relu:
+        layer = f"LinearReLU({cfg.in_features}, {cfg.out_features}{'' if cfg.bias else ', bias=False'})"
+    L.append(f"crosscheck.linear: eager post-training static quantization, torch vs refquant")
+    L.append(f"  model    QuantStub -> {layer} -> DeQuantStub, qconfig = get_default_qconfig({cfg.engine!r})")
+    batches = f"{cfg.calib_batches} calibration batch{'es' if cfg.calib_batches > 1 else ''}"
+    L.append(f"  data     seed {cfg.seed}; {batches} of shape {tuple(cfg.input_shape)} ({cfg.calib_dist}); "
+             f"{cfg.samples} samples")
+    L.append(f"  system   torch {env['torch']} (engine {env['engine']}, CPU {env['cpu_isa']}, "
+             f"VNNI {'yes' if env['vnni'] else 'no'}), numpy {env['numpy']}, numba {env['numba']}")
+    L.append("")
+
+    L.append("calibration: HistogramObserver(reduce_range=True) picks a clip range, then scale and zero point")
+    L.append(f"  {'':<8} {'min_val':>11} {'max_val':>11}   {'clip range':<25} {'scale':>22} {'zero_point':>10}")
+    for label, obs, scale, zp in (("input", ts.input_observer, ts.input_scale[0], ts.input_zero_point[0]),
+                                  ("output", ts.output_observer, np.float32(ts.output_scale),
+                                   ts.output_zero_point)):
+        clip = f"[{_fmt_scalar(obs['clip_min'])}, {_fmt_scalar(obs['clip_max'])}]"
+        L.append(f"  {label:<8} {_fmt_scalar(obs['min_val']):>11} {_fmt_scalar(obs['max_val']):>11}   {clip:<25} "
+                 f"{_fmt_scalar(scale):>22} {int(zp):>10}")
+    L.append(f"  reduce_range maps the clip range onto codes {ts.input_observer['quant_min']}.."
+             f"{ts.input_observer['quant_max']} (7 bits); quantize still clamps to 0..255,")
+    L.append("  so values above the clip range use codes 128..255 before they saturate")
+    L.append("")
+
+    N, K = ts.weight_int8.shape
+    if N * K <= 64:
+        L.append("weight: PerChannelMinMaxObserver(qint8, per_channel_symmetric); scale = max|w[n]| / 127.5")
+        L.append(f"  {'float weight':<{11 * K}}  {'int8 (int_repr)':<{6 * K}}  {'scale':<12}  "
+                 f"{'bias (float32, not quantized)' if ts.bias is not None else ''}")
+        for n in range(N):
+            wrow = " ".join(f"{v: .6f}"[:10].rjust(10) for v in ts.weight[n])
+            qrow = " ".join(f"{int(v):5d}" for v in ts.weight_int8[n])
+            b = f"{ts.packed_bias[n]: .8f}" if ts.packed_bias is not None else ""
+            L.append(f"  {wrow:<{11 * K}}  {qrow:<{6 * K}}  {_fmt_scalar(np.float32(ts.weight_scales[n])):<12}  {b}")
+        L.append("")
+
+    if res.calibration is not None:
+        c = res.calibration
+        yf, yq, codes = (c["float_output"].reshape(-1), c["quantized_output"].reshape(-1),
+                         c["output_codes"].reshape(-1))
+        shown = min(yf.size, 18)
+        L.append(f"calibration input through both models (first batch, {shown} of {yf.size} outputs)")
+        L.append(f"  {'float model':>12} {'quantized':>12} {'code':>5} {'error':>12}")
+        for i in range(shown):
+            L.append(f"  {yf[i]:12.6f} {yq[i]:12.6f} {int(codes[i]):5d} {float(yq[i]) - float(yf[i]):12.6f}")
+        L.append("")
+
+    e = res.error
+    if cfg.samples:
+        L.append(f"error of the quantized model over {cfg.samples} random inputs ({cfg.calib_dist}), "
+                 f"against the float model")
+        L.append(f"  {'':<9} {'mean |err|':>12} {'max |err|':>12} {'SQNR':>10}")
+        for side in ("torch", "refquant"):
+            m = e[side]
+            L.append(f"  {side:<9} {m['mean_abs']:12.8f} {m['max_abs']:12.8f} {m['sqnr_db']:7.2f} dB")
+        L.append(f"  identical: {'yes' if e['equal'] else 'NO'} (same code on both sides, compared bit for bit)")
+        m = e["torch"]
+        ins, clp = m["inside_ranges"], m["clipped"]
+        L.append(f"  where it comes from (torch; outputs whose inputs and float value fit the quantized ranges):")
+        if ins["n"]:
+            L.append(f"    inside the ranges  {ins['n']:>8} outputs  mean |err| {ins['mean_abs']:.8f}  "
+                     f"max {ins['max_abs']:.8f}   rounding of inputs, weights and output")
+        if clp["n"]:
+            L.append(f"    clipped            {clp['n']:>8} outputs  mean |err| {clp['mean_abs']:.8f}  "
+                     f"max {clp['max_abs']:.8f}   {100 * clp['share_of_squared_error']:.1f}% of the squared error")
+        else:
+            L.append("    clipped                   0 outputs")
+        L.append(f"  output scale {np.float32(ts.output_scale)!s}: rounding the output alone contributes |err| <= "
+                 f"{np.float32(ts.output_scale) / 2:.6g}")
+        L.append("")
+
+    parity = [f for f in res.fields if f.kind in C.COUNTED_KINDS]
+    width = max(len(f.name) for f in res.fields)
+    L.append("parity: torch vs refquant, bit for bit (floats compared as raw bits)")
+    L.append(f"  {'field':<{width}}  {'equal':<5}  {'mismatches':>11}  value")
+    for f in parity:
+        L.append(_field_line(f, width))
+    L.append("  (derived rows: torch's side computed from torch's own integer tensors with exact int64 ops)")
+    L.append("")
+
+    only = [f for f in res.fields if f.kind == C.REFQUANT_ONLY]
+    if only:
+        L.append("refquant only (torch computes these inside quantized::linear and does not expose them)")
+        for f in only:
+            L.append(_field_line(f, width))
+        L.append("")
+
+    ff = res.float_forward
+    L.append("refquant's own float forward (reported, not a parity row)")
+    L.append(f"  calibrating with NumPy's float32 x @ W.T + b instead of torch's recorded F.linear outputs: "
+             f"{ff['float_outputs_differing']} of {ff['float_outputs']} floats differ;")
+    if ff["output_qparams_changed"]:
+        L.append(f"  the output qparams CHANGE: torch scale {ff['torch']['scale']!r} zero_point "
+                 f"{ff['torch']['zero_point']}, own forward scale {ff['refquant_own']['scale']!r} zero_point "
+                 f"{ff['refquant_own']['zero_point']}.")
+    else:
+        L.append(f"  the output qparams are unchanged (scale {ff['torch']['scale']!r}, zero_point "
+                 f"{ff['torch']['zero_point']}).")
+    L.append("  torch's MKL sgemm sums in a shape-dependent order, so this can differ for other shapes and data")
+    L.append("  (docs/numerics.md §7); the parity rows feed refquant the activations torch's observers saw.")
+    L.append("")
+
+    bad = [f for f in parity if not f.equal]
+    if bad:
+        L.append(f"MISMATCH: {len(bad)} of {len(parity)} parity rows differ")
+        for f in bad:
+            L.append(_first_mismatch_line(f))
+    else:
+        L.append(f"result: all {len(parity)} parity rows equal, bit for bit")
+    return "\n".join(L)
+
+
+def quiet_report(res: StudyResult) -> str:
+    """--quiet: the result line, and the first difference of each differing parity row."""
+    parity = [f for f in res.fields if f.kind in C.COUNTED_KINDS]
+    bad = [f for f in parity if not f.equal]
+    if not bad:
+        return f"result: all {len(parity)} parity rows equal, bit for bit"
+    return "\n".join([f"MISMATCH: {len(bad)} of {len(parity)} parity rows differ"] +
+                     [_first_mismatch_line(f) for f in bad])
+
+
+def json_document(res: StudyResult) -> dict:
+    c = res.calibration
+    calibration = None
+    if c is not None:
+        calibration = {k: C.array_to_json(v) for k, v in c.items()}
+    return {
+        "equal": res.equal,
+        "exit_code": 0 if res.equal else 1,
+        "study": res.config.to_json(),
+        "fields": [f.to_json() for f in res.fields],
+        "calibration": calibration,
+        "error": _json_floats(res.error),
+        "float_forward": _json_floats(res.float_forward),
+        "environment": res.environment,
+        "torch_warnings": res.torch.warnings,
+    }
+
+
+def _json_floats(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _json_floats(v) for k, v in d.items()}
+    if isinstance(d, float) and not math.isfinite(d):
+        return C.scalar_to_json(d)
+    return d

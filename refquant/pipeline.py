@@ -1,0 +1,162 @@
+"""The whole eager model, float in and float out: QuantStub -> Linear [-> ReLU] -> DeQuantStub, prepared,
+calibrated and converted as ``torch.ao.quantization`` does it with ``get_default_qconfig("fbgemm")`` (or ``"x86"``,
+the same qconfig). It only strings together the modules that hold the arithmetic:
+
+    prepare      input observer  = HistogramObserver(reduce_range=True)      (refquant.histogram)
+                 output observer = HistogramObserver(reduce_range=True)
+    calibrate    input_observer(x);  y = linear_float(x) [relu];  output_observer(y)           for every batch
+    convert      (s_x, z_x) = input_observer.calculate_qparams()
+                 (s_y, z_y) = output_observer.calculate_qparams()
+                 linear = QuantizedLinear.from_float(weight, bias, s_x, z_x, s_y, z_y, relu)   (refquant.linear;
+                          the weight observer is PerChannelMinMaxObserver(qint8, per_channel_symmetric) there)
+    forward      x_u8 = quantize_per_tensor(x, s_x, z_x, "quint8")        QuantStub    (refquant.quantize, eq. Q1)
+                 y_u8 = linear(x_u8)                                      Linear[ReLU] (refquant.linear, eqs. L4-L11)
+                 y    = dequantize(y_u8, s_y, z_y)                        DeQuantStub  (refquant.quantize, eq. D1)
+
+Matches: pytorch/pytorch torch/ao/quantization/quantize.py (prepare, convert), torch/ao/quantization/qconfig.py
+(get_default_qconfig), torch/ao/nn/quantized/modules/__init__.py (Quantize, DeQuantize),
+torch/ao/nn/quantized/modules/linear.py (Linear.from_float).
+
+Two things about calibration are not quantization arithmetic, and :class:`ObservedLinear` makes both explicit:
+
+* The output observer sees torch's float Linear, ``F.linear`` (MKL ``sgemm``), whose float32 summation order depends
+  on the shape. :func:`linear_float` is NumPy's ``x @ W.T + b`` in float32: usually the same bits, not always, and
+  one different float can move the observer's range and hence ``(s_y, z_y)``. To reproduce torch exactly, feed the
+  observers the activations torch's observers saw (:meth:`ObservedLinear.observe_input` / ``observe_output``);
+  :meth:`ObservedLinear.calibrate` runs refquant's own float forward instead.
+* With ``relu=True`` torch's prepared ``LinearReLU`` calls its output observer **twice** per batch on the same
+  tensor: ``LinearReLU`` is an ``nn.Sequential``, so its forward runs every child module, including the
+  ``activation_post_process`` that ``prepare`` attached, and then prepare's forward hook calls that observer again
+  (torch/ao/nn/intrinsic/modules/fused.py, torch/ao/quantization/quantize.py: ``_observer_forward_hook``). The
+  histogram counts double; the chosen (scale, zero_point) do not change (the search is invariant to scaling all
+  counts by 2). :meth:`ObservedLinear.calibrate` repeats this, so its histograms equal torch's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .linear import QuantizedLinear
+from .quantize import dequantize, quantize_per_tensor
+
+
+def linear_float(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, relu: bool = False) -> np.ndarray:
+    """The float model's Linear [+ ReLU] in float32: ``y = x @ W.T + b``, then ``max(y, 0)`` with ReLU.
+
+    NumPy float32 (BLAS ``sgemm``, then one float32 add of the bias). torch's ``F.linear`` computes the same sum in
+    a shape-dependent order, so a few outputs can differ in the last bit (docs/numerics.md §7).
+    """
+    x_f32 = np.asarray(x, np.float32)
+    w_f32 = np.asarray(weight, np.float32)
+    y_f32 = np.matmul(x_f32, w_f32.T)  # float32 sums, BLAS order
+    if bias is not None:
+        y_f32 = y_f32 + np.asarray(bias, np.float32)  # float32 add
+    if relu:
+        y_f32 = np.maximum(y_f32, np.float32(0))
+    return y_f32.astype(np.float32, copy=False)
+
+
+@dataclass
+class QuantizedLinearModel:
+    """The converted model: ``QuantStub -> quantized Linear[ReLU] -> DeQuantStub`` (torch's ``convert(prepared)``).
+
+    Attributes:
+        input_scale, input_zero_point: the QuantStub's (s_x, z_x) (torch's ``Quantize.scale``/``.zero_point``).
+        linear: the :class:`refquant.linear.QuantizedLinear` (int8 weights, float32 bias, (s_y, z_y)).
+    """
+
+    input_scale: np.float32
+    input_zero_point: int
+    linear: QuantizedLinear
+
+    @property
+    def output_scale(self) -> float:
+        return self.linear.output_scale
+
+    @property
+    def output_zero_point(self) -> int:
+        return self.linear.output_zero_point
+
+    def quant(self, x: np.ndarray) -> np.ndarray:
+        """QuantStub: float32 (..., K) -> uint8 codes, ``quantize_per_tensor(x, s_x, z_x, "quint8")`` (eq. Q1)."""
+        return quantize_per_tensor(x, self.input_scale, self.input_zero_point, "quint8")
+
+    def dequant(self, y_u8: np.ndarray) -> np.ndarray:
+        """DeQuantStub: uint8 codes -> float32, ``f32(f32(q - z_y) * f32(s_y))`` (eq. D1)."""
+        return dequantize(y_u8, self.output_scale, self.output_zero_point)
+
+    def stages(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Every stage of the forward pass: input codes, int32 accumulators (after the zero-point corrections),
+        output codes and the dequantized float32 output."""
+        x_u8 = self.quant(x)
+        acc_i32 = self.linear.accumulate(x_u8)
+        y_u8 = self.linear.requantize(acc_i32)
+        return {"input_codes": x_u8, "accumulators": acc_i32, "output_codes": y_u8, "output": self.dequant(y_u8)}
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """float32 (..., K) -> float32 (..., N): quant, quantized Linear[ReLU], dequant."""
+        return self.dequant(self.linear(self.quant(x)))
+
+
+class ObservedLinear:
+    """The prepared model: a float Linear [+ ReLU] between two activation observers (torch's ``prepare(model)``).
+
+    Args:
+        weight: float32 (N, K); bias: float32 (N,) or None (``nn.Linear(..., bias=False)``).
+        relu: the fused ``LinearReLU`` of ``fuse_modules(model, [["fc", "relu"]])``.
+        reduce_range: 7-bit activations, as ``get_default_qconfig("fbgemm")`` and ``("x86")`` ask for.
+    """
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, relu: bool = False,
+                 reduce_range: bool = True) -> None:
+        from .histogram import HistogramObserver
+
+        w = np.asarray(weight)
+        if w.dtype != np.float32 or w.ndim != 2:
+            raise TypeError(f"weight must be a float32 (out_features, in_features) array, got {w.dtype} {w.shape}")
+        if bias is not None:
+            b = np.asarray(bias)
+            if b.dtype != np.float32 or b.shape != (w.shape[0],):
+                raise TypeError(f"bias must be None or a float32 ({w.shape[0]},) array, got {b.dtype} {b.shape}")
+        self.weight = w
+        self.bias = bias
+        self.relu = bool(relu)
+        self.input_observer = HistogramObserver(dtype="quint8", qscheme="per_tensor_affine", reduce_range=reduce_range)
+        self.output_observer = HistogramObserver(dtype="quint8", qscheme="per_tensor_affine",
+                                                 reduce_range=reduce_range)
+
+    def observe_input(self, x: np.ndarray) -> None:
+        """Record one batch of what the QuantStub's observer sees (the float input)."""
+        self.input_observer(x)
+
+    def observe_output(self, y: np.ndarray) -> None:
+        """Record one batch of what the Linear's output observer sees (the float Linear [+ ReLU] output)."""
+        self.output_observer(y)
+
+    def calibrate(self, x: np.ndarray) -> np.ndarray:
+        """One calibration batch through refquant's own float forward (:func:`linear_float`); returns its output.
+
+        With ReLU the output observer records the batch twice, as torch's prepared ``LinearReLU`` does.
+        """
+        self.observe_input(x)
+        y_f32 = linear_float(x, self.weight, self.bias, self.relu)
+        self.observe_output(y_f32)
+        if self.relu:
+            self.observe_output(y_f32)
+        return y_f32
+
+    def convert(self) -> QuantizedLinearModel:
+        """The quantized model, with (s_x, z_x) and (s_y, z_y) from the observers (``calculate_qparams``)."""
+        s_x, z_x = self.input_observer.calculate_qparams()
+        s_y, z_y = self.output_observer.calculate_qparams()
+        # torch: Quantize(float(scale), int(zero_point)); qlinear.scale = float(s_y); qlinear.zero_point = int(z_y)
+        input_scale = np.float32(np.asarray(s_x).reshape(-1)[0])
+        input_zero_point = int(np.asarray(z_x).reshape(-1)[0])
+        output_scale = float(np.asarray(s_y).reshape(-1)[0])
+        output_zero_point = int(np.asarray(z_y).reshape(-1)[0])
+        linear = QuantizedLinear.from_float(self.weight, self.bias, float(input_scale), input_zero_point,
+                                            output_scale, output_zero_point, relu=self.relu,
+                                            weight_qscheme="per_channel_symmetric")
+        return QuantizedLinearModel(input_scale=input_scale, input_zero_point=input_zero_point, linear=linear)
