@@ -5,37 +5,59 @@
 Every product fits in 16 bits (255 * -128 .. 255 * 127) and fbgemm sums them in int32, which wraps on
 overflow (only possible for K > 65,793 at full range).
 
-Matches: pytorch/FBGEMM src/RefImplementations.cc (matmul_u8i8acc32_ref).
+Matches: pytorch/FBGEMM src/RefImplementations.cc (matmul_u8i8acc32_ref); on CPUs with AVX-512 VNNI fbgemm's
+kernel is src/GenerateKernelU8S8S32ACC32Avx512VNNI.cc (``vpdpbusd``: 4 products added to an int32 lane, wrapping).
 
 CPUs without VNNI (plain AVX2 / AVX-512) multiply with ``vpmaddubsw``, which adds each pair of neighbouring
 products (k = 2j, 2j + 1) and saturates that pair sum to int16 before it reaches the int32 accumulator:
 
     acc_i32[m, n] = sum_j sat16(x[m, 2j] * w[n, 2j] + x[m, 2j+1] * w[n, 2j+1])               (eq. M2)
 
-Matches: pytorch/FBGEMM src/GenerateKernelU8S8S32ACC32.cc (vpmaddubsw, then vpmaddwd with ones).
+Matches: pytorch/FBGEMM src/GenerateKernelU8S8S32ACC32.cc (genComputeBlock: ``vpbroadcastd`` of 4 bytes of A,
+``vpmaddubsw`` with 64 bytes of packed B, ``vpmaddwd`` with 16-bit ones, ``vpaddd``). Which products form a pair
+follows from the packing: PackBMatrix (src/PackBMatrix.cc, ``addr``) stores B with ROW_INTERLEAVE = 4
+(include/fbgemm/PackingTraits-inl.h, both the avx2 and avx512 int32 traits), so each int32 lane holds
+w[k..k+3, n] with k a multiple of 4 (K blocks KCB = 256 or 512 are multiples of 4 too), and the broadcast dword
+of A holds x[m, k..k+3]; ``vpmaddubsw`` pairs bytes (0, 1) and (2, 3) of a lane, i.e. k = (2j, 2j+1) counted
+from k = 0. K is padded to a multiple of 4 with zero weights ("fill the remaining with zero" in
+PackBMatrix::pack), and a zero product leaves a pair sum unchanged, so odd K needs nothing special.
+
+Fast kernels
+------------
+:func:`matmul_u8s8_acc32` runs one of three kernels (``kernel=`` or the environment variable
+``REFQUANT_MATMUL_KERNEL``; default ``"auto"``, the best the CPU has):
+
+* ``"avx512"``: Numba + LLVM intrinsics, the instructions fbgemm emits. Eq. M1 with ``vpdpbusd`` (needs
+  ``avx512vnni``), eq. M2 with ``vpmaddubsw`` + ``vpmaddwd`` (needs ``avx512bw``). A missing feature is an error,
+  never an illegal instruction.
+* ``"portable"``: the same tiles with LLVM's generic vector operations (exact 16-bit products widened to int32,
+  ``llvm.sadd.sat`` for eq. M2); compiles for any CPU Numba supports.
+* ``"reference"``: the readable NumPy functions below.
+
+All kernels give the same bits (tests/test_matmul.py). The weight is packed once (:func:`pack_weight_s8`) into
+panels of 64 columns whose 64-byte rows are what one step of a tile reads: 16 int32 lanes x 4 consecutive k, four
+times. A tile keeps 6 rows x 64 columns of int32 sums in 24 of the 32 zmm registers (fbgemm: 14 x 32 or 8 x 48),
+runs over all of K, and stores once. Work is split over both cores in (96-row chunk, panel) tasks.
+Figures for each attempt: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
+import llvmlite.binding as llvm_binding
 import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils, config
+from numba.core.errors import TypingError
+from numba.extending import NativeValue, intrinsic, models, register_model, typeof_impl, unbox
 
-
-@dataclass(frozen=True)
-class PackedWeightS8:
-    """An (N, K) int8 weight prepared once for repeated products (the analogue of fbgemm's PackBMatrix)."""
-
-    w_i8: np.ndarray  # (N, K) int8, C-contiguous
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.w_i8.shape
-
-
-def pack_weight_s8(w_i8: np.ndarray) -> PackedWeightS8:
-    """Prepare an (N, K) int8 weight for :func:`matmul_u8s8_acc32`."""
-    return PackedWeightS8(np.ascontiguousarray(w_i8, dtype=np.int8))
+# --------------------------------------------------------------------------------------------------------------
+# Readable references
+# --------------------------------------------------------------------------------------------------------------
 
 
 def matmul_u8s8_acc32_ref(x_u8: np.ndarray, w_i8: np.ndarray) -> np.ndarray:
@@ -62,10 +84,463 @@ def matmul_u8s8_acc32_sat16_ref(x_u8: np.ndarray, w_i8: np.ndarray) -> np.ndarra
     return acc_i64.astype(np.int32)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# The packed weight
+# --------------------------------------------------------------------------------------------------------------
+
+PANEL_COLS = 64  # output columns per weight panel and per tile: 4 vectors of 16 int32 lanes
+K_GROUP = 4  # consecutive k in one int32 lane (fbgemm's ROW_INTERLEAVE for int32 accumulation)
+
+
+@dataclass(frozen=True, eq=False)
+class PackedWeightS8:
+    """An (N, K) int8 weight prepared once for repeated products (the analogue of fbgemm's PackBMatrix).
+
+    ``panels_i8[p, g, c, r] = w_i8[64 p + c, 4 g + r]`` (zero where n >= N or k >= K): panel ``p`` holds columns
+    64p .. 64p + 63; its row ``g`` is 256 bytes = four 64-byte vectors, lane c of vector v holding the 4 weights
+    w[64p + 16v + c, 4g .. 4g + 3] that ``vpdpbusd`` / ``vpmaddubsw`` multiply with the 4 bytes x[m, 4g .. 4g + 3].
+    The same byte order as PackBMatrix (src/PackBMatrix.cc, ``addr``) with ROW_INTERLEAVE = 4.
+    """
+
+    w_i8: np.ndarray  # (N, K) int8, C-contiguous
+    panels_i8: np.ndarray  # (ceil(N / 64), ceil(K / 4), 64, 4) int8, C-contiguous
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.w_i8.shape
+
+
+def pack_weight_s8(w_i8: np.ndarray) -> PackedWeightS8:
+    """Prepare an (N, K) int8 weight for :func:`matmul_u8s8_acc32`."""
+    if not isinstance(w_i8, np.ndarray) or w_i8.dtype != np.int8:
+        raise TypeError(f"w_i8 must be an int8 numpy array, got {_describe(w_i8)}")
+    if w_i8.ndim != 2:
+        raise ValueError(f"w_i8 must be 2-D (N, K), got shape {w_i8.shape}")
+    w_i8 = np.ascontiguousarray(w_i8)
+    N, K = w_i8.shape
+    n_panels = -(-N // PANEL_COLS)
+    n_groups = -(-K // K_GROUP)
+    padded_i8 = np.zeros((n_panels * PANEL_COLS, n_groups * K_GROUP), np.int8)
+    padded_i8[:N, :K] = w_i8
+    panels_i8 = padded_i8.reshape(n_panels, PANEL_COLS, n_groups, K_GROUP).transpose(0, 2, 1, 3)
+    return PackedWeightS8(w_i8, np.ascontiguousarray(panels_i8))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The public product
+# --------------------------------------------------------------------------------------------------------------
+
+KERNELS = ("auto", "avx512", "portable", "reference")
+KERNEL_ENV_VAR = "REFQUANT_MATMUL_KERNEL"
+
+
 def matmul_u8s8_acc32(x_u8: np.ndarray, w: np.ndarray | PackedWeightS8, *,
-                      saturate_int16_pairs: bool = False) -> np.ndarray:
-    """(M, K) uint8 x (N, K) int8 weight (raw or packed) -> (M, N) int32 accumulators (eq. M1, or M2)."""
-    w_i8 = w.w_i8 if isinstance(w, PackedWeightS8) else w
-    if saturate_int16_pairs:
-        return matmul_u8s8_acc32_sat16_ref(x_u8, w_i8)
-    return matmul_u8s8_acc32_ref(x_u8, w_i8)
+                      saturate_int16_pairs: bool = False, kernel: str | None = None) -> np.ndarray:
+    """(M, K) uint8 x (N, K) int8 weight (raw or packed) -> (M, N) int32 accumulators (eq. M1, or M2).
+
+    ``kernel``: ``"auto"`` (the fastest the CPU runs), ``"avx512"``, ``"portable"`` or ``"reference"`` (see the
+    module docstring); ``None`` reads the environment variable REFQUANT_MATMUL_KERNEL, default ``"auto"``.
+    Every kernel returns the same bits.
+    """
+    if not isinstance(x_u8, np.ndarray) or x_u8.dtype != np.uint8:
+        raise TypeError(f"x_u8 must be a uint8 numpy array, got {_describe(x_u8)}")
+    if x_u8.ndim != 2:
+        raise ValueError(f"x_u8 must be 2-D (M, K), got shape {x_u8.shape}")
+    if not isinstance(w, PackedWeightS8):
+        if not isinstance(w, np.ndarray) or w.dtype != np.int8:
+            raise TypeError(f"w must be an int8 numpy array or a PackedWeightS8, got {_describe(w)}")
+        if w.ndim != 2:
+            raise ValueError(f"w must be 2-D (N, K), got shape {w.shape}")
+    N, K = w.shape
+    if x_u8.shape[1] != K:
+        raise ValueError(f"x_u8 has K = {x_u8.shape[1]} columns but the weight has K = {K} (shape {w.shape})")
+    chosen = kernel_for(saturate_int16_pairs=saturate_int16_pairs, kernel=kernel)
+    if chosen == "reference":
+        w_i8 = w.w_i8 if isinstance(w, PackedWeightS8) else w
+        if saturate_int16_pairs:
+            return matmul_u8s8_acc32_sat16_ref(x_u8, w_i8)
+        return matmul_u8s8_acc32_ref(x_u8, w_i8)
+    packed = w if isinstance(w, PackedWeightS8) else pack_weight_s8(w)
+    return _matmul_tiled(x_u8, packed, _DOT4[chosen, bool(saturate_int16_pairs)])
+
+
+def kernel_for(*, saturate_int16_pairs: bool = False, kernel: str | None = None) -> str:
+    """The kernel :func:`matmul_u8s8_acc32` runs for these arguments: ``"avx512"``, ``"portable"`` or
+    ``"reference"``. Raises RuntimeError when ``"avx512"`` is asked for on a CPU without the instructions."""
+    if kernel is None:
+        kernel = os.environ.get(KERNEL_ENV_VAR, "auto")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel in ("portable", "reference"):
+        return kernel
+    feature = _DOT4["avx512", bool(saturate_int16_pairs)].cpu_feature
+    if _cpu_has(feature):
+        return "avx512"
+    if kernel == "auto":
+        return "portable"
+    mode = "eq. M2 (saturate_int16_pairs=True)" if saturate_int16_pairs else "eq. M1"
+    raise RuntimeError(f"kernel='avx512' for {mode} needs the CPU feature {feature!r}, which this CPU "
+                       f"(or NUMBA_CPU_FEATURES) lacks; use kernel='portable'")
+
+
+def _describe(a) -> str:
+    return f"{type(a).__name__} of dtype {a.dtype}" if hasattr(a, "dtype") else type(a).__name__
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has(feature: str) -> bool:
+    """True if this CPU runs ``feature`` and Numba compiles for it (NUMBA_CPU_FEATURES may narrow the target)."""
+    if not llvm_binding.get_host_cpu_features().get(feature, False):
+        return False
+    if config.CPU_FEATURES:  # an explicit target: LLVM must be allowed to emit the instruction
+        return f"+{feature}" in config.CPU_FEATURES.split(",")
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Vector types and instructions for Numba
+# --------------------------------------------------------------------------------------------------------------
+
+_I1, _I8, _I16, _I32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32)
+_V16_I32 = ir.VectorType(_I32, 16)  # one zmm register: 16 int32 lanes, or 64 bytes
+
+
+class _Int32x16Type(types.Type):
+    """Numba type of one 512-bit vector of 16 int32 lanes (an LLVM ``<16 x i32>``; a zmm register)."""
+
+    def __init__(self):
+        super().__init__(name="int32x16")
+
+
+int32x16 = _Int32x16Type()
+
+
+@register_model(_Int32x16Type)
+class _Int32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V16_I32)
+
+
+class _Dot4:
+    """How each int32 lane gets its 4 products ``x[m, 4g + r] * w[n, 4g + r]`` (r = 0..3) added.
+
+    A compile-time choice: Numba types a marker by its name, so every kernel below is compiled once per marker, and
+    only for the markers that are called (a kernel with an instruction the CPU lacks is never compiled).
+    """
+
+    def __init__(self, name: str, saturates_int16_pairs: bool, cpu_feature: str | None):
+        self.name = name
+        self.saturates_int16_pairs = saturates_int16_pairs
+        self.cpu_feature = cpu_feature
+        self.rows_per_tile = 6 if cpu_feature else 2  # generic vector code spills with 24 accumulators on AVX2
+
+    def __repr__(self) -> str:
+        return f"_Dot4({self.name!r})"
+
+
+class _Dot4Type(types.Type):
+    def __init__(self, name: str):
+        self.dot4_name = name
+        super().__init__(name=f"Dot4({name})")
+
+
+@typeof_impl.register(_Dot4)
+def _typeof_dot4(val, c):
+    return _Dot4Type(val.name)
+
+
+register_model(_Dot4Type)(models.OpaqueModel)
+
+
+@unbox(_Dot4Type)
+def _unbox_dot4(typ, obj, c):
+    return NativeValue(c.context.get_dummy_value())  # the marker carries no data, only its type
+
+
+_DOT4 = {  # (kernel, saturate_int16_pairs) -> marker
+    ("avx512", False): _Dot4("vpdpbusd", False, "avx512vnni"),  # eq. M1
+    ("avx512", True): _Dot4("vpmaddubsw", True, "avx512bw"),  # eq. M2
+    ("portable", False): _Dot4("portable_exact", False, None),  # eq. M1
+    ("portable", True): _Dot4("portable_sat16", True, None),  # eq. M2
+}
+_FEATURE_OF = {d.name: d.cpu_feature for d in _DOT4.values()}
+
+
+def _data_ptr(context, builder, arrty, arr, byte_offset):
+    """``(int8*) arr.data + byte_offset``."""
+    data = cgutils.create_struct_proxy(arrty)(context, builder, value=arr).data
+    return builder.gep(builder.bitcast(data, _I8.as_pointer()), [byte_offset])
+
+
+def _splat(builder, scalar, vector_type):
+    v = builder.insert_element(ir.Constant(vector_type, None), scalar, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, vector_type.count), None))
+
+
+def _lanes(start: int, step: int, count: int):
+    """Shuffle mask picking lanes start, start + step, ... (``count`` of them)."""
+    return ir.Constant(ir.VectorType(_I32, count), [start + step * i for i in range(count)])
+
+
+def _check_c_array(arr, what: str):
+    if not (isinstance(arr, types.Array) and arr.layout == "C"):
+        raise TypingError(f"{what} needs a C-contiguous array, got {arr}")
+
+
+@intrinsic
+def _vec_zeros(typingctx):
+    """16 int32 zeros (``vpxor``)."""
+
+    def codegen(context, builder, signature, args):
+        return ir.Constant(_V16_I32, None)
+
+    return int32x16(), codegen
+
+
+@intrinsic
+def _vec_load(typingctx, arr, byte_offset):
+    """The 64 bytes at ``arr.data + byte_offset`` (unaligned ``vmovdqu64``)."""
+    _check_c_array(arr, "_vec_load")
+
+    def codegen(context, builder, signature, args):
+        ptr = _data_ptr(context, builder, signature.args[0], args[0], args[1])
+        return builder.load(builder.bitcast(ptr, _V16_I32.as_pointer()), align=1)
+
+    return int32x16(arr, types.intp), codegen
+
+
+@intrinsic
+def _vec_broadcast4(typingctx, arr, byte_offset):
+    """The 4 bytes at ``arr.data + byte_offset`` repeated in all 16 lanes (``vpbroadcastd``)."""
+    _check_c_array(arr, "_vec_broadcast4")
+
+    def codegen(context, builder, signature, args):
+        ptr = _data_ptr(context, builder, signature.args[0], args[0], args[1])
+        dword = builder.load(builder.bitcast(ptr, _I32.as_pointer()), align=1)
+        return _splat(builder, dword, _V16_I32)
+
+    return int32x16(arr, types.intp), codegen
+
+
+@intrinsic
+def _vec_store(typingctx, arr, offset, v, n_valid):
+    """Store lanes 0 .. n_valid - 1 of ``v`` to the int32 array at element ``offset`` (masked ``vmovdqu32``)."""
+    _check_c_array(arr, "_vec_store")
+    if arr.dtype != types.int32:
+        raise TypingError(f"_vec_store needs an int32 array, got {arr}")
+
+    def codegen(context, builder, signature, args):
+        arr_v, offset_v, v_v, n_valid_v = args
+        data = cgutils.create_struct_proxy(signature.args[0])(context, builder, value=arr_v).data
+        ptr = builder.bitcast(builder.gep(data, [offset_v]), _V16_I32.as_pointer())
+        n32 = builder.trunc(n_valid_v, _I32)  # -48 <= n_valid <= 64 here
+        mask = builder.icmp_signed("<", _lanes(0, 1, 16), _splat(builder, n32, _V16_I32))
+        fnty = ir.FunctionType(ir.VoidType(), [_V16_I32, _V16_I32.as_pointer(), _I32, ir.VectorType(_I1, 16)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.store.v16i32.p0")
+        builder.call(fn, [v_v, ptr, ir.Constant(_I32, 1), mask])
+        return context.get_dummy_value()
+
+    return types.void(arr, types.intp, int32x16, types.intp), codegen
+
+
+@intrinsic
+def _dot4(typingctx, dot4, acc, x4, w4):
+    """``acc`` + the 4 products of each lane: bytes of ``x4`` (uint8) times bytes of ``w4`` (int8), per lane.
+
+    ``vpdpbusd``:       acc + (x0 w0 + x1 w1 + x2 w2 + x3 w3)            exact, int32 wrap      (eq. M1)
+    ``vpmaddubsw``:     acc + sat16(x0 w0 + x1 w1) + sat16(x2 w2 + x3 w3) then ``vpmaddwd`` with ones (eq. M2)
+    ``portable_*``:     the same two formulas with LLVM's generic vector operations.
+    """
+    if not isinstance(dot4, _Dot4Type):
+        raise TypingError(f"_dot4 needs a _Dot4 marker, got {dot4}")
+    name = dot4.dot4_name
+    feature = _FEATURE_OF[name]
+    if feature is not None and not _cpu_has(feature):  # LLVM would abort the process on a missing instruction
+        raise TypingError(f"_dot4({name}) needs the CPU feature {feature!r}")
+
+    def codegen(context, builder, signature, args):
+        _, acc_v, x_v, w_v = args
+        if name == "vpdpbusd":
+            fnty = ir.FunctionType(_V16_I32, [_V16_I32, _V16_I32, _V16_I32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
+            return builder.call(fn, [acc_v, x_v, w_v])
+        v64_i8, v32_i16 = ir.VectorType(_I8, 64), ir.VectorType(_I16, 32)
+        x_i8 = builder.bitcast(x_v, v64_i8)
+        w_i8 = builder.bitcast(w_v, v64_i8)
+        if name == "vpmaddubsw":
+            fnty = ir.FunctionType(v32_i16, [v64_i8, v64_i8])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.pmaddubs.w.512")
+            pairs_i16 = builder.call(fn, [x_i8, w_i8])  # sat16(x0 w0 + x1 w1), sat16(x2 w2 + x3 w3)
+            fnty = ir.FunctionType(_V16_I32, [v32_i16, v32_i16])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.pmaddw.d.512")
+            quads_i32 = builder.call(fn, [pairs_i16, ir.Constant(v32_i16, [1] * 32)])  # exact int32 sums
+            return builder.add(acc_v, quads_i32)
+        # portable: products in int16 are exact (-32640 .. 32385)
+        v64_i16 = ir.VectorType(_I16, 64)
+        prod_i16 = builder.mul(builder.zext(x_i8, v64_i16), builder.sext(w_i8, v64_i16))
+        if name == "portable_exact":  # pair sums need 17 bits: add them in int32
+            prod_i32 = builder.sext(prod_i16, ir.VectorType(_I32, 64))
+            pairs_i32 = builder.add(builder.shuffle_vector(prod_i32, prod_i32, _lanes(0, 2, 32)),
+                                    builder.shuffle_vector(prod_i32, prod_i32, _lanes(1, 2, 32)))
+        else:  # portable_sat16: the pair sum saturates at int16, as vpmaddubsw does
+            even_i16 = builder.shuffle_vector(prod_i16, prod_i16, _lanes(0, 2, 32))  # x0 w0, x2 w2 of each lane
+            odd_i16 = builder.shuffle_vector(prod_i16, prod_i16, _lanes(1, 2, 32))  # x1 w1, x3 w3
+            fnty = ir.FunctionType(v32_i16, [v32_i16, v32_i16])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.sadd.sat.v32i16")
+            pairs_i32 = builder.sext(builder.call(fn, [even_i16, odd_i16]), ir.VectorType(_I32, 32))
+        quads_i32 = builder.add(builder.shuffle_vector(pairs_i32, pairs_i32, _lanes(0, 2, 16)),
+                                builder.shuffle_vector(pairs_i32, pairs_i32, _lanes(1, 2, 16)))
+        return builder.add(acc_v, quads_i32)
+
+    return int32x16(dot4, int32x16, int32x16, int32x16), codegen
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tiles: rows x 64 columns of int32 sums kept in registers over all of K
+# --------------------------------------------------------------------------------------------------------------
+# A "row" of a tile is a tuple of 4 int32x16 vectors: 64 output columns of one output row.
+
+
+@njit(cache=True, inline="always")
+def _row_zeros():
+    z = _vec_zeros()
+    return (z, z, z, z)
+
+
+@njit(cache=True, inline="always")
+def _panel_load(panels_i8, byte_offset):
+    """Row g of a panel: 64 columns x 4 k as four 64-byte vectors."""
+    return (_vec_load(panels_i8, byte_offset), _vec_load(panels_i8, byte_offset + 64),
+            _vec_load(panels_i8, byte_offset + 128), _vec_load(panels_i8, byte_offset + 192))
+
+
+@njit(cache=True, inline="always")
+def _row_dot4(dot4, acc, x4, w):
+    return (_dot4(dot4, acc[0], x4, w[0]), _dot4(dot4, acc[1], x4, w[1]),
+            _dot4(dot4, acc[2], x4, w[2]), _dot4(dot4, acc[3], x4, w[3]))
+
+
+@njit(cache=True, inline="always")
+def _row_store(out_i32, offset, acc, n_valid):
+    """Store the first ``n_valid`` of the 64 columns (the last panel may be partly padding)."""
+    _vec_store(out_i32, offset, acc[0], n_valid)
+    _vec_store(out_i32, offset + 16, acc[1], n_valid - 16)
+    _vec_store(out_i32, offset + 32, acc[2], n_valid - 32)
+    _vec_store(out_i32, offset + 48, acc[3], n_valid - 48)
+
+
+@njit(cache=True)
+def _tile_6x64(dot4, x_u8, lda, m, panels_i8, panel_offset, n_groups, out_i32, ldc, n0, n_valid):
+    """out[m .. m+5, n0 .. n0+63] = sum over all k (eq. M1 or M2): 24 accumulators, 4 weight vectors, 1 broadcast."""
+    acc0 = _row_zeros()
+    acc1 = _row_zeros()
+    acc2 = _row_zeros()
+    acc3 = _row_zeros()
+    acc4 = _row_zeros()
+    acc5 = _row_zeros()
+    x_offset = m * lda
+    for g in range(n_groups):
+        w = _panel_load(panels_i8, panel_offset + g * (PANEL_COLS * K_GROUP))
+        xk = x_offset + g * K_GROUP
+        acc0 = _row_dot4(dot4, acc0, _vec_broadcast4(x_u8, xk), w)
+        acc1 = _row_dot4(dot4, acc1, _vec_broadcast4(x_u8, xk + lda), w)
+        acc2 = _row_dot4(dot4, acc2, _vec_broadcast4(x_u8, xk + 2 * lda), w)
+        acc3 = _row_dot4(dot4, acc3, _vec_broadcast4(x_u8, xk + 3 * lda), w)
+        acc4 = _row_dot4(dot4, acc4, _vec_broadcast4(x_u8, xk + 4 * lda), w)
+        acc5 = _row_dot4(dot4, acc5, _vec_broadcast4(x_u8, xk + 5 * lda), w)
+    out_offset = m * ldc + n0
+    _row_store(out_i32, out_offset, acc0, n_valid)
+    _row_store(out_i32, out_offset + ldc, acc1, n_valid)
+    _row_store(out_i32, out_offset + 2 * ldc, acc2, n_valid)
+    _row_store(out_i32, out_offset + 3 * ldc, acc3, n_valid)
+    _row_store(out_i32, out_offset + 4 * ldc, acc4, n_valid)
+    _row_store(out_i32, out_offset + 5 * ldc, acc5, n_valid)
+
+
+@njit(cache=True)
+def _tile_2x64(dot4, x_u8, lda, m, panels_i8, panel_offset, n_groups, out_i32, ldc, n0, n_valid):
+    """out[m .. m+1, n0 .. n0+63]: the tile for generic vector code (few registers on AVX2)."""
+    acc0 = _row_zeros()
+    acc1 = _row_zeros()
+    x_offset = m * lda
+    for g in range(n_groups):
+        w = _panel_load(panels_i8, panel_offset + g * (PANEL_COLS * K_GROUP))
+        xk = x_offset + g * K_GROUP
+        acc0 = _row_dot4(dot4, acc0, _vec_broadcast4(x_u8, xk), w)
+        acc1 = _row_dot4(dot4, acc1, _vec_broadcast4(x_u8, xk + lda), w)
+    out_offset = m * ldc + n0
+    _row_store(out_i32, out_offset, acc0, n_valid)
+    _row_store(out_i32, out_offset + ldc, acc1, n_valid)
+
+
+@njit(cache=True)
+def _tile_1x64(dot4, x_u8, lda, m, panels_i8, panel_offset, n_groups, out_i32, ldc, n0, n_valid):
+    """out[m, n0 .. n0+63]: the last rows."""
+    acc0 = _row_zeros()
+    x_offset = m * lda
+    for g in range(n_groups):
+        w = _panel_load(panels_i8, panel_offset + g * (PANEL_COLS * K_GROUP))
+        acc0 = _row_dot4(dot4, acc0, _vec_broadcast4(x_u8, x_offset + g * K_GROUP), w)
+    _row_store(out_i32, m * ldc + n0, acc0, n_valid)
+
+
+ROWS_PER_TASK = 96  # a task: 96 rows x one 64-column panel (a multiple of 6 and of 2 rows)
+
+
+@njit(cache=True)
+def _matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task):
+    """One task: rows [96 t, 96 t + 96) of the output times one panel of 64 columns."""
+    n_panels = panels_i8.shape[0]
+    n_groups = panels_i8.shape[1]
+    chunk = task // n_panels
+    panel = task % n_panels
+    n0 = panel * PANEL_COLS
+    n_valid = min(PANEL_COLS, N - n0)
+    panel_offset = panel * n_groups * (PANEL_COLS * K_GROUP)
+    m = chunk * ROWS_PER_TASK
+    m_end = min(M, m + ROWS_PER_TASK)
+    if rows_per_tile == 6:
+        while m + 6 <= m_end:
+            _tile_6x64(dot4, x_u8, lda, m, panels_i8, panel_offset, n_groups, out_i32, N, n0, n_valid)
+            m += 6
+    while m + 2 <= m_end:
+        _tile_2x64(dot4, x_u8, lda, m, panels_i8, panel_offset, n_groups, out_i32, N, n0, n_valid)
+        m += 2
+    while m < m_end:
+        _tile_1x64(dot4, x_u8, lda, m, panels_i8, panel_offset, n_groups, out_i32, N, n0, n_valid)
+        m += 1
+
+
+@njit(cache=True, parallel=True)
+def _matmul_tasks_parallel(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N):
+    n_tasks = -(-M // ROWS_PER_TASK) * panels_i8.shape[0]
+    for task in prange(n_tasks):
+        _matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task)
+
+
+@njit(cache=True)
+def _matmul_tasks_serial(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N):
+    n_tasks = -(-M // ROWS_PER_TASK) * panels_i8.shape[0]
+    for task in range(n_tasks):
+        _matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task)
+
+
+PARALLEL_MIN_MACS = 1 << 20  # below this many multiply-adds, waking the second thread costs more than it saves
+
+
+def _matmul_tiled(x_u8: np.ndarray, packed: PackedWeightS8, dot4: _Dot4) -> np.ndarray:
+    """Run the tiles: x padded so that each row has whole groups of 4 bytes, output (M, N) int32."""
+    M, K = x_u8.shape
+    N = packed.shape[0]
+    n_groups = packed.panels_i8.shape[1]
+    lda = n_groups * K_GROUP
+    if lda != K:  # the last group of a row reads 4 bytes: pad with zeros (times zero weights)
+        x_padded_u8 = np.zeros((M, lda), np.uint8)
+        x_padded_u8[:, :K] = x_u8
+        x_u8 = x_padded_u8
+    else:
+        x_u8 = np.ascontiguousarray(x_u8)
+    out_i32 = np.empty((M, N), np.int32)
+    run = _matmul_tasks_parallel if M * N * K >= PARALLEL_MIN_MACS else _matmul_tasks_serial
+    run(dot4, dot4.rows_per_tile, x_u8, lda, M, packed.panels_i8, out_i32, N)
+    return out_i32
