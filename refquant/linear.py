@@ -1,0 +1,423 @@
+"""Quantized Linear on the fbgemm engine: uint8 activations x int8 weights -> uint8, every intermediate visible.
+
+What ``torch.ao.nn.quantized.Linear`` (``torch.ops.quantized.linear`` / ``linear_relu``) computes on the fbgemm
+engine, written out step by step. Notation: ``f32(...)`` rounds to float32 (nearest-even), ``fmaf`` is a fused
+multiply-add (one rounding), ``RNE`` is round half to even, ``Σ_k`` runs over the K input features, all integer
+arithmetic is int32 and wraps modulo 2^32 exactly as fbgemm's does.
+
+Weight (once, in :meth:`QuantizedLinear.from_float`)::
+
+    s_w, z_w    = observer(weight).calculate_qparams()                    per channel n, or one per tensor  (eq. L1)
+    q_w[n, k]   = quantize(weight[n, k], s_w[n], z_w[n], qint8)                                             (eq. L2)
+    col_offsets[n] = Σ_k q_w[n, k] − z_w[n]·K                                                 int32         (eq. L3)
+
+Activations (every call; q_x are uint8 codes with scale s_x and zero point z_x)::
+
+    acc[m, n]   = Σ_k q_x[m, k]·q_w[n, k]                                                     int32         (eq. L4)
+    raw[m, n]   = acc[m, n] − z_x·col_offsets[n] − z_w[n]·Σ_k q_x[m, k]                       int32         (eq. L5)
+                  (= Σ_k (q_x − z_x)·(q_w − z_w) modulo 2^32)
+    atws[n]     = f32(f32(s_x)·s_w[n])                          "act_times_w_scale"           float32       (eq. L6)
+    mult[n]     = f32(atws[n] / f32(s_y))                        output multiplier            float32       (eq. L7)
+    t[m, n]     = f32(raw)                                        without bias                              (eq. L8a)
+                = f32(f32(raw) + f32(bias[n] / atws[n]))          per-channel weights (two roundings)       (eq. L8b)
+                = fmaf(bias[n], f32(1.0 / double(atws)), f32(raw))  per-tensor weights (one rounding)       (eq. L8c)
+    y[m, n]     = f32(t·mult[n])                                  (no FMA)                                  (eq. L9)
+    r[m, n]     = cvtps2dq(y)      RNE; NaN and |y| >= 2^31 -> INT32_MIN                                    (eq. L10)
+    q_y[m, n]   = clamp(r + z_y, lo, 255),   lo = z_y with ReLU, else 0                       uint8         (eq. L11)
+
+The bias is never quantized: it enters as the float32 ``bias / atws`` added to float32(raw). ``f32(raw)`` rounds once
+|raw| > 2^24 (K >= 4096 at full range reaches that). ``cvtps2dq`` turns an overflowing y (a tiny output scale) into
+INT32_MIN, so such outputs become 0, where a ``lrintf``-then-clamp formula would give 255.
+
+Two things make the same layer give different codes on different machines, both modelled here:
+
+* the int32 accumulator wraps modulo 2^32 (possible once K·255·128 > 2^31 − 1, K > 65,793):
+  :func:`int32_accumulator_can_overflow`, and a warning from the constructor;
+* CPUs without VNNI multiply with ``vpmaddubsw``, which saturates each pair of neighbouring products to int16
+  (refquant.matmul eq. M2): ``saturate_int16_pairs=True``. Two products 255·(−128) already leave int16, so
+  full-range activations can change outputs; 7-bit activations (255 -> 127, the qconfig's ``reduce_range``) keep
+  every pair sum inside int16 (2·127·128 = 32,512), which is why fbgemm's default qconfig asks for them.
+
+Matches: pytorch/pytorch aten/src/ATen/native/quantized/cpu/qlinear.cpp (PackedLinearWeight::apply_impl) with
+pytorch/FBGEMM src/QuantUtilsAvx2.cc (requantizeOutputProcessingAvx2) — the path torch takes on x86, not the
+``lrintf`` reference loop in include/fbgemm/OutputProcessing-inl.h (ReQuantizeOutput::f, generic branch).
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import numpy as np
+from numba import njit
+
+from refquant._float32 import cvtps2dq, fma_f32, fmaf
+from refquant.matmul import PackedWeightS8, matmul_u8s8_acc32, pack_weight_s8
+from refquant.observers import MinMaxObserver, PerChannelMinMaxObserver
+from refquant.quantize import quantize_per_channel, quantize_per_tensor
+
+WEIGHT_QSCHEMES = ("per_channel_symmetric", "per_channel_affine", "per_tensor_symmetric", "per_tensor_affine")
+"""The weight qschemes torch's fbgemm ``linear_prepack`` accepts for a qint8 weight (torch's names, as strings)."""
+
+INT32_MAX = 2**31 - 1
+MAX_ABS_PRODUCT = 255 * 128
+"""Largest |q_x·q_w| of one uint8 x int8 product: 255·(−128)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Overflow of the int32 accumulator
+# ----------------------------------------------------------------------------------------------------------------
+
+def int32_accumulator_can_overflow(in_features: int) -> bool:
+    """True when K·255·128 > 2^31 − 1, i.e. K > 65,793: then some inputs make the int32 sum of eq. L4 wrap.
+
+    fbgemm does not widen: the accumulator wraps modulo 2^32 (and so does refquant). Since eq. L5 is also computed
+    modulo 2^32, a wrapped ``acc`` still gives the right ``raw`` as long as the true raw = Σ (q_x − z_x)(q_w − z_w)
+    fits in int32; this check bounds |acc| and is therefore conservative for raw.
+    """
+    return int(in_features) * MAX_ABS_PRODUCT > INT32_MAX
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument checks (clear errors naming the argument)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check_positive_scale(value: object, argname: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{argname} must be a real number (a float scale), got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not np.isfinite(value) or value <= 0.0:
+        raise ValueError(f"{argname} must be a finite scale > 0, got {value!r}")
+    with np.errstate(over="ignore"):
+        value_f32 = np.float32(value)
+    if not (value_f32 > 0 and np.isfinite(value_f32)):
+        raise ValueError(f"{argname} must stay finite and > 0 when rounded to float32 (torch keeps it as a float "
+                         f"there), got {value!r}")
+    return value
+
+
+def _check_quint8_zero_point(value: object, argname: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{argname} must be an integer zero point, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if not 0 <= value <= 255:
+        raise ValueError(f"{argname} must be a quint8 zero point in [0, 255], got {value}")
+    return value
+
+
+def _check_float_weight(weight: object) -> np.ndarray:
+    w = np.asarray(weight)
+    if w.dtype.kind not in "fiu" or w.dtype.kind == "b":
+        raise TypeError(f"weight must be a real float array (float32, as torch's Linear.weight), got dtype {w.dtype}")
+    if w.ndim != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {w.shape}")
+    if w.shape[0] == 0 or w.shape[1] == 0:
+        raise ValueError(f"weight must have at least one output and one input feature, got shape {w.shape}")
+    with np.errstate(over="ignore"):
+        w_f32 = w.astype(np.float32)  # torch's from_float quantizes mod.weight.float()
+    if not np.isfinite(w_f32).all():
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(w_f32))[0])
+        raise ValueError(f"weight must be finite (as float32); weight{list(bad)} = {w_f32[bad]!r}")
+    return w_f32
+
+
+def _check_bias(bias: object, out_features: int) -> np.ndarray | None:
+    if bias is None:
+        return None
+    b = np.asarray(bias)
+    if b.dtype.kind not in "fiu" or b.dtype.kind == "b":
+        raise TypeError(f"bias must be None or a real float array (float32), got dtype {b.dtype}")
+    if b.shape != (out_features,):
+        raise ValueError(f"bias must have shape ({out_features},) (one value per output feature), got {b.shape}")
+    with np.errstate(over="ignore"):
+        b_f32 = np.ascontiguousarray(b, dtype=np.float32)  # torch keeps the bias a float32 tensor, never quantized
+    if not np.isfinite(b_f32).all():
+        i = int(np.argwhere(~np.isfinite(b_f32))[0, 0])
+        raise ValueError(f"bias must be finite (as float32); bias[{i}] = {b_f32[i]!r}")
+    return b_f32
+
+
+def _check_codes(x: object, dtype: type, argname: str, last_dim: int, last_name: str) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{argname} must be a numpy array of {np.dtype(dtype).name} codes, got {type(x).__name__}")
+    if x.dtype != dtype:
+        raise TypeError(f"{argname} must hold {np.dtype(dtype).name} codes, got dtype {x.dtype}"
+                        + (" (quantize floats first, e.g. with refquant.quantize.quantize_per_tensor)"
+                           if dtype is np.uint8 and x.dtype.kind == "f" else ""))
+    if x.ndim < 2:
+        # torch: "The dimension of input tensor should be larger than or equal to 2" (qlinear.cpp, apply_impl)
+        raise ValueError(f"{argname} must have at least 2 dimensions (..., {last_name}) like torch's quantized "
+                         f"linear input, got shape {x.shape}")
+    if x.shape[-1] != last_dim:
+        raise ValueError(f"{argname} must have last dimension {last_name} = {last_dim}, got shape {x.shape}")
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Requantization (eqs. L8-L11): readable NumPy, then the Numba kernel that repeats it
+# ----------------------------------------------------------------------------------------------------------------
+
+def requantize_readable(raw_i32: np.ndarray, bias_f32: np.ndarray | None, act_times_w_scale_f32: np.ndarray,
+                        output_multiplier_f32: np.ndarray, output_zero_point: int, relu: bool,
+                        per_channel: bool) -> np.ndarray:
+    """int32 ``raw`` (..., N) -> uint8 output codes, eqs. L8-L11, one NumPy statement per rounding.
+
+    ``act_times_w_scale_f32`` and ``output_multiplier_f32`` have shape (N,) for per-channel weights, (1,) per tensor.
+
+    Matches: pytorch/FBGEMM src/QuantUtilsAvx2.cc (requantizeOutputProcessingAvx2, float bias): per-channel
+    ``_mm256_div_ps(bias, act_times_w_scale)`` then ``_mm256_add_ps``; per-tensor ``_mm256_set1_ps(1.0 / atws)``
+    (division in double) and ``add(cvtepi32_ps(x), mul(bias, rcp))``, which the compiler contracted into one
+    ``vfmadd`` in torch 2.13's binary; then ``_mm256_mul_ps`` by the multiplier, ``_mm256_cvtps_epi32``, and the
+    saturating packs with the output zero point.
+    """
+    raw_f32 = raw_i32.astype(np.float32)  # cvtdq2ps: RNE once |raw| > 2^24
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        if bias_f32 is None:
+            t_f32 = raw_f32  # eq. L8a
+        elif per_channel:
+            bias_term_f32 = (bias_f32 / act_times_w_scale_f32).astype(np.float32)  # f32(bias / atws), eq. L8b
+            t_f32 = (raw_f32 + bias_term_f32).astype(np.float32)
+        else:
+            rcp_f32 = np.float32(1.0 / np.float64(act_times_w_scale_f32[0]))  # reciprocal taken in double
+            t_f32 = fmaf(bias_f32, rcp_f32, raw_f32)  # eq. L8c: bias·rcp + raw with ONE rounding
+        y_f32 = (t_f32 * output_multiplier_f32).astype(np.float32)  # eq. L9
+    r_i32 = cvtps2dq(y_f32)  # eq. L10: RNE; NaN / out of int32 -> INT32_MIN
+    lo = output_zero_point if relu else 0  # ReLU: the lower bound becomes the output zero point
+    q_i64 = r_i32.astype(np.int64) + np.int64(output_zero_point)  # eq. L11 (the packs saturate, never wrap)
+    return np.clip(q_i64, lo, 255).astype(np.uint8)
+
+
+@njit(cache=True)
+def _requantize_kernel(raw_i32, bias_f32, has_bias, per_channel, act_times_w_scale_f32, output_multiplier_f32,
+                       output_zero_point, relu, out_u8):
+    """Numba repeat of :func:`requantize_readable` on (M, N) int32 -> (M, N) uint8 (no fastmath)."""
+    M, N = raw_i32.shape
+    lo = np.int64(output_zero_point) if relu else np.int64(0)
+    rcp_f32 = np.float32(0.0)
+    if has_bias and not per_channel:
+        rcp_f32 = np.float32(1.0 / np.float64(act_times_w_scale_f32[0]))  # reciprocal taken in double
+    for n in range(N):
+        c = n if per_channel else 0
+        mult_f32 = output_multiplier_f32[c]
+        bias_term_f32 = np.float32(0.0)
+        if has_bias and per_channel:
+            bias_term_f32 = np.float32(bias_f32[n] / act_times_w_scale_f32[c])  # f32(bias / atws), eq. L8b
+        for m in range(M):
+            raw_f32 = np.float32(raw_i32[m, n])  # cvtdq2ps
+            if not has_bias:
+                t_f32 = raw_f32  # eq. L8a
+            elif per_channel:
+                t_f32 = np.float32(raw_f32 + bias_term_f32)  # eq. L8b
+            else:
+                t_f32 = fma_f32(bias_f32[n], rcp_f32, raw_f32)  # eq. L8c, one rounding
+            y_f32 = np.float32(t_f32 * mult_f32)  # eq. L9
+            if y_f32 >= np.float32(-2147483648.0) and y_f32 < np.float32(2147483648.0):  # false for NaN
+                r = np.int64(np.rint(y_f32))  # cvtps2dq: RNE
+            else:
+                r = np.int64(-2147483648)  # cvtps2dq's "integer indefinite" INT32_MIN, eq. L10
+            q = r + np.int64(output_zero_point)  # eq. L11
+            if q < lo:
+                q = lo
+            if q > 255:
+                q = np.int64(255)
+            out_u8[m, n] = np.uint8(q)
+
+
+def requantize_fast(raw_i32: np.ndarray, bias_f32: np.ndarray | None, act_times_w_scale_f32: np.ndarray,
+                    output_multiplier_f32: np.ndarray, output_zero_point: int, relu: bool,
+                    per_channel: bool) -> np.ndarray:
+    """Same result as :func:`requantize_readable`, computed by the Numba kernel :func:`_requantize_kernel`."""
+    shape = raw_i32.shape
+    raw_2d = np.ascontiguousarray(raw_i32.reshape(-1, shape[-1]))
+    out_u8 = np.empty(raw_2d.shape, np.uint8)
+    has_bias = bias_f32 is not None
+    bias_arg = bias_f32 if has_bias else np.zeros(1, np.float32)
+    _requantize_kernel(raw_2d, bias_arg, has_bias, per_channel, act_times_w_scale_f32, output_multiplier_f32,
+                       np.int64(output_zero_point), relu, out_u8)
+    return out_u8.reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The module
+# ----------------------------------------------------------------------------------------------------------------
+
+class QuantizedLinear:
+    """``torch.ao.nn.quantized.Linear`` (and ``LinearReLU``) on the fbgemm engine, with every intermediate public.
+
+    Build it with :meth:`from_float` (float32 weight, as torch's ``from_float``) or directly from int8 weight codes
+    with the constructor. Call it on uint8 input codes of shape (..., K) to get uint8 output codes (..., N)::
+
+        ql = QuantizedLinear.from_float(w, b, input_scale=0.02, input_zero_point=64,
+                                        output_scale=0.05, output_zero_point=128)
+        y_u8 = ql(x_u8)                                     # == torch.ops.quantized.linear(...).int_repr()
+        assert (y_u8 == ql.requantize(ql.accumulate(x_u8))).all()
+
+    Attributes (dtype-honest; per-tensor weights have length-1 scale arrays):
+        weight_int8 (N, K) int8, weight_scales float32, weight_zero_points int32 (as prepack stores them),
+        bias float32 (N,) or None, col_offsets (N,) int32 (eq. L3), act_times_w_scale float32 (eq. L6),
+        output_multiplier float32 (eq. L7), input/output scale and zero point, relu, weight_qscheme,
+        saturate_int16_pairs (emulate a non-VNNI CPU, eq. M2 of refquant.matmul).
+
+    Matches: pytorch/pytorch aten/src/ATen/native/quantized/cpu/qlinear.cpp (PackedLinearWeight::apply_impl) and
+    aten/src/ATen/native/quantized/cpu/qlinear_prepack.cpp (PackedLinearWeight::prepack).
+    """
+
+    def __init__(self, weight_int8: np.ndarray, weight_scales: object, weight_zero_points: object,
+                 bias: object, input_scale: float, input_zero_point: int, output_scale: float,
+                 output_zero_point: int, relu: bool = False, weight_qscheme: str = "per_channel_symmetric",
+                 saturate_int16_pairs: bool = False) -> None:
+        """Prepack int8 weight codes: store them packed once and compute eqs. L3, L6, L7.
+
+        ``weight_scales`` / ``weight_zero_points``: N values for a per-channel ``weight_qscheme``, one for per-tensor.
+        Scales are stored as float32 (``q_per_channel_scales()[i].item<float>()`` / ``(float)q_scale()``), zero
+        points as int32, exactly as ``PackedLinearWeight::prepack`` keeps them.
+        """
+        if weight_qscheme not in WEIGHT_QSCHEMES:
+            raise ValueError(f"weight_qscheme must be one of {WEIGHT_QSCHEMES}, got {weight_qscheme!r}")
+        if not isinstance(weight_int8, np.ndarray) or weight_int8.dtype != np.int8:
+            got = weight_int8.dtype if isinstance(weight_int8, np.ndarray) else type(weight_int8).__name__
+            raise TypeError(f"weight_int8 must be a numpy int8 array of weight codes, got {got}")
+        if weight_int8.ndim != 2 or 0 in weight_int8.shape:
+            raise ValueError(f"weight_int8 must be 2-D (out_features, in_features), non-empty, got "
+                             f"{weight_int8.shape}")
+        N, K = weight_int8.shape
+        self.weight_qscheme = weight_qscheme
+        self.per_channel = weight_qscheme.startswith("per_channel")
+        n_params = N if self.per_channel else 1
+
+        scales = np.asarray(weight_scales)
+        if scales.dtype.kind != "f" or scales.size != n_params:
+            raise ValueError(f"weight_scales must hold {n_params} float scale(s) for {weight_qscheme} with N = {N}, "
+                             f"got dtype {scales.dtype}, shape {scales.shape}")
+        weight_scales_f32 = scales.reshape(n_params).astype(np.float32)  # prepack stores float32 scales
+        if not (np.isfinite(weight_scales_f32).all() and (weight_scales_f32 > 0).all()):
+            raise ValueError(f"weight_scales must be finite and > 0 as float32, got {weight_scales_f32}")
+        zps = np.asarray(weight_zero_points)
+        if zps.dtype.kind not in "iu" or zps.size != n_params:
+            raise ValueError(f"weight_zero_points must hold {n_params} integer(s) for {weight_qscheme} with N = {N}, "
+                             f"got dtype {zps.dtype}, shape {zps.shape}")
+        zps_i64 = zps.reshape(n_params).astype(np.int64)
+        if ((zps_i64 < -128) | (zps_i64 > 127)).any():
+            raise ValueError(f"weight_zero_points must be qint8 zero points in [-128, 127], got {zps_i64}")
+        if weight_qscheme.endswith("symmetric") and (zps_i64 != 0).any():
+            raise ValueError(f"weight_zero_points must be 0 for {weight_qscheme}, got {zps_i64}")
+
+        self.in_features = K
+        self.out_features = N
+        self.weight_int8 = np.ascontiguousarray(weight_int8)
+        self.weight_scales = weight_scales_f32
+        self.weight_zero_points = zps_i64.astype(np.int32)  # weight_zero_points_int32 in prepack
+        self.bias = _check_bias(bias, N)
+        self.input_scale = _check_positive_scale(input_scale, "input_scale")
+        self.input_zero_point = _check_quint8_zero_point(input_zero_point, "input_zero_point")
+        self.output_scale = _check_positive_scale(output_scale, "output_scale")
+        self.output_zero_point = _check_quint8_zero_point(output_zero_point, "output_zero_point")
+        self.relu = bool(relu)
+        self.saturate_int16_pairs = bool(saturate_int16_pairs)
+
+        # eq. L3: col_offsets[n] = Σ_k q_w[n, k] − z_w[n]·K, int32 (calc_col_offsets_transpose in qlinear_prepack.cpp)
+        row_sum_w_i64 = self.weight_int8.sum(axis=1, dtype=np.int64)
+        zw_per_row_i64 = np.broadcast_to(zps_i64, (N,))
+        self.col_offsets = (row_sum_w_i64 - zw_per_row_i64 * np.int64(K)).astype(np.int32)
+
+        # eqs. L6, L7 (apply_impl): float input_scale_float = input.q_scale(); static_cast<float>(output_scale)
+        input_scale_f32 = np.float32(self.input_scale)
+        output_scale_f32 = np.float32(self.output_scale)
+        with np.errstate(over="ignore"):
+            self.act_times_w_scale = (input_scale_f32 * self.weight_scales).astype(np.float32)
+            self.output_multiplier = (self.act_times_w_scale / output_scale_f32).astype(np.float32)
+
+        self._packed_weight: PackedWeightS8 = pack_weight_s8(self.weight_int8)
+        if int32_accumulator_can_overflow(K):
+            warnings.warn(f"in_features K = {K} > 65,793: K·255·128 exceeds int32, so the int32 accumulators can "
+                          f"wrap (modulo 2^32) exactly as fbgemm's do; outputs are then not the real-number result",
+                          RuntimeWarning, stacklevel=2)
+
+    @classmethod
+    def from_float(cls, weight: object, bias: object, input_scale: float, input_zero_point: int,
+                   output_scale: float, output_zero_point: int, relu: bool = False,
+                   weight_qscheme: str = "per_channel_symmetric",
+                   saturate_int16_pairs: bool = False) -> "QuantizedLinear":
+        """Observe and quantize a float32 (N, K) weight as torch does, keep the bias float32, then prepack.
+
+        eq. L1: ``PerChannelMinMaxObserver(ch_axis=0, dtype="qint8", qscheme=...)`` (per-channel) or
+        ``MinMaxObserver(dtype="qint8", qscheme=...)`` (per-tensor) sees the weight; eq. L2: the weight is
+        quantized with ``quantize_per_channel(w, scales, zero_points, 0, "qint8")`` (torch's scalar path) or
+        ``quantize_per_tensor(w, scale, zero_point, "qint8")`` (torch's vector FMA path). The observers' range is
+        the full [−128, 127], so torch's ``_clamp_weights`` changes nothing.
+
+        Matches: pytorch/pytorch torch/ao/nn/quantized/modules/linear.py (Linear.from_float) and
+        torch/ao/nn/quantized/modules/utils.py (_quantize_weight).
+        """
+        if weight_qscheme not in WEIGHT_QSCHEMES:
+            raise ValueError(f"weight_qscheme must be one of {WEIGHT_QSCHEMES}, got {weight_qscheme!r}")
+        w_f32 = _check_float_weight(weight)
+        if weight_qscheme.startswith("per_channel"):
+            observer = PerChannelMinMaxObserver(ch_axis=0, dtype="qint8", qscheme=weight_qscheme)
+            observer(w_f32)
+            scales, zero_points = observer.calculate_qparams()
+            w_i8 = quantize_per_channel(w_f32, scales, zero_points, 0, "qint8")
+        else:
+            observer = MinMaxObserver(dtype="qint8", qscheme=weight_qscheme)
+            observer(w_f32)
+            scales, zero_points = observer.calculate_qparams()
+            scale = float(np.asarray(scales).reshape(-1)[0])  # torch: float(wt_scale), int(wt_zp)
+            zero_point = int(np.asarray(zero_points).reshape(-1)[0])
+            w_i8 = quantize_per_tensor(w_f32, scale, zero_point, "qint8")
+        return cls(w_i8, scales, zero_points, bias, input_scale, input_zero_point, output_scale,
+                   output_zero_point, relu=relu, weight_qscheme=weight_qscheme,
+                   saturate_int16_pairs=saturate_int16_pairs)
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def accumulate(self, x_u8: np.ndarray, *, saturate_int16_pairs: bool | None = None) -> np.ndarray:
+        """uint8 input codes (..., K) -> int32 ``raw`` (..., N): eq. L4 then the zero-point corrections of eq. L5.
+
+        raw = acc − z_x·col_offsets[n] − z_w[n]·Σ_k q_x[m, k], each step in int32 wrapping modulo 2^32 — what fbgemm
+        holds in its int32 buffer right before requantization. ``saturate_int16_pairs`` (default: the layer's
+        setting) sums the products in int16-saturated pairs as non-VNNI CPUs do (refquant.matmul eq. M2).
+
+        Matches: pytorch/FBGEMM src/QuantUtilsAvx2.cc (requantizeOutputProcessingAvx2: ``_mm256_mullo_epi32`` and
+        ``_mm256_sub_epi32`` with col_offsets and row_offsets); row offsets from PackAWithRowOffset.
+        """
+        x_u8 = _check_codes(x_u8, np.uint8, "x_u8", self.in_features, "in_features K")
+        if saturate_int16_pairs is None:
+            saturate_int16_pairs = self.saturate_int16_pairs
+        lead_shape = x_u8.shape[:-1]
+        x2d_u8 = np.ascontiguousarray(x_u8.reshape(-1, self.in_features))  # torch flattens N-D input to (M, K)
+        acc_i32 = matmul_u8s8_acc32(x2d_u8, self._packed_weight, saturate_int16_pairs=bool(saturate_int16_pairs))
+        # eq. L5, first correction: z_x·col_offsets[n] (skipped by fbgemm when z_x == 0: subtracting 0 is the same)
+        zx_col_i32 = np.multiply(np.int32(self.input_zero_point), self.col_offsets, dtype=np.int32)  # wraps
+        raw_i32 = np.subtract(acc_i32, zx_col_i32[np.newaxis, :], dtype=np.int32)
+        # eq. L5, second correction: z_w[n]·Σ_k q_x[m, k] (row_offsets), nonzero only for affine weights
+        if (self.weight_zero_points != 0).any():
+            row_offsets_i32 = x2d_u8.sum(axis=1, dtype=np.int64).astype(np.int32)  # PackAWithRowOffset
+            zw_row_i32 = np.multiply(row_offsets_i32[:, np.newaxis], self.weight_zero_points[np.newaxis, :],
+                                     dtype=np.int32)  # wraps
+            raw_i32 = np.subtract(raw_i32, zw_row_i32, dtype=np.int32)
+        return raw_i32.reshape(lead_shape + (self.out_features,))
+
+    def requantize(self, acc_i32: np.ndarray, *, readable: bool = False) -> np.ndarray:
+        """int32 ``raw`` (..., N) from :meth:`accumulate` -> uint8 output codes (..., N): eqs. L8-L11.
+
+        ``readable=True`` runs the NumPy statements of :func:`requantize_readable`; the default runs the Numba kernel,
+        which gives the same bits.
+        """
+        acc_i32 = _check_codes(acc_i32, np.int32, "acc_i32", self.out_features, "out_features N")
+        fn = requantize_readable if readable else requantize_fast
+        return fn(acc_i32, self.bias, self.act_times_w_scale, self.output_multiplier, self.output_zero_point,
+                  self.relu, self.per_channel)
+
+    def __call__(self, x_u8: np.ndarray, *, saturate_int16_pairs: bool | None = None) -> np.ndarray:
+        """uint8 input codes (..., K) -> uint8 output codes (..., N) = requantize(accumulate(x_u8)).
+
+        Matches: torch.ops.quantized.linear (linear_relu when ``relu``) on the fbgemm engine.
+        """
+        return self.requantize(self.accumulate(x_u8, saturate_int16_pairs=saturate_int16_pairs))
+
+    def __repr__(self) -> str:
+        return (f"QuantizedLinear(in_features={self.in_features}, out_features={self.out_features}, "
+                f"weight_qscheme={self.weight_qscheme!r}, input_scale={self.input_scale!r}, "
+                f"input_zero_point={self.input_zero_point}, output_scale={self.output_scale!r}, "
+                f"output_zero_point={self.output_zero_point}, relu={self.relu}, bias={self.bias is not None}"
+                + (", saturate_int16_pairs=True" if self.saturate_int16_pairs else "") + ")")
