@@ -122,6 +122,10 @@ def parse_config(argv: Sequence[str] | None):
     parser = build_parser()
     args = parser.parse_args(argv)
     shape = args.input_shape if args.input_shape is not None else (1, 2, 3, args.in_features)
+    if len(shape) < 2:
+        parser.error(f"--input-shape {','.join(map(str, shape))}: give at least 2 dimensions, e.g. 1,{shape[0]} "
+                     f"(torch's quantized::linear refuses 1-D input: 'The dimension of input tensor should be larger "
+                     f"than or equal to 2')")
     if shape[-1] != args.in_features:
         parser.error(f"--input-shape {','.join(map(str, shape))}: the last dimension ({shape[-1]}) must equal "
                      f"--in-features ({args.in_features})")
@@ -166,21 +170,27 @@ def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None 
         return EXIT_USAGE
     code = EXIT_EQUAL if result.equal else EXIT_MISMATCH
 
-    if args.json == "-":
-        json.dump(json_document(result), sys.stdout, indent=1, allow_nan=False)
-        sys.stdout.write("\n")
-    else:
-        print(quiet_report(result) if args.quiet else text_report(result))
-        if args.json is not None:
-            with open(args.json, "w") as f:
-                json.dump(json_document(result), f, indent=1, allow_nan=False)
-                f.write("\n")
+    # files first, so that a closed stdout (piped into `head`) cannot lose them
+    if args.json not in (None, "-"):
+        with open(args.json, "w") as f:
+            json.dump(json_document(result), f, indent=1, allow_nan=False)
+            f.write("\n")
+    figures = []
     if args.plots is not None:
         from .plots import draw_all
 
-        paths = draw_all(result, args.plots)
-        if args.json != "-":
-            print("figures: " + ", ".join(paths))
+        figures = draw_all(result, args.plots)
+    try:
+        if args.json == "-":
+            json.dump(json_document(result), sys.stdout, indent=1, allow_nan=False)
+            sys.stdout.write("\n")
+        else:
+            print(quiet_report(result) if args.quiet else text_report(result))
+            if figures:
+                print("figures: " + ", ".join(figures))
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader stopped early: say nothing more, keep the exit code
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return code
 
 

@@ -41,7 +41,8 @@ JSON_SCHEMA = """\
                 "refquant_vs_own_float_forward": {same, against refquant's NumPy float forward}}
   "float_forward": {"output_qparams_changed", "torch": {"scale", "zero_point"},
                 "refquant_own": {"scale", "zero_point"}, "float_outputs_differing", "float_outputs",
-                "explanation"}
+                "sample_output_codes_differing" (a model calibrated on refquant's own floats vs torch's codes,
+                0 when the qparams did not change), "explanation"}
   "environment": {"torch", "numpy", "numba", "engine", "cpu_isa" (torch.backends.cpu.get_cpu_capability()),
                 "vnni" (AVX-512 VNNI or AVX-VNNI present), "torch_threads"}
   "torch_warnings": the distinct warnings torch raised (deprecations), first lines
@@ -191,13 +192,15 @@ def text_report(res: StudyResult) -> str:
     L.append("refquant's own float forward (reported, not a parity row)")
     L.append(f"  calibrating with NumPy's float32 x @ W.T + b instead of torch's recorded F.linear outputs: "
              f"{ff['float_outputs_differing']} of {ff['float_outputs']} floats differ;")
+    t_scale, o_scale = np.float32(ff["torch"]["scale"]), np.float32(ff["refquant_own"]["scale"])
     if ff["output_qparams_changed"]:
-        L.append(f"  the output qparams CHANGE: torch scale {ff['torch']['scale']!r} zero_point "
-                 f"{ff['torch']['zero_point']}, own forward scale {ff['refquant_own']['scale']!r} zero_point "
-                 f"{ff['refquant_own']['zero_point']}.")
+        L.append(f"  the output qparams CHANGE: torch scale {t_scale!s} zero_point {ff['torch']['zero_point']}, "
+                 f"own forward scale {o_scale!s} zero_point {ff['refquant_own']['zero_point']};")
+        if cfg.samples:
+            L.append(f"  a model calibrated that way gives different output codes for "
+                     f"{ff['sample_output_codes_differing']} of {res.error['torch']['n']} sample outputs.")
     else:
-        L.append(f"  the output qparams are unchanged (scale {ff['torch']['scale']!r}, zero_point "
-                 f"{ff['torch']['zero_point']}).")
+        L.append(f"  the output qparams are unchanged (scale {t_scale!s}, zero_point {ff['torch']['zero_point']}).")
     L.append("  torch's MKL sgemm sums in a shape-dependent order, so this can differ for other shapes and data")
     L.append("  (docs/numerics.md §7); the parity rows feed refquant the activations torch's observers saw.")
     L.append("")
@@ -209,7 +212,7 @@ def text_report(res: StudyResult) -> str:
             L.append(_first_mismatch_line(f))
     else:
         L.append(f"result: all {len(parity)} parity rows equal, bit for bit")
-    return "\n".join(L)
+    return "\n".join(line.rstrip() for line in L)
 
 
 def quiet_report(res: StudyResult) -> str:

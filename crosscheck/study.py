@@ -333,6 +333,10 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
     own = ObservedLinear(ts.weight, ts.bias, relu=config.relu)
     own_outputs = [own.calibrate(x) for x in ts.calibration]
     own_scale, own_zp = own.output_observer.calculate_qparams()
+    own_changed = not (np.array_equal(np.asarray(own_scale).view(np.uint32), ts.output_observer["scale"].view(np.uint32))
+                       and np.array_equal(np.asarray(own_zp), ts.output_observer["zero_point"]))
+    own_model = own.convert() if own_changed else None
+    own_codes_differing = 0
 
     # -- calibration and conversion rows
     r_in = refquant_observer_state(observed.input_observer)
@@ -407,6 +411,8 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
             err_t.update(t["output"], y_float, inside_ranges(x, y_float, t_in_q, t_out_q))
             err_r.update(r["output"], y_float, inside_ranges(x, y_float, r_in_q, r_out_q))
             err_own.update(r["output"], linear_float(x, ts.weight, ts.bias, config.relu))
+            if own_model is not None:
+                own_codes_differing += int(np.count_nonzero(own_model.linear(r["input_codes"]) != t["output_codes"]))
             if plot_data and scatter_n < 20_000:
                 scatter_float.append(y_float.reshape(-1)[:20_000])
                 scatter_quantized.append(t["output"].reshape(-1)[:20_000])
@@ -439,6 +445,7 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
                   "zero_point": C.scalar_to_json(ts.output_observer["zero_point"].reshape(-1)[0])},
         "refquant_own": {"scale": C.scalar_to_json(np.asarray(own_scale).reshape(-1)[0]),
                          "zero_point": C.scalar_to_json(np.asarray(own_zp).reshape(-1)[0])},
+        "sample_output_codes_differing": own_codes_differing,  # the own-calibrated model vs torch, if qparams moved
         "float_outputs_differing": float_rows[0].mismatches,
         "float_outputs": float_rows[0].size,
         "explanation": NOTES["float_forward"],

@@ -37,8 +37,9 @@ def _in_process(config) -> Iterator[tuple[str, Any]]:
 
 def _in_subprocess(config) -> Iterator[tuple[str, Any]]:
     """Start the worker now; return the iterator over its events."""
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("fork" if "fork" in methods else "spawn")  # fork: torch is not loaded here yet
+    # fork is quick, and safe while this process has not loaded torch (its thread pools do not survive a fork)
+    fork_ok = "fork" in mp.get_all_start_methods() and "torch" not in sys.modules
+    ctx = mp.get_context("fork" if fork_ok else "spawn")
     receiver, sender = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_entry, args=(config, sender), daemon=True, name="crosscheck-torch")
     proc.start()

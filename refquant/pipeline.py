@@ -113,13 +113,18 @@ class ObservedLinear:
                  reduce_range: bool = True) -> None:
         from .histogram import HistogramObserver
 
-        w = np.asarray(weight)
-        if w.dtype != np.float32 or w.ndim != 2:
-            raise TypeError(f"weight must be a float32 (out_features, in_features) array, got {w.dtype} {w.shape}")
+        if not isinstance(weight, np.ndarray) or weight.dtype != np.float32:
+            got = weight.dtype if isinstance(weight, np.ndarray) else type(weight).__name__
+            raise TypeError(f"weight must be a float32 NumPy array (out_features, in_features), got {got}")
+        if weight.ndim != 2 or 0 in weight.shape:
+            raise ValueError(f"weight must be 2-D (out_features, in_features) and non-empty, got shape {weight.shape}")
         if bias is not None:
-            b = np.asarray(bias)
-            if b.dtype != np.float32 or b.shape != (w.shape[0],):
-                raise TypeError(f"bias must be None or a float32 ({w.shape[0]},) array, got {b.dtype} {b.shape}")
+            if not isinstance(bias, np.ndarray) or bias.dtype != np.float32:
+                got = bias.dtype if isinstance(bias, np.ndarray) else type(bias).__name__
+                raise TypeError(f"bias must be None or a float32 NumPy array, got {got}")
+            if bias.shape != (weight.shape[0],):
+                raise ValueError(f"bias must have shape (out_features,) = ({weight.shape[0]},), got {bias.shape}")
+        w = weight
         self.weight = w
         self.bias = bias
         self.relu = bool(relu)

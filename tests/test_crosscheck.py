@@ -1,0 +1,337 @@
+"""``python -m crosscheck.linear`` end to end: the CLI runs in subprocesses, its JSON is checked field by field.
+
+* The default study (the seed study) and its JSON, with torch's column checked against an independent torch run.
+* A matrix of shapes, seeds (drawn from the run's REFQUANT_SEED), distributions, ReLU, no-bias and both engines:
+  every parity row equal. To keep the suite quick, one subprocess imports torch once and calls the CLI's ``main``
+  once per case (the torch side then runs in-process); the default runs use the real worker process.
+* A deliberately broken comparison (the ``_perturb`` test hook flips one bit of one refquant value) exits 1 and
+  names the field, the index and both values.
+* Bad arguments exit 2 with a message that says what was wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import SEED
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COUNTED = ("parity", "derived")
+FIELD_KEYS = {"name", "kind", "equal", "mismatches", "first_mismatch", "torch", "refquant"}
+
+
+def run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli(*options: str) -> subprocess.CompletedProcess:
+    return run(["-m", "crosscheck.linear", *options])
+
+
+DRIVER = textwrap.dedent("""
+    import json, sys, warnings
+    warnings.simplefilter("ignore")
+    import torch  # loaded once: every study below runs its torch side in this process
+    from crosscheck.linear import main
+    jobs = json.loads(sys.argv[1])
+    codes = []
+    for job in jobs:
+        perturb = tuple(job["perturb"]) if job.get("perturb") else None
+        codes.append(main(job["argv"], _perturb=perturb))
+    print("EXIT_CODES=" + json.dumps(codes))
+""")
+
+
+def run_main_batch(jobs: list[dict], tmp_path) -> list[tuple[int, dict, str]]:
+    """Run ``crosscheck.linear.main`` for each job (argv, optional perturb) in ONE subprocess; returns
+    (exit code, JSON document, the process's stdout) per job."""
+    for i, job in enumerate(jobs):
+        job["argv"] = [*job["argv"], "--json", str(tmp_path / f"job{i}.json")]
+    proc = run(["-c", DRIVER, json.dumps(jobs)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    codes = json.loads(proc.stdout.split("EXIT_CODES=")[-1])
+    return [(code, json.loads((tmp_path / f"job{i}.json").read_text()), proc.stdout) for i, code in enumerate(codes)]
+
+
+def assert_all_equal(doc: dict, context: str) -> None:
+    bad = [(f["name"], f["first_mismatch"]) for f in doc["fields"] if f["kind"] in COUNTED and not f["equal"]]
+    assert not bad, f"{context}: parity rows differ: {bad} (REFQUANT_SEED={SEED})"
+    assert doc["equal"] is True and doc["exit_code"] == 0, context
+
+
+def fields_by_name(doc: dict) -> dict[str, dict]:
+    return {f["name"]: f for f in doc["fields"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the default study
+
+
+def test_default_study_prints_the_comparison_and_exits_0():
+    proc = run(["-c", "import runpy, sys; sys.argv = ['crosscheck.linear']\n"
+                      "try:\n    runpy.run_module('crosscheck.linear', run_name='__main__')\n"
+                      "except SystemExit as e:\n"
+                      "    print('TORCH_IN_PARENT=%s' % ('torch' in sys.modules)); sys.exit(e.code)"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "QuantStub -> Linear(3, 3) -> DeQuantStub, qconfig = get_default_qconfig('fbgemm')" in out
+    assert "1 calibration batch of shape (1, 2, 3, 3) (normal); 1000 samples" in out
+    assert "error of the quantized model over 1000 random inputs" in out
+    assert "result: all 24 parity rows equal, bit for bit" in out
+    for name in ("input scale", "output zero_point", "weight int8 (int_repr)", "bias (float32)",
+                 "output codes (1000 samples)", "dequantized output (calibration, 1 batch)"):
+        assert name in out
+    assert "MISMATCH" not in out
+    assert "TORCH_IN_PARENT=False" in out  # torch ran in the worker process only
+    assert proc.stderr.strip() == "", proc.stderr  # no torch deprecation noise, no progress bar off a TTY
+
+
+def test_default_study_json_matches_an_independent_torch_run():
+    proc = run_cli("--json", "-")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert_all_equal(doc, "default study")
+    assert doc["study"] == {"in_features": 3, "out_features": 3, "input_shape": [1, 2, 3, 3], "calib_batches": 1,
+                            "calib_dist": "normal", "samples": 1000, "seed": 0, "relu": False, "bias": True,
+                            "engine": "fbgemm"}
+    assert set(doc["environment"]) >= {"torch", "numpy", "numba", "engine", "cpu_isa", "vnni"}
+    assert doc["environment"]["engine"] == "fbgemm"
+    for f in doc["fields"]:
+        assert FIELD_KEYS <= set(f), f["name"]
+    f = fields_by_name(doc)
+    assert [f["kind"] for f in doc["fields"]].count("parity") + \
+        [f["kind"] for f in doc["fields"]].count("derived") == 24
+    assert f["output codes (1000 samples)"]["shape"] == [1000, 1, 2, 3, 3]
+    assert f["output codes (1000 samples)"]["size"] == 18000
+    assert f["act_times_w_scale"]["kind"] == "refquant_only" and f["act_times_w_scale"]["torch"] is None
+    assert doc["error"]["equal"] is True
+    assert doc["error"]["torch"] == doc["error"]["refquant"]
+    assert doc["error"]["torch"]["n"] == 18000
+
+    # torch's column really is torch: redo the seed study here, independently of crosscheck's code.
+    import warnings
+
+    import torch
+    from torch import nn
+    from torch.ao.quantization import DeQuantStub, QuantStub, convert, get_default_qconfig, prepare
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.fc, self.dequant = QuantStub(), nn.Linear(3, 3), DeQuantStub()
+
+        def forward(self, x):
+            return self.dequant(self.fc(self.quant(x)))
+
+    torch.backends.quantized.engine = "fbgemm"
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = M().eval()
+        m.qconfig = get_default_qconfig("fbgemm")
+        p = prepare(m)
+        x = torch.randn(1, 2, 3, 3)
+        p(x)
+        q = convert(p)
+        y = q(x)
+    assert f["weight int8 (int_repr)"]["torch"] == q.fc.weight().int_repr().tolist()
+    assert f["input scale"]["torch"] == [float(q.quant.scale)]
+    assert f["input zero_point"]["torch"] == [int(q.quant.zero_point)]
+    assert f["output scale"]["torch"] == q.fc.scale
+    assert f["output zero_point"]["torch"] == q.fc.zero_point
+    assert f["bias (float32)"]["torch"] == q.fc.bias().tolist()
+    assert doc["calibration"]["input"] == x.tolist()
+    assert doc["calibration"]["quantized_output"] == y.tolist()
+    assert f["dequantized output (calibration, 1 batch)"]["torch"] == [y.tolist()]
+    # ... and refquant's column is refquant's (the same numbers here, but read from the other side)
+    assert f["weight int8 (int_repr)"]["refquant"] == f["weight int8 (int_repr)"]["torch"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a range of studies, seeds from the run's seed
+
+
+def _matrix_jobs() -> list[dict]:
+    rng = np.random.default_rng([SEED, 5])
+    seeds = iter(int(s) for s in rng.integers(0, 2**31, 64))
+    jobs = []
+    dists = ("normal", "uniform", "laplace", "outliers", "relu")
+    for i, dist in enumerate(dists):
+        for relu, bias, engine in ((False, True, "fbgemm"), (True, False, "x86")):
+            argv = ["--in-features", "7", "--out-features", "5", "--input-shape", "3,4,7", "--calib-batches", "3",
+                    "--calib-dist", dist, "--samples", "64", "--seed", str(next(seeds)), "--engine", engine,
+                    "--quiet"]
+            jobs.append({"argv": argv + (["--relu"] if relu else []) + ([] if bias else ["--no-bias"])})
+    shapes = [  # (K, N, input shape, calibration batches)
+        (1, 1, "1,1", 1),
+        (1, 4, "5,1", 2),
+        (16, 8, "2,3,4,16", 1),
+        (64, 3, "10,64", 4),
+        (300, 20, "16,300", 2),
+    ]
+    for K, N, shape, batches in shapes:
+        for engine in ("fbgemm", "x86"):
+            jobs.append({"argv": ["--in-features", str(K), "--out-features", str(N), "--input-shape", shape,
+                                  "--calib-batches", str(batches), "--samples", "40", "--seed", str(next(seeds)),
+                                  "--engine", engine, "--calib-dist", dists[(K + N) % 5], "--quiet"]})
+    for _ in range(4):  # the seed study with other seeds
+        jobs.append({"argv": ["--seed", str(next(seeds)), "--samples", "200", "--quiet"]})
+    jobs.append({"argv": ["--relu", "--no-bias", "--samples", "200", "--quiet"]})  # seed 0, fused, no bias
+    return jobs
+
+
+def test_range_of_studies_every_field_equal(tmp_path):
+    jobs = _matrix_jobs()
+    results = run_main_batch(jobs, tmp_path)
+    for job, (code, doc, _) in zip(jobs, results):
+        context = " ".join(job["argv"][:-2])
+        assert_all_equal(doc, context)
+        assert code == 0, context
+        f = fields_by_name(doc)
+        cfg = doc["study"]
+        lead = cfg["input_shape"][:-1]
+        assert f[f"output codes ({cfg['samples']} samples)"]["shape"] == [cfg["samples"], *lead,
+                                                                           cfg["out_features"]], context
+        assert f["weight int8 (int_repr)"]["shape"] == [cfg["out_features"], cfg["in_features"]], context
+        assert f["bias (float32)"]["torch"] is None if not cfg["bias"] else len(f["bias (float32)"]["torch"]) == \
+            cfg["out_features"]
+        assert doc["environment"]["engine"] == cfg["engine"]
+        assert doc["error"]["equal"] is True, context
+        if cfg["relu"]:  # fused LinearReLU: outputs never below the zero point, dequantized never negative
+            assert "relu" in cfg and doc["error"]["torch"]["n"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a deliberately broken comparison
+
+
+def test_perturbed_refquant_value_exits_1_and_names_the_field_cli():
+    """The real CLI path (torch in its worker process), with one refquant output code changed by one bit."""
+    proc = run(["-c", "import sys\nfrom crosscheck.linear import main\n"
+                      "sys.exit(main([], _perturb=('output codes (1000 samples)', 12345)))"])
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "MISMATCH: 1 of 24 parity rows differ" in out
+    index = np.unravel_index(12345, (1000, 1, 2, 3, 3))
+    assert f"output codes (1000 samples): 1 of 18000 differ; first at index {tuple(int(i) for i in index)}" in out
+    line = next(l for l in out.splitlines() if l.strip().startswith("output codes (1000 samples)") and "NO" in l)
+    assert "1/18000" in line
+
+
+PERTURBATIONS = [  # (field, flat index): one row of each kind of value
+    ("input scale", 0),
+    ("input zero_point", 0),
+    ("output observer histogram", 1000),
+    ("output observer clip range", 1),
+    ("output scale", 0),
+    ("weight scales (per channel)", 2),
+    ("weight zero_points (per channel)", 1),
+    ("weight int8 (int_repr)", 4),
+    ("bias (float32)", 1),
+    ("col_offsets", 0),
+    ("input codes (calibration, 1 batch)", 3),
+    ("int32 accumulators (calibration, 1 batch)", 17),
+    ("dequantized output (1000 samples)", 17999),
+    ("error metrics (1000 samples)", 2),
+]
+
+
+def test_each_perturbed_field_is_named_with_index_and_both_values(tmp_path):
+    jobs = [{"argv": ["--samples", "1000"], "perturb": [field, index]} for field, index in PERTURBATIONS]
+    jobs.append({"argv": ["--samples", "10", "--quiet"], "perturb": ["no such field", 0]})
+    results = run_main_batch(jobs, tmp_path)
+    for (field, index), (code, doc, out) in zip(PERTURBATIONS, results):
+        _check_perturbed(code, doc, out, field, index)
+    code, doc, _ = results[-1]  # the hook acts only on the field it names
+    assert code == 0
+    assert_all_equal(doc, "perturbing a field that does not exist")
+
+
+def _check_perturbed(code: int, doc: dict, out: str, field: str, index: int) -> None:
+    assert code == 1 and doc["equal"] is False and doc["exit_code"] == 1
+    bad = [f for f in doc["fields"] if f["kind"] in COUNTED and not f["equal"]]
+    assert [f["name"] for f in bad] == [field]
+    f = bad[0]
+    assert f["mismatches"] == 1
+    shape = f["shape"]
+    expected_index = [int(i) for i in np.unravel_index(index, shape)]
+    assert f["first_mismatch"]["index"] == expected_index
+    assert f["first_mismatch"]["torch"] != f["first_mismatch"]["refquant"]
+    if f["torch_dtype"].startswith("float"):
+        assert f["first_mismatch"]["torch_bits"] != f["first_mismatch"]["refquant_bits"]
+    assert f"{field}: 1 of {f['size']} differ; first at index {tuple(expected_index)}" in out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad arguments
+
+
+def test_bad_argument_exits_2_with_a_message_cli():
+    proc = run_cli("--in-features", "4", "--input-shape", "1,2,3,3")
+    assert proc.returncode == 2
+    assert "--input-shape 1,2,3,3: the last dimension (3) must equal --in-features (4)" in proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--input-shape", "1,2,3,4"], "the last dimension (4) must equal --in-features (3)"),
+    (["--input-shape", "1,x,3"], "--input-shape must be comma-separated positive integers"),
+    (["--input-shape", "0,3"], "--input-shape dimensions must all be >= 1"),
+    (["--input-shape", "3"], "give at least 2 dimensions"),
+    (["--in-features", "0"], "--in-features must be a positive integer, got 0"),
+    (["--out-features", "two"], "--out-features must be a positive integer, got 'two'"),
+    (["--calib-batches", "0"], "--calib-batches must be a positive integer"),
+    (["--samples", "-1"], "--samples must be an integer >= 0, got -1"),
+    (["--seed", "-3"], "--seed must be in [0, 2**63)"),
+    (["--calib-dist", "cauchy"], "invalid choice: 'cauchy'"),
+    (["--engine", "qnnpack"], "invalid choice: 'qnnpack'"),
+    (["--json", "/nonexistent-dir/out.json"], "directory '/nonexistent-dir' does not exist"),
+    (["--in-features", "100000", "--out-features", "100000"], "is too large"),
+    (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+])
+def test_bad_arguments_exit_2_and_say_what_was_wrong(argv, message, capsys):
+    from crosscheck.linear import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
+def test_plots_dir_that_is_a_file_exits_2(tmp_path, capsys):
+    from crosscheck.linear import main
+
+    target = tmp_path / "a-file"
+    target.write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main(["--plots", str(target)])
+    assert exc.value.code == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_plots_without_matplotlib_exits_2_with_install_hint(monkeypatch, capsys, tmp_path):
+    from crosscheck.linear import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.raises(SystemExit) as exc:
+        main(["--plots", str(tmp_path / "figs")])
+    assert exc.value.code == 2
+    assert "--plots needs matplotlib, which is not installed: pip install 'refquant[plots]'" in capsys.readouterr().err
+
+
+def test_help_explains_every_option():
+    from crosscheck.linear import build_parser
+
+    text = build_parser().format_help()
+    for option in ("--in-features", "--out-features", "--input-shape", "--calib-batches", "--calib-dist",
+                   "--samples", "--seed", "--relu", "--no-bias", "--engine", "--json", "--plots", "--quiet"):
+        assert option in text
+    assert "Exit codes: 0" in text

@@ -1,0 +1,192 @@
+"""The pieces of crosscheck on their own: the exact comparison, JSON encoding, the progress bar, the error
+statistics, the figures and the torch side's refusal of an engine (in-process, quick)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+
+from crosscheck import compare as C
+from crosscheck.progress import Progress
+from crosscheck.study import ErrorStats, StudyConfig, _flip_lsb, _Perturber, inside_ranges
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compare
+
+
+def test_floats_compare_by_bits_so_signed_zeros_differ():
+    f = C.compare("z", np.float32(-0.0), np.float32(0.0))
+    assert not f.equal and f.mismatches == 1
+    assert f.first_mismatch["torch_bits"] == "0x80000000" and f.first_mismatch["refquant_bits"] == "0x00000000"
+
+
+def test_nan_equals_only_the_same_nan():
+    nan = np.array([np.nan], np.float32)
+    other_nan = nan.view(np.uint32) | np.uint32(1)
+    assert C.compare("n", nan, nan.copy()).equal
+    assert not C.compare("n", nan, other_nan.view(np.float32)).equal
+
+
+def test_float32_is_widened_exactly_against_float64():
+    assert C.compare("s", np.float64(np.float32(0.1)), np.float32(0.1)).equal
+    f = C.compare("s", np.float64(0.1), np.float32(0.1))  # 0.1 in float64 is not a float32 value
+    assert not f.equal and f.first_mismatch["torch_bits"].startswith("0x3fb99999")
+
+
+def test_integers_compare_by_value_across_widths_and_report_both_dtypes():
+    f = C.compare("zp", np.array([64], np.int64), np.array([64], np.int32))
+    assert f.equal and (f.torch_dtype, f.refquant_dtype) == ("int64", "int32")
+    assert not C.compare("zp", np.array([64], np.int64), np.array([65], np.int32)).equal
+    assert not C.compare("u", np.array([255], np.uint8), np.array([-1], np.int8)).equal  # values, not bytes
+
+
+def test_float_against_integer_and_shape_differences_are_mismatches_with_a_reason():
+    f = C.compare("mixed", np.array([1.0], np.float32), np.array([1], np.int32))
+    assert not f.equal and "dtype float32 (torch) vs int32 (refquant)" in f.first_mismatch["reason"]
+    f = C.compare("shape", np.zeros((2, 3), np.int8), np.zeros((3, 2), np.int8))
+    assert not f.equal and f.mismatches == 6 and "shape (2, 3) (torch) vs (3, 2) (refquant)" in \
+        f.first_mismatch["reason"]
+
+
+def test_chunked_comparison_reports_the_global_first_index_and_counts(rng):
+    t = rng.integers(0, 256, (10, 3, 4), dtype=np.uint8)
+    r = t.copy()
+    r[7, 2, 1] ^= 1
+    r[9, 0, 0] ^= 4
+    c = C.ArrayComparison("codes", keep_limit=10)
+    for start in range(0, 10, 3):
+        c.update(t[start:start + 3], r[start:start + 3])
+    f = c.result()
+    assert (f.equal, f.mismatches, f.size, f.shape) == (False, 2, 120, (10, 3, 4))
+    assert f.first_mismatch["index"] == [7, 2, 1]
+    assert f.first_mismatch["torch"] == int(t[7, 2, 1]) and f.first_mismatch["refquant"] == int(r[7, 2, 1])
+    j = f.to_json()  # too large to keep: the JSON holds shape, dtype and hashes, which differ
+    assert j["torch"]["sha256"] != j["refquant"]["sha256"] and j["torch"]["shape"] == [10, 3, 4]
+
+
+def test_equal_large_arrays_have_equal_hashes_in_the_json(rng):
+    t = rng.standard_normal((600,)).astype(np.float32)
+    f = C.compare("big", t, t.copy())
+    j = f.to_json()
+    assert f.equal and j["torch"] == j["refquant"] and j["torch"]["first"] == [float(v) for v in t[:8]]
+
+
+def test_json_values_are_exact_and_non_finite_floats_are_strings():
+    v = np.array([0.1, np.inf, -np.inf, np.nan], np.float32)
+    out = C.array_to_json(v)
+    assert out[1:] == ["inf", "-inf", "nan"]
+    assert np.float32(out[0]) == v[0] and float(np.float32(out[0])) == out[0]  # round-trips exactly
+    json.dumps(out, allow_nan=False)
+
+
+def test_refquant_only_rows_are_not_counted():
+    f = C.refquant_only("m", np.array([0.5], np.float32), "note")
+    assert f.equal is None and f.torch is None and not f.counted
+    assert C.compare("x", 1, 1, kind=C.FLOAT_FORWARD).counted is False
+
+
+def test_flip_lsb_changes_exactly_one_bit():
+    a = np.array([1.0, 2.0], np.float32)
+    b = _flip_lsb(a, 1)
+    assert b[0] == a[0] and b[1] == np.nextafter(np.float32(2.0), np.float32(3.0)) and a[1] == 2.0
+    assert _flip_lsb(np.array([64], np.int64), 0)[0] == 65
+    assert _flip_lsb(np.array([255], np.uint8), 0)[0] == 254
+
+
+def test_perturber_counts_flat_indices_across_chunks():
+    p = _Perturber(("codes", 5))
+    first = p("codes", np.zeros(4, np.int32))
+    second = p("codes", np.zeros(4, np.int32))
+    assert not first.any() and second.tolist() == [0, 1, 0, 0]
+    assert p("other", np.zeros(4, np.int32)).sum() == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# error statistics
+
+
+def test_error_stats_formulas_on_a_hand_example():
+    s = ErrorStats()
+    yq = np.array([1.0, 2.0, 0.0, -1.0], np.float32)
+    yf = np.array([1.5, 2.0, 0.25, -1.0], np.float32)
+    s.update(yq, yf, np.array([True, True, False, True]))
+    r = s.result()
+    assert r["n"] == 4 and r["mean_abs"] == 0.75 / 4 and r["max_abs"] == 0.5
+    assert r["sqnr_db"] == 10 * math.log10((1.5**2 + 4 + 0.0625 + 1) / (0.25 + 0.0625))
+    assert r["inside_ranges"]["n"] == 3 and r["clipped"]["n"] == 1 and r["clipped"]["max_abs"] == 0.25
+    assert r["clipped"]["share_of_squared_error"] == 0.0625 / 0.3125
+
+
+def test_error_stats_zero_error_gives_infinite_sqnr():
+    s = ErrorStats()
+    s.update(np.ones(3, np.float32), np.ones(3, np.float32), np.ones(3, bool))
+    assert s.result()["sqnr_db"] == math.inf
+
+
+def test_inside_ranges_uses_every_input_of_the_row_and_the_output():
+    qp_in = (0.1, 10, 0, 255)  # representable [-1.0, 24.5] (+- half a step)
+    qp_out = (0.5, 0, 0, 255)  # [0, 127.5]
+    x = np.array([[0.0, 1.0], [-1.2, 0.0], [0.0, 24.5]], np.float32)
+    y = np.array([[1.0, -0.3], [1.0, 1.0], [1.0, 200.0]], np.float32)
+    assert inside_ranges(x, y, qp_in, qp_out).tolist() == [[True, False], [False, False], [True, False]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# progress bar
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_draws_on_a_terminal_only():
+    tty = _Tty()
+    with Progress(10, "samples", stream=tty, delay_s=0) as bar:
+        bar.advance(10)
+    assert "samples [" in tty.getvalue() and "10/10" in tty.getvalue() and tty.getvalue().endswith("\n")
+    plain = io.StringIO()
+    with Progress(10, "samples", stream=plain, delay_s=0) as bar:
+        bar.advance(10)
+    assert plain.getvalue() == ""
+    quick = _Tty()
+    with Progress(10, "samples", stream=quick) as bar:  # a run shorter than the 1 s delay draws nothing
+        bar.advance(10)
+    assert quick.getvalue() == ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the torch side refuses what torch refuses
+
+
+@pytest.mark.parametrize("torch_subprocess", [False, True])
+def test_unsupported_engine_is_a_usage_error(torch_subprocess):
+    from crosscheck.study import run_study
+    from crosscheck.worker import UsageError
+
+    with pytest.raises(UsageError, match="engine 'no-such-engine' is not supported by this torch build"):
+        run_study(StudyConfig(engine="no-such-engine", samples=1), torch_subprocess=torch_subprocess)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# figures
+
+
+def test_plots_are_written(tmp_path):
+    from crosscheck.plots import FIGURES, draw_all
+    from crosscheck.study import run_study
+
+    res = run_study(StudyConfig(samples=50, relu=True), plot_data=True, torch_subprocess=False)
+    paths = draw_all(res, str(tmp_path / "figs"))
+    assert [p.rsplit("/", 1)[1] for p in paths] == [name for name, _ in FIGURES]
+    for p in paths:
+        with open(p, "rb") as f:
+            head = f.read(24)
+        assert head[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        assert 400 <= width <= 1200 and 300 <= height <= 900, (p, width, height)
