@@ -105,6 +105,16 @@ class PackedWeightS8:
     w_i8: np.ndarray  # (N, K) int8, C-contiguous
     panels_i8: np.ndarray  # (ceil(N / 64), ceil(K / 4), 64, 4) int8, C-contiguous
 
+    def __post_init__(self):
+        """The kernels read panels_i8 without bounds checks: refuse one that does not fit w_i8."""
+        N, K = self.w_i8.shape
+        expected = (-(-N // PANEL_COLS), -(-K // K_GROUP), PANEL_COLS, K_GROUP)
+        p = self.panels_i8
+        if not (isinstance(p, np.ndarray) and p.dtype == np.int8 and p.shape == expected and p.flags.c_contiguous):
+            raise ValueError(f"panels_i8 must be a C-contiguous int8 array of shape {expected} for w_i8 of shape "
+                             f"{(N, K)}, got {_describe(p)} of shape {getattr(p, 'shape', None)}; "
+                             f"use pack_weight_s8(w_i8)")
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.w_i8.shape
@@ -192,8 +202,8 @@ def _cpu_has(feature: str) -> bool:
     """True if this CPU runs ``feature`` and Numba compiles for it (NUMBA_CPU_FEATURES may narrow the target)."""
     if not llvm_binding.get_host_cpu_features().get(feature, False):
         return False
-    if config.CPU_FEATURES:  # an explicit target: LLVM must be allowed to emit the instruction
-        return f"+{feature}" in config.CPU_FEATURES.split(",")
+    if config.CPU_FEATURES is not None:  # an explicit target ("" for NUMBA_CPU_NAME=generic): LLVM must be
+        return f"+{feature}" in config.CPU_FEATURES.split(",")  # allowed to emit the instruction
     return True
 
 

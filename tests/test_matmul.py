@@ -321,6 +321,30 @@ def test_bad_pack_input():
         pack_weight_s8(W[None])
 
 
+def test_packed_weight_must_fit_its_weight():
+    """The kernels read the panels without bounds checks, so a PackedWeightS8 checks them when built."""
+    packed = pack_weight_s8(np.ones((70, 13), np.int8))
+    for panels, what in [(packed.panels_i8[:1], "too few panels"), (packed.panels_i8[:, :3], "too few k groups"),
+                         (packed.panels_i8.astype(np.int16), "wrong dtype"),
+                         (np.asfortranarray(packed.panels_i8), "not C-contiguous")]:
+        with pytest.raises(ValueError, match=r"panels_i8 must be a C-contiguous int8 array of shape \(2, 4, 64, 4\)"):
+            PackedWeightS8(packed.w_i8, panels)
+
+
+def test_cpu_features_follow_numba_target(monkeypatch):
+    """NUMBA_CPU_FEATURES narrows what LLVM may emit ("" for NUMBA_CPU_NAME=generic): no avx512 kernel then."""
+    from numba.core import config
+
+    cpu_has = mm._cpu_has.__wrapped__  # uncached
+    monkeypatch.setattr(config, "CPU_FEATURES", "")
+    assert not cpu_has("avx512vnni") and not cpu_has("avx512bw")
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,+avx512bw")
+    assert not cpu_has("avx512vnni")
+    monkeypatch.setattr(config, "CPU_FEATURES", None)
+    import llvmlite.binding as llvm
+    assert cpu_has("avx512vnni") == bool(llvm.get_host_cpu_features().get("avx512vnni", False))
+
+
 def test_bad_kernel_name():
     with pytest.raises(ValueError, match=r"kernel must be one of \('auto', 'avx512', 'portable', 'reference'\)"):
         matmul_u8s8_acc32(X, W, kernel="vnni")
