@@ -208,7 +208,8 @@ NOTES = {
     "input_codes": "torch: model.quant(x).int_repr(); refquant: quantize_per_tensor(x, s_x, z_x, 'quint8')",
     "output_codes": "torch: model.fc(qx).int_repr(); refquant: QuantizedLinear(x_u8)",
     "output": "torch: model(x) (DeQuantStub); refquant: dequantize(y_u8, s_y, z_y); compared as float32 bits",
-    "error": "mean |e|, max |e|, SQNR dB against torch's float model, same code for both sides; float64 bits",
+    "error": "[mean |e|, max |e|, SQNR dB, then n, mean |e|, max |e| inside the quantized ranges, then the same for "
+             "clipped outputs] against torch's float model, computed by the same code for both sides; float64 bits",
     "act_times_w_scale": "f32(f32(s_x) * w_scale[n]) (torch computes it inside qlinear.cpp and does not expose it)",
     "output_multiplier": "f32(act_times_w_scale[n] / f32(s_y))",
     "float_forward": "refquant calibrated with its own NumPy float32 forward (x @ W.T + b) instead of torch's "

@@ -180,7 +180,7 @@ def run_torch_study(*, in_features: int, out_features: int, input_shape: tuple[i
         quantized = torch.ao.quantization.convert(prepared, inplace=True)
         for obs in (in_obs, out_obs):
             del obs._non_linear_param_search
-        caught = sorted({str(x.message).split("\n")[0] for x in w})
+        caught = sorted({" ".join(str(x.message).split("\n")[0].split()) for x in w})
 
     fc = quantized.fc
     qweight = fc.weight()
