@@ -10,7 +10,8 @@ With no arguments it runs the seed study::
 then runs 1000 fresh random inputs through both quantized models and the float model.
 
 Exit codes: 0 every parity row equal; 1 any mismatch (the first differing element and both values are printed);
-2 bad arguments (a message says what was wrong).
+2 bad arguments (a message says what was wrong); 3 the study could not run (the torch side failed; its traceback is
+printed).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import sys
 from typing import Sequence
 
-EXIT_EQUAL, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
+EXIT_EQUAL, EXIT_MISMATCH, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 DISTRIBUTIONS = ("normal", "uniform", "laplace", "outliers", "relu")  # crosscheck.torch_study.draw
 ENGINES = ("fbgemm", "x86")
 MAX_ELEMENTS = 1 << 28  # refuse shapes whose single input or weight would not fit comfortably in memory
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "With no options: the seed study, nn.Linear(3, 3), calibration on one torch.randn(1, 2, 3, 3) "
                     "batch, seed 0, engine fbgemm.",
         epilog="Exit codes: 0 every parity row equal, 1 any mismatch (first differing element printed), "
-               "2 bad arguments.",
+               "2 bad arguments, 3 the study could not run (torch side failed).",
     )
     p.add_argument("--in-features", type=_positive_int("--in-features"), default=3, metavar="K",
                    help="nn.Linear in_features K (default 3)")
@@ -160,7 +161,7 @@ def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None 
     config, args = parse_config(argv)
     from .report import json_document, quiet_report, text_report
     from .study import run_study
-    from .worker import UsageError
+    from .worker import TorchSideError, UsageError
 
     try:
         result = run_study(config, progress=not args.quiet, plot_data=args.plots is not None, _perturb=_perturb)
@@ -168,6 +169,9 @@ def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None 
         build_parser().print_usage(sys.stderr)
         print(f"python -m crosscheck.linear: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except TorchSideError as e:
+        print(f"python -m crosscheck.linear: the study could not run: {e}", file=sys.stderr)
+        return EXIT_FAILED
     code = EXIT_EQUAL if result.equal else EXIT_MISMATCH
 
     # files first, so that a closed stdout (piped into `head`) cannot lose them

@@ -12,13 +12,16 @@ Order of events (``run_study``):
 4. Both quantized models run on the calibration batches and on ``samples`` fresh random inputs; codes, int32
    accumulators and float outputs are compared, and the error against torch's float model is measured for both
    with the same code.
+
+The torch side (crosscheck.torch_study) runs in a worker process (crosscheck.worker) and sends NumPy arrays as it
+goes, so this module never needs torch itself.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -334,8 +337,8 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
     own = ObservedLinear(ts.weight, ts.bias, relu=config.relu)
     own_outputs = [own.calibrate(x) for x in ts.calibration]
     own_scale, own_zp = own.output_observer.calculate_qparams()
-    own_changed = not (np.array_equal(np.asarray(own_scale).view(np.uint32), ts.output_observer["scale"].view(np.uint32))
-                       and np.array_equal(np.asarray(own_zp), ts.output_observer["zero_point"]))
+    own_changed = not (C.compare("", ts.output_observer["scale"], own_scale).equal
+                       and C.compare("", ts.output_observer["zero_point"], own_zp).equal)
     own_model = own.convert() if own_changed else None
     own_codes_differing = 0
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .torch_record import TorchStudy
+from .worker import UsageError
 
 DISTRIBUTIONS = ("normal", "uniform", "laplace", "outliers", "relu")
 
@@ -140,7 +141,7 @@ def run_torch_study(*, in_features: int, out_features: int, input_shape: tuple[i
 
     Returns the record, the float model and the quantized model."""
     if engine not in torch.backends.quantized.supported_engines:
-        raise ValueError(f"engine {engine!r} is not supported by this torch build "
+        raise UsageError(f"engine {engine!r} is not supported by this torch build "
                          f"(torch.backends.quantized.supported_engines = {torch.backends.quantized.supported_engines})")
     torch.backends.quantized.engine = engine
     torch.manual_seed(seed)
@@ -263,7 +264,7 @@ def _worker(config, conn) -> None:
         for event in torch_events(config):
             conn.send(event)
         conn.send(("done", None))
-    except ValueError as e:
+    except UsageError as e:
         conn.send(("usage_error", str(e)))
     except BaseException:  # pragma: no cover - reported by the parent
         import traceback

@@ -29,10 +29,7 @@ def _entry(config, conn) -> None:
 def _in_process(config) -> Iterator[tuple[str, Any]]:
     from .torch_study import torch_events
 
-    try:
-        yield from torch_events(config)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    yield from torch_events(config)
 
 
 def _in_subprocess(config) -> Iterator[tuple[str, Any]]:

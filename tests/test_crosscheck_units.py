@@ -190,3 +190,24 @@ def test_plots_are_written(tmp_path):
         assert head[:8] == b"\x89PNG\r\n\x1a\n"
         width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
         assert 400 <= width <= 1200 and 300 <= height <= 900, (p, width, height)
+
+
+def test_a_failing_torch_worker_is_reported_with_its_traceback():
+    from crosscheck.study import run_study
+    from crosscheck.worker import TorchSideError
+
+    with pytest.raises(TorchSideError, match="(?s)the torch side failed:.*dist must be one of"):
+        run_study(StudyConfig(calib_dist="no-such-distribution", samples=1), torch_subprocess=True)
+
+
+def test_main_exits_3_when_the_study_cannot_run(monkeypatch, capsys):
+    import crosscheck.study
+    from crosscheck.linear import main
+    from crosscheck.worker import TorchSideError
+
+    def fail(*args, **kwargs):
+        raise TorchSideError("the torch worker process exited unexpectedly (exit code -11)")
+
+    monkeypatch.setattr(crosscheck.study, "run_study", fail)
+    assert main(["--samples", "1"]) == 3
+    assert "the study could not run: the torch worker process exited unexpectedly" in capsys.readouterr().err
