@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+import zlib
 from fractions import Fraction
 
 import numpy as np
@@ -42,6 +43,14 @@ torch.backends.quantized.engine = "fbgemm"
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers: one comparison helper, one torch runner
 # ----------------------------------------------------------------------------------------------------------------
+
+def substream(rng: np.random.Generator, *keys: object) -> np.random.Generator:
+    """A generator for one parametrization: the shared ``rng`` fixture's stream mixed with the parameters.
+
+    (The fixture seeds from the last 16 bytes of the test id modulo 2^63, which drops the trailing "[3]" of a
+    parametrized id, so every chunk of a parametrized test would otherwise see the same stream.)"""
+    return np.random.default_rng([int(rng.integers(2**63)), *(zlib.crc32(repr(k).encode()) for k in keys)])
+
 
 def assert_equal(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
     """Hand-derived (golden) or refquant-internal comparisons: dtype, shape and values, first difference reported."""
@@ -258,6 +267,7 @@ def test_environment_is_the_measured_one():
 @pytest.mark.parametrize("chunk", range(8))
 def test_parity_random_problems(rng, chunk):
     """250 random problems per chunk: shapes (incl. N-D), weight kinds, x kinds, qschemes, bias, ReLU, scales."""
+    rng = substream(rng, chunk)
     problems, values = run_random_problems(rng, 250)
     print(f"\nchunk {chunk}: {problems} problems, {values} outputs, 0 mismatches")
 
@@ -266,6 +276,7 @@ def test_parity_random_problems(rng, chunk):
 def test_parity_large_k(rng, chunk):
     """K around and above 4096 with correlated weights and full-range codes, so |raw| > 2^24 and float32(raw)
     rounds; the output scale is set from the actual raw range so that outputs spread over the codes."""
+    rng = substream(rng, chunk)
     rounded_seen = 0
     for i in range(24):
         p = random_problem(rng, k_choices=(1024, 4095, 4096, 4097, 6000, 8192), max_n=40, max_m=4)
@@ -299,6 +310,7 @@ def test_parity_float32_raw_rounding_near_ties(rng, qscheme):
     torch: f32(raw) = t*, then t* + s/2 is a tie between t* and t* + s -> t* (t*/s is even) -> y = j + 0.5 -> j.
     Rounding once, f32(raw + s/2), would give t* + s for d > 0 -> y = j + 0.5 + 2^−15 -> j + 1.
     Channel 0 has codes 127 (and 1s to reach raw exactly); channel 1 has 126s and 1s, raw arbitrary."""
+    rng = substream(rng, qscheme)
     K, K_ones = 40_000, 8
     w_i8 = np.full((2, K), 127, np.int8)
     w_i8[1] = 126
@@ -345,6 +357,7 @@ def test_parity_float32_raw_rounding_near_ties(rng, qscheme):
 @pytest.mark.parametrize("qscheme", WEIGHT_QSCHEMES)
 def test_parity_each_weight_kind(rng, kind, qscheme):
     """Every weight distribution under every qscheme, with and without bias and ReLU."""
+    rng = substream(rng, kind, qscheme)
     for i in range(8):
         p = random_problem(rng)
         p["w"] = random_weight(rng, p["w"].shape[0], p["w"].shape[1], kind)
@@ -460,9 +473,10 @@ def test_parity_int32_wrap_large_k():
 @pytest.mark.slow
 @pytest.mark.parametrize("chunk", range(40))
 def test_parity_random_problems_slow(rng, chunk):
-    """The long run: 40 x 500 random problems, plus 40 x 10 at large K."""
-    problems, values = run_random_problems(rng, 500)
-    for i in range(10):
+    """The long run: 40 x 1500 random problems, plus 40 x 30 at large K."""
+    rng = substream(rng, chunk)
+    problems, values = run_random_problems(rng, 1500)
+    for i in range(30):
         p = random_problem(rng, k_choices=(2048, 4096, 4097, 5000, 8191, 16384), max_n=64, max_m=8)
         p["seed"] = f"large-K problem {i}"
         if i % 2:
@@ -526,7 +540,7 @@ def test_saturate_int16_pairs_matches_torch_without_vnni(rng, tmp_path, isa):
     of products to int16. refquant's ``saturate_int16_pairs=True`` must equal torch there, its default mode must equal
     the VNNI run in this process, and the two torch runs must differ (proof the child took the non-VNNI path) —
     except on 7-bit activation codes (reduce_range), where no pair saturates."""
-    problems = _isa_problems(rng)
+    problems = _isa_problems(substream(rng, isa))
     data = {"count": len(problems)}
     for i, p in enumerate(problems):
         for key in ("x", "w", "ws", "b", "params"):
@@ -701,6 +715,7 @@ def test_overflow_check():
 @pytest.mark.parametrize("chunk", range(6))
 def test_requantize_kernel_equals_readable(rng, chunk):
     """Random int32 raw values (including INT32_MIN/MAX and values above 2^24), biases, scales, both bias forms."""
+    rng = substream(rng, chunk)
     for i in range(60):
         M, N = int(rng.integers(0, 20)), int(rng.integers(1, 40))
         raw = rng.integers(-2**31, 2**31, (M, N), dtype=np.int64).astype(np.int32)
