@@ -36,7 +36,8 @@ def _calibration_histogram(res: StudyResult, path: str, plt) -> None:
         clip_lo, clip_hi = float(obs["clip_min"]), float(obs["clip_max"])
         span = hi - lo if hi > lo else 1.0
         x0, x1 = lo - 0.08 * span, hi + 0.08 * span
-        ax.axvspan(clip_lo, clip_hi, color="tab:green", alpha=0.12, label="clip range chosen by the observer")
+        ax.axvspan(clip_lo, clip_hi, color="tab:green", alpha=0.12,
+                   label=f"clip range chosen: [{np.float32(clip_lo)!s}, {np.float32(clip_hi)!s}]")
         grid = _grid_values(scale, zp, obs["quant_min"], obs["quant_max"])
         grid_hi = _grid_values(scale, zp, obs["quant_max"] + 1, 255)
         ymax = hist.max() if hist.size and hist.max() > 0 else 1.0
@@ -47,7 +48,7 @@ def _calibration_histogram(res: StudyResult, path: str, plt) -> None:
             ax.vlines(extra, 0, ymax * 0.08, color="0.75", lw=0.6, label="q = 128..255 (beyond reduce_range)")
         width = (edges[1] - edges[0]) if hist.size > 1 else span / 50
         ax.bar(centers[nz], hist[nz], width=max(width, span / 400), color="tab:blue",
-               label=f"histogram ({hist.size} bins, {int(hist.sum())} counts)")
+               label=f"histogram ({hist.size} bins over [min_val, max_val], {int(hist.sum())} counts)")
         ax.set_xlim(x0, x1)
         ax.set_title(f"{title}: scale {np.float32(scale)!s}, zero_point {zp}", fontsize=10)
         ax.set_ylabel("count")
@@ -61,14 +62,17 @@ def _calibration_histogram(res: StudyResult, path: str, plt) -> None:
 
 def _float_vs_quantized(res: StudyResult, path: str, plt) -> None:
     ts, pd = res.torch, res.plot_data
-    yf, yq = pd["scatter_float"], pd["scatter_quantized"]
+    yf, yq, inside = pd["scatter_float"], pd["scatter_quantized"], pd["scatter_inside"]
     fig, ax = plt.subplots(figsize=FIGSIZE)
     s, zp = float(ts.output_scale), int(ts.output_zero_point)
     lo_code = zp if res.config.relu else 0
     lo, hi = s * (lo_code - zp), s * (255 - zp)
     ax.axhspan(lo, hi, color="tab:green", alpha=0.08, label=f"representable: scale*(q - {zp}), q = {lo_code}..255")
     if yf.size:
-        ax.scatter(yf, yq, s=2, alpha=0.35, color="tab:blue", label=f"{yf.size} sample outputs")
+        ax.scatter(yf[~inside], yq[~inside], s=2, alpha=0.5, color="tab:orange",
+                   label=f"an input or the output clipped ({int((~inside).sum())})")
+        ax.scatter(yf[inside], yq[inside], s=2, alpha=0.35, color="tab:blue",
+                   label=f"sample outputs inside the quantized ranges ({int(inside.sum())})")
         a, b = float(min(yf.min(), yq.min())), float(max(yf.max(), yq.max()))
         ax.plot([a, b], [a, b], color="0.3", lw=0.8, label="quantized = float")
     c = res.calibration
@@ -78,7 +82,10 @@ def _float_vs_quantized(res: StudyResult, path: str, plt) -> None:
     ax.set_xlabel("float model output")
     ax.set_ylabel("quantized model output (dequantized)")
     ax.set_title(f"Float vs quantized outputs (output scale {np.float32(s)!s}, zero_point {zp})", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
+    legend = ax.legend(fontsize=8, loc="upper left")
+    for text, handle in zip(legend.get_texts(), legend.legend_handles):
+        if text.get_text().startswith(("sample outputs", "an input")):  # the two clouds: bigger dots in the legend
+            handle.set_sizes([20])
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -107,9 +114,9 @@ def _error_histogram(res: StudyResult, path: str, plt) -> None:
         a.axvline(s / 2, color="0.3", lw=0.8, ls="--", label=f"+-scale/2 = +-{s / 2:.4g}")
     ax.set_xlabel("quantized output - float output")
     ax.set_ylabel("outputs (log scale)")
+    ax.legend(fontsize=8, loc="upper left")
     ax.set_title(f"All {m['n']} outputs of {res.config.samples} random inputs:\nmean |err| {m['mean_abs']:.4g}, "
                  f"max {m['max_abs']:.4g}, SQNR {m['sqnr_db']:.1f} dB", fontsize=10)
-    ax.legend(fontsize=8)
     ins = m["inside_ranges"]
     ax_in.set_title(f"Inside the ranges only (rounding):\nmean |err| {ins['mean_abs']:.4g}, "
                     f"max {ins['max_abs']:.4g}", fontsize=10)

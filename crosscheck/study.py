@@ -400,6 +400,7 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
     err_t, err_r, err_own = ErrorStats(keep), ErrorStats(), ErrorStats()
     scatter_float: list[np.ndarray] = []
     scatter_quantized: list[np.ndarray] = []
+    scatter_inside: list[np.ndarray] = []
     scatter_n = 0
     first = None
     with Progress(config.samples, "samples", enabled=progress) as bar:
@@ -412,7 +413,8 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
                 continue
             r = compare_forward(t, sample_comps, batch_axis=False)
             x, y_float = t["x"], t["float_output"]
-            err_t.update(t["output"], y_float, inside_ranges(x, y_float, t_in_q, t_out_q))
+            t_inside = inside_ranges(x, y_float, t_in_q, t_out_q)
+            err_t.update(t["output"], y_float, t_inside)
             err_r.update(r["output"], y_float, inside_ranges(x, y_float, r_in_q, r_out_q))
             err_own.update(r["output"], linear_float(x, ts.weight, ts.bias, config.relu))
             if own_model is not None:
@@ -420,6 +422,7 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
             if plot_data and scatter_n < 20_000:
                 scatter_float.append(y_float.reshape(-1)[:20_000])
                 scatter_quantized.append(t["output"].reshape(-1)[:20_000])
+                scatter_inside.append(np.broadcast_to(t_inside, y_float.shape).reshape(-1)[:20_000])
                 scatter_n += scatter_float[-1].size
             bar.advance(x.shape[0])
     fields.extend(c.result() for c in calib_comps.values())
@@ -473,5 +476,6 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
             "errors": err_t.errors(),
             "scatter_float": np.concatenate(scatter_float) if scatter_float else np.zeros(0),
             "scatter_quantized": np.concatenate(scatter_quantized) if scatter_quantized else np.zeros(0),
+            "scatter_inside": np.concatenate(scatter_inside) if scatter_inside else np.zeros(0, bool),
         }
     return result
