@@ -35,10 +35,15 @@ JSON_SCHEMA = """\
      "note":       where each side's value comes from, and what to know about it}
   ]
   "calibration": the first calibration batch: "input", "float_output" (torch's float model),
-                 "quantized_output" (torch's quantized model), "output_codes"
-  "error":     {"samples", "distribution", "reference" (torch's float model),
-                "torch": {"n", "mean_abs", "max_abs", "sqnr_db"}, "refquant": {same}, "equal": bitwise,
-                "refquant_vs_own_float_forward": {same, against refquant's NumPy float forward}}
+                 "quantized_output" (torch's quantized model), "output_codes", "input_codes"
+  "error":     {"samples", "distribution", "reference" (torch's float model on the same inputs),
+                "torch": {"n", "mean_abs", "max_abs", "sqnr_db",
+                          "inside_ranges": {"n", "mean_abs", "max_abs", "sqnr_db"}  outputs whose inputs and
+                                           float value fit the quantized ranges: rounding error only,
+                          "clipped": {same, plus "share_of_squared_error"}         the rest},
+                "refquant": {same, from refquant's outputs}, "equal": both identical bit for bit,
+                "refquant_vs_own_float_forward": {"n", "mean_abs", "max_abs", "sqnr_db"} against refquant's
+                NumPy float forward instead}
   "float_forward": {"output_qparams_changed", "torch": {"scale", "zero_point"},
                 "refquant_own": {"scale", "zero_point"}, "float_outputs_differing", "float_outputs",
                 "sample_output_codes_differing" (a model calibrated on refquant's own floats vs torch's codes,

@@ -98,6 +98,9 @@ def test_default_study_json_matches_an_independent_torch_run():
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
     assert_all_equal(doc, "default study")
+    assert set(doc) == {"equal", "exit_code", "study", "fields", "calibration", "error", "float_forward",
+                        "environment", "torch_warnings"}  # as crosscheck.report.JSON_SCHEMA documents
+    assert set(doc["error"]["torch"]) == {"n", "mean_abs", "max_abs", "sqnr_db", "inside_ranges", "clipped"}
     assert doc["study"] == {"in_features": 3, "out_features": 3, "input_shape": [1, 2, 3, 3], "calib_batches": 1,
                             "calib_dist": "normal", "samples": 1000, "seed": 0, "relu": False, "bias": True,
                             "engine": "fbgemm"}
