@@ -338,3 +338,26 @@ def test_help_explains_every_option():
                    "--samples", "--seed", "--relu", "--no-bias", "--engine", "--json", "--plots", "--quiet"):
         assert option in text
     assert "Exit codes: 0" in text
+
+
+@pytest.mark.slow
+def test_many_random_studies_every_field_equal(tmp_path):
+    """200 random studies (shapes, K up to 1024, 1-6 calibration batches, every distribution, ReLU, bias, engine)."""
+    rng = np.random.default_rng([SEED, 7])
+    dists = ("normal", "uniform", "laplace", "outliers", "relu")
+    jobs = []
+    for _ in range(200):
+        K = int(rng.choice([1, 2, 3, 5, 8, 17, 64, 130, 512, 1024]))
+        N = int(rng.integers(1, 33))
+        lead = [int(d) for d in rng.integers(1, 6, int(rng.integers(1, 4)))]
+        argv = ["--in-features", str(K), "--out-features", str(N), "--input-shape", ",".join(map(str, [*lead, K])),
+                "--calib-batches", str(int(rng.integers(1, 7))), "--calib-dist", str(rng.choice(dists)),
+                "--samples", str(int(rng.integers(1, 60))), "--seed", str(int(rng.integers(0, 2**31))),
+                "--engine", str(rng.choice(["fbgemm", "x86"])), "--quiet"]
+        argv += ["--relu"] if rng.random() < 0.4 else []
+        argv += ["--no-bias"] if rng.random() < 0.3 else []
+        jobs.append({"argv": argv})
+    results = run_main_batch(jobs, tmp_path)
+    for job, (code, doc, _) in zip(jobs, results):
+        assert_all_equal(doc, " ".join(job["argv"][:-2]))
+        assert code == 0
