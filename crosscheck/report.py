@@ -78,17 +78,19 @@ def fmt_value(a: Any, limit: int = 4) -> str:
 
 
 def _field_line(f: C.Field, width: int) -> str:
+    name = f.name + (" *" if f.kind == C.DERIVED else "")
     if f.kind == C.REFQUANT_ONLY:
-        return f"  {f.name:<{width}}  {'-':<5}  {'':>11}  refquant {fmt_value(f.refquant, 3)}"
+        return f"  {name:<{width}}  {'-':<5}  {'':>11}  refquant {fmt_value(f.refquant, 3)}"
     eq = "yes" if f.equal else "NO"
     count = f"{f.mismatches}/{f.size}"
-    shown = ""
+    summary = f"{f.torch_dtype}" + ("" if f.torch_dtype == f.refquant_dtype else f" / {f.refquant_dtype}") + \
+        f" {tuple(f.shape) if f.shape is not None else ''}"
+    shown = summary
     if f.size <= 4 and f.torch is not None:
-        shown = f"torch {fmt_value(f.torch)}" + ("" if f.equal else f"  refquant {fmt_value(f.refquant)}")
-    else:
-        shown = f"{f.torch_dtype}" + ("" if f.torch_dtype == f.refquant_dtype else f" / {f.refquant_dtype}") + \
-            f" {tuple(f.shape) if f.shape is not None else ''}"
-    return f"  {f.name:<{width}}  {eq:<5}  {count:>11}  {shown}"
+        inline = f"torch {fmt_value(f.torch)}" + ("" if f.equal else f"  refquant {fmt_value(f.refquant)}")
+        if len(inline) <= 60:
+            shown = inline
+    return f"  {name:<{width}}  {eq:<5}  {count:>11}  {shown}"
 
 
 def _first_mismatch_line(f: C.Field) -> str:
@@ -178,12 +180,12 @@ def text_report(res: StudyResult) -> str:
         L.append("")
 
     parity = [f for f in res.fields if f.kind in C.COUNTED_KINDS]
-    width = max(len(f.name) for f in res.fields)
+    width = max(len(f.name) for f in res.fields) + 2
     L.append("parity: torch vs refquant, bit for bit (floats compared as raw bits)")
     L.append(f"  {'field':<{width}}  {'equal':<5}  {'mismatches':>11}  value")
     for f in parity:
         L.append(_field_line(f, width))
-    L.append("  (derived rows: torch's side computed from torch's own integer tensors with exact int64 ops)")
+    L.append("  * torch's side derived from torch's own integer tensors with exact int64 ops (fbgemm keeps these inside)")
     L.append("")
 
     only = [f for f in res.fields if f.kind == C.REFQUANT_ONLY]
