@@ -14,6 +14,7 @@ refquant never imports torch; ``crosscheck`` compares it with torch value by val
 """
 
 from .dtypes import QDTYPES, qdtype_range
+from .linear import QuantizedLinear, int32_accumulator_can_overflow
 from .observers import (
     MinMaxObserver,
     MovingAverageMinMaxObserver,
@@ -33,4 +34,6 @@ __all__ = [
     "quantize_per_channel",
     "dequantize",
     "dequantize_per_channel",
+    "QuantizedLinear",
+    "int32_accumulator_can_overflow",
 ]

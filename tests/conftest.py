@@ -3,6 +3,7 @@ failures), or the seed in REFQUANT_SEED to reproduce a run."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import warnings
@@ -20,8 +21,8 @@ def pytest_report_header(config):
 @pytest.fixture
 def rng(request) -> np.random.Generator:
     """A generator seeded from the run's seed and the test's name, so each test sees its own stream."""
-    name_hash = int.from_bytes(request.node.nodeid.encode()[-16:].rjust(16, b"\0"), "little")
-    return np.random.default_rng([SEED, name_hash % (2**63)])
+    name_hash = int.from_bytes(hashlib.blake2b(request.node.nodeid.encode(), digest_size=8).digest(), "little")
+    return np.random.default_rng([SEED, name_hash])
 
 
 @pytest.fixture(autouse=True)
