@@ -16,7 +16,7 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 INT32_MIN = np.int32(-(2**31))
 
@@ -57,8 +57,8 @@ def cvtps2dq(v: np.ndarray) -> np.ndarray:
 
 
 @intrinsic
-def fma_f32(typingctx, a, b, c):
-    """Numba: float32 fused multiply-add ``a * b + c`` rounded once (LLVM ``llvm.fma.f32``)."""
+def _llvm_fma_f32(typingctx, a, b, c):
+    """Numba intrinsic: LLVM's ``llvm.fma.f32`` (one ``vfmadd`` on x86-64; a correctly rounded libm call elsewhere)."""
     sig = types.float32(types.float32, types.float32, types.float32)
 
     def codegen(context, builder, signature, args):
@@ -68,3 +68,17 @@ def fma_f32(typingctx, a, b, c):
         return builder.call(fn, args)
 
     return sig, codegen
+
+
+def fma_f32(a, b, c) -> np.float32:
+    """Scalar float32 fused multiply-add ``a * b + c`` rounded once: usable in Numba kernels (where it compiles to
+    ``llvm.fma.f32``) and in plain Python (where it is :func:`fmaf`, e.g. under ``NUMBA_DISABLE_JIT=1``)."""
+    return fmaf(a, b, c)[()]
+
+
+@overload(fma_f32)
+def _fma_f32_numba(a, b, c):
+    def impl(a, b, c):
+        return _llvm_fma_f32(np.float32(a), np.float32(b), np.float32(c))
+
+    return impl
