@@ -25,20 +25,26 @@ PackBMatrix::pack), and a zero product leaves a pair sum unchanged, so odd K nee
 Fast kernels
 ------------
 :func:`matmul_u8s8_acc32` runs one of three kernels (``kernel=`` or the environment variable
-``REFQUANT_MATMUL_KERNEL``; default ``"auto"``, the best the CPU has):
+``REFQUANT_MATMUL_KERNEL``; default ``"auto"``, the best this CPU runs):
 
-* ``"avx512"``: Numba + LLVM intrinsics, the instructions fbgemm emits. Eq. M1 with ``vpdpbusd`` (needs
-  ``avx512vnni``), eq. M2 with ``vpmaddubsw`` + ``vpmaddwd`` (needs ``avx512bw``). A missing feature is an error,
-  never an illegal instruction.
-* ``"portable"``: the same tiles with LLVM's generic vector operations (exact 16-bit products widened to int32,
-  ``llvm.sadd.sat`` for eq. M2); compiles for any CPU Numba supports.
+* ``"avx512"``: Numba with LLVM's x86 intrinsics, the instructions fbgemm emits: eq. M1 with ``vpdpbusd`` (needs
+  ``avx512vnni``), eq. M2 with ``vpmaddubsw`` + ``vpmaddwd`` (needs ``avx512bw``). A missing feature is a
+  RuntimeError, never an illegal instruction.
+* ``"portable"``: the same tiles with LLVM's generic vector operations (16-bit products, exact, widened to int32;
+  ``llvm.sadd.sat`` for eq. M2), which LLVM compiles for any CPU Numba supports.
 * ``"reference"``: the readable NumPy functions below.
 
-All kernels give the same bits (tests/test_matmul.py). The weight is packed once (:func:`pack_weight_s8`) into
-panels of 64 columns whose 64-byte rows are what one step of a tile reads: 16 int32 lanes x 4 consecutive k, four
-times. A tile keeps 6 rows x 64 columns of int32 sums in 24 of the 32 zmm registers (fbgemm: 14 x 32 or 8 x 48),
-runs over all of K, and stores once. Work is split over both cores in (96-row chunk, panel) tasks.
-Figures for each attempt: benchmarks/README.md.
+All kernels give the same bits (tests/test_matmul.py). Structure, as fbgemm's (src/Fbgemm.cc fbgemmPacked, src/ExecuteKernelU8S8.cc):
+
+1. the weight is packed once (:func:`pack_weight_s8`) into panels of 64 columns; a panel's row g is the 256 bytes one
+   step of a tile reads: 4 vectors of 16 int32 lanes, lane n holding w[n, 4g .. 4g+3];
+2. a tile keeps 6 rows x 64 columns of int32 sums in 24 of the 32 zmm registers (fbgemm VNNI: 8 x 48) while it
+   walks 512 k (fbgemm's KCB), so the 32 KB of weights it reads stay in L1 for the 16 tiles of a task; each step
+   broadcasts 4 bytes of x per row and issues 24 ``vpdpbusd``;
+3. tasks (96 rows x one panel) are shared by both cores (``prange``); below 2^20 multiply-adds, one thread.
+
+At (M, K, N) = 1024^3 on this machine (Xeon, AVX-512 VNNI, 2 cores): ~650 GMAC/s, about 1.1x fbgemm; the history
+of attempts and the other shapes are in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -292,6 +298,12 @@ def _lanes(start: int, step: int, count: int):
     return ir.Constant(ir.VectorType(_I32, count), [start + step * i for i in range(count)])
 
 
+def _lanes_below(builder, n_valid):
+    """The 16-lane mask lane < n_valid (n_valid is an intp between -48 and 64 here)."""
+    n_i32 = builder.trunc(n_valid, _I32)
+    return builder.icmp_signed("<", _lanes(0, 1, 16), _splat(builder, n_i32, _V16_I32))
+
+
 def _check_c_array(arr, what: str):
     if not (isinstance(arr, types.Array) and arr.layout == "C"):
         raise TypingError(f"{what} needs a C-contiguous array, got {arr}")
@@ -343,14 +355,32 @@ def _vec_store(typingctx, arr, offset, v, n_valid):
         arr_v, offset_v, v_v, n_valid_v = args
         data = cgutils.create_struct_proxy(signature.args[0])(context, builder, value=arr_v).data
         ptr = builder.bitcast(builder.gep(data, [offset_v]), _V16_I32.as_pointer())
-        n32 = builder.trunc(n_valid_v, _I32)  # -48 <= n_valid <= 64 here
-        mask = builder.icmp_signed("<", _lanes(0, 1, 16), _splat(builder, n32, _V16_I32))
+        mask = _lanes_below(builder, n_valid_v)
         fnty = ir.FunctionType(ir.VoidType(), [_V16_I32, _V16_I32.as_pointer(), _I32, ir.VectorType(_I1, 16)])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.store.v16i32.p0")
         builder.call(fn, [v_v, ptr, ir.Constant(_I32, 1), mask])
         return context.get_dummy_value()
 
     return types.void(arr, types.intp, int32x16, types.intp), codegen
+
+
+@intrinsic
+def _vec_load_masked(typingctx, arr, offset, n_valid):
+    """Lanes 0 .. n_valid - 1 from the int32 array at element ``offset``, zeros above (masked ``vmovdqu32``)."""
+    _check_c_array(arr, "_vec_load_masked")
+    if arr.dtype != types.int32:
+        raise TypingError(f"_vec_load_masked needs an int32 array, got {arr}")
+
+    def codegen(context, builder, signature, args):
+        arr_v, offset_v, n_valid_v = args
+        data = cgutils.create_struct_proxy(signature.args[0])(context, builder, value=arr_v).data
+        ptr = builder.bitcast(builder.gep(data, [offset_v]), _V16_I32.as_pointer())
+        mask = _lanes_below(builder, n_valid_v)
+        fnty = ir.FunctionType(_V16_I32, [_V16_I32.as_pointer(), _I32, ir.VectorType(_I1, 16), _V16_I32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.load.v16i32.p0")
+        return builder.call(fn, [ptr, ir.Constant(_I32, 1), mask, ir.Constant(_V16_I32, None)])
+
+    return int32x16(arr, types.intp, types.intp), codegen
 
 
 @intrinsic
@@ -406,15 +436,22 @@ def _dot4(typingctx, dot4, acc, x4, w4):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Tiles: rows x 64 columns of int32 sums kept in registers over all of K
+# Tiles: rows x 64 columns of int32 sums kept in registers over one block of K
 # --------------------------------------------------------------------------------------------------------------
 # A "row" of a tile is a tuple of 4 int32x16 vectors: 64 output columns of one output row.
 
+K_BLOCK = 512  # k per pass (fbgemm's KCB for avx512_vnni): 512 x 64 weight bytes of a panel stay in L1 meanwhile
+ROWS_PER_TASK = 96  # a task: 96 output rows x one 64-column panel (a multiple of 6 and of 2 rows)
+
 
 @njit(cache=True, inline="always")
-def _row_zeros():
-    z = _vec_zeros()
-    return (z, z, z, z)
+def _row_start(out_i32, offset, n_valid, first_block):
+    """The sums so far: zeros before the first K block, else what the previous block stored (wrapping in int32)."""
+    if first_block:
+        z = _vec_zeros()
+        return (z, z, z, z)
+    return (_vec_load_masked(out_i32, offset, n_valid), _vec_load_masked(out_i32, offset + 16, n_valid - 16),
+            _vec_load_masked(out_i32, offset + 32, n_valid - 32), _vec_load_masked(out_i32, offset + 48, n_valid - 48))
 
 
 @njit(cache=True, inline="always")
@@ -440,25 +477,29 @@ def _row_store(out_i32, offset, acc, n_valid):
 
 
 @njit(cache=True)
-def _tile_6x64(dot4, x_u8, lda, m, panels_i8, panel_offset, n_groups, out_i32, ldc, n0, n_valid):
-    """out[m .. m+5, n0 .. n0+63] = sum over all k (eq. M1 or M2): 24 accumulators, 4 weight vectors, 1 broadcast."""
-    acc0 = _row_zeros()
-    acc1 = _row_zeros()
-    acc2 = _row_zeros()
-    acc3 = _row_zeros()
-    acc4 = _row_zeros()
-    acc5 = _row_zeros()
-    x_offset = m * lda
+def _tile_6x64(dot4, x_u8, lda, m, g0, n_groups, panels_i8, panel_offset, out_i32, ldc, n0, n_valid):
+    """out[m .. m+5, n0 .. n0+63] += the products of k in [4 g0, 4 (g0 + n_groups)) (eq. M1 or M2).
+
+    24 accumulators (6 rows x 4 vectors), 4 weight vectors, 1 broadcast: fbgemm's genComputeBlock with
+    rowRegs = 6, colRegs = 4. The k group g of x row m is the 4 bytes at m * lda + 4 g.
+    """
+    out_offset = m * ldc + n0
+    first = g0 == 0
+    acc0 = _row_start(out_i32, out_offset, n_valid, first)
+    acc1 = _row_start(out_i32, out_offset + ldc, n_valid, first)
+    acc2 = _row_start(out_i32, out_offset + 2 * ldc, n_valid, first)
+    acc3 = _row_start(out_i32, out_offset + 3 * ldc, n_valid, first)
+    acc4 = _row_start(out_i32, out_offset + 4 * ldc, n_valid, first)
+    acc5 = _row_start(out_i32, out_offset + 5 * ldc, n_valid, first)
     for g in range(n_groups):
-        w = _panel_load(panels_i8, panel_offset + g * (PANEL_COLS * K_GROUP))
-        xk = x_offset + g * K_GROUP
+        w = _panel_load(panels_i8, panel_offset + (g0 + g) * (PANEL_COLS * K_GROUP))
+        xk = m * lda + (g0 + g) * K_GROUP
         acc0 = _row_dot4(dot4, acc0, _vec_broadcast4(x_u8, xk), w)
         acc1 = _row_dot4(dot4, acc1, _vec_broadcast4(x_u8, xk + lda), w)
         acc2 = _row_dot4(dot4, acc2, _vec_broadcast4(x_u8, xk + 2 * lda), w)
         acc3 = _row_dot4(dot4, acc3, _vec_broadcast4(x_u8, xk + 3 * lda), w)
         acc4 = _row_dot4(dot4, acc4, _vec_broadcast4(x_u8, xk + 4 * lda), w)
         acc5 = _row_dot4(dot4, acc5, _vec_broadcast4(x_u8, xk + 5 * lda), w)
-    out_offset = m * ldc + n0
     _row_store(out_i32, out_offset, acc0, n_valid)
     _row_store(out_i32, out_offset + ldc, acc1, n_valid)
     _row_store(out_i32, out_offset + 2 * ldc, acc2, n_valid)
@@ -468,38 +509,34 @@ def _tile_6x64(dot4, x_u8, lda, m, panels_i8, panel_offset, n_groups, out_i32, l
 
 
 @njit(cache=True)
-def _tile_2x64(dot4, x_u8, lda, m, panels_i8, panel_offset, n_groups, out_i32, ldc, n0, n_valid):
-    """out[m .. m+1, n0 .. n0+63]: the tile for generic vector code (few registers on AVX2)."""
-    acc0 = _row_zeros()
-    acc1 = _row_zeros()
-    x_offset = m * lda
+def _tile_2x64(dot4, x_u8, lda, m, g0, n_groups, panels_i8, panel_offset, out_i32, ldc, n0, n_valid):
+    """out[m .. m+1, n0 .. n0+63] += ...: the tile for generic vector code (AVX2 has 16 registers, not 32)."""
+    out_offset = m * ldc + n0
+    acc0 = _row_start(out_i32, out_offset, n_valid, g0 == 0)
+    acc1 = _row_start(out_i32, out_offset + ldc, n_valid, g0 == 0)
     for g in range(n_groups):
-        w = _panel_load(panels_i8, panel_offset + g * (PANEL_COLS * K_GROUP))
-        xk = x_offset + g * K_GROUP
+        w = _panel_load(panels_i8, panel_offset + (g0 + g) * (PANEL_COLS * K_GROUP))
+        xk = m * lda + (g0 + g) * K_GROUP
         acc0 = _row_dot4(dot4, acc0, _vec_broadcast4(x_u8, xk), w)
         acc1 = _row_dot4(dot4, acc1, _vec_broadcast4(x_u8, xk + lda), w)
-    out_offset = m * ldc + n0
     _row_store(out_i32, out_offset, acc0, n_valid)
     _row_store(out_i32, out_offset + ldc, acc1, n_valid)
 
 
 @njit(cache=True)
-def _tile_1x64(dot4, x_u8, lda, m, panels_i8, panel_offset, n_groups, out_i32, ldc, n0, n_valid):
-    """out[m, n0 .. n0+63]: the last rows."""
-    acc0 = _row_zeros()
-    x_offset = m * lda
+def _tile_1x64(dot4, x_u8, lda, m, g0, n_groups, panels_i8, panel_offset, out_i32, ldc, n0, n_valid):
+    """out[m, n0 .. n0+63] += ...: the last rows."""
+    out_offset = m * ldc + n0
+    acc0 = _row_start(out_i32, out_offset, n_valid, g0 == 0)
     for g in range(n_groups):
-        w = _panel_load(panels_i8, panel_offset + g * (PANEL_COLS * K_GROUP))
-        acc0 = _row_dot4(dot4, acc0, _vec_broadcast4(x_u8, x_offset + g * K_GROUP), w)
-    _row_store(out_i32, m * ldc + n0, acc0, n_valid)
-
-
-ROWS_PER_TASK = 96  # a task: 96 rows x one 64-column panel (a multiple of 6 and of 2 rows)
+        w = _panel_load(panels_i8, panel_offset + (g0 + g) * (PANEL_COLS * K_GROUP))
+        acc0 = _row_dot4(dot4, acc0, _vec_broadcast4(x_u8, m * lda + (g0 + g) * K_GROUP), w)
+    _row_store(out_i32, out_offset, acc0, n_valid)
 
 
 @njit(cache=True)
 def _matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task):
-    """One task: rows [96 t, 96 t + 96) of the output times one panel of 64 columns."""
+    """One task: output rows [96 c, 96 c + 96) times panel p (columns [64 p, 64 p + 64)), K block by K block."""
     n_panels = panels_i8.shape[0]
     n_groups = panels_i8.shape[1]
     chunk = task // n_panels
@@ -507,18 +544,21 @@ def _matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task)
     n0 = panel * PANEL_COLS
     n_valid = min(PANEL_COLS, N - n0)
     panel_offset = panel * n_groups * (PANEL_COLS * K_GROUP)
-    m = chunk * ROWS_PER_TASK
-    m_end = min(M, m + ROWS_PER_TASK)
-    if rows_per_tile == 6:
-        while m + 6 <= m_end:
-            _tile_6x64(dot4, x_u8, lda, m, panels_i8, panel_offset, n_groups, out_i32, N, n0, n_valid)
-            m += 6
-    while m + 2 <= m_end:
-        _tile_2x64(dot4, x_u8, lda, m, panels_i8, panel_offset, n_groups, out_i32, N, n0, n_valid)
-        m += 2
-    while m < m_end:
-        _tile_1x64(dot4, x_u8, lda, m, panels_i8, panel_offset, n_groups, out_i32, N, n0, n_valid)
-        m += 1
+    m_start = chunk * ROWS_PER_TASK
+    m_end = min(M, m_start + ROWS_PER_TASK)
+    for g0 in range(0, max(n_groups, 1), K_BLOCK // K_GROUP):  # K = 0 still stores the zeros
+        block_groups = min(K_BLOCK // K_GROUP, n_groups - g0)
+        m = m_start
+        if rows_per_tile == 6:
+            while m + 6 <= m_end:
+                _tile_6x64(dot4, x_u8, lda, m, g0, block_groups, panels_i8, panel_offset, out_i32, N, n0, n_valid)
+                m += 6
+        while m + 2 <= m_end:
+            _tile_2x64(dot4, x_u8, lda, m, g0, block_groups, panels_i8, panel_offset, out_i32, N, n0, n_valid)
+            m += 2
+        while m < m_end:
+            _tile_1x64(dot4, x_u8, lda, m, g0, block_groups, panels_i8, panel_offset, out_i32, N, n0, n_valid)
+            m += 1
 
 
 @njit(cache=True, parallel=True)
