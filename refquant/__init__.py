@@ -14,6 +14,7 @@ refquant never imports torch; ``crosscheck`` compares it with torch value by val
 """
 
 from .dtypes import QDTYPES, qdtype_range
+from .histogram import HistogramObserver
 from .linear import QuantizedLinear, int32_accumulator_can_overflow
 from .observers import (
     MinMaxObserver,
@@ -30,6 +31,7 @@ __all__ = [
     "MovingAverageMinMaxObserver",
     "PerChannelMinMaxObserver",
     "MovingAveragePerChannelMinMaxObserver",
+    "HistogramObserver",
     "quantize_per_tensor",
     "quantize_per_channel",
     "dequantize",
