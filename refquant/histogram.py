@@ -26,9 +26,13 @@ calculate_qparams -- ``observer.py`` (HistogramObserver._non_linear_param_search
      the MinMax formula ``_calculate_qparams`` (``refquant.observers``).
 
 Every step has a readable NumPy version (an explicit float32 cast at each torch op) and, right under it, a Numba
-kernel (``@njit(cache=True, error_model="numpy")``, no fastmath) that computes the same bits faster. ``HistogramObserver(...,
-implementation="numpy")`` runs the readable path end to end; the tests prove both paths equal, and each against
-torch.
+kernel that computes the same bits faster: ``@njit(cache=True, error_model="numpy")`` (IEEE inf/NaN on division by
+zero, as in C++, instead of ZeroDivisionError), no fastmath. ``HistogramObserver(..., implementation="numpy")``
+runs the readable path end to end; the tests prove both paths equal, and each against torch
+(tests/test_histogram_steps.py, tests/test_histogram_parity.py).
+
+Limits (documented, warned): a bin receiving >= 2^24 values from one batch (torch counts in float32 per thread) and
+bins >= 32768 (torch sums such histograms in per-thread pieces): there torch's answer depends on its thread count.
 """
 
 from __future__ import annotations
@@ -62,6 +66,53 @@ F32_INF = np.float32(np.inf)
 # Bits of each quantized dtype: HistogramObserver searches over dst_nbins = 2 ** bits levels
 # (``2 ** torch.iinfo(self.dtype).bits`` in observer.py), independent of reduce_range and quant_min/quant_max.
 _DTYPE_BITS = {"quint8": 8, "qint8": 8, "qint32": 32}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Step 1. aminmax of a batch (and the threads that share big batches)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Batches of at least this many elements are split across threads (the kernels release the GIL). Counts are
+# integers, so the split cannot change them; the min and max of the pieces are the min and max of the whole.
+PARALLEL_MIN_ELEMENTS = 1 << 18
+_executor: ThreadPoolExecutor | None = None
+
+
+def _pieces(x: np.ndarray, num_threads: int) -> list[np.ndarray]:
+    """x split into num_threads contiguous pieces (one piece when x is small or num_threads is 1)."""
+    if num_threads <= 1 or x.shape[0] < PARALLEL_MIN_ELEMENTS:
+        return [x]
+    return np.array_split(x, num_threads)
+
+
+def _map_pieces(fn, pieces: list[np.ndarray]) -> list:
+    global _executor
+    if len(pieces) == 1:
+        return [fn(pieces[0])]
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="refquant-histogram")
+    return list(_executor.map(fn, pieces))
+
+
+def _aminmax_fast(x_f32: np.ndarray, num_threads: int) -> tuple[np.float32, np.float32]:
+    """``torch.aminmax(x)``: (min, max), both NaN if any element is NaN (NumPy's reductions propagate NaN)."""
+    parts = _map_pieces(lambda p: (np.min(p), np.max(p)), _pieces(x_f32, num_threads))
+    return (np.float32(np.min([p[0] for p in parts])), np.float32(np.max([p[1] for p in parts])))
+
+
+
+
+@njit(cache=True, error_model="numpy")
+def _finite_aminmax_kernel(x_f32):
+    """(min, max, count) over the finite elements (``x[x.abs() != inf]`` without the copy)."""
+    mn, mx, count = F32_INF, -F32_INF, 0
+    for i in range(x_f32.shape[0]):
+        v = x_f32[i]
+        if np.abs(v) != F32_INF:
+            count += 1
+            mn = v if v < mn else mn
+            mx = v if v > mx else mx
+    return mn, mx, count
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,34 +212,6 @@ def _histc_count_kernel(x_f32, bins, leftmost, rightmost, counts_i64):
             counts_i64[pos_i32[m2]] += 1
 
 
-# Batches of at least this many elements are split across threads (the kernels release the GIL). Counts are
-# integers, so the split cannot change them; the min and max of the pieces are the min and max of the whole.
-PARALLEL_MIN_ELEMENTS = 1 << 18
-_executor: ThreadPoolExecutor | None = None
-
-
-def _pieces(x: np.ndarray, num_threads: int) -> list[np.ndarray]:
-    """x split into num_threads contiguous pieces (one piece when x is small or num_threads is 1)."""
-    if num_threads <= 1 or x.shape[0] < PARALLEL_MIN_ELEMENTS:
-        return [x]
-    return np.array_split(x, num_threads)
-
-
-def _map_pieces(fn, pieces: list[np.ndarray]) -> list:
-    global _executor
-    if len(pieces) == 1:
-        return [fn(pieces[0])]
-    if _executor is None:
-        _executor = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="refquant-histogram")
-    return list(_executor.map(fn, pieces))
-
-
-def _aminmax_fast(x_f32: np.ndarray, num_threads: int) -> tuple[np.float32, np.float32]:
-    """``torch.aminmax(x)``: (min, max), both NaN if any element is NaN (NumPy's reductions propagate NaN)."""
-    parts = _map_pieces(lambda p: (np.min(p), np.max(p)), _pieces(x_f32, num_threads))
-    return (np.float32(np.min([p[0] for p in parts])), np.float32(np.max([p[1] for p in parts])))
-
-
 def _histc_fast(
     x_f32: np.ndarray, bins: int, lo: np.float32, hi: np.float32, num_threads: int = 1
 ) -> tuple[np.ndarray, int]:
@@ -217,7 +240,7 @@ def _histc_fast(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# linspace (bin edges of histc and of _upscale_histogram)
+# linspace: the bin edges of histc and of _upscale_histogram
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -484,7 +507,7 @@ def _upscale_histogram_kernel(histogram_f32, orig_min, orig_max, update_min, upd
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Step 4. Reductions used by the search: torch.sum (cascade, float32) and torch.cumsum (float64 accumulator)
+# Step 4a. Reductions used by the search: torch.sum (cascade, float32), torch.cumsum (float64 accumulator)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -651,7 +674,7 @@ def _cumsum_f32_kernel(x_f32):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Step 4. The L2 error of one candidate range: _compute_quantization_error
+# Step 4b. The L2 error of one candidate range: _compute_quantization_error
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -778,7 +801,7 @@ def _floor_divide_fast_f32(a, b):
     integral = q == f
     residual = fma_f32(-q, b, a)
     result = f - np.float32(1) if (integral & (residual < np.float32(0))) else f
-    valid = (np.abs(q) < _FAST_FLOOR_DIVIDE_LIMIT) & ((~integral) | (np.abs(a) >= _FAST_FLOOR_DIVIDE_TINY))
+    valid = (np.abs(q) < _FAST_FLOOR_DIVIDE_LIMIT) & ((not integral) | (np.abs(a) >= _FAST_FLOOR_DIVIDE_TINY))
     return result, valid
 
 
@@ -861,7 +884,7 @@ def _clamp_f32(v, lo, hi):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Step 4. The search: _non_linear_param_search
+# Step 4c. The search: _non_linear_param_search
 # ---------------------------------------------------------------------------------------------------------------
 
 SEARCH_TRACE_DTYPE = np.dtype(
@@ -974,24 +997,6 @@ def _non_linear_param_search_kernel(histogram_f32, min_val, max_val, dst_nbins, 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Step 1. aminmax over a batch
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@njit(cache=True, error_model="numpy")
-def _finite_aminmax_kernel(x_f32):
-    """(min, max, count) over the finite elements (``x[x.abs() != inf]`` without the copy)."""
-    mn, mx, count = F32_INF, -F32_INF, 0
-    for i in range(x_f32.shape[0]):
-        v = x_f32[i]
-        if np.abs(v) != F32_INF:
-            count += 1
-            mn = v if v < mn else mn
-            mx = v if v > mx else mx
-    return mn, mx, count
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The observer
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -1058,6 +1063,12 @@ class HistogramObserver(UniformQuantizationObserverBase):
             eps=eps,
         )
         self.bins = int(bins)
+        if self.bins >= 32768:
+            warnings.warn(
+                f"bins={self.bins}: torch sums histograms of >= 32768 bins in per-thread pieces, so its (scale, "
+                "zero_point) can depend on its thread count; refquant sums as torch does on one thread",
+                stacklevel=2,
+            )
         self.implementation = implementation
         self.num_threads = int(num_threads)
         self.histogram = np.zeros(self.bins, np.float32)
@@ -1071,6 +1082,10 @@ class HistogramObserver(UniformQuantizationObserverBase):
         self.end_bin: int | None = None
         self.search_trace = np.zeros(0, SEARCH_TRACE_DTYPE)
         self._last_range_unchanged = False  # the numba path's one-pass shortcut (see _forward_numba)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(bins={self.bins}, dtype={self.dtype!r}, qscheme={self.qscheme!r}, "
+                f"min_val={self.min_val}, max_val={self.max_val})")
 
     # -- forward ---------------------------------------------------------------------------------------------
 

@@ -205,7 +205,8 @@ def test_bincount_f32_is_sequential_float32_like_torch(rng):
     # golden: 2^24 + 1 + 1 in float32 order stays 2^24; a float64 sum would give 2^24 + 2
     out = H.bincount_f32(np.zeros(3, np.int64), f32([2.0**24, 1.0, 1.0]), 1)
     assert_same(out, f32([2.0**24]))
-    assert_same(out, torch.bincount(torch.zeros(3, dtype=torch.long), weights=torch.tensor([2.0**24, 1.0, 1.0]), minlength=1).numpy())
+    weights = torch.tensor([2.0**24, 1.0, 1.0])
+    assert_same(out, torch.bincount(torch.zeros(3, dtype=torch.long), weights=weights, minlength=1).numpy())
 
 
 # --------------------------------------------------------------------------------------------- _upscale_histogram
@@ -450,10 +451,12 @@ def test_non_linear_param_search_matches_torch(rng):
             what = f"search(bins={hist.size}, [{lo!r}, {hi!r}]) [{implementation}]"
             assert_same(new_min, t_min.numpy(), what + " new_min")
             assert_same(new_max, t_max.numpy(), what + " new_max")
-            trace = obs.search_trace  # every step accepted but possibly the last; the chosen bins are the last accepted
+            trace = obs.search_trace  # all accepted but perhaps the last; the chosen bins are the last accepted ones
             assert trace["accepted"][:-1].all()
             accepted = trace[trace["accepted"]]
-            chosen = (int(accepted["start_bin"][-1]), int(accepted["end_bin"][-1])) if accepted.size else (0, hist.size - 1)
+            chosen = (0, hist.size - 1)
+            if accepted.size:
+                chosen = (int(accepted["start_bin"][-1]), int(accepted["end_bin"][-1]))
             assert (obs.start_bin, obs.end_bin) == chosen
 
 
