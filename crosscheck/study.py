@@ -358,16 +358,17 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
     add("weight zero_points (per channel)", ts.weight_zero_points, ql.weight_zero_points,
         note="torch: q_per_channel_zero_points() (int64); refquant: int32, as fbgemm's prepack stores them")
     add("weight int8 (int_repr)", ts.weight_int8, ql.weight_int8, note=NOTES["weight_int8"])
+    bias_name = "bias (float32, not quantized)"
     if ts.packed_bias is None and ql.bias is None:
-        fields.append(C.Field(name="bias (float32)", kind=C.PARITY, equal=True, mismatches=0, first_mismatch=None,
+        fields.append(C.Field(name=bias_name, kind=C.PARITY, equal=True, mismatches=0, first_mismatch=None,
                               torch=None, refquant=None, note=NOTES["no_bias"]))
     elif ts.packed_bias is None or ql.bias is None:
-        fields.append(C.Field(name="bias (float32)", kind=C.PARITY, equal=False, mismatches=1,
+        fields.append(C.Field(name=bias_name, kind=C.PARITY, equal=False, mismatches=1,
                               first_mismatch={"index": None, "reason": "bias present on one side only",
                                               "torch": None, "refquant": None},
                               torch=ts.packed_bias, refquant=ql.bias, note=NOTES["bias"]))
     else:
-        add("bias (float32)", ts.packed_bias, ql.bias, note=NOTES["bias"])
+        add(bias_name, ts.packed_bias, ql.bias, note=NOTES["bias"])
     add("col_offsets", ts.col_offsets, ql.col_offsets, kind=C.DERIVED, note=NOTES["col_offsets"])
 
     # -- forward passes: calibration batches, then fresh samples (as the torch side sends them)

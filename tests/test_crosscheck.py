@@ -85,7 +85,7 @@ def test_default_study_prints_the_comparison_and_exits_0():
     assert "1 calibration batch of shape (1, 2, 3, 3) (normal); 1000 samples" in out
     assert "error of the quantized model over 1000 random inputs" in out
     assert "result: all 24 parity rows equal, bit for bit" in out
-    for name in ("input scale", "output zero_point", "weight int8 (int_repr)", "bias (float32)",
+    for name in ("input scale", "output zero_point", "weight int8 (int_repr)", "bias (float32, not quantized)",
                  "output codes (1000 samples)", "dequantized output (calibration, 1 batch)"):
         assert name in out
     assert "MISMATCH" not in out
@@ -149,7 +149,7 @@ def test_default_study_json_matches_an_independent_torch_run():
     assert f["input zero_point"]["torch"] == [int(q.quant.zero_point)]
     assert f["output scale"]["torch"] == q.fc.scale
     assert f["output zero_point"]["torch"] == q.fc.zero_point
-    assert f["bias (float32)"]["torch"] == q.fc.bias().tolist()
+    assert f["bias (float32, not quantized)"]["torch"] == q.fc.bias().tolist()
     assert doc["calibration"]["input"] == x.tolist()
     assert doc["calibration"]["quantized_output"] == y.tolist()
     assert f["dequantized output (calibration, 1 batch)"]["torch"] == [y.tolist()]
@@ -203,8 +203,11 @@ def test_range_of_studies_every_field_equal(tmp_path):
         assert f[f"output codes ({cfg['samples']} samples)"]["shape"] == [cfg["samples"], *lead,
                                                                            cfg["out_features"]], context
         assert f["weight int8 (int_repr)"]["shape"] == [cfg["out_features"], cfg["in_features"]], context
-        assert f["bias (float32)"]["torch"] is None if not cfg["bias"] else len(f["bias (float32)"]["torch"]) == \
-            cfg["out_features"]
+        bias = f["bias (float32, not quantized)"]
+        if cfg["bias"]:
+            assert len(bias["torch"]) == len(bias["refquant"]) == cfg["out_features"], context
+        else:
+            assert bias["torch"] is None and bias["refquant"] is None and bias["equal"], context
         assert doc["environment"]["engine"] == cfg["engine"]
         assert doc["error"]["equal"] is True, context
         if cfg["relu"]:  # fused LinearReLU: outputs never below the zero point, dequantized never negative
@@ -237,7 +240,7 @@ PERTURBATIONS = [  # (field, flat index): one row of each kind of value
     ("weight scales (per channel)", 2),
     ("weight zero_points (per channel)", 1),
     ("weight int8 (int_repr)", 4),
-    ("bias (float32)", 1),
+    ("bias (float32, not quantized)", 1),
     ("col_offsets", 0),
     ("input codes (calibration, 1 batch)", 3),
     ("int32 accumulators (calibration, 1 batch)", 17),
