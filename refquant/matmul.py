@@ -182,11 +182,17 @@ def matmul_u8s8_acc32(x_u8: np.ndarray, w: np.ndarray | PackedWeightS8, *,
 
 def kernel_for(*, saturate_int16_pairs: bool = False, kernel: str | None = None) -> str:
     """The kernel :func:`matmul_u8s8_acc32` runs for these arguments: ``"avx512"``, ``"portable"`` or
-    ``"reference"``. Raises RuntimeError when ``"avx512"`` is asked for on a CPU without the instructions."""
+    ``"reference"`` (``"auto"`` under NUMBA_DISABLE_JIT=1). Raises RuntimeError when ``"avx512"`` is asked for on a
+    CPU without the instructions, or a Numba kernel while the JIT is disabled."""
     if kernel is None:
         kernel = os.environ.get(KERNEL_ENV_VAR, "auto")
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1 (e.g. a coverage run): the intrinsics cannot run as Python
+        if kernel in ("avx512", "portable"):
+            raise RuntimeError(f"kernel={kernel!r} needs Numba's JIT, which NUMBA_DISABLE_JIT=1 turns off; "
+                               f"use kernel='reference'")
+        return "reference"
     if kernel in ("portable", "reference"):
         return kernel
     feature = _DOT4["avx512", bool(saturate_int16_pairs)].cpu_feature
@@ -244,9 +250,8 @@ class _Dot4:
     only for the markers that are called (a kernel with an instruction the CPU lacks is never compiled).
     """
 
-    def __init__(self, name: str, saturates_int16_pairs: bool, cpu_feature: str | None):
+    def __init__(self, name: str, cpu_feature: str | None):
         self.name = name
-        self.saturates_int16_pairs = saturates_int16_pairs
         self.cpu_feature = cpu_feature
         self.rows_per_tile = 6 if cpu_feature else 2  # generic vector code spills with 24 accumulators on AVX2
 
@@ -274,10 +279,10 @@ def _unbox_dot4(typ, obj, c):
 
 
 _DOT4 = {  # (kernel, saturate_int16_pairs) -> marker
-    ("avx512", False): _Dot4("vpdpbusd", False, "avx512vnni"),  # eq. M1
-    ("avx512", True): _Dot4("vpmaddubsw", True, "avx512bw"),  # eq. M2
-    ("portable", False): _Dot4("portable_exact", False, None),  # eq. M1
-    ("portable", True): _Dot4("portable_sat16", True, None),  # eq. M2
+    ("avx512", False): _Dot4("vpdpbusd", "avx512vnni"),  # eq. M1
+    ("avx512", True): _Dot4("vpmaddubsw", "avx512bw"),  # eq. M2
+    ("portable", False): _Dot4("portable_exact", None),  # eq. M1
+    ("portable", True): _Dot4("portable_sat16", None),  # eq. M2
 }
 _FEATURE_OF = {d.name: d.cpu_feature for d in _DOT4.values()}
 

@@ -331,6 +331,18 @@ def test_packed_weight_must_fit_its_weight():
             PackedWeightS8(packed.w_i8, panels)
 
 
+def test_numba_disable_jit_falls_back_to_the_reference(monkeypatch):
+    """Under NUMBA_DISABLE_JIT=1 the intrinsics cannot run: auto picks the readable reference, the others refuse."""
+    from numba.core import config
+
+    monkeypatch.delenv(KERNEL_ENV_VAR, raising=False)
+    monkeypatch.setattr(config, "DISABLE_JIT", True)
+    assert kernel_for() == "reference" and kernel_for(saturate_int16_pairs=True) == "reference"
+    for kernel in ("avx512", "portable"):
+        with pytest.raises(RuntimeError, match="NUMBA_DISABLE_JIT"):
+            kernel_for(kernel=kernel)
+
+
 def test_cpu_features_follow_numba_target(monkeypatch):
     """NUMBA_CPU_FEATURES narrows what LLVM may emit ("" for NUMBA_CPU_NAME=generic): no avx512 kernel then."""
     from numba.core import config
