@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from numba.core import config as numba_config
 
 from refquant import matmul as mm
 from refquant.matmul import (
@@ -25,9 +26,8 @@ from refquant.matmul import (
 
 
 def _marks(kernel: str, saturate: bool) -> list:
-    """Skip the avx512 kernels where the CPU lacks their instructions (vpdpbusd: avx512vnni; vpmaddubsw: avx512bw)."""
-    if kernel != "avx512":
-        return []
+    """Skip the avx512 kernels where the CPU lacks their instructions (vpdpbusd: avx512vnni; vpmaddubsw: avx512bw),
+    and the Numba kernels under NUMBA_DISABLE_JIT=1."""
     try:
         kernel_for(kernel="avx512", saturate_int16_pairs=saturate)
     except RuntimeError as missing:
@@ -40,6 +40,7 @@ def _cases(kernels: list[str]) -> list:
             for s in (False, True) for k in kernels]
 
 
+needs_jit = pytest.mark.skipif(numba_config.DISABLE_JIT, reason="NUMBA_DISABLE_JIT=1: only the reference runs")
 FAST_KERNELS_AND_MODES = _cases(["avx512", "portable"])  # (kernel, saturate_int16_pairs)
 KERNELS_AND_MODES = _cases(["avx512", "portable", "reference"])
 
@@ -262,6 +263,7 @@ def test_packed_weight_layout(rng):
                     assert packed.panels_i8[p, g, c, r] == expected, (p, g, c, r)
 
 
+@needs_jit
 def test_kernel_choice_and_environment_variable(monkeypatch, rng):
     monkeypatch.delenv(KERNEL_ENV_VAR, raising=False)
     assert kernel_for() in ("avx512", "portable")
@@ -279,6 +281,7 @@ def test_kernel_choice_and_environment_variable(monkeypatch, rng):
         matmul_u8s8_acc32(x_u8, w_i8)
 
 
+@needs_jit
 def test_missing_cpu_feature_is_an_error_not_an_illegal_instruction(monkeypatch):
     monkeypatch.delenv(KERNEL_ENV_VAR, raising=False)
     monkeypatch.setattr(mm, "_cpu_has", lambda feature: False)
@@ -333,10 +336,8 @@ def test_packed_weight_must_fit_its_weight():
 
 def test_numba_disable_jit_falls_back_to_the_reference(monkeypatch):
     """Under NUMBA_DISABLE_JIT=1 the intrinsics cannot run: auto picks the readable reference, the others refuse."""
-    from numba.core import config
-
     monkeypatch.delenv(KERNEL_ENV_VAR, raising=False)
-    monkeypatch.setattr(config, "DISABLE_JIT", True)
+    monkeypatch.setattr(numba_config, "DISABLE_JIT", True)
     assert kernel_for() == "reference" and kernel_for(saturate_int16_pairs=True) == "reference"
     for kernel in ("avx512", "portable"):
         with pytest.raises(RuntimeError, match="NUMBA_DISABLE_JIT"):
@@ -345,14 +346,12 @@ def test_numba_disable_jit_falls_back_to_the_reference(monkeypatch):
 
 def test_cpu_features_follow_numba_target(monkeypatch):
     """NUMBA_CPU_FEATURES narrows what LLVM may emit ("" for NUMBA_CPU_NAME=generic): no avx512 kernel then."""
-    from numba.core import config
-
     cpu_has = mm._cpu_has.__wrapped__  # uncached
-    monkeypatch.setattr(config, "CPU_FEATURES", "")
+    monkeypatch.setattr(numba_config, "CPU_FEATURES", "")
     assert not cpu_has("avx512vnni") and not cpu_has("avx512bw")
-    monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,+avx512bw")
+    monkeypatch.setattr(numba_config, "CPU_FEATURES", "+avx2,+avx512bw")
     assert not cpu_has("avx512vnni")
-    monkeypatch.setattr(config, "CPU_FEATURES", None)
+    monkeypatch.setattr(numba_config, "CPU_FEATURES", None)
     import llvmlite.binding as llvm
     assert cpu_has("avx512vnni") == bool(llvm.get_host_cpu_features().get("avx512vnni", False))
 
