@@ -16,6 +16,7 @@ refquant never imports torch; ``crosscheck`` compares it with torch value by val
 from .dtypes import QDTYPES, qdtype_range
 from .histogram import HistogramObserver
 from .linear import QuantizedLinear, int32_accumulator_can_overflow
+from .pipeline import ObservedLinear, QuantizedLinearModel, linear_float
 from .observers import (
     MinMaxObserver,
     MovingAverageMinMaxObserver,
@@ -38,4 +39,7 @@ __all__ = [
     "dequantize_per_channel",
     "QuantizedLinear",
     "int32_accumulator_can_overflow",
+    "ObservedLinear",
+    "QuantizedLinearModel",
+    "linear_float",
 ]

@@ -16,3 +16,18 @@ def test_markdown_examples(path):
     result = doctest.testfile(str(path), module_relative=False, optionflags=doctest.NORMALIZE_WHITESPACE,
                               verbose=False, report=True)
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples in {path.name} failed (see above)"
+
+
+def test_readme_shows_what_the_default_study_prints():
+    """The README's copy of `python -m crosscheck.linear` output is exactly what the command prints today."""
+    import re
+    import subprocess
+    import sys
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- crosscheck.linear default output.*?-->\n```text\n(.*?)\n```", readme, re.S)
+    assert block, "README.md lost its marked crosscheck.linear output block"
+    run = subprocess.run([sys.executable, "-m", "crosscheck.linear"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.rstrip("\n") == block.group(1), "README.md's study output drifted: paste the new output"
