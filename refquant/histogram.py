@@ -192,24 +192,25 @@ def _histc_count_kernel(x_f32, bins, leftmost, rightmost, counts_i64):
     width_f32 = rightmost - leftmost
     n = x_f32.shape[0]
     block = 1024
-    table = bins + 1
-    pos_i32 = np.empty(block, np.int32)
+    table = np.uint32(bins + 1)
+    skip = np.uint32(bins)
+    pos_u32 = np.empty(block, np.uint32)  # unsigned: Numba then indexes without the negative-index wraparound
     for start in range(0, n, block):
         m = min(block, n - start)
         for j in range(m):
             v = x_f32[start + j]
             inside = (v >= leftmost) & (v <= rightmost)
             pos_f32 = ((v - leftmost) * bins_f32) / width_f32
-            pos = np.int32(min(pos_f32, bins_f32)) if inside else np.int32(0)  # trunc; NaN/inf never cast
-            pos = np.int32(bins - 1) if pos == bins else pos  # the rightmost bin includes its right edge
-            pos = np.int32(0) if pos_f32 == F32_INF else pos  # INT64_MIN wraps to offset 0
-            pos_i32[j] = pos if inside else np.int32(bins)
+            pos = np.uint32(min(pos_f32, bins_f32)) if inside else np.uint32(0)  # trunc; NaN/inf never cast
+            pos = np.uint32(bins - 1) if pos == skip else pos  # the rightmost bin includes its right edge
+            pos = np.uint32(0) if pos_f32 == F32_INF else pos  # INT64_MIN wraps to offset 0
+            pos_u32[j] = pos if inside else skip
         m2 = m - m % 2
         for j in range(0, m2, 2):
-            counts_i64[pos_i32[j]] += 1
-            counts_i64[table + pos_i32[j + 1]] += 1
+            counts_i64[pos_u32[j]] += 1
+            counts_i64[table + pos_u32[j + 1]] += 1
         if m2 < m:
-            counts_i64[pos_i32[m2]] += 1
+            counts_i64[pos_u32[m2]] += 1
 
 
 def _histc_fast(
@@ -786,33 +787,58 @@ def _compute_quantization_error_numpy(
 # quotients shaped like the error function's, tests/test_histogram_steps.py): with q = f32(a / b), |q| < 2^22 (so
 # every integer near q is a float32),
 #   * q not an integer: floor(q). An integer between the exact quotient and q would be the nearer float.
-#   * q an integer: q - 1 if the exact residual fmaf(-q, b, a) < 0, else q; kept for |a| >= 2^-90 so that the
-#     residual cannot underflow to 0.
-# Everything else (0, non-finite, huge quotients) takes the exact algorithm.
+#   * q an integer: q - 1 if the exact residual fmaf(-q, b, a) < 0, else q; used for a == ±0 (q = ±0, as torch's
+#     copysign) and |a| >= 2^-90, where the residual cannot underflow to 0.
+# Everything else (tiny a, non-finite, huge quotients) takes the exact algorithm.
 _FAST_FLOOR_DIVIDE_LIMIT = np.float32(2.0**22)
 _FAST_FLOOR_DIVIDE_TINY = np.float32(2.0**-90)
 
 
 @njit(cache=True, error_model="numpy")
 def _floor_divide_fast_f32(a, b):
-    """(floor division as torch, valid) — valid False where the shortcut above does not apply."""
+    """(floor division as torch, valid) -- valid is False where the shortcut above does not apply."""
     q = a / b
     f = np.floor(q)
     integral = q == f
     residual = fma_f32(-q, b, a)
     result = f - np.float32(1) if (integral & (residual < np.float32(0))) else f
-    valid = (np.abs(q) < _FAST_FLOOR_DIVIDE_LIMIT) & ((not integral) | (np.abs(a) >= _FAST_FLOOR_DIVIDE_TINY))
+    residual_exact = (np.abs(a) >= _FAST_FLOOR_DIVIDE_TINY) | (a == np.float32(0))
+    valid = (np.abs(q) < _FAST_FLOOR_DIVIDE_LIMIT) & ((not integral) | residual_exact)
     return result, valid
 
 
-@njit(cache=True, error_model="numpy")
-def _compute_quantization_error_kernel(histogram_f32, bin_width, next_start_bin, next_end_bin, dst_nbins, scratch_f32):
-    """:func:`_compute_quantization_error_numpy` as loops. ``bin_width`` is the Python double
-    ``(max_val - min_val) / bins``; ``scratch_f32`` has shape (3, bins).
+@njit(cache=True, error_model="numpy", inline="always")
+def _source_bin_norm(
+    count_f32, src_bin_begin, src_bin_end, begin_div, end_div, bin_width_f32, dst_bin_width_f32, half_f32,
+    half_cubed_f32, neg_half_cubed_f32, whole_bin_f32, last_dst_bin_f32,
+):
+    """The three ``_get_norm`` terms of one source bin, each torch op rounded to float32, added into norm in
+    torch's order (norm starts as a zero tensor)."""
+    zero_f32, one_f32, three_f32 = np.float32(0), np.float32(1), np.float32(3)
+    dst_bin_of_begin = _clamp_f32(begin_div, zero_f32, last_dst_bin_f32)
+    dst_bin_of_begin_center = (dst_bin_of_begin + np.float32(0.5)) * dst_bin_width_f32
+    dst_bin_of_end = _clamp_f32(end_div, zero_f32, last_dst_bin_f32)
+    density = count_f32 / bin_width_f32
 
-    Three passes so that the first and the last vectorize: (1) both floor divisions by the fmod-free shortcut,
-    flagging where it does not apply; (2) the flagged ones with torch's exact algorithm; (3) the norm of every
-    source bin, then the cascade sum.
+    delta_begin = src_bin_begin - dst_bin_of_begin_center
+    norm = zero_f32 + density * ((half_cubed_f32 - (delta_begin * delta_begin) * delta_begin) / three_f32)
+
+    norm = norm + ((dst_bin_of_end - dst_bin_of_begin) - one_f32) * (density * whole_bin_f32)
+
+    dst_bin_of_end_center = dst_bin_of_end * dst_bin_width_f32 + half_f32
+    delta_end = src_bin_end - dst_bin_of_end_center
+    norm = norm + density * (((delta_end * delta_end) * delta_end - neg_half_cubed_f32) / three_f32)
+    return norm
+
+
+@njit(cache=True, error_model="numpy")
+def _compute_quantization_error_kernel(histogram_f32, bin_width, next_start_bin, next_end_bin, dst_nbins, scratch):
+    """:func:`_compute_quantization_error_numpy` as loops. ``bin_width`` is the Python double
+    ``(max_val - min_val) / bins``; ``scratch`` is a float32 array of shape (2, bins).
+
+    (1) One pass (it vectorizes) computes every source bin's norm with the fmod-free floor division and flags the
+    bins where that shortcut does not apply; (2) the flagged bins (usually none) are recomputed with torch's exact
+    floor division; (3) the cascade sum.
     """
     bins = histogram_f32.shape[0]
     dst_bin_width = bin_width * (next_end_bin - next_start_bin + 1) / dst_nbins  # float64
@@ -823,57 +849,48 @@ def _compute_quantization_error_kernel(histogram_f32, bin_width, next_start_bin,
     half_f32 = np.float32(dst_bin_width / 2)
     neg_half_f32 = np.float32(-dst_bin_width / 2)
     last_dst_bin_f32 = np.float32(dst_nbins - 1)
-    zero_f32, one_f32, three_f32 = np.float32(0), np.float32(1), np.float32(3)
-    begin_div_f32 = scratch_f32[0]
-    end_div_f32 = scratch_f32[1]
-    norm_f32 = scratch_f32[2]
+    half_cubed_f32 = (half_f32 * half_f32) * half_f32
+    neg_half_cubed_f32 = (neg_half_f32 * neg_half_f32) * neg_half_f32
+    whole_bin_f32 = (half_cubed_f32 - neg_half_cubed_f32) / np.float32(3)  # _get_norm(-w/2, w/2) without density
+    norm_f32 = scratch[0]
+    flagged_f32 = scratch[1]
 
-    # (1) torch.div(src_bin_begin / src_bin_end, dst_bin_width, rounding_mode="floor"), fast where exact
+    # (1) every source bin, floor divisions by the shortcut
     n_flagged = 0
     for i in range(bins):
         src_bin_begin = np.float32(i - next_start_bin) * bin_width_f32
         src_bin_end = src_bin_begin + bin_width_f32
-        begin_div_f32[i], begin_valid = _floor_divide_fast_f32(src_bin_begin, dst_bin_width_f32)
-        end_div_f32[i], end_valid = _floor_divide_fast_f32(src_bin_end, dst_bin_width_f32)
+        begin_div, begin_valid = _floor_divide_fast_f32(src_bin_begin, dst_bin_width_f32)
+        end_div, end_valid = _floor_divide_fast_f32(src_bin_end, dst_bin_width_f32)
+        norm_f32[i] = _source_bin_norm(
+            histogram_f32[i], src_bin_begin, src_bin_end, begin_div, end_div, bin_width_f32, dst_bin_width_f32,
+            half_f32, half_cubed_f32, neg_half_cubed_f32, whole_bin_f32, last_dst_bin_f32,
+        )
         fast = begin_valid & end_valid
-        norm_f32[i] = zero_f32 if fast else one_f32  # flag, overwritten in (3)
+        flagged_f32[i] = np.float32(0) if fast else np.float32(1)
         n_flagged += np.int64(not fast)
-    # (2) the flagged quotients, by torch's exact algorithm. Their indices are gathered first: a loop over all bins
-    # with an ``if`` would be vectorized by LLVM, computing fmod (a libm call per lane) for every bin.
+
+    # (2) the flagged bins again, with torch's exact floor division. Their indices are gathered first: a loop over
+    # all bins with an ``if`` would be vectorized by LLVM, computing fmod (a libm call per lane) for every bin.
     if n_flagged:
         flagged = np.empty(n_flagged, np.int64)
         n = 0
         for i in range(bins):
-            if norm_f32[i] != zero_f32:
+            if flagged_f32[i] != np.float32(0):
                 flagged[n] = i
                 n += 1
         for i in flagged:
             src_bin_begin = np.float32(i - next_start_bin) * bin_width_f32
             src_bin_end = src_bin_begin + bin_width_f32
-            begin_div_f32[i] = _floor_divide_f32_kernel(src_bin_begin, dst_bin_width_f32)
-            end_div_f32[i] = _floor_divide_f32_kernel(src_bin_end, dst_bin_width_f32)
+            norm_f32[i] = _source_bin_norm(
+                histogram_f32[i], src_bin_begin, src_bin_end,
+                _floor_divide_f32_kernel(src_bin_begin, dst_bin_width_f32),
+                _floor_divide_f32_kernel(src_bin_end, dst_bin_width_f32),
+                bin_width_f32, dst_bin_width_f32, half_f32, half_cubed_f32, neg_half_cubed_f32, whole_bin_f32,
+                last_dst_bin_f32,
+            )
 
-    # (3) the norm of each source bin
-    half_cubed_f32 = (half_f32 * half_f32) * half_f32
-    neg_half_cubed_f32 = (neg_half_f32 * neg_half_f32) * neg_half_f32
-    whole_bin_f32 = (half_cubed_f32 - neg_half_cubed_f32) / three_f32  # _get_norm(-w/2, w/2) without density
-    for i in range(bins):
-        src_bin_begin = np.float32(i - next_start_bin) * bin_width_f32
-        src_bin_end = src_bin_begin + bin_width_f32
-        dst_bin_of_begin = _clamp_f32(begin_div_f32[i], zero_f32, last_dst_bin_f32)
-        dst_bin_of_begin_center = (dst_bin_of_begin + np.float32(0.5)) * dst_bin_width_f32
-        dst_bin_of_end = _clamp_f32(end_div_f32[i], zero_f32, last_dst_bin_f32)
-        density = histogram_f32[i] / bin_width_f32
-
-        delta_begin = src_bin_begin - dst_bin_of_begin_center
-        norm = zero_f32 + density * ((half_cubed_f32 - (delta_begin * delta_begin) * delta_begin) / three_f32)
-
-        norm = norm + ((dst_bin_of_end - dst_bin_of_begin) - one_f32) * (density * whole_bin_f32)
-
-        dst_bin_of_end_center = dst_bin_of_end * dst_bin_width_f32 + half_f32
-        delta_end = src_bin_end - dst_bin_of_end_center
-        norm = norm + density * (((delta_end * delta_end) * delta_end - neg_half_cubed_f32) / three_f32)
-        norm_f32[i] = norm
+    # (3) norm.sum()
     return np.float64(_sum_f32_kernel(norm_f32))
 
 
@@ -954,7 +971,7 @@ def _non_linear_param_search_kernel(histogram_f32, min_val, max_val, dst_nbins, 
     bin_width = (np.float64(max_val) - np.float64(min_val)) / bins
     total = np.float64(_sum_f32_kernel(histogram_f32))
     c_sum = _cumsum_f32_kernel(histogram_f32)
-    norm_scratch = np.empty((3, bins), np.float32)
+    norm_scratch = np.empty((2, bins), np.float32)
 
     stepsize = 1e-5
     alpha, beta = 0.0, 1.0
@@ -1248,7 +1265,7 @@ class HistogramObserver(UniformQuantizationObserverBase):
                 self.histogram, self.min_val, self.max_val, next_start_bin, next_end_bin, self.dst_nbins
             )
         bin_width = (float(self.max_val) - float(self.min_val)) / self.bins
-        scratch = np.empty((3, self.bins), np.float32)
+        scratch = np.empty((2, self.bins), np.float32)
         return float(
             _compute_quantization_error_kernel(
                 self.histogram, bin_width, int(next_start_bin), int(next_end_bin), self.dst_nbins, scratch
