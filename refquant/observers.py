@@ -94,6 +94,15 @@ def _check_finite(x_f32: np.ndarray, argname: str = "x") -> None:
                          f"record it and return a meaningless scale. Drop them first (HistogramObserver drops inf).")
 
 
+def _torch_maximum(scale: np.ndarray, eps: np.float32) -> np.ndarray:
+    """``torch.max(scale, eps_tensor)`` for float32: shape at least (1,), and a NaN result is the canonical quiet NaN
+    0x7fc00000 that torch's scalar ``maximum`` returns (np.maximum would keep the NaN's own sign and payload).
+    A NaN scale arises only from a range wider than float32 can hold (a HistogramObserver clip range).
+    Matches: pytorch/pytorch aten/src/ATen/native/cpu/BinaryOpsKernel.cpp (maximum_kernel, scalar lambda)."""
+    out = np.maximum(scale, eps[None]).astype(np.float32)
+    return np.where(np.isnan(out), np.float32(np.nan), out).astype(np.float32)
+
+
 class UniformQuantizationObserverBase:
     """What every affine observer shares: settings, their validation, and the range -> (scale, zero_point) step.
 
@@ -159,7 +168,7 @@ class UniformQuantizationObserverBase:
         if self.qscheme in ("per_tensor_symmetric", "per_channel_symmetric"):
             max_val_pos = np.maximum(-min_val_neg, max_val_pos)
             scale = max_val_pos / np.float32((quant_max - quant_min) / 2)          # (P1)
-            scale = np.maximum(scale, self.eps[None]).astype(np.float32)          # broadcast with eps: shape >= (1,)
+            scale = _torch_maximum(scale, self.eps)                               # broadcast with eps: shape >= (1,)
             if self.dtype == "quint8":
                 zp_value = (quant_min + quant_max) // 2 if self.has_customized_qrange else 128
             else:
@@ -171,7 +180,7 @@ class UniformQuantizationObserverBase:
             zero_point = (-min_val / scale).astype(np.float32)                    # -1 * min_val: an exact negation
         else:
             scale = (max_val_pos - min_val_neg) / np.float32(quant_max - quant_min)  # (P2)
-            scale = np.maximum(scale, self.eps[None]).astype(np.float32)
+            scale = _torch_maximum(scale, self.eps)
             with np.errstate(invalid="ignore"):
                 rounded_i32 = np.rint(min_val_neg / scale).astype(np.int32)      # torch.round(...).to(torch.int)
             zero_point = (np.int32(quant_min) - rounded_i32).astype(np.int32)

@@ -299,8 +299,8 @@ WIDER_THAN_FLOAT32 = [
 @pytest.mark.parametrize("batches", WIDER_THAN_FLOAT32, ids=str)
 def test_range_wider_than_float32_max_matches_torch(batches):
     """max - min overflows: histc's edges are NaN (nothing is counted) and bin_width is inf, so new_min =
-    min_val + inf * start_bin is NaN or inf and torch returns a NaN or inf-derived scale. Same here, but for the
-    NaN's sign bit (see the xfail below)."""
+    min_val + inf * start_bin is NaN or inf and torch returns a NaN or inf-derived scale. Same here; the NaN's bits
+    are checked in the test below."""
     theirs, ours = torch_observer({}), HistogramObserver()
     for b in batches:
         theirs(torch.from_numpy(b))
@@ -319,11 +319,8 @@ def test_range_wider_than_float32_max_matches_torch(batches):
     assert_same(zero_point, expected_zero_point.numpy())
 
 
-@pytest.mark.xfail(strict=True, reason="refquant/observers.py _calculate_qparams keeps the NaN's payload through "
-                                       "np.maximum(scale, eps) (0xffc00000); torch's scalar maximum returns "
-                                       "quiet_NaN() = 0x7fc00000 (aten/src/ATen/native/cpu/BinaryOpsKernel.cpp "
-                                       "maximum_kernel). Reported to the owner of observers.py.")
 def test_range_wider_than_float32_max_nan_scale_bits():
+    """The clip range overflows float32, the scale is NaN: torch's scalar maximum makes it quiet_NaN() (0x7fc00000)."""
     theirs, ours = torch_observer({}), HistogramObserver()
     x = np.float32([-3e38, 1.0, 3e38])
     theirs(torch.from_numpy(x))
