@@ -207,7 +207,55 @@ class UniformQuantizationObserverBase:
         return True
 
 
-class MinMaxObserver(UniformQuantizationObserverBase):
+class _RangeObserver(UniformQuantizationObserverBase):
+    """What the four MinMax-family observers share: convert and check a batch, find its range, fold it into the
+    recorded range (``_update_range``: min/max, or a moving average), and apply ``_calculate_qparams``."""
+
+    def _batch_range(self, x_f32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError  # pragma: no cover
+
+    def _has_range(self) -> bool:
+        raise NotImplementedError  # pragma: no cover
+
+    def _update_range(self, cur_min: np.ndarray, cur_max: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Running min and max (torch.min / torch.max with the recorded values)."""
+        return np.minimum(cur_min, self.min_val), np.maximum(cur_max, self.max_val)
+
+    def forward(self, x):
+        """Record the batch ``x`` (converted to float32 as torch's ``x.to(torch.float32)``); return ``x``."""
+        x_f32 = _as_observed_float32(x)
+        if x_f32.size == 0:
+            return x
+        _check_finite(x_f32)
+        cur_min, cur_max = self._batch_range(x_f32)
+        if self._has_range():
+            self.min_val, self.max_val = self._update_range(cur_min, cur_max)
+        else:
+            self.min_val, self.max_val = cur_min, cur_max
+        return x
+
+    def calculate_qparams(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scale, zero_point) from the recorded range, eq. P1-P3: float32 scales; zero points int32 (affine),
+        int64 (symmetric) or float32 (affine_float_qparams); shape (1,) per tensor, (C,) per channel."""
+        return self._calculate_qparams(self.min_val, self.max_val)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(min_val={self.min_val}, max_val={self.max_val})"
+
+
+def _moving_average(old_f32: np.ndarray, cur_f32: np.ndarray, averaging_constant: float) -> np.ndarray:
+    """f32(old + f32(f32(c) * f32(cur - old))): torch's ``old + c * (cur - old)`` on float32 tensors, where the
+    Python float c is rounded to float32 first."""
+    return old_f32 + np.float32(averaging_constant) * (cur_f32 - old_f32)
+
+
+def _check_averaging_constant(c: object) -> float:
+    if isinstance(c, bool) or not isinstance(c, numbers.Real) or not np.isfinite(c):
+        raise ValueError(f"averaging_constant must be a finite real number, got {c!r}")
+    return float(c)
+
+
+class MinMaxObserver(_RangeObserver):
     """The running minimum and maximum of everything observed, per tensor.
 
         min_val = min(min_val, min(x)),   max_val = max(max_val, max(x))     (x converted to float32 first)
@@ -224,26 +272,16 @@ class MinMaxObserver(UniformQuantizationObserverBase):
         super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, eps)
         self.reset_min_max_vals()
 
-    def forward(self, x):
-        x_f32 = _as_observed_float32(x)
-        if x_f32.size == 0:
-            return x
-        _check_finite(x_f32)
-        self.min_val = np.minimum(x_f32.min(), self.min_val)
-        self.max_val = np.maximum(x_f32.max(), self.max_val)
-        return x
+    def _batch_range(self, x_f32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return x_f32.min(), x_f32.max()  # torch.aminmax(x)
 
-    def calculate_qparams(self) -> tuple[np.ndarray, np.ndarray]:
-        """(scale, zero_point): float32 shape (1,), and int32 (affine) or int64 (symmetric) shape (1,)."""
-        return self._calculate_qparams(self.min_val, self.max_val)
+    def _has_range(self) -> bool:
+        return not (self.min_val == np.inf and self.max_val == -np.inf)
 
     def reset_min_max_vals(self) -> None:
         """Forget everything observed: min_val = +inf, max_val = -inf."""
         self.min_val = np.float32(np.inf)
         self.max_val = np.float32(-np.inf)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(min_val={self.min_val}, max_val={self.max_val})"
 
 
 class MovingAverageMinMaxObserver(MinMaxObserver):
@@ -260,34 +298,15 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
     def __init__(self, averaging_constant: float = 0.01, dtype: str = "quint8", qscheme: str = "per_tensor_affine",
                  reduce_range: bool = False, quant_min: int | None = None, quant_max: int | None = None,
                  eps: float = FLOAT32_EPS) -> None:
-        if qscheme not in PER_TENSOR_QSCHEMES:
-            raise NotImplementedError(f"{type(self).__name__}'s qscheme only supports {PER_TENSOR_QSCHEMES}, "
-                                      f"got {qscheme!r}")
         self.averaging_constant = _check_averaging_constant(averaging_constant)
         super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, eps)
 
-    def forward(self, x):
-        x_f32 = _as_observed_float32(x)
-        if x_f32.size == 0:
-            return x
-        _check_finite(x_f32)
-        cur_min, cur_max = x_f32.min(), x_f32.max()
-        if self.min_val == np.inf and self.max_val == -np.inf:
-            self.min_val, self.max_val = cur_min, cur_max
-        else:
-            c_f32 = np.float32(self.averaging_constant)
-            self.min_val = self.min_val + c_f32 * (cur_min - self.min_val)
-            self.max_val = self.max_val + c_f32 * (cur_max - self.max_val)
-        return x
+    def _update_range(self, cur_min, cur_max):
+        return (_moving_average(self.min_val, cur_min, self.averaging_constant),
+                _moving_average(self.max_val, cur_max, self.averaging_constant))
 
 
-def _check_averaging_constant(c: object) -> float:
-    if isinstance(c, bool) or not isinstance(c, numbers.Real) or not np.isfinite(c):
-        raise ValueError(f"averaging_constant must be a finite real number, got {c!r}")
-    return float(c)
-
-
-class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
+class PerChannelMinMaxObserver(_RangeObserver):
     """The running minimum and maximum of each slice of x along ``ch_axis`` (one pair per channel).
 
     For a Linear weight (N, K) with ch_axis=0, channel n is the row of output feature n. With the fbgemm
@@ -308,43 +327,25 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
         self.ch_axis = int(ch_axis)
         self.reset_min_max_vals()
 
-    def _per_channel_min_max(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _batch_range(self, x_f32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Move ch_axis to the front, flatten the rest, take min and max of each row (torch.aminmax(dim=1))."""
-        if x.ndim < 2:  # torch: flatten(start_dim=1) raises "Dimension out of range" on a 1-D input
-            raise ValueError(f"x must have at least 2 dimensions for a per-channel observer, got shape {x.shape}")
-        if not -x.ndim <= self.ch_axis < x.ndim:
-            raise ValueError(f"ch_axis={self.ch_axis} is out of range for an input with {x.ndim} dimensions")
-        rows = np.moveaxis(x, self.ch_axis, 0).reshape(x.shape[self.ch_axis], -1)
+        if x_f32.ndim < 2:  # torch: flatten(start_dim=1) raises "Dimension out of range" on a 1-D input
+            raise ValueError(f"x must have at least 2 dimensions for a per-channel observer, got shape {x_f32.shape}")
+        if not -x_f32.ndim <= self.ch_axis < x_f32.ndim:
+            raise ValueError(f"ch_axis={self.ch_axis} is out of range for an input with {x_f32.ndim} dimensions")
+        rows = np.moveaxis(x_f32, self.ch_axis, 0).reshape(x_f32.shape[self.ch_axis], -1)
         if self.min_val.size and rows.shape[0] != self.min_val.shape[0]:
             raise ValueError(f"x has {rows.shape[0]} channels along ch_axis={self.ch_axis}, but this observer "
                              f"has recorded {self.min_val.shape[0]}")
         return rows.min(axis=1), rows.max(axis=1)
 
-    def forward(self, x):
-        x_f32 = _as_observed_float32(x)
-        if x_f32.size == 0:
-            return x
-        _check_finite(x_f32)
-        cur_min, cur_max = self._per_channel_min_max(x_f32)
-        if self.min_val.size == 0:
-            self.min_val, self.max_val = cur_min, cur_max
-        else:
-            self.min_val = np.minimum(cur_min, self.min_val)
-            self.max_val = np.maximum(cur_max, self.max_val)
-        return x
-
-    def calculate_qparams(self) -> tuple[np.ndarray, np.ndarray]:
-        """(scales, zero_points), one per channel: float32 (C,), and int64 (symmetric), int32 (affine) or
-        float32 (affine_float_qparams) (C,)."""
-        return self._calculate_qparams(self.min_val, self.max_val)
+    def _has_range(self) -> bool:
+        return self.min_val.size > 0
 
     def reset_min_max_vals(self) -> None:
         """Forget everything observed (empty per-channel ranges)."""
         self.min_val = np.zeros(0, np.float32)
         self.max_val = np.zeros(0, np.float32)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(min_val={self.min_val}, max_val={self.max_val})"
 
 
 class MovingAveragePerChannelMinMaxObserver(PerChannelMinMaxObserver):
@@ -362,16 +363,6 @@ class MovingAveragePerChannelMinMaxObserver(PerChannelMinMaxObserver):
         self.averaging_constant = _check_averaging_constant(averaging_constant)
         super().__init__(ch_axis, dtype, qscheme, reduce_range, quant_min, quant_max, eps)
 
-    def forward(self, x):
-        x_f32 = _as_observed_float32(x)
-        if x_f32.size == 0:
-            return x
-        _check_finite(x_f32)
-        cur_min, cur_max = self._per_channel_min_max(x_f32)
-        if self.min_val.size == 0:
-            self.min_val, self.max_val = cur_min, cur_max
-        else:
-            c_f32 = np.float32(self.averaging_constant)
-            self.min_val = self.min_val + c_f32 * (cur_min - self.min_val)
-            self.max_val = self.max_val + c_f32 * (cur_max - self.max_val)
-        return x
+    def _update_range(self, cur_min, cur_max):
+        return (_moving_average(self.min_val, cur_min, self.averaging_constant),
+                _moving_average(self.max_val, cur_max, self.averaging_constant))
