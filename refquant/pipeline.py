@@ -129,8 +129,7 @@ class ObservedLinear:
                 raise TypeError(f"bias must be None or a float32 NumPy array, got {got}")
             if bias.shape != (weight.shape[0],):
                 raise ValueError(f"bias must have shape (out_features,) = ({weight.shape[0]},), got {bias.shape}")
-        w = weight
-        self.weight = w
+        self.weight = weight
         self.bias = bias
         self.relu = bool(relu)
         self.input_observer = HistogramObserver(dtype="quint8", qscheme="per_tensor_affine", reduce_range=reduce_range)
