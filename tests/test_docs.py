@@ -31,3 +31,20 @@ def test_readme_shows_what_the_default_study_prints():
                          timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.rstrip("\n") == block.group(1), "README.md's study output drifted: paste the new output"
+
+
+def test_readme_figures_are_what_the_study_draws(tmp_path):
+    """images/*.png, shown in the README, are byte for byte what `--plots` draws today (matplotlib is pinned by
+    constraints.txt; regenerate with `python -m crosscheck.linear --plots images` after a deliberate change)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "crosscheck.linear", "--plots", str(tmp_path), "--quiet"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    committed = sorted(p.name for p in (ROOT / "images").glob("*.png"))
+    assert committed == sorted(p.name for p in tmp_path.glob("*.png"))
+    readme = (ROOT / "README.md").read_text()
+    for name in committed:
+        assert f"images/{name}" in readme, f"images/{name} is not shown in the README"
+        assert (ROOT / "images" / name).read_bytes() == (tmp_path / name).read_bytes(), f"images/{name} drifted"
