@@ -29,7 +29,12 @@ Every step has a readable NumPy version (an explicit float32 cast at each torch 
 kernel that computes the same bits faster: ``@njit(cache=True, error_model="numpy")`` (IEEE inf/NaN on division by
 zero, as in C++, instead of ZeroDivisionError), no fastmath. ``HistogramObserver(..., implementation="numpy")``
 runs the readable path end to end; the tests prove both paths equal, and each against torch
-(tests/test_histogram_steps.py, tests/test_histogram_parity.py).
+(tests/test_histogram_steps.py, tests/test_histogram_parity.py, tests/test_histogram_forward_fast.py). Two liberties
+of the Numba forward that cannot change a bit: its aminmax ignores NaN (NaN is then found by histc, which skips it),
+and batches of >= 2^18 elements are shared between threads chunk by chunk (integer counts, exact min and max).
+
+The sign of a zero ``min_val``/``max_val`` (a batch holding both -0.0 and +0.0 at its minimum) is unspecified, as
+it is in torch, whose aminmax answer depends on its thread count; it changes no bin, count, scale or zero point.
 
 Limits (documented, warned): a bin receiving >= 2^24 values from one batch (torch counts in float32 per thread) and
 bins >= 32768 (torch sums such histograms in per-thread pieces): there torch's answer depends on its thread count.
@@ -38,12 +43,16 @@ bins >= 32768 (torch sums such histograms in per-thread pieces): there torch's a
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 from refquant._float32 import fma_f32, fmaf
 from refquant.observers import PER_TENSOR_QSCHEMES, QSCHEMES, UniformQuantizationObserverBase
@@ -69,37 +78,196 @@ _DTYPE_BITS = {"quint8": 8, "qint8": 8, "qint32": 32}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Step 1. aminmax of a batch (and the threads that share big batches)
+# Threads: a big batch is shared chunk by chunk (by steps 1 and 2)
 # ---------------------------------------------------------------------------------------------------------------
 
-# Batches of at least this many elements are split across threads (the kernels release the GIL). Counts are
-# integers, so the split cannot change them; the min and max of the pieces are the min and max of the whole.
+# A batch of at least PARALLEL_MIN_ELEMENTS elements is cut into chunks of _CHUNK elements, and this thread
+# and num_threads - 1 pool threads run the same nogil kernel, which claims the next unclaimed chunk (an atomic
+# counter) until none is left. This thread then waits, spinning, until every claimed chunk is done: a pool thread
+# that wakes up late just finds fewer chunks (or none) left, so nobody waits for a thread to start, and the wait at
+# the end is at most one chunk. (A hand-off to a pool thread and back costs 30-70 us here; waiting for it twice per
+# batch was a tenth of the forward time.) Counts are integers and a min or max is exact, so which
+# thread takes which chunk cannot change a bit.
 PARALLEL_MIN_ELEMENTS = 1 << 18
-_executor: ThreadPoolExecutor | None = None
+_CHUNK = 1 << 16
+_CLAIMED, _DONE = 0, 1  # the two counters of a chunk-sharing state (an int64 array)
+_sched_yield = getattr(os, "sched_yield", lambda: None)
 
 
-def _pieces(x: np.ndarray, num_threads: int) -> list[np.ndarray]:
-    """x split into num_threads contiguous pieces (one piece when x is small or num_threads is 1)."""
-    if num_threads <= 1 or x.shape[0] < PARALLEL_MIN_ELEMENTS:
-        return [x]
-    return np.array_split(x, num_threads)
+def _atomic_codegen(op: str):
+    """Numba codegen of an atomic operation on ``array[index]`` of an int64 array (sequentially consistent)."""
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        array = context.make_array(array_type)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, array_type, array, [args[1]])
+        if op == "load":
+            return builder.load_atomic(ptr, "seq_cst", 8)
+        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
+
+    return codegen
 
 
-def _map_pieces(fn, pieces: list[np.ndarray]) -> list:
-    global _executor
-    if len(pieces) == 1:
-        return [fn(pieces[0])]
-    if _executor is None:
-        _executor = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="refquant-histogram")
-    return list(_executor.map(fn, pieces))
+@intrinsic
+def _atomic_add_i64(typingctx, array, index, value):
+    """Numba intrinsic: ``array[index] += value`` as one atomic instruction; returns the old value."""
+    return types.int64(array, types.intp, types.int64), _atomic_codegen("add")
+
+
+@intrinsic
+def _atomic_load_i64(typingctx, array, index):
+    """Numba intrinsic: ``array[index]``, read atomically (never cached in a register by the compiler)."""
+    return types.int64(array, types.intp), _atomic_codegen("load")
+
+
+@njit(cache=True, nogil=True)
+def _claim_chunk(state_i64, n_chunks):
+    """The index of the next unclaimed chunk, or -1 when all are claimed."""
+    chunk = _atomic_add_i64(state_i64, _CLAIMED, 1)
+    return chunk if chunk < n_chunks else -1
+
+
+@njit(cache=True, nogil=True)
+def _spin_until_done_kernel(state_i64, n_chunks, max_spins):
+    """True once all n_chunks chunks are done; False if they are not after max_spins reads."""
+    for _ in range(max_spins):
+        if _atomic_load_i64(state_i64, _DONE) >= n_chunks:
+            return True
+    return False
+
+
+class _PoolThread(threading.Thread):
+    """A daemon thread that runs the kernels put on the shared queue ``_pool_tasks`` (a ThreadPoolExecutor's
+    futures and locks cost 0.08 ms more per 1M batch here)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="refquant-histogram", daemon=True)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            kernel, args = _pool_tasks.get()
+            try:
+                kernel(*args)
+            except BaseException as e:  # noqa: BLE001 -- reported by _share_chunks, which waits on this thread
+                self.error = e
+
+
+_pool_tasks: queue.SimpleQueue = queue.SimpleQueue()
+_pool: list[_PoolThread] = []
+
+
+def _share_chunks(kernel, x_f32: np.ndarray, thread_args: list[tuple]) -> None:
+    """``kernel(x_f32, state_i64, *thread_args[t])`` on this thread (t = 0) and on ``len(thread_args) - 1`` pool
+    threads at once; returns when each of x's chunks has been claimed and done (see "Threads" above)."""
+    n_chunks = -(-x_f32.shape[0] // _CHUNK)
+    state_i64 = np.zeros(2, np.int64)  # [_CLAIMED, _DONE]
+    while len(_pool) < len(thread_args) - 1:
+        _pool.append(_PoolThread())
+        _pool[-1].start()
+    for args in thread_args[1:]:
+        _pool_tasks.put((kernel, (x_f32, state_i64, *args)))
+    kernel(x_f32, state_i64, *thread_args[0])
+    while not _spin_until_done_kernel(state_i64, n_chunks, 10_000):  # a pool thread is finishing a chunk
+        for thread in _pool:
+            if thread.error is not None:
+                error, thread.error = thread.error, None
+                raise error
+        _sched_yield()
+
+
+def _threads_for(x_f32: np.ndarray, num_threads: int) -> int:
+    """How many threads share x: one below PARALLEL_MIN_ELEMENTS, else num_threads (at most one per chunk)."""
+    if x_f32.shape[0] < PARALLEL_MIN_ELEMENTS:
+        return 1
+    return max(1, min(num_threads, -(-x_f32.shape[0] // _CHUNK)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Step 1. aminmax of a batch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _llvm_binary_f32(name: str):
+    """Numba codegen calling the LLVM intrinsic ``name`` on two float32 values."""
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32]), name)
+        return builder.call(fn, args)
+
+    return codegen
+
+
+@intrinsic
+def _llvm_minnum_f32(typingctx, a, b):
+    """Numba intrinsic: LLVM's ``llvm.minnum.f32`` (IEEE 754 minNum: a NaN operand is ignored)."""
+    return types.float32(types.float32, types.float32), _llvm_binary_f32("llvm.minnum.f32")
+
+
+@intrinsic
+def _llvm_maxnum_f32(typingctx, a, b):
+    """Numba intrinsic: LLVM's ``llvm.maxnum.f32`` (IEEE 754 maxNum: a NaN operand is ignored)."""
+    return types.float32(types.float32, types.float32), _llvm_binary_f32("llvm.maxnum.f32")
+
+
+def minnum_f32(a, b) -> np.float32:
+    """``fmin(a, b)`` on float32 scalars: the smaller, or the other one if one is NaN. In a Numba loop it compiles
+    to ``llvm.minnum.f32``, whose running minimum LLVM vectorizes without fastmath (Numba's ``min`` and
+    ``np.fmin`` give scalar loops); in plain Python (``NUMBA_DISABLE_JIT=1``) it is ``np.fmin``."""
+    return np.fmin(np.float32(a), np.float32(b))
+
+
+def maxnum_f32(a, b) -> np.float32:
+    """``fmax(a, b)`` on float32 scalars, as :func:`minnum_f32` (``llvm.maxnum.f32`` / ``np.fmax``)."""
+    return np.fmax(np.float32(a), np.float32(b))
+
+
+@overload(minnum_f32)
+def _minnum_f32_numba(a, b):
+    return lambda a, b: _llvm_minnum_f32(np.float32(a), np.float32(b))
+
+
+@overload(maxnum_f32)
+def _maxnum_f32_numba(a, b):
+    return lambda a, b: _llvm_maxnum_f32(np.float32(a), np.float32(b))
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def _nan_ignoring_aminmax_kernel(x_f32):
+    """(min, max) of the elements that are not NaN, ``(inf, -inf)`` if there are none: one pass of
+    ``mn = minnum(mn, v)``, ``mx = maxnum(mx, v)``, which LLVM vectorizes (8 lanes per instruction)."""
+    mn, mx = F32_INF, -F32_INF
+    for i in range(x_f32.shape[0]):
+        mn = minnum_f32(mn, x_f32[i])
+        mx = maxnum_f32(mx, x_f32[i])
+    return mn, mx
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def _aminmax_chunks_kernel(x_f32, state_i64, mins_f32, maxs_f32):
+    """Claim chunks of x until none is left (see "Threads"); chunk c's NaN-ignoring (min, max) into
+    ``mins_f32[c]``, ``maxs_f32[c]``."""
+    n_chunks = -(-x_f32.shape[0] // _CHUNK)
+    chunk = _claim_chunk(state_i64, n_chunks)
+    while chunk >= 0:
+        mins_f32[chunk], maxs_f32[chunk] = _nan_ignoring_aminmax_kernel(x_f32[chunk * _CHUNK : (chunk + 1) * _CHUNK])
+        _atomic_add_i64(state_i64, _DONE, 1)
+        chunk = _claim_chunk(state_i64, n_chunks)
 
 
 def _aminmax_fast(x_f32: np.ndarray, num_threads: int) -> tuple[np.float32, np.float32]:
-    """``torch.aminmax(x)``: (min, max), both NaN if any element is NaN (NumPy's reductions propagate NaN)."""
-    parts = _map_pieces(lambda p: (np.min(p), np.max(p)), _pieces(x_f32, num_threads))
-    return (np.float32(np.min([p[0] for p in parts])), np.float32(np.max([p[1] for p in parts])))
-
-
+    """``torch.aminmax(x)`` when x has no NaN: (min, max). Unlike torch it IGNORES NaN (torch returns NaN, and so
+    does the readable path's ``np.min``); the caller finds NaN afterwards (see ``HistogramObserver._forward_numba``):
+    a NaN-propagating minimum costs half as much again as this whole pass."""
+    threads = _threads_for(x_f32, num_threads)
+    if threads == 1:
+        x_min, x_max = _nan_ignoring_aminmax_kernel(x_f32)
+        return np.float32(x_min), np.float32(x_max)
+    n_chunks = -(-x_f32.shape[0] // _CHUNK)
+    mins_f32, maxs_f32 = np.empty(n_chunks, np.float32), np.empty(n_chunks, np.float32)
+    _share_chunks(_aminmax_chunks_kernel, x_f32, [(mins_f32, maxs_f32)] * threads)
+    return np.float32(np.fmin.reduce(mins_f32)), np.float32(np.fmax.reduce(maxs_f32))
 
 
 @njit(cache=True, error_model="numpy")
@@ -182,55 +350,84 @@ def histc(x: np.ndarray, bins: int, min: float, max: float) -> np.ndarray:  # no
     return np.bincount(pos, minlength=bins).astype(np.float32)
 
 
-@njit(cache=True, error_model="numpy", nogil=True)
-def _histc_count_kernel(x_f32, bins, leftmost, rightmost, counts_i64):
-    """Count x into bins by eq. 1 (see :func:`histc`), in blocks of 1024: a branch-free pass computes each bin
-    index (it vectorizes), a second adds 1 to it. ``counts_i64`` holds two tables of ``bins + 1`` counters, used by
-    alternate elements so that runs of one bin do not wait on each other; counter ``bins`` of each table counts the
-    skipped values (outside [leftmost, rightmost], NaN, ±inf)."""
+# The counting kernel works in blocks of _HISTC_BLOCK elements and spreads consecutive elements over
+# _HISTC_TABLES tables of counters (measured on 1M normal float32 with 2048 bins: see benchmarks/README.md).
+_HISTC_BLOCK = 128
+_HISTC_TABLES = 4
+
+
+@njit(cache=True, error_model="numpy", nogil=True, inline="always")
+def _histc_bin_index(v, leftmost, rightmost, bins):
+    """Eq. 1 for one value as an unsigned index: its bin, or ``bins`` if histc skips it (outside
+    [leftmost, rightmost], NaN, ±inf). Branch-free, so that a loop of it vectorizes."""
     bins_f32 = np.float32(bins)
-    width_f32 = rightmost - leftmost
+    inside = (v >= leftmost) & (v <= rightmost)  # False for NaN
+    pos_f32 = ((v - leftmost) * bins_f32) / (rightmost - leftmost)  # eq. 1: float32 ops, a true division
+    pos = np.uint32(min(pos_f32, bins_f32)) if inside else np.uint32(0)  # trunc; NaN/inf are never cast
+    pos = np.uint32(bins - 1) if pos == np.uint32(bins) else pos  # the rightmost bin includes its right edge
+    pos = np.uint32(0) if pos_f32 == F32_INF else pos  # static_cast<int64_t>(inf) = INT64_MIN -> offset 0
+    return pos if inside else np.uint32(bins)
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def _histc_count_kernel(x_f32, bins, leftmost, rightmost, counts_i32):
+    """Count x into bins by eq. 1 (see :func:`histc`), in blocks of ``_HISTC_BLOCK`` elements: one pass computes
+    the bin indices of the block (:func:`_histc_bin_index`; it vectorizes, 8 divisions per ``vdivps``), a second
+    adds 1 to each. ``counts_i32`` has shape ``(_HISTC_TABLES, bins + 1)``: element j of a block goes to table
+    ``j % _HISTC_TABLES``, so that nearby increments rarely wait on each other (they go to one cache line only when
+    they fall in the same bin AND the same table); the caller adds the tables. Column ``bins`` counts the skipped
+    values. A block small enough to stay in the CPU's out-of-order window lets its divisions overlap the previous
+    block's increments. int32 counters: the caller gives at most 2^31 - 1 elements per call."""
     n = x_f32.shape[0]
-    block = 1024
-    table = np.uint32(bins + 1)
-    skip = np.uint32(bins)
-    pos_u32 = np.empty(block, np.uint32)  # unsigned: Numba then indexes without the negative-index wraparound
-    for start in range(0, n, block):
-        m = min(block, n - start)
-        for j in range(m):
-            v = x_f32[start + j]
-            inside = (v >= leftmost) & (v <= rightmost)
-            pos_f32 = ((v - leftmost) * bins_f32) / width_f32
-            pos = np.uint32(min(pos_f32, bins_f32)) if inside else np.uint32(0)  # trunc; NaN/inf never cast
-            pos = np.uint32(bins - 1) if pos == skip else pos  # the rightmost bin includes its right edge
-            pos = np.uint32(0) if pos_f32 == F32_INF else pos  # INT64_MIN wraps to offset 0
-            pos_u32[j] = pos if inside else skip
-        m2 = m - m % 2
-        for j in range(0, m2, 2):
-            counts_i64[pos_u32[j]] += 1
-            counts_i64[table + pos_u32[j + 1]] += 1
-        if m2 < m:
-            counts_i64[pos_u32[m2]] += 1
+    pos_u32 = np.empty(_HISTC_BLOCK, np.uint32)  # unsigned: Numba indexes without the negative-index wraparound
+    n_blocks = n // _HISTC_BLOCK
+    for start in range(0, n_blocks * _HISTC_BLOCK, _HISTC_BLOCK):
+        block_f32 = x_f32[start : start + _HISTC_BLOCK]  # a slice: contiguous loads (x[start + j] is a gather)
+        for j in range(_HISTC_BLOCK):
+            pos_u32[j] = _histc_bin_index(block_f32[j], leftmost, rightmost, bins)
+        for j in range(0, _HISTC_BLOCK, _HISTC_TABLES):
+            for t in range(_HISTC_TABLES):
+                counts_i32[t, pos_u32[j + t]] += np.int32(1)
+    for i in range(n_blocks * _HISTC_BLOCK, n):
+        counts_i32[0, _histc_bin_index(x_f32[i], leftmost, rightmost, bins)] += np.int32(1)
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def _histc_chunks_kernel(x_f32, state_i64, bins, leftmost, rightmost, counts_i32):
+    """Claim chunks of x until none is left (see "Threads"); count each into this thread's ``counts_i32``."""
+    n_chunks = -(-x_f32.shape[0] // _CHUNK)
+    chunk = _claim_chunk(state_i64, n_chunks)
+    while chunk >= 0:
+        _histc_count_kernel(x_f32[chunk * _CHUNK : (chunk + 1) * _CHUNK], bins, leftmost, rightmost, counts_i32)
+        _atomic_add_i64(state_i64, _DONE, 1)
+        chunk = _claim_chunk(state_i64, n_chunks)
+
+
+_HISTC_MAX_ELEMENTS_PER_CALL = 2**31 - 1  # int32 counters: one thread's tables hold at most this many
 
 
 def _histc_fast(
     x_f32: np.ndarray, bins: int, lo: np.float32, hi: np.float32, num_threads: int = 1
 ) -> tuple[np.ndarray, int]:
     """:func:`histc` over edges already chosen by :func:`histc_edges`, counted by the Numba kernel;
-    returns (float32 counts, number of skipped values)."""
+    returns (float32 counts, number of skipped values: outside [lo, hi], NaN, ±inf)."""
+    lo, hi = np.float32(lo), np.float32(hi)
     with np.errstate(invalid="ignore", over="ignore"):
         step_f32 = np.float32(np.float32(hi - lo) / np.float32(bins))  # linspace's step (eq. 2)
     # linspace's outer edges fmaf(step, 0, lo) and fmaf(-step, 0, hi): lo and hi, or NaN when the step is inf
     leftmost = lo if np.isfinite(step_f32) else np.float32(np.nan)
     rightmost = hi if np.isfinite(step_f32) else np.float32(np.nan)
-
-    def count(piece: np.ndarray) -> np.ndarray:
-        counts_i64 = np.zeros(2 * (bins + 1), np.int64)
-        _histc_count_kernel(piece, bins, leftmost, rightmost, counts_i64)
-        return counts_i64
-
-    counts_i64 = sum(_map_pieces(count, _pieces(x_f32, num_threads)))
-    counts_i64 = counts_i64[: bins + 1] + counts_i64[bins + 1 :]
+    counts_i64 = np.zeros(bins + 1, np.int64)
+    for start in range(0, x_f32.shape[0], _HISTC_MAX_ELEMENTS_PER_CALL):
+        part_f32 = x_f32[start : start + _HISTC_MAX_ELEMENTS_PER_CALL]
+        threads = _threads_for(part_f32, num_threads)
+        counts_i32 = np.zeros((threads, _HISTC_TABLES, bins + 1), np.int32)  # each thread's own tables
+        if threads == 1:
+            _histc_count_kernel(part_f32, bins, leftmost, rightmost, counts_i32[0])
+        else:
+            thread_args = [(bins, leftmost, rightmost, counts_i32[t]) for t in range(threads)]
+            _share_chunks(_histc_chunks_kernel, part_f32, thread_args)
+        counts_i64 += counts_i32.sum(axis=(0, 1), dtype=np.int64)
     if counts_i64[:bins].max(initial=0) >= 2**24:
         warnings.warn(
             "a histogram bin received >= 2^24 values from one batch: torch counts in float32 per thread, so its "
@@ -1161,35 +1358,48 @@ class HistogramObserver(UniformQuantizationObserverBase):
             if skipped == 0:
                 self.histogram = (self.histogram + counts_f32).astype(np.float32)
                 return
+        # The batch's min and max IGNORING NaN (a NaN-propagating pass costs half as much again). NaN is found on
+        # the way instead: without ±inf, histc over a range that covers [x_min, x_max] skips exactly the NaN.
         x_min, x_max = _aminmax_fast(x, self.num_threads)
-        if np.isnan(x_min) or np.isnan(x_max):
-            raise self._nan_error()
-        if x_min == -np.inf or x_max == np.inf:
+        x_has_inf = x_min == -np.inf or x_max == np.inf
+        if x_has_inf or not x_min <= x_max:  # ±inf, or nothing but NaN: check explicitly
+            if np.isnan(x).any():
+                raise self._nan_error()
             warnings.warn("torch.inf detected in input tensor, ignoring input", stacklevel=3)
             x_min, x_max, count = _finite_aminmax_kernel(x)  # the ±inf elements stay in x: histc skips them
             if count == 0:
                 return
-        self._merge_batch(x, np.float32(x_min), np.float32(x_max))
+        self._merge_batch(x, np.float32(x_min), np.float32(x_max), nan_unchecked=not x_has_inf)
 
-    def _histc(self, x: np.ndarray, lo: np.float32, hi: np.float32) -> np.ndarray:
-        """``torch.histc(x, self.bins, min=lo, max=hi)`` where [lo, hi] covers every finite x."""
+    def _histc(self, x: np.ndarray, lo: np.float32, hi: np.float32, nan_unchecked: bool = False) -> np.ndarray:
+        """``torch.histc(x, self.bins, min=lo, max=hi)`` where [lo, hi] covers every finite x.
+
+        ``nan_unchecked``: x has no ±inf but has not been checked for NaN (the numba path's aminmax ignores NaN).
+        Then every value histc skips is a NaN, and a skipped value raises the NaN error (after ``np.isnan``
+        confirms it: a range wider than float32's largest value makes histc skip everything, as torch's does).
+        """
         if self.implementation == "numpy":
             return histc(x, self.bins, lo, hi)
         edge_lo, edge_hi = histc_edges(np.zeros(0, np.float32), lo, hi)  # lo == hi only when x is constant lo
-        return _histc_fast(x, self.bins, edge_lo, edge_hi, self.num_threads)[0]
+        counts_f32, skipped = _histc_fast(x, self.bins, edge_lo, edge_hi, self.num_threads)
+        if nan_unchecked and skipped > 0 and np.isnan(x).any():
+            raise self._nan_error()
+        return counts_f32
 
-    def _merge_batch(self, x: np.ndarray, x_min: np.float32, x_max: np.float32) -> None:
-        """The rest of torch's forward, once the batch's finite range [x_min, x_max] is known."""
+    def _merge_batch(self, x: np.ndarray, x_min: np.float32, x_max: np.float32, nan_unchecked: bool = False) -> None:
+        """The rest of torch's forward, once the batch's finite range [x_min, x_max] is known. Nothing changes
+        before the batch's histc is done (it may find NaN, see :meth:`_histc`)."""
         current_min, current_max = self.min_val, self.max_val
         is_uninitialized = current_min == np.inf or current_max == -np.inf
-        self._last_range_unchanged = False
         if is_uninitialized:  # reset_histogram
+            self.histogram = self._histc(x, x_min, x_max, nan_unchecked)
             self.min_val, self.max_val = np.float32(x_min), np.float32(x_max)
-            self.histogram = self._histc(x, x_min, x_max)
+            self._last_range_unchanged = False
             return
         new_min = np.minimum(current_min, x_min)
         new_max = np.maximum(current_max, x_max)
-        update_histogram = self._histc(x, new_min, new_max)
+        update_histogram = self._histc(x, new_min, new_max, nan_unchecked)
+        self._last_range_unchanged = False
         if new_min == current_min and new_max == current_max:
             self.histogram = (self.histogram + update_histogram).astype(np.float32)
             self._last_range_unchanged = True
