@@ -50,6 +50,7 @@ from typing import Literal
 
 import numpy as np
 from llvmlite import ir
+from numba import config as numba_config
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
@@ -81,16 +82,17 @@ _DTYPE_BITS = {"quint8": 8, "qint8": 8, "qint32": 32}
 # Threads: a big batch is shared chunk by chunk (by steps 1 and 2)
 # ---------------------------------------------------------------------------------------------------------------
 
-# A batch of at least PARALLEL_MIN_ELEMENTS elements is cut into chunks of _CHUNK elements, and this thread
-# and num_threads - 1 pool threads run the same nogil kernel, which claims the next unclaimed chunk (an atomic
-# counter) until none is left. This thread then waits, spinning, until every claimed chunk is done: a pool thread
-# that wakes up late just finds fewer chunks (or none) left, so nobody waits for a thread to start, and the wait at
-# the end is at most one chunk. (A hand-off to a pool thread and back costs 30-70 us here; waiting for it twice per
-# batch was a tenth of the forward time.) Counts are integers and a min or max is exact, so which
-# thread takes which chunk cannot change a bit.
+# A batch of at least PARALLEL_MIN_ELEMENTS elements is cut into chunks of _CHUNK elements, and this thread and
+# num_threads - 1 pool threads run the same nogil kernel over them. Thread t first takes the chunks of its own t-th
+# share of the batch, in order, then helps with the other shares from their ends; a chunk goes to whichever thread
+# first increments its claim counter (an atomic add). This thread then waits, spinning, until every chunk is done.
+# So a pool thread that wakes up late only finds less left to do: nobody waits for a thread to start, and the wait
+# at the end is at most one chunk (a hand-off to a pool thread and back costs 30-70 us here; waiting for it twice
+# per batch was a tenth of the forward time). And each thread reads the same share in both passes (aminmax, then
+# histc), so the second pass finds it in its own core's cache. Counts are integers and a min or max is exact, so
+# which thread takes which chunk cannot change a bit.
 PARALLEL_MIN_ELEMENTS = 1 << 18
 _CHUNK = 1 << 16
-_CLAIMED, _DONE = 0, 1  # the two counters of a chunk-sharing state (an int64 array)
 _sched_yield = getattr(os, "sched_yield", lambda: None)
 
 
@@ -109,29 +111,63 @@ def _atomic_codegen(op: str):
 
 
 @intrinsic
-def _atomic_add_i64(typingctx, array, index, value):
-    """Numba intrinsic: ``array[index] += value`` as one atomic instruction; returns the old value."""
+def _llvm_atomic_add_i64(typingctx, array, index, value):
+    """Numba intrinsic: LLVM ``atomicrmw add`` on ``array[index]``; returns the old value."""
     return types.int64(array, types.intp, types.int64), _atomic_codegen("add")
 
 
 @intrinsic
-def _atomic_load_i64(typingctx, array, index):
-    """Numba intrinsic: ``array[index]``, read atomically (never cached in a register by the compiler)."""
+def _llvm_atomic_load_i64(typingctx, array, index):
+    """Numba intrinsic: LLVM ``load atomic`` of ``array[index]`` (never kept in a register by the compiler)."""
     return types.int64(array, types.intp), _atomic_codegen("load")
 
 
-@njit(cache=True, nogil=True)
-def _claim_chunk(state_i64, n_chunks):
-    """The index of the next unclaimed chunk, or -1 when all are claimed."""
-    chunk = _atomic_add_i64(state_i64, _CLAIMED, 1)
-    return chunk if chunk < n_chunks else -1
+def _atomic_add_i64(array: np.ndarray, index: int, value: int) -> int:
+    """``array[index] += value`` as one atomic instruction in Numba; returns the old value. (In plain Python, under
+    NUMBA_DISABLE_JIT=1, it is not atomic, and one thread does all the work: see :func:`_threads_for`.)"""
+    old = int(array[index])
+    array[index] = old + value
+    return old
+
+
+def _atomic_load_i64(array: np.ndarray, index: int) -> int:
+    """``array[index]``, read atomically in Numba (a spinning loop sees other threads' writes)."""
+    return int(array[index])
+
+
+@overload(_atomic_add_i64)
+def _atomic_add_i64_numba(array, index, value):
+    return lambda array, index, value: _llvm_atomic_add_i64(array, index, value)
+
+
+@overload(_atomic_load_i64)
+def _atomic_load_i64_numba(array, index):
+    return lambda array, index: _llvm_atomic_load_i64(array, index)
 
 
 @njit(cache=True, nogil=True)
-def _spin_until_done_kernel(state_i64, n_chunks, max_spins):
-    """True once all n_chunks chunks are done; False if they are not after max_spins reads."""
+def _chunk_to_try(k, n_chunks, thread, threads):
+    """The k-th chunk (k = 0 .. n_chunks - 1) that ``thread`` of ``threads`` tries to take: its own share in
+    order, then the chunks before it backwards, wrapping around (the other shares from their ends)."""
+    first, end = n_chunks * thread // threads, n_chunks * (thread + 1) // threads
+    if k < end - first:
+        return first + k
+    return (first - 1 - (k - (end - first))) % n_chunks
+
+
+@njit(cache=True, nogil=True)
+def _take_chunk(chunks_i64, chunk):
+    """True for the one thread whose claim on ``chunk`` came first. ``chunks_i64`` holds a claim counter per
+    chunk, then the number of chunks done."""
+    return _atomic_add_i64(chunks_i64, chunk, 1) == 0
+
+
+@njit(cache=True, nogil=True)
+def _spin_until_done_kernel(chunks_i64, max_spins):
+    """True once every chunk is done; False if they are not after max_spins reads."""
+    n_chunks = chunks_i64.shape[0] - 1
     for _ in range(max_spins):
-        if _atomic_load_i64(state_i64, _DONE) >= n_chunks:
+        if _atomic_load_i64(chunks_i64, n_chunks) >= n_chunks:
             return True
     return False
 
@@ -158,17 +194,17 @@ _pool: list[_PoolThread] = []
 
 
 def _share_chunks(kernel, x_f32: np.ndarray, thread_args: list[tuple]) -> None:
-    """``kernel(x_f32, state_i64, *thread_args[t])`` on this thread (t = 0) and on ``len(thread_args) - 1`` pool
-    threads at once; returns when each of x's chunks has been claimed and done (see "Threads" above)."""
-    n_chunks = -(-x_f32.shape[0] // _CHUNK)
-    state_i64 = np.zeros(2, np.int64)  # [_CLAIMED, _DONE]
-    while len(_pool) < len(thread_args) - 1:
+    """``kernel(x_f32, chunks_i64, t, threads, *thread_args[t])`` for t = 0 on this thread and t = 1 .. threads - 1
+    on pool threads, at once; returns when each of x's chunks has been taken and done (see "Threads" above)."""
+    threads = len(thread_args)
+    chunks_i64 = np.zeros(-(-x_f32.shape[0] // _CHUNK) + 1, np.int64)  # a claim counter per chunk, then done
+    while len(_pool) < threads - 1:
         _pool.append(_PoolThread())
         _pool[-1].start()
-    for args in thread_args[1:]:
-        _pool_tasks.put((kernel, (x_f32, state_i64, *args)))
-    kernel(x_f32, state_i64, *thread_args[0])
-    while not _spin_until_done_kernel(state_i64, n_chunks, 10_000):  # a pool thread is finishing a chunk
+    for t in range(1, threads):
+        _pool_tasks.put((kernel, (x_f32, chunks_i64, t, threads, *thread_args[t])))
+    kernel(x_f32, chunks_i64, 0, threads, *thread_args[0])
+    while not _spin_until_done_kernel(chunks_i64, 10_000):  # a pool thread is finishing a chunk
         for thread in _pool:
             if thread.error is not None:
                 error, thread.error = thread.error, None
@@ -177,8 +213,9 @@ def _share_chunks(kernel, x_f32: np.ndarray, thread_args: list[tuple]) -> None:
 
 
 def _threads_for(x_f32: np.ndarray, num_threads: int) -> int:
-    """How many threads share x: one below PARALLEL_MIN_ELEMENTS, else num_threads (at most one per chunk)."""
-    if x_f32.shape[0] < PARALLEL_MIN_ELEMENTS:
+    """How many threads share x: one below PARALLEL_MIN_ELEMENTS (or under NUMBA_DISABLE_JIT=1, where the kernels
+    are plain Python), else num_threads, at most one per chunk."""
+    if x_f32.shape[0] < PARALLEL_MIN_ELEMENTS or numba_config.DISABLE_JIT:
         return 1
     return max(1, min(num_threads, -(-x_f32.shape[0] // _CHUNK)))
 
@@ -233,27 +270,68 @@ def _maxnum_f32_numba(a, b):
     return lambda a, b: _llvm_maxnum_f32(np.float32(a), np.float32(b))
 
 
+@intrinsic
+def _llvm_prefetch(typingctx, array, index):
+    """Numba intrinsic: ``llvm.prefetch`` (a read, kept in all cache levels) of the cache line holding
+    ``array[index]`` of a 1-d array. No bounds check: an index past the end is harmless (a prefetch never faults)."""
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        i8_ptr = ir.PointerType(ir.IntType(8))
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8_ptr, i32, i32, i32]), "llvm.prefetch.p0"
+        )
+        address = builder.bitcast(builder.gep(data, [args[1]]), i8_ptr)
+        builder.call(fn, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, types.intp), codegen
+
+
+def _prefetch(array: np.ndarray, index: int) -> None:
+    """Ask the CPU to start loading the cache line of ``array[index]`` (a hint; nothing in plain Python)."""
+
+
+@overload(_prefetch)
+def _prefetch_numba(array, index):
+    return lambda array, index: _llvm_prefetch(array, index)
+
+
+# A fresh batch is usually in no cache. The kernels that read it ask for the cache lines _PREFETCH_AHEAD_* elements
+# ahead of where they are, so that more reads are in flight than the hardware prefetcher keeps (1M float32, two
+# threads: aminmax 0.31 -> 0.23 ms, histc after it 0.05 ms less). 16 float32 = one 64-byte cache line.
+_PREFETCH_BLOCK = 1024
+_PREFETCH_AHEAD_AMINMAX = 2048
+_PREFETCH_AHEAD_HISTC = 512
+
+
 @njit(cache=True, error_model="numpy", nogil=True)
 def _nan_ignoring_aminmax_kernel(x_f32):
     """(min, max) of the elements that are not NaN, ``(inf, -inf)`` if there are none: one pass of
-    ``mn = minnum(mn, v)``, ``mx = maxnum(mx, v)``, which LLVM vectorizes (8 lanes per instruction)."""
+    ``mn = minnum(mn, v)``, ``mx = maxnum(mx, v)``, which LLVM vectorizes (8 lanes per instruction), in blocks
+    of ``_PREFETCH_BLOCK`` elements, each preceded by a prefetch of the block ``_PREFETCH_AHEAD_AMINMAX`` further."""
     mn, mx = F32_INF, -F32_INF
-    for i in range(x_f32.shape[0]):
-        mn = minnum_f32(mn, x_f32[i])
-        mx = maxnum_f32(mx, x_f32[i])
+    for start in range(0, x_f32.shape[0], _PREFETCH_BLOCK):
+        for k in range(0, _PREFETCH_BLOCK, 16):
+            _prefetch(x_f32, start + _PREFETCH_AHEAD_AMINMAX + k)
+        block_f32 = x_f32[start : start + _PREFETCH_BLOCK]
+        for i in range(block_f32.shape[0]):
+            mn = minnum_f32(mn, block_f32[i])
+            mx = maxnum_f32(mx, block_f32[i])
     return mn, mx
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def _aminmax_chunks_kernel(x_f32, state_i64, mins_f32, maxs_f32):
-    """Claim chunks of x until none is left (see "Threads"); chunk c's NaN-ignoring (min, max) into
-    ``mins_f32[c]``, ``maxs_f32[c]``."""
-    n_chunks = -(-x_f32.shape[0] // _CHUNK)
-    chunk = _claim_chunk(state_i64, n_chunks)
-    while chunk >= 0:
-        mins_f32[chunk], maxs_f32[chunk] = _nan_ignoring_aminmax_kernel(x_f32[chunk * _CHUNK : (chunk + 1) * _CHUNK])
-        _atomic_add_i64(state_i64, _DONE, 1)
-        chunk = _claim_chunk(state_i64, n_chunks)
+def _aminmax_chunks_kernel(x_f32, chunks_i64, thread, threads, mins_f32, maxs_f32):
+    """Take chunks of x (see "Threads"); the NaN-ignoring (min, max) of chunk c into ``mins_f32[c]``,
+    ``maxs_f32[c]``."""
+    n_chunks = chunks_i64.shape[0] - 1
+    for k in range(n_chunks):
+        c = _chunk_to_try(k, n_chunks, thread, threads)
+        if _take_chunk(chunks_i64, c):
+            mins_f32[c], maxs_f32[c] = _nan_ignoring_aminmax_kernel(x_f32[c * _CHUNK : (c + 1) * _CHUNK])
+            _atomic_add_i64(chunks_i64, n_chunks, 1)
 
 
 def _aminmax_fast(x_f32: np.ndarray, num_threads: int) -> tuple[np.float32, np.float32]:
@@ -377,11 +455,14 @@ def _histc_count_kernel(x_f32, bins, leftmost, rightmost, counts_i32):
     ``j % _HISTC_TABLES``, so that nearby increments rarely wait on each other (they go to one cache line only when
     they fall in the same bin AND the same table); the caller adds the tables. Column ``bins`` counts the skipped
     values. A block small enough to stay in the CPU's out-of-order window lets its divisions overlap the previous
-    block's increments. int32 counters: the caller gives at most 2^31 - 1 elements per call."""
+    block's increments, and each block first prefetches the one ``_PREFETCH_AHEAD_HISTC`` elements further.
+    int32 counters: the caller gives at most 2^31 - 1 elements per call."""
     n = x_f32.shape[0]
     pos_u32 = np.empty(_HISTC_BLOCK, np.uint32)  # unsigned: Numba indexes without the negative-index wraparound
     n_blocks = n // _HISTC_BLOCK
     for start in range(0, n_blocks * _HISTC_BLOCK, _HISTC_BLOCK):
+        for k in range(0, _HISTC_BLOCK, 16):
+            _prefetch(x_f32, start + _PREFETCH_AHEAD_HISTC + k)
         block_f32 = x_f32[start : start + _HISTC_BLOCK]  # a slice: contiguous loads (x[start + j] is a gather)
         for j in range(_HISTC_BLOCK):
             pos_u32[j] = _histc_bin_index(block_f32[j], leftmost, rightmost, bins)
@@ -393,14 +474,24 @@ def _histc_count_kernel(x_f32, bins, leftmost, rightmost, counts_i32):
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def _histc_chunks_kernel(x_f32, state_i64, bins, leftmost, rightmost, counts_i32):
-    """Claim chunks of x until none is left (see "Threads"); count each into this thread's ``counts_i32``."""
-    n_chunks = -(-x_f32.shape[0] // _CHUNK)
-    chunk = _claim_chunk(state_i64, n_chunks)
-    while chunk >= 0:
-        _histc_count_kernel(x_f32[chunk * _CHUNK : (chunk + 1) * _CHUNK], bins, leftmost, rightmost, counts_i32)
-        _atomic_add_i64(state_i64, _DONE, 1)
-        chunk = _claim_chunk(state_i64, n_chunks)
+def _histc_chunks_kernel(x_f32, chunks_i64, thread, threads, bins, leftmost, rightmost, counts_i32):
+    """Take chunks of x (see "Threads"); count each into this thread's tables ``counts_i32``."""
+    n_chunks = chunks_i64.shape[0] - 1
+    for k in range(n_chunks):
+        c = _chunk_to_try(k, n_chunks, thread, threads)
+        if _take_chunk(chunks_i64, c):
+            _histc_count_kernel(x_f32[c * _CHUNK : (c + 1) * _CHUNK], bins, leftmost, rightmost, counts_i32)
+            _atomic_add_i64(chunks_i64, n_chunks, 1)
+
+
+@njit(cache=True, nogil=True)
+def _add_tables_kernel(counts_i32, total_i64):
+    """``total_i64 += counts_i32.sum(axis=(0, 1))`` for the tables of shape (threads, _HISTC_TABLES, bins + 1): a
+    loop, because NumPy's two-axis sum reads the tables that other cores have just written 3x slower (45 us)."""
+    for t in range(counts_i32.shape[0]):
+        for k in range(counts_i32.shape[1]):
+            for b in range(counts_i32.shape[2]):
+                total_i64[b] += counts_i32[t, k, b]
 
 
 _HISTC_MAX_ELEMENTS_PER_CALL = 2**31 - 1  # int32 counters: one thread's tables hold at most this many
@@ -427,7 +518,7 @@ def _histc_fast(
         else:
             thread_args = [(bins, leftmost, rightmost, counts_i32[t]) for t in range(threads)]
             _share_chunks(_histc_chunks_kernel, part_f32, thread_args)
-        counts_i64 += counts_i32.sum(axis=(0, 1), dtype=np.int64)
+        _add_tables_kernel(counts_i32, counts_i64)
     if counts_i64[:bins].max(initial=0) >= 2**24:
         warnings.warn(
             "a histogram bin received >= 2^24 values from one batch: torch counts in float32 per thread, so its "

@@ -4,6 +4,10 @@ split never changes a bit, and NaN is still found (the fast aminmax ignores NaN;
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+import tempfile
 import warnings
 
 import numpy as np
@@ -278,3 +282,52 @@ def test_sign_of_a_zero_min_changes_nothing(rng):
         for a, b, t in zip(qp_neg, qp_pos, expected):
             assert_same(a, b, f"step {k}: qparams")
             assert_same(a, t.numpy(), f"step {k}: qparams vs torch")
+
+
+def test_each_thread_tries_every_chunk_once_own_share_first():
+    for n_chunks in range(1, 20):
+        for threads in range(1, 6):
+            for t in range(threads):
+                order = [int(H._chunk_to_try(k, n_chunks, t, threads)) for k in range(n_chunks)]
+                assert sorted(order) == list(range(n_chunks)), (n_chunks, threads, t, order)
+                first, end = n_chunks * t // threads, n_chunks * (t + 1) // threads
+                assert order[: end - first] == list(range(first, end))
+
+
+def test_plain_python_kernels_give_the_same_bits(rng):
+    """Under NUMBA_DISABLE_JIT=1 the kernels run as Python (intrinsics fall back to NumPy, one thread): same
+    histogram and qparams as the compiled path, and NaN still raises."""
+    batches = [rng.standard_normal(n).astype(f32) * f32(s) for n, s in ((300, 1.0), (257, 2.5), (129, 0.5))]
+    batches[1][7] = f32(np.inf)
+    script = (
+        "import sys, warnings, numpy as np\n"
+        "from refquant.histogram import HistogramObserver\n"
+        "warnings.simplefilter('ignore')\n"
+        "data = np.load(sys.argv[1])\n"
+        "obs = HistogramObserver(reduce_range=True)\n"
+        "for k in sorted(data):\n"
+        "    obs(data[k])\n"
+        "scale, zero_point = obs.calculate_qparams()\n"
+        "np.save(sys.argv[2], np.concatenate([obs.histogram, scale, zero_point.astype(np.float32)]))\n"
+        "try:\n"
+        "    obs(np.float32([1.0, np.nan]))\n"
+        "except ValueError:\n"
+        "    print('NaN raised')\n"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(os.path.join(tmp, "in.npz"), **{f"b{i}": b for i, b in enumerate(batches)})
+        env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+        out = os.path.join(tmp, "out.npy")
+        done = subprocess.run(
+            [sys.executable, "-c", script, os.path.join(tmp, "in.npz"), out],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "NaN raised" in done.stdout
+        plain = np.load(out)
+    obs = HistogramObserver(reduce_range=True)
+    for b in batches:
+        with inf_warning(bool(np.isinf(b).any())):
+            obs(b)
+    scale, zero_point = obs.calculate_qparams()
+    assert_same(plain, np.concatenate([obs.histogram, scale, zero_point.astype(f32)]))
