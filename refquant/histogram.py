@@ -345,7 +345,7 @@ def _aminmax_fast(x_f32: np.ndarray, num_threads: int) -> tuple[np.float32, np.f
     n_chunks = -(-x_f32.shape[0] // _CHUNK)
     mins_f32, maxs_f32 = np.empty(n_chunks, np.float32), np.empty(n_chunks, np.float32)
     _share_chunks(_aminmax_chunks_kernel, x_f32, [(mins_f32, maxs_f32)] * threads)
-    return np.float32(np.fmin.reduce(mins_f32)), np.float32(np.fmax.reduce(maxs_f32))
+    return np.float32(_nan_ignoring_aminmax_kernel(mins_f32)[0]), np.float32(_nan_ignoring_aminmax_kernel(maxs_f32)[1])
 
 
 @njit(cache=True, error_model="numpy")
@@ -484,6 +484,16 @@ def _histc_chunks_kernel(x_f32, chunks_i64, thread, threads, bins, leftmost, rig
             _atomic_add_i64(chunks_i64, n_chunks, 1)
 
 
+@njit(cache=True, error_model="numpy")
+def _histc_outer_edges_kernel(lo, hi, bins):
+    """linspace's outer edges ``fmaf(step, 0, lo)`` and ``fmaf(-step, 0, hi)``: lo and hi, or NaN when the step
+    ``f32(f32(hi - lo) / f32(bins))`` is inf (eq. 2; then torch's histc skips every value)."""
+    step_f32 = (hi - lo) / np.float32(bins)
+    if np.isfinite(step_f32):
+        return lo, hi
+    return np.float32(np.nan), np.float32(np.nan)
+
+
 @njit(cache=True, nogil=True)
 def _add_tables_kernel(counts_i32, total_i64):
     """``total_i64 += counts_i32.sum(axis=(0, 1))`` for the tables of shape (threads, _HISTC_TABLES, bins + 1): a
@@ -494,6 +504,18 @@ def _add_tables_kernel(counts_i32, total_i64):
                 total_i64[b] += counts_i32[t, k, b]
 
 
+@njit(cache=True)
+def _histc_result_kernel(total_i64):
+    """(float32 counts of the bins, number of skipped values, largest count) from ``total_i64`` (bins + 1)."""
+    bins = total_i64.shape[0] - 1
+    counts_f32 = np.empty(bins, np.float32)
+    largest = 0
+    for b in range(bins):
+        counts_f32[b] = np.float32(total_i64[b])
+        largest = max(largest, total_i64[b])
+    return counts_f32, total_i64[bins], largest
+
+
 _HISTC_MAX_ELEMENTS_PER_CALL = 2**31 - 1  # int32 counters: one thread's tables hold at most this many
 
 
@@ -502,13 +524,8 @@ def _histc_fast(
 ) -> tuple[np.ndarray, int]:
     """:func:`histc` over edges already chosen by :func:`histc_edges`, counted by the Numba kernel;
     returns (float32 counts, number of skipped values: outside [lo, hi], NaN, ±inf)."""
-    lo, hi = np.float32(lo), np.float32(hi)
-    with np.errstate(invalid="ignore", over="ignore"):
-        step_f32 = np.float32(np.float32(hi - lo) / np.float32(bins))  # linspace's step (eq. 2)
-    # linspace's outer edges fmaf(step, 0, lo) and fmaf(-step, 0, hi): lo and hi, or NaN when the step is inf
-    leftmost = lo if np.isfinite(step_f32) else np.float32(np.nan)
-    rightmost = hi if np.isfinite(step_f32) else np.float32(np.nan)
-    counts_i64 = np.zeros(bins + 1, np.int64)
+    leftmost, rightmost = (np.float32(e) for e in _histc_outer_edges_kernel(np.float32(lo), np.float32(hi), bins))
+    total_i64 = np.zeros(bins + 1, np.int64)
     for start in range(0, x_f32.shape[0], _HISTC_MAX_ELEMENTS_PER_CALL):
         part_f32 = x_f32[start : start + _HISTC_MAX_ELEMENTS_PER_CALL]
         threads = _threads_for(part_f32, num_threads)
@@ -518,14 +535,15 @@ def _histc_fast(
         else:
             thread_args = [(bins, leftmost, rightmost, counts_i32[t]) for t in range(threads)]
             _share_chunks(_histc_chunks_kernel, part_f32, thread_args)
-        _add_tables_kernel(counts_i32, counts_i64)
-    if counts_i64[:bins].max(initial=0) >= 2**24:
+        _add_tables_kernel(counts_i32, total_i64)
+    counts_f32, skipped, largest = _histc_result_kernel(total_i64)
+    if largest >= 2**24:
         warnings.warn(
             "a histogram bin received >= 2^24 values from one batch: torch counts in float32 per thread, so its "
             "count saturates and depends on torch's thread count; refquant's count is exact",
             stacklevel=3,
         )
-    return counts_i64[:bins].astype(np.float32), int(counts_i64[bins])
+    return counts_f32, int(skipped)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1386,7 +1404,7 @@ class HistogramObserver(UniformQuantizationObserverBase):
         self.start_bin: int | None = None
         self.end_bin: int | None = None
         self.search_trace = np.zeros(0, SEARCH_TRACE_DTYPE)
-        self._last_range_unchanged = False  # the numba path's one-pass shortcut (see _forward_numba)
+        self._unchanged_in_a_row = 0  # batches in a row that left the range unchanged (see _forward_numba)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(bins={self.bins}, dtype={self.dtype!r}, qscheme={self.qscheme!r}, "
@@ -1441,13 +1459,16 @@ class HistogramObserver(UniformQuantizationObserverBase):
         self._merge_batch(x, x_min, x_max)
 
     def _forward_numba(self, x: np.ndarray) -> None:
-        # Shortcut (same bits): when the last batch left the range unchanged, guess that this one does too and
-        # count it over [min_val, max_val] in one pass. If no value was skipped, all lay inside (none NaN or inf),
-        # so torch's new range is the old one and its update histogram is exactly these counts.
-        if self._last_range_unchanged and self.min_val < self.max_val:
+        # Shortcut (same bits): when the last two batches left the range unchanged, guess that this one does too
+        # and count it over [min_val, max_val] in one pass. If no value was skipped, all lay inside (none NaN or
+        # inf), so torch's new range is the old one and its update histogram is exactly these counts. (A wrong
+        # guess costs a pass: after a single unchanged batch, while the range is still growing, it was wrong more
+        # often than right.)
+        if self._unchanged_in_a_row >= 2 and self.min_val < self.max_val:
             counts_f32, skipped = _histc_fast(x, self.bins, self.min_val, self.max_val, self.num_threads)
             if skipped == 0:
                 self.histogram = (self.histogram + counts_f32).astype(np.float32)
+                self._unchanged_in_a_row += 1
                 return
         # The batch's min and max IGNORING NaN (a NaN-propagating pass costs half as much again). NaN is found on
         # the way instead: without ±inf, histc over a range that covers [x_min, x_max] skips exactly the NaN.
@@ -1485,20 +1506,20 @@ class HistogramObserver(UniformQuantizationObserverBase):
         if is_uninitialized:  # reset_histogram
             self.histogram = self._histc(x, x_min, x_max, nan_unchecked)
             self.min_val, self.max_val = np.float32(x_min), np.float32(x_max)
-            self._last_range_unchanged = False
+            self._unchanged_in_a_row = 0
             return
         new_min = np.minimum(current_min, x_min)
         new_max = np.maximum(current_max, x_max)
         update_histogram = self._histc(x, new_min, new_max, nan_unchecked)
-        self._last_range_unchanged = False
         if new_min == current_min and new_max == current_max:
             self.histogram = (self.histogram + update_histogram).astype(np.float32)
-            self._last_range_unchanged = True
+            self._unchanged_in_a_row += 1
         else:
             self.histogram = self._combine_histograms(
                 self.histogram, current_min, current_max, update_histogram, new_min, new_max
             )
             self.min_val, self.max_val = np.float32(new_min), np.float32(new_max)
+            self._unchanged_in_a_row = 0
 
     def _combine_histograms(
         self,

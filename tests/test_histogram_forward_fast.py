@@ -183,8 +183,9 @@ def test_nan_anywhere_raises_and_changes_nothing(rng, n):
         if case % 2:
             obs(rng.standard_normal(1000).astype(f32) * f32(rng.choice([0.5, 4.0])))
         if case % 3 == 2:
-            obs(rng.standard_normal(1000).astype(f32))  # twice the same range: the one-pass shortcut is armed
-            obs(rng.standard_normal(1000).astype(f32) * f32(0.1))
+            obs(rng.standard_normal(1000).astype(f32))
+            for _ in range(2):  # two batches inside the range: the one-pass shortcut is armed
+                obs(rng.standard_normal(1000).astype(f32) * f32(0.01))
         before = observer_state(obs)
         x = rng.standard_normal(n).astype(f32) * f32(rng.choice([0.1, 1.0, 10.0]))
         x[rng.integers(0, n, int(rng.integers(1, 4)))] = np.nan
@@ -221,8 +222,8 @@ def test_observer_thread_split_changes_no_bit(rng, num_threads):
     one, shared = HistogramObserver(num_threads=1), HistogramObserver(num_threads=num_threads)
     for i, n in enumerate(sizes * 2):
         x = rng.standard_normal(n).astype(f32) * f32(rng.choice([0.5, 1.0, 1.5]))
-        if i == 3:
-            x = np.clip(x, f32(-1), f32(1))  # inside the range so far: the one-pass shortcut
+        if i in (2, 3, 4, 6):
+            x = np.clip(x, f32(-1), f32(1))  # inside the range so far: from the third, the one-pass shortcut
         if i == 5:
             x[rng.integers(0, n, 3)] = f32(np.inf)
         with inf_warning(i == 5):
@@ -331,3 +332,32 @@ def test_plain_python_kernels_give_the_same_bits(rng):
             obs(b)
     scale, zero_point = obs.calculate_qparams()
     assert_same(plain, np.concatenate([obs.histogram, scale, zero_point.astype(f32)]))
+
+
+def test_one_pass_shortcut_after_two_unchanged_ranges(rng, monkeypatch):
+    """Once two batches in a row left the range unchanged, a batch inside the range is counted in one pass (no
+    aminmax) with the same bits as torch; a batch outside it then takes the two passes."""
+    ours, theirs = HistogramObserver(), TorchHistogramObserver()
+    batches = [rng.standard_normal(H.PARALLEL_MIN_ELEMENTS + 9).astype(f32) * f32(s) for s in (4, 1, 1, 1, 1, 5)]
+    aminmax_calls = []
+    real_aminmax = H._aminmax_fast
+    monkeypatch.setattr(H, "_aminmax_fast", lambda *a: aminmax_calls.append(1) or real_aminmax(*a))
+    for i, x in enumerate(batches):
+        ours(x)
+        theirs(torch.from_numpy(x))
+        assert_same(ours.histogram, theirs.histogram.numpy(), f"batch {i}: histogram")
+        assert_same(f32([ours.min_val, ours.max_val]), f32([theirs.min_val, theirs.max_val]), f"batch {i}: range")
+    assert len(aminmax_calls) == 4  # batches 0, 1, 2 and 5; 3 and 4 in one pass
+
+
+def test_kernels_are_compiled_for_float32_only(rng):
+    """A float32 value that comes back from a Numba call is a Python float (float64); passed on unconverted, it
+    would compile a float64 version of a kernel, whose arithmetic gives other bins. None exists after all paths ran."""
+    obs = HistogramObserver()
+    for n, scale in ((1000, 1.0), (H.PARALLEL_MIN_ELEMENTS + 1, 2.0), (1000, 0.5), (1000, 0.5), (1000, 0.5)):
+        obs(rng.standard_normal(n).astype(f32) * f32(scale))
+    H._histc_fast(rng.standard_normal(5000).astype(f32), 100, 0.25, 1.5, num_threads=2)  # Python floats in
+    for kernel in (H._histc_count_kernel, H._histc_chunks_kernel, H._nan_ignoring_aminmax_kernel):
+        for signature in kernel.signatures:
+            floats = [str(t) for t in signature if "float" in str(t) and "array" not in str(t)]
+            assert all(t == "float32" for t in floats), f"{kernel.__name__} compiled for {signature}"
