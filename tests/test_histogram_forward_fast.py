@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 
 import numpy as np
@@ -361,3 +362,34 @@ def test_kernels_are_compiled_for_float32_only(rng):
         for signature in kernel.signatures:
             floats = [str(t) for t in signature if "float" in str(t) and "array" not in str(t)]
             assert all(t == "float32" for t in floats), f"{kernel.__name__} compiled for {signature}"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_counts_big_batches_too(rng):
+    """The parent's pool threads do not exist in a forked child: the child starts its own (and gets the same
+    bits). Before the pool is reset on fork, tasks would pile up unserved in the child's queue."""
+    x = rng.standard_normal(H.PARALLEL_MIN_ELEMENTS + 7).astype(f32)
+    parent = HistogramObserver()
+    parent(x)  # the pool is running in the parent now
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report the histogram's bytes and how many tasks wait unserved, then leave at once
+        try:
+            child = HistogramObserver()
+            child(x)
+            child(x * f32(2))
+            for _ in range(300):  # a late pool thread finds its chunks taken and returns at once
+                if H._pool_tasks.qsize() == 0:
+                    break
+                time.sleep(0.01)
+            payload = child.histogram.tobytes() + np.int64(H._pool_tasks.qsize()).tobytes()
+            os.write(write_end, payload)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        payload = pipe.read()
+    os.waitpid(pid, 0)
+    parent(x * f32(2))
+    assert_same(np.frombuffer(payload[:-8], f32), parent.histogram, "child's histogram")
+    assert np.frombuffer(payload[-8:], np.int64)[0] == 0, "tasks left unserved in the child"
