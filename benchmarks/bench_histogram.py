@@ -12,6 +12,11 @@ headline ratio is against the faster of the two. refquant runs with its defaults
 are counted on all cores, smaller ones on one). The results (scale, zero_point) of the two are also compared,
 and a mismatch is reported (exit status 1).
 
+Last, a memory reference on the same 1M-element batches (80 MB of them at --batches 20: not in the cores' own
+caches, as in the forward runs): ``x.sum()``, a copy, and one read pass of refquant's (its NaN-ignoring min/max on
+all cores). One read is the floor for any forward; refquant's forward reads each batch twice (the min and max
+decide the bins, then histc counts). benchmarks/README.md has the figures and what each part costs.
+
     python benchmarks/bench_histogram.py [--repeat 5] [--batches 20] [--json out.json]
 """
 
@@ -157,6 +162,26 @@ def main(argv: list[str] | None = None) -> int:
     record("classic_100_calls_randn_10x1x320x320", classic_t, classic_r, "ms", 1e3)
     results["qparams_mismatches"] = mismatches
 
+    from refquant.histogram import _aminmax_fast
+
+    reference: dict[str, list[float]] = {"x.sum()": [], "np.copyto": [], "one read pass": [], "refquant forward": []}
+    for rep in range(args.repeat):
+        batches = _growing_batches(1 << 20, args.batches, seed=rep + 1)
+        out = np.empty_like(batches[0])
+        threads = make_refquant().num_threads
+        for name, run in (
+            ("x.sum()", lambda b: b.sum()),
+            ("np.copyto", lambda b: np.copyto(out, b)),
+            ("one read pass", lambda b: _aminmax_fast(b, threads)),
+        ):
+            t0 = time.perf_counter()
+            for b in batches:
+                run(b)
+            reference[name].append(time.perf_counter() - t0)
+        reference["refquant forward"].append(_time_forward(make_refquant, batches, lambda a: a)[0])
+    elements = (1 << 20) * args.batches / 1e6
+    results["memory_reference_1M_Melem_per_s"] = {k: elements / statistics.median(v) for k, v in reference.items()}
+
     print(f"torch {results['torch']} ({results['cpu_capability']}), median of {args.repeat} runs; "
           f"ratio = torch time / refquant time")
     heads = [f"torch {th}t" for th in torch_threads]
@@ -168,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         row += " ".join(f"{c[f'ratio_vs_torch_{th}t']:8.1f}x" for th in torch_threads)
         print(row)
     print(f"(scale, zero_point) mismatches: {mismatches}")
+    print("memory reference on the 1M-element growing batches, Melem/s: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in results["memory_reference_1M_Melem_per_s"].items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
