@@ -31,7 +31,8 @@ zero, as in C++, instead of ZeroDivisionError), no fastmath. ``HistogramObserver
 runs the readable path end to end; the tests prove both paths equal, and each against torch
 (tests/test_histogram_steps.py, tests/test_histogram_parity.py, tests/test_histogram_forward_fast.py). Two liberties
 of the Numba forward that cannot change a bit: its aminmax ignores NaN (NaN is then found by histc, which skips it),
-and batches of >= 2^18 elements are shared between threads chunk by chunk (integer counts, exact min and max).
+and batches of >= 2^18 elements are shared between threads chunk by chunk (integer counts, exact min and max);
+that machinery (threads, atomics, prefetches) is in the appendix at the end of this module, out of the algorithm's way.
 
 The sign of a zero ``min_val``/``max_val`` (a batch holding both -0.0 and +0.0 at its minimum) is unspecified, as
 it is in torch, whose aminmax answer depends on its thread count; it changes no bin, count, scale or zero point.
@@ -76,195 +77,6 @@ F32_INF = np.float32(np.inf)
 # Bits of each quantized dtype: HistogramObserver searches over dst_nbins = 2 ** bits levels
 # (``2 ** torch.iinfo(self.dtype).bits`` in observer.py), independent of reduce_range and quant_min/quant_max.
 _DTYPE_BITS = {"quint8": 8, "qint8": 8, "qint32": 32}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading a batch (steps 1 and 2): big ones are shared between threads chunk by chunk; prefetches run ahead
-# ---------------------------------------------------------------------------------------------------------------
-
-# A batch of at least PARALLEL_MIN_ELEMENTS elements is cut into chunks of _CHUNK elements, and this thread and
-# num_threads - 1 pool threads run the same nogil kernel over them. Thread t first takes the chunks of its own t-th
-# share of the batch, in order, then helps with the other shares from their ends; a chunk goes to whichever thread
-# first increments its claim counter (an atomic add). This thread then waits, spinning, until every chunk is done.
-# So a pool thread that wakes up late only finds less left to do: nobody waits for a thread to start, and the wait
-# at the end is at most one chunk (a hand-off to a pool thread and back costs 30-70 us here; waiting for it twice
-# per batch was a tenth of the forward time). And each thread reads the same share in both passes (aminmax, then
-# histc), so the second pass finds it in its own core's cache. Counts are integers and a min or max is exact, so
-# which thread takes which chunk cannot change a bit.
-PARALLEL_MIN_ELEMENTS = 1 << 18
-_CHUNK = 1 << 16
-_sched_yield = getattr(os, "sched_yield", lambda: None)
-
-
-def _atomic_codegen(op: str):
-    """Numba codegen of an atomic operation on ``array[index]`` of an int64 array (sequentially consistent)."""
-
-    def codegen(context, builder, signature, args):
-        array_type = signature.args[0]
-        array = context.make_array(array_type)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, array_type, array, [args[1]])
-        if op == "load":
-            return builder.load_atomic(ptr, "seq_cst", 8)
-        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
-
-    return codegen
-
-
-@intrinsic
-def _llvm_atomic_add_i64(typingctx, array, index, value):
-    """Numba intrinsic: LLVM ``atomicrmw add`` on ``array[index]``; returns the old value."""
-    return types.int64(array, types.intp, types.int64), _atomic_codegen("add")
-
-
-@intrinsic
-def _llvm_atomic_load_i64(typingctx, array, index):
-    """Numba intrinsic: LLVM ``load atomic`` of ``array[index]`` (never kept in a register by the compiler)."""
-    return types.int64(array, types.intp), _atomic_codegen("load")
-
-
-def _atomic_add_i64(array: np.ndarray, index: int, value: int) -> int:
-    """``array[index] += value`` as one atomic instruction in Numba; returns the old value. (In plain Python, under
-    NUMBA_DISABLE_JIT=1, it is not atomic, and one thread does all the work: see :func:`_threads_for`.)"""
-    old = int(array[index])
-    array[index] = old + value
-    return old
-
-
-def _atomic_load_i64(array: np.ndarray, index: int) -> int:
-    """``array[index]``, read atomically in Numba (a spinning loop sees other threads' writes)."""
-    return int(array[index])
-
-
-@overload(_atomic_add_i64)
-def _atomic_add_i64_numba(array, index, value):
-    return lambda array, index, value: _llvm_atomic_add_i64(array, index, value)
-
-
-@overload(_atomic_load_i64)
-def _atomic_load_i64_numba(array, index):
-    return lambda array, index: _llvm_atomic_load_i64(array, index)
-
-
-@njit(cache=True, nogil=True)
-def _chunk_to_try(k, n_chunks, thread, threads):
-    """The k-th chunk (k = 0 .. n_chunks - 1) that ``thread`` of ``threads`` tries to take: its own share in
-    order, then the chunks before it backwards, wrapping around (the other shares from their ends)."""
-    first, end = n_chunks * thread // threads, n_chunks * (thread + 1) // threads
-    if k < end - first:
-        return first + k
-    return (first - 1 - (k - (end - first))) % n_chunks
-
-
-@njit(cache=True, nogil=True)
-def _take_chunk(chunks_i64, chunk):
-    """True for the one thread whose claim on ``chunk`` came first. ``chunks_i64`` holds a claim counter per
-    chunk, then the number of chunks done."""
-    return _atomic_add_i64(chunks_i64, chunk, 1) == 0
-
-
-@njit(cache=True, nogil=True)
-def _spin_until_done_kernel(chunks_i64, max_spins):
-    """True once every chunk is done; False if they are not after max_spins reads."""
-    n_chunks = chunks_i64.shape[0] - 1
-    for _ in range(max_spins):
-        if _atomic_load_i64(chunks_i64, n_chunks) >= n_chunks:
-            return True
-    return False
-
-
-class _PoolThread(threading.Thread):
-    """A daemon thread that runs the kernels put on the shared queue ``_pool_tasks`` (a ThreadPoolExecutor's
-    futures and locks cost 0.08 ms more per 1M batch here)."""
-
-    def __init__(self) -> None:
-        super().__init__(name="refquant-histogram", daemon=True)
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        while True:
-            kernel, args = _pool_tasks.get()
-            try:
-                kernel(*args)
-            except BaseException as e:  # noqa: BLE001 -- reported by _share_chunks, which waits on this thread
-                self.error = e
-
-
-_pool_tasks: queue.SimpleQueue = queue.SimpleQueue()
-_pool: list[_PoolThread] = []
-
-
-def _forget_pool() -> None:
-    """In a forked child: the parent's pool threads do not exist there, so start a new pool when needed."""
-    global _pool_tasks
-    _pool_tasks = queue.SimpleQueue()
-    _pool.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
-
-
-def _share_chunks(kernel, x_f32: np.ndarray, thread_args: list[tuple]) -> None:
-    """``kernel(x_f32, chunks_i64, t, threads, *thread_args[t])`` for t = 0 on this thread and t = 1 .. threads - 1
-    on pool threads, at once; returns when each of x's chunks has been taken and done (see "Threads" above)."""
-    threads = len(thread_args)
-    chunks_i64 = np.zeros(-(-x_f32.shape[0] // _CHUNK) + 1, np.int64)  # a claim counter per chunk, then done
-    while len(_pool) < threads - 1:
-        _pool.append(_PoolThread())
-        _pool[-1].start()
-    for t in range(1, threads):
-        _pool_tasks.put((kernel, (x_f32, chunks_i64, t, threads, *thread_args[t])))
-    kernel(x_f32, chunks_i64, 0, threads, *thread_args[0])
-    while not _spin_until_done_kernel(chunks_i64, 10_000):  # a pool thread is finishing a chunk
-        for thread in _pool:
-            if thread.error is not None:
-                error, thread.error = thread.error, None
-                raise error
-        _sched_yield()
-
-
-def _threads_for(x_f32: np.ndarray, num_threads: int) -> int:
-    """How many threads share x: one below PARALLEL_MIN_ELEMENTS (or under NUMBA_DISABLE_JIT=1, where the kernels
-    are plain Python), else num_threads, at most one per chunk."""
-    if x_f32.shape[0] < PARALLEL_MIN_ELEMENTS or numba_config.DISABLE_JIT:
-        return 1
-    return max(1, min(num_threads, -(-x_f32.shape[0] // _CHUNK)))
-
-
-@intrinsic
-def _llvm_prefetch(typingctx, array, index):
-    """Numba intrinsic: ``llvm.prefetch`` (a read, kept in all cache levels) of the cache line holding
-    ``array[index]`` of a 1-d array. No bounds check: an index past the end is harmless (a prefetch never faults)."""
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        i8_ptr = ir.PointerType(ir.IntType(8))
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8_ptr, i32, i32, i32]), "llvm.prefetch.p0"
-        )
-        address = builder.bitcast(builder.gep(data, [args[1]]), i8_ptr)
-        builder.call(fn, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return types.void(array, types.intp), codegen
-
-
-def _prefetch(array: np.ndarray, index: int) -> None:
-    """Ask the CPU to start loading the cache line of ``array[index]`` (a hint; nothing in plain Python)."""
-
-
-@overload(_prefetch)
-def _prefetch_numba(array, index):
-    return lambda array, index: _llvm_prefetch(array, index)
-
-
-# A fresh batch is usually in no cache. The kernels that read it ask for the cache lines _PREFETCH_AHEAD_* elements
-# ahead of where they are, so that more reads are in flight than the hardware prefetcher keeps (1M float32, two
-# threads: aminmax 0.31 -> 0.23 ms, histc after it 0.05 ms less). 16 float32 = one 64-byte cache line.
-_PREFETCH_BLOCK = 1024
-_PREFETCH_AHEAD_AMINMAX = 2048
-_PREFETCH_AHEAD_HISTC = 512
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1652,3 +1464,193 @@ class HistogramObserver(UniformQuantizationObserverBase):
             )
         self.new_min, self.new_max = self._non_linear_param_search()
         return self._calculate_qparams(self.new_min, self.new_max)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Appendix: reading a big batch fast (steps 1 and 2). Not part of the algorithm, only of how fast it runs: big
+# batches are shared between threads chunk by chunk, and prefetches run ahead of the reads.
+# ---------------------------------------------------------------------------------------------------------------
+
+# A batch of at least PARALLEL_MIN_ELEMENTS elements is cut into chunks of _CHUNK elements, and this thread and
+# num_threads - 1 pool threads run the same nogil kernel over them. Thread t first takes the chunks of its own t-th
+# share of the batch, in order, then helps with the other shares from their ends; a chunk goes to whichever thread
+# first increments its claim counter (an atomic add). This thread then waits, spinning, until every chunk is done.
+# So a pool thread that wakes up late only finds less left to do: nobody waits for a thread to start, and the wait
+# at the end is at most one chunk (a hand-off to a pool thread and back costs 30-70 us here; waiting for it twice
+# per batch was a tenth of the forward time). And each thread reads the same share in both passes (aminmax, then
+# histc), so the second pass finds it in its own core's cache. Counts are integers and a min or max is exact, so
+# which thread takes which chunk cannot change a bit.
+PARALLEL_MIN_ELEMENTS = 1 << 18
+_CHUNK = 1 << 16
+_sched_yield = getattr(os, "sched_yield", lambda: None)
+
+
+def _atomic_codegen(op: str):
+    """Numba codegen of an atomic operation on ``array[index]`` of an int64 array (sequentially consistent)."""
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        array = context.make_array(array_type)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, array_type, array, [args[1]])
+        if op == "load":
+            return builder.load_atomic(ptr, "seq_cst", 8)
+        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
+
+    return codegen
+
+
+@intrinsic
+def _llvm_atomic_add_i64(typingctx, array, index, value):
+    """Numba intrinsic: LLVM ``atomicrmw add`` on ``array[index]``; returns the old value."""
+    return types.int64(array, types.intp, types.int64), _atomic_codegen("add")
+
+
+@intrinsic
+def _llvm_atomic_load_i64(typingctx, array, index):
+    """Numba intrinsic: LLVM ``load atomic`` of ``array[index]`` (never kept in a register by the compiler)."""
+    return types.int64(array, types.intp), _atomic_codegen("load")
+
+
+def _atomic_add_i64(array: np.ndarray, index: int, value: int) -> int:
+    """``array[index] += value`` as one atomic instruction in Numba; returns the old value. (In plain Python, under
+    NUMBA_DISABLE_JIT=1, it is not atomic, and one thread does all the work: see :func:`_threads_for`.)"""
+    old = int(array[index])
+    array[index] = old + value
+    return old
+
+
+def _atomic_load_i64(array: np.ndarray, index: int) -> int:
+    """``array[index]``, read atomically in Numba (a spinning loop sees other threads' writes)."""
+    return int(array[index])
+
+
+@overload(_atomic_add_i64)
+def _atomic_add_i64_numba(array, index, value):
+    return lambda array, index, value: _llvm_atomic_add_i64(array, index, value)
+
+
+@overload(_atomic_load_i64)
+def _atomic_load_i64_numba(array, index):
+    return lambda array, index: _llvm_atomic_load_i64(array, index)
+
+
+@njit(cache=True, nogil=True)
+def _chunk_to_try(k, n_chunks, thread, threads):
+    """The k-th chunk (k = 0 .. n_chunks - 1) that ``thread`` of ``threads`` tries to take: its own share in
+    order, then the chunks before it backwards, wrapping around (the other shares from their ends)."""
+    first, end = n_chunks * thread // threads, n_chunks * (thread + 1) // threads
+    if k < end - first:
+        return first + k
+    return (first - 1 - (k - (end - first))) % n_chunks
+
+
+@njit(cache=True, nogil=True)
+def _take_chunk(chunks_i64, chunk):
+    """True for the one thread whose claim on ``chunk`` came first. ``chunks_i64`` holds a claim counter per
+    chunk, then the number of chunks done."""
+    return _atomic_add_i64(chunks_i64, chunk, 1) == 0
+
+
+@njit(cache=True, nogil=True)
+def _spin_until_done_kernel(chunks_i64, max_spins):
+    """True once every chunk is done; False if they are not after max_spins reads."""
+    n_chunks = chunks_i64.shape[0] - 1
+    for _ in range(max_spins):
+        if _atomic_load_i64(chunks_i64, n_chunks) >= n_chunks:
+            return True
+    return False
+
+
+class _PoolThread(threading.Thread):
+    """A daemon thread that runs the kernels put on the shared queue ``_pool_tasks`` (a ThreadPoolExecutor's
+    futures and locks cost 0.08 ms more per 1M batch here)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="refquant-histogram", daemon=True)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            kernel, args = _pool_tasks.get()
+            try:
+                kernel(*args)
+            except BaseException as e:  # noqa: BLE001 -- reported by _share_chunks, which waits on this thread
+                self.error = e
+
+
+_pool_tasks: queue.SimpleQueue = queue.SimpleQueue()
+_pool: list[_PoolThread] = []
+
+
+def _forget_pool() -> None:
+    """In a forked child: the parent's pool threads do not exist there, so start a new pool when needed."""
+    global _pool_tasks
+    _pool_tasks = queue.SimpleQueue()
+    _pool.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _share_chunks(kernel, x_f32: np.ndarray, thread_args: list[tuple]) -> None:
+    """``kernel(x_f32, chunks_i64, t, threads, *thread_args[t])`` for t = 0 on this thread and t = 1 .. threads - 1
+    on pool threads, at once; returns when each of x's chunks has been taken and done (see "Threads" above)."""
+    threads = len(thread_args)
+    chunks_i64 = np.zeros(-(-x_f32.shape[0] // _CHUNK) + 1, np.int64)  # a claim counter per chunk, then done
+    while len(_pool) < threads - 1:
+        _pool.append(_PoolThread())
+        _pool[-1].start()
+    for t in range(1, threads):
+        _pool_tasks.put((kernel, (x_f32, chunks_i64, t, threads, *thread_args[t])))
+    kernel(x_f32, chunks_i64, 0, threads, *thread_args[0])
+    while not _spin_until_done_kernel(chunks_i64, 10_000):  # a pool thread is finishing a chunk
+        for thread in _pool:
+            if thread.error is not None:
+                error, thread.error = thread.error, None
+                raise error
+        _sched_yield()
+
+
+def _threads_for(x_f32: np.ndarray, num_threads: int) -> int:
+    """How many threads share x: one below PARALLEL_MIN_ELEMENTS (or under NUMBA_DISABLE_JIT=1, where the kernels
+    are plain Python), else num_threads, at most one per chunk."""
+    if x_f32.shape[0] < PARALLEL_MIN_ELEMENTS or numba_config.DISABLE_JIT:
+        return 1
+    return max(1, min(num_threads, -(-x_f32.shape[0] // _CHUNK)))
+
+
+@intrinsic
+def _llvm_prefetch(typingctx, array, index):
+    """Numba intrinsic: ``llvm.prefetch`` (a read, kept in all cache levels) of the cache line holding
+    ``array[index]`` of a 1-d array. No bounds check: an index past the end is harmless (a prefetch never faults)."""
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        i8_ptr = ir.PointerType(ir.IntType(8))
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8_ptr, i32, i32, i32]), "llvm.prefetch.p0"
+        )
+        address = builder.bitcast(builder.gep(data, [args[1]]), i8_ptr)
+        builder.call(fn, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, types.intp), codegen
+
+
+def _prefetch(array: np.ndarray, index: int) -> None:
+    """Ask the CPU to start loading the cache line of ``array[index]`` (a hint; nothing in plain Python)."""
+
+
+@overload(_prefetch)
+def _prefetch_numba(array, index):
+    return lambda array, index: _llvm_prefetch(array, index)
+
+
+# A fresh batch is usually in no cache. The kernels that read it ask for the cache lines _PREFETCH_AHEAD_* elements
+# ahead of where they are, so that more reads are in flight than the hardware prefetcher keeps (1M float32, two
+# threads: aminmax 0.31 -> 0.23 ms, histc after it 0.05 ms less). 16 float32 = one 64-byte cache line.
+_PREFETCH_BLOCK = 1024
+_PREFETCH_AHEAD_AMINMAX = 2048
+_PREFETCH_AHEAD_HISTC = 512
