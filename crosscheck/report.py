@@ -110,7 +110,7 @@ def text_report(res: StudyResult) -> str:
     layer = f"Linear({cfg.in_features}, {cfg.out_features}{'' if cfg.bias else ', bias=False'})"
     if cfg.relu:
         layer = f"LinearReLU({cfg.in_features}, {cfg.out_features}{'' if cfg.bias else ', bias=False'})"
-    L.append(f"crosscheck.linear: eager post-training static quantization, torch vs refquant")
+    L.append("crosscheck.linear: eager post-training static quantization, torch vs refquant")
     L.append(f"  model    QuantStub -> {layer} -> DeQuantStub, qconfig = get_default_qconfig({cfg.engine!r})")
     batches = f"{cfg.calib_batches} calibration batch{'es' if cfg.calib_batches > 1 else ''}"
     L.append(f"  data     seed {cfg.seed}; {batches} of shape {tuple(cfg.input_shape)} ({cfg.calib_dist}); "
@@ -166,7 +166,7 @@ def text_report(res: StudyResult) -> str:
         L.append(f"  identical: {'yes' if e['equal'] else 'NO'} (same code on both sides, compared bit for bit)")
         m = e["torch"]
         ins, clp = m["inside_ranges"], m["clipped"]
-        L.append(f"  where it comes from (torch; outputs whose inputs and float value fit the quantized ranges):")
+        L.append("  where it comes from (torch; outputs whose inputs and float value fit the quantized ranges):")
         if ins["n"]:
             L.append(f"    inside the ranges  {ins['n']:>8} outputs  mean |err| {ins['mean_abs']:.8f}  "
                      f"max {ins['max_abs']:.8f}   rounding of inputs, weights and output")

@@ -344,11 +344,8 @@ def test_help_explains_every_option():
 
 
 @pytest.mark.slow
-def test_many_random_studies_every_field_equal(tmp_path, request):
+def test_many_random_studies_every_field_equal(tmp_path):
     """200 random studies (shapes, K up to 1024, 1-6 calibration batches, every distribution, ReLU, bias, engine)."""
-    expr = request.config.getoption("markexpr") or ""
-    if "slow" not in expr or "not slow" in expr:  # pyproject's addopts do not deselect slow tests (yet)
-        pytest.skip("slow run: select it with -m slow")
     rng = np.random.default_rng([SEED, 7])
     dists = ("normal", "uniform", "laplace", "outliers", "relu")
     jobs = []

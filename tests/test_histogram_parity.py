@@ -164,18 +164,11 @@ def test_readable_numpy_path_matches_torch(rng):
         assert_matches_torch(settings, batches, f"numpy set {i} ({kind}, {settings})", implementation="numpy")
 
 
-def skip_unless_slow_selected(request) -> None:
-    """Slow tests run only when asked for with ``-m slow`` (until the default addopts deselects them)."""
-    expr = request.config.getoption("markexpr") or ""
-    if "slow" not in expr or "not slow" in expr:
-        pytest.skip("slow run: select it with -m slow")
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("chunk", range(100))
-def test_many_random_calibration_sets_match_torch(rng, request, chunk):
+def test_many_random_calibration_sets_match_torch(rng, chunk):
     """100 chunks x 100 = 10,000 random calibration sets, 10% of them hard."""
-    skip_unless_slow_selected(request)
     kinds = run_random_sets(rng, 100, hard_fraction=0.1)
     print(f"chunk {chunk}: 100 sets, 0 differing; kinds {dict(kinds)}")
 

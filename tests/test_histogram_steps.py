@@ -305,9 +305,9 @@ def test_floor_divide_matches_torch(rng):
 
 
 def structured_quotients(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(a, b) shaped like the error function's divisions: a = f32(i - s) * bw (+ bw), b = f32(bw * k / 256)."""
+    """(a, b) shaped like the error function's divisions: a = f32(j) * bw (+ bw) for bin offsets j = i - start,
+    b = f32(bw * k / 256)."""
     bw = f32(10.0 ** rng.uniform(-30, 30))
-    s = int(rng.integers(0, 2048))
     k = int(rng.choice([int(rng.integers(1, 2049)), 1, 2, 8, 128, 256, 512, 1024, 2048, 96, 384]))
     a = (rng.integers(-2048, 2048, n).astype(f32) * bw).astype(f32)
     a = np.where(rng.random(n) < 0.5, a, (a + bw).astype(f32)).astype(f32)
@@ -346,17 +346,10 @@ def test_fast_floor_divide_equals_exact_where_valid(rng):
     assert total > 50000
 
 
-def skip_unless_slow_selected(request) -> None:
-    """Slow tests run only when asked for with ``-m slow`` (until the default addopts deselects them)."""
-    expr = request.config.getoption("markexpr") or ""
-    if "slow" not in expr or "not slow" in expr:
-        pytest.skip("slow run: select it with -m slow")
-
 
 @pytest.mark.slow
-def test_fast_floor_divide_equals_exact_many(rng, request):
+def test_fast_floor_divide_equals_exact_many(rng):
     """The 1.2e8-quotient check quoted in refquant/histogram.py, with a compiled checker."""
-    skip_unless_slow_selected(request)
     from numba import njit
 
     @njit(error_model="numpy")
