@@ -100,7 +100,10 @@ def _torch_maximum(scale: np.ndarray, eps: np.float32) -> np.ndarray:
     A NaN scale arises only from a range wider than float32 can hold (a HistogramObserver clip range).
     Matches: pytorch/pytorch aten/src/ATen/native/cpu/BinaryOpsKernel.cpp (maximum_kernel, scalar lambda)."""
     out = np.maximum(scale, eps[None]).astype(np.float32)
-    return np.where(np.isnan(out), np.float32(np.nan), out).astype(np.float32)
+    nan = np.isnan(out)
+    if nan.any():
+        out[nan] = np.float32(np.nan)
+    return out
 
 
 class UniformQuantizationObserverBase:
@@ -184,7 +187,7 @@ class UniformQuantizationObserverBase:
             with np.errstate(invalid="ignore"):
                 rounded_i32 = np.rint(min_val_neg / scale).astype(np.int32)      # torch.round(...).to(torch.int)
             zero_point = (np.int32(quant_min) - rounded_i32).astype(np.int32)
-            zero_point = np.clip(zero_point, quant_min, quant_max).astype(np.int32)
+            zero_point = np.minimum(np.maximum(zero_point, np.int32(quant_min)), np.int32(quant_max))  # clamp
 
         if scale.ndim == 0:
             scale = scale.reshape(1)
@@ -201,7 +204,7 @@ class UniformQuantizationObserverBase:
             warnings.warn("must run observer before calling calculate_qparams. Returning default values.",
                           stacklevel=3)
             return False
-        if np.any(min_val > max_val):
+        if (min_val > max_val).any():
             raise ValueError(f"min {min_val} should be less than max {max_val} (the observer's range is "
                              f"inverted; a moving-average per-channel observer can end up like this)")
         return True
