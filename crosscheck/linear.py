@@ -28,26 +28,17 @@ ENGINES = ("fbgemm", "x86")
 MAX_ELEMENTS = 1 << 28  # refuse shapes whose single input or weight would not fit comfortably in memory
 
 
-def _positive_int(name: str):
+def _int_at_least(lowest: int, name: str):
+    """argparse type: an int >= lowest, or a message naming the option, what it got and what it expects."""
+    expects = "a positive integer" if lowest == 1 else f"an integer >= {lowest}"
+
     def parse(text: str) -> int:
         try:
             v = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {v}")
-        return v
-    return parse
-
-
-def _nonnegative_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 0, got {text!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 0, got {v}")
+            raise argparse.ArgumentTypeError(f"{name} must be {expects}, got {text!r}") from None
+        if v < lowest:
+            raise argparse.ArgumentTypeError(f"{name} must be {expects}, got {v}")
         return v
     return parse
 
@@ -84,20 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 every parity row equal, 1 any mismatch (first differing element printed), "
                "2 bad arguments, 3 the study could not run (torch side failed).",
     )
-    p.add_argument("--in-features", type=_positive_int("--in-features"), default=3, metavar="K",
+    p.add_argument("--in-features", type=_int_at_least(1, "--in-features"), default=3, metavar="K",
                    help="nn.Linear in_features K (default 3)")
-    p.add_argument("--out-features", type=_positive_int("--out-features"), default=3, metavar="N",
+    p.add_argument("--out-features", type=_int_at_least(1, "--out-features"), default=3, metavar="N",
                    help="nn.Linear out_features N (default 3)")
     p.add_argument("--input-shape", type=_shape, default=None, metavar="D1,...,K",
                    help="shape of one input tensor, comma-separated; the last dimension must equal --in-features "
                         "(default 1,2,3,K)")
-    p.add_argument("--calib-batches", type=_positive_int("--calib-batches"), default=1, metavar="B",
+    p.add_argument("--calib-batches", type=_int_at_least(1, "--calib-batches"), default=1, metavar="B",
                    help="number of calibration batches, each of --input-shape (default 1)")
     p.add_argument("--calib-dist", choices=DISTRIBUTIONS, default="normal",
                    help="distribution of the calibration batches and of the samples: normal N(0,1); uniform "
                         "U[-1,1); laplace Laplace(0,1); outliers N(0,1) with ~1%% of values x20; relu relu(N(0,1)) "
                         "(default normal)")
-    p.add_argument("--samples", type=_nonnegative_int("--samples"), default=1000, metavar="S",
+    p.add_argument("--samples", type=_int_at_least(0, "--samples"), default=1000, metavar="S",
                    help="fresh random inputs of --input-shape for the error study and the forward-pass parity "
                         "rows (default 1000; 0 skips them)")
     p.add_argument("--seed", type=_seed, default=0, help="torch.manual_seed before the Linear's init, the "

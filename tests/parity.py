@@ -1,4 +1,5 @@
-"""One comparison helper for every parity test: exact equality of raw values, with a useful failure message."""
+"""One comparison helper for every exact test (against torch, a readable reference or a golden value): equality of
+raw values, with a useful failure message."""
 
 from __future__ import annotations
 
@@ -17,18 +18,19 @@ def _raw(a: np.ndarray) -> np.ndarray:
 
 
 def assert_same(actual, expected, what: str = "values") -> None:
-    """Assert refquant's ``actual`` equals torch's ``expected`` bit for bit: same dtype, same shape, same bits.
+    """Assert refquant's ``actual`` equals ``expected`` (torch's, a reference's or a golden value) bit for bit:
+    same dtype, same shape, same bits.
 
     On failure, say how many values differ, the first differing index and both values, and the run's seed.
     """
     actual = np.asarray(actual)
     expected = np.asarray(expected)
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != torch's {expected.dtype} (seed {SEED})"
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != torch's {expected.shape} (seed {SEED})"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != expected {expected.dtype} (seed {SEED})"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != expected {expected.shape} (seed {SEED})"
     differ = _raw(actual) != _raw(expected)
     if differ.any():
         idx = np.unravel_index(int(np.flatnonzero(differ)[0]), differ.shape) if differ.ndim else ()
         raise AssertionError(
             f"{what}: {int(differ.sum())} of {differ.size} values differ; first at index {idx}: "
-            f"refquant {actual[idx]!r}, torch {expected[idx]!r} (REFQUANT_SEED={SEED})"
+            f"got {actual[idx]!r}, expected {expected[idx]!r} (REFQUANT_SEED={SEED})"
         )

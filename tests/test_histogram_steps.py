@@ -212,17 +212,23 @@ def test_bincount_f32_is_sequential_float32_like_torch(rng):
 # --------------------------------------------------------------------------------------------- _upscale_histogram
 
 
+def random_histogram(rng: np.random.Generator, bins: int, kind: int) -> np.ndarray:
+    """float32 counts: integers (kind 0), fractional (1, as after upscaling), sparse (2), or heavy-tailed (3)."""
+    hist = rng.integers(0, 50, bins).astype(f32)
+    if kind == 1:
+        hist = (hist * rng.random(bins)).astype(f32)
+    elif kind == 2:
+        hist[rng.random(bins) < 0.9] = 0
+    elif kind == 3:
+        hist = (rng.random(bins) ** 8 * 1000).astype(f32)
+    return hist
+
+
 def upscale_cases(rng: np.random.Generator):
     for trial in range(60):
         bins = int(rng.choice([2048, 2048, 100, 7, 1, 4096]))
         kind = trial % 5
-        hist = rng.integers(0, 50, bins).astype(f32)
-        if kind == 1:
-            hist = (hist * rng.random(bins)).astype(f32)
-        elif kind == 2:
-            hist[rng.random(bins) < 0.9] = 0
-        elif kind == 3:
-            hist = (rng.random(bins) ** 8 * 1000).astype(f32)
+        hist = random_histogram(rng, bins, kind)
         scale = magnitude(rng, -30, 30)
         orig_min, orig_max = random_range(rng, scale)
         grow = [0.0, 0.0, 1e-3, 0.05, 1.0, 10.0, 1e4]
@@ -382,13 +388,7 @@ def histogram_states(rng: np.random.Generator, count: int):
     for trial in range(count):
         bins = int(rng.choice([2048, 2048, 100, 7, 4096]))
         kind = trial % 4
-        hist = rng.integers(0, 50, bins).astype(f32)
-        if kind == 1:
-            hist = (hist * rng.random(bins)).astype(f32)
-        elif kind == 2:
-            hist[rng.random(bins) < 0.9] = 0
-        elif kind == 3:
-            hist = (rng.random(bins) ** 8 * 1000).astype(f32)
+        hist = random_histogram(rng, bins, kind)
         lo, hi = random_range(rng, magnitude(rng, -12, 10))
         yield hist, lo, hi
 

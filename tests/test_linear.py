@@ -18,7 +18,6 @@ import subprocess
 import sys
 import textwrap
 import warnings
-import zlib
 from fractions import Fraction
 
 import numpy as np
@@ -41,21 +40,8 @@ torch.backends.quantized.engine = "fbgemm"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Helpers: one comparison helper, one torch runner
+# Helpers: the torch runner
 # ----------------------------------------------------------------------------------------------------------------
-
-def substream(rng: np.random.Generator, *keys: object) -> np.random.Generator:
-    """A generator for one parametrization: the shared ``rng`` fixture's stream mixed with the parameters.
-
-    (The fixture seeds from the last 16 bytes of the test id modulo 2^63, which drops the trailing "[3]" of a
-    parametrized id, so every chunk of a parametrized test would otherwise see the same stream.)"""
-    return np.random.default_rng([int(rng.integers(2**63)), *(zlib.crc32(repr(k).encode()) for k in keys)])
-
-
-def assert_equal(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
-    """Hand-derived (golden) or refquant-internal comparisons: dtype, shape and values, first difference reported."""
-    np.testing.assert_array_equal(actual, expected, err_msg=what, strict=True)
-
 
 def torch_weight_observer(qscheme: str):
     """The weight observer torch's default fbgemm qconfig uses (per-tensor variants as torch supports them)."""
@@ -106,7 +92,7 @@ def check_problem(p: dict) -> int:
     assert_same(ql.weight_zero_points, zps_t, f"weight_zero_points; {ctx}")
     y_r = ql(p["x"])
     assert_same(y_r, y_t, f"output codes vs torch.ops.quantized.linear{'_relu' if p['relu'] else ''}; {ctx}")
-    assert_equal(ql.requantize(ql.accumulate(p["x"])), y_r, f"requantize(accumulate(x)) vs __call__; {ctx}")
+    assert_same(ql.requantize(ql.accumulate(p["x"])), y_r, f"requantize(accumulate(x)) vs __call__; {ctx}")
     return y_t.size
 
 
@@ -269,7 +255,6 @@ def test_environment_is_the_measured_one():
 @pytest.mark.parametrize("chunk", range(8))
 def test_parity_random_problems(rng, chunk):
     """250 random problems per chunk: shapes (incl. N-D), weight kinds, x kinds, qschemes, bias, ReLU, scales."""
-    rng = substream(rng, chunk)
     problems, values = run_random_problems(rng, 250)
     print(f"\nchunk {chunk}: {problems} problems, {values} outputs, 0 mismatches")
 
@@ -278,7 +263,6 @@ def test_parity_random_problems(rng, chunk):
 def test_parity_large_k(rng, chunk):
     """K around and above 4096 with correlated weights and full-range codes, so |raw| > 2^24 and float32(raw)
     rounds; the output scale is set from the actual raw range so that outputs spread over the codes."""
-    rng = substream(rng, chunk)
     rounded_seen = 0
     for i in range(24):
         p = random_problem(rng, k_choices=(1024, 4095, 4096, 4097, 6000, 8192), max_n=40, max_m=4)
@@ -312,7 +296,6 @@ def test_parity_float32_raw_rounding_near_ties(rng, qscheme):
     torch: f32(raw) = t*, then t* + s/2 is a tie between t* and t* + s -> t* (t*/s is even) -> y = j + 0.5 -> j.
     Rounding once, f32(raw + s/2), would give t* + s for d > 0 -> y = j + 0.5 + 2^−15 -> j + 1.
     Channel 0 has codes 127 (and 1s to reach raw exactly); channel 1 has 126s and 1s, raw arbitrary."""
-    rng = substream(rng, qscheme)
     K, K_ones = 40_000, 8
     w_i8 = np.full((2, K), 127, np.int8)
     w_i8[1] = 126
@@ -339,7 +322,7 @@ def test_parity_float32_raw_rounding_near_ties(rng, qscheme):
         bias = np.full(2, s / 2, np.float32)
         ql = QuantizedLinear(w_i8, np.ones(n_params, np.float32), np.zeros(n_params, np.int32), bias, 1.0, 0,
                              2.0**e, 0, weight_qscheme=qscheme)
-        assert_equal(ql.accumulate(x_u8)[:, 0], np.array(raws, np.int32), "crafted raw")
+        assert_same(ql.accumulate(x_u8)[:, 0], np.array(raws, np.int32), "crafted raw")
         if qscheme.startswith("per_channel"):
             qw = torch._make_per_channel_quantized_tensor(torch.from_numpy(w_i8), torch.ones(2, dtype=torch.double),
                                                           torch.zeros(2, dtype=torch.int64), 0)
@@ -359,7 +342,6 @@ def test_parity_float32_raw_rounding_near_ties(rng, qscheme):
 @pytest.mark.parametrize("qscheme", WEIGHT_QSCHEMES)
 def test_parity_each_weight_kind(rng, kind, qscheme):
     """Every weight distribution under every qscheme, with and without bias and ReLU."""
-    rng = substream(rng, kind, qscheme)
     for i in range(8):
         p = random_problem(rng)
         p["w"] = random_weight(rng, p["w"].shape[0], p["w"].shape[1], kind)
@@ -453,7 +435,7 @@ def test_parity_empty_batch_and_shapes(rng):
     x_wide = rng.integers(0, 256, (6, 3, 14), dtype=np.uint8)
     for view in (x_wide[:, :, ::2], x_wide[::2, :, 7:], np.swapaxes(rng.integers(0, 256, (7, 4), dtype=np.uint8), 0, 1)):
         assert not view.flags.c_contiguous
-        assert_equal(ql(view), ql(np.ascontiguousarray(view)), f"non-contiguous view of shape {view.shape}")
+        assert_same(ql(view), ql(np.ascontiguousarray(view)), f"non-contiguous view of shape {view.shape}")
 
 
 def test_parity_int32_wrap_large_k():
@@ -471,7 +453,7 @@ def test_parity_int32_wrap_large_k():
     raw = ql.accumulate(x)
     true_raw = (x.astype(np.int64) @ ql.weight_int8.astype(np.int64).T)
     assert (raw != true_raw).any(), "no accumulator wrapped: the test does not test wrapping"
-    assert_equal(raw, true_raw.astype(np.int32), "raw wraps modulo 2^32")
+    assert_same(raw, true_raw.astype(np.int32), "raw wraps modulo 2^32")
     p = dict(x=x, w=w, b=None, sx=1.0, zx=0, sy=1e7, zy=0, relu=False, qscheme="per_channel_symmetric",
              wkind="wrap", xkind="full", seed="wrap")
     check_problem(p)
@@ -481,7 +463,6 @@ def test_parity_int32_wrap_large_k():
 @pytest.mark.parametrize("chunk", range(40))
 def test_parity_random_problems_slow(rng, chunk):
     """The long run: 40 x 1500 random problems, plus 40 x 30 at large K."""
-    rng = substream(rng, chunk)
     problems, values = run_random_problems(rng, 1500)
     for i in range(30):
         p = random_problem(rng, k_choices=(2048, 4096, 4097, 5000, 8191, 16384), max_n=64, max_m=8)
@@ -547,7 +528,7 @@ def test_saturate_int16_pairs_matches_torch_without_vnni(rng, tmp_path, isa):
     of products to int16. refquant's ``saturate_int16_pairs=True`` must equal torch there, its default mode must equal
     the VNNI run in this process, and the two torch runs must differ (proof the child took the non-VNNI path) —
     except on 7-bit activation codes (reduce_range), where no pair saturates."""
-    problems = _isa_problems(substream(rng, isa))
+    problems = _isa_problems(rng)
     data = {"count": len(problems)}
     for i, p in enumerate(problems):
         for key in ("x", "w", "ws", "b", "params"):
@@ -589,7 +570,7 @@ def test_seven_bit_activations_never_saturate(rng):
     w_i8 = rng.choice(np.array([-128, 127], np.int8), (16, K))
     ql = QuantizedLinear(w_i8, np.full(16, 0.01, np.float32), np.zeros(16, np.int32), None, 0.02, 0, 10.0, 128)
     x7 = np.concatenate([np.full((1, K), 127, np.uint8), rng.choice(np.array([0, 127], np.uint8), (31, K))])
-    assert_equal(ql.accumulate(x7, saturate_int16_pairs=True), ql.accumulate(x7), "7-bit codes")
+    assert_same(ql.accumulate(x7, saturate_int16_pairs=True), ql.accumulate(x7), "7-bit codes")
     x8 = np.full((1, K), 255, np.uint8)
     assert (ql.accumulate(x8, saturate_int16_pairs=True) != ql.accumulate(x8)).any()
 
@@ -605,11 +586,11 @@ def test_golden_accumulate_and_requantize():
     atws = 0.125; mult = 0.25; t = 14 + 0.25/0.125 = 16; y = 4; q = 104."""
     ql = QuantizedLinear(np.array([[2, -1]], np.int8), [0.5], [0], np.array([0.25], np.float32), 0.25, 2, 0.5, 100)
     x = np.array([[10, 4]], np.uint8)
-    assert_equal(ql.col_offsets, np.array([1], np.int32), "col_offsets")
-    assert_equal(ql.act_times_w_scale, np.array([0.125], np.float32), "act_times_w_scale")
-    assert_equal(ql.output_multiplier, np.array([0.25], np.float32), "output_multiplier")
-    assert_equal(ql.accumulate(x), np.array([[14]], np.int32), "raw")
-    assert_equal(ql(x), np.array([[104]], np.uint8), "output")
+    assert_same(ql.col_offsets, np.array([1], np.int32), "col_offsets")
+    assert_same(ql.act_times_w_scale, np.array([0.125], np.float32), "act_times_w_scale")
+    assert_same(ql.output_multiplier, np.array([0.25], np.float32), "output_multiplier")
+    assert_same(ql.accumulate(x), np.array([[14]], np.int32), "raw")
+    assert_same(ql(x), np.array([[104]], np.uint8), "output")
 
 
 def test_golden_affine_weights_row_offsets():
@@ -621,13 +602,13 @@ def test_golden_affine_weights_row_offsets():
     ql = QuantizedLinear(np.array([[5, 1], [-2, 0]], np.int8), [1.0, 1.0], [3, -2], None, 1.0, 4, 1.0, 50,
                          weight_qscheme="per_channel_affine")
     x = np.array([[7, 9]], np.uint8)
-    assert_equal(ql.col_offsets, np.array([0, 2], np.int32), "col_offsets")
-    assert_equal(ql.accumulate(x), np.array([[-4, 10]], np.int32), "raw")
-    assert_equal(ql(x), np.array([[46, 60]], np.uint8), "output")
+    assert_same(ql.col_offsets, np.array([0, 2], np.int32), "col_offsets")
+    assert_same(ql.accumulate(x), np.array([[-4, 10]], np.int32), "raw")
+    assert_same(ql(x), np.array([[46, 60]], np.uint8), "output")
     qlt = QuantizedLinear(np.array([[5, 1], [-2, 0]], np.int8), [1.0], [3], None, 1.0, 4, 1.0, 50,
                           weight_qscheme="per_tensor_affine")  # z_w = 3 for both: raw = [−4, −14 − 4·(−8) − 48]
-    assert_equal(qlt.col_offsets, np.array([0, -8], np.int32), "per-tensor col_offsets")
-    assert_equal(qlt.accumulate(x), np.array([[-4, -30]], np.int32), "per-tensor affine raw")
+    assert_same(qlt.col_offsets, np.array([0, -8], np.int32), "per-tensor col_offsets")
+    assert_same(qlt.accumulate(x), np.array([[-4, -30]], np.int32), "per-tensor affine raw")
 
 
 def test_golden_round_half_to_even_and_relu():
@@ -638,7 +619,7 @@ def test_golden_round_half_to_even_and_relu():
         ql = QuantizedLinear(np.ones((5, 1), np.int8), np.ones(5, np.float32), np.zeros(5, np.int32), None,
                              1.0, 0, 4.0, 100, relu=relu)
         for readable in (False, True):
-            assert_equal(ql.requantize(raw, readable=readable), np.array([expected], np.uint8), f"relu={relu}")
+            assert_same(ql.requantize(raw, readable=readable), np.array([expected], np.uint8), f"relu={relu}")
 
 
 def test_golden_float32_raw_rounds():
@@ -648,7 +629,7 @@ def test_golden_float32_raw_rounds():
                          1.0, 0, 2.0**25, 0)
     raw = np.array([[2**24 + 1, 2**24 + 3]], np.int32)
     for readable in (False, True):
-        assert_equal(ql.requantize(raw, readable=readable), np.array([[0, 1]], np.uint8), "float32(raw) rounding")
+        assert_same(ql.requantize(raw, readable=readable), np.array([[0, 1]], np.uint8), "float32(raw) rounding")
 
 
 def test_golden_int32_min_gives_zero():
@@ -658,7 +639,7 @@ def test_golden_int32_min_gives_zero():
                          1.0, 0, 2.0**-31, 9)
     raw = np.array([[1, -1, 0]], np.int32)
     for readable in (False, True):
-        assert_equal(ql.requantize(raw, readable=readable), np.array([[0, 0, 9]], np.uint8), "INT32_MIN")
+        assert_same(ql.requantize(raw, readable=readable), np.array([[0, 0, 9]], np.uint8), "INT32_MIN")
 
 
 def test_golden_per_tensor_fma():
@@ -674,9 +655,9 @@ def test_golden_per_tensor_fma():
     for qscheme, expected in (("per_tensor_symmetric", 1), ("per_channel_symmetric", 0)):
         ql = QuantizedLinear(np.ones((1, 1), np.int8), [2.0], [0], np.array([1.5], np.float32), 1.5, 0,
                              3.0 * 2**24, 0, weight_qscheme=qscheme)
-        assert_equal(ql.output_multiplier, np.array([2.0**-24], np.float32), "multiplier")
+        assert_same(ql.output_multiplier, np.array([2.0**-24], np.float32), "multiplier")
         for readable in (False, True):
-            assert_equal(ql.requantize(raw, readable=readable), np.array([[expected]], np.uint8), qscheme)
+            assert_same(ql.requantize(raw, readable=readable), np.array([[expected]], np.uint8), qscheme)
 
 
 def test_golden_scales_rounded_to_float32():
@@ -684,8 +665,8 @@ def test_golden_scales_rounded_to_float32():
     atws = f32(f32(0.1)·0.5), mult = f32(atws / f32(0.3))."""
     ql = QuantizedLinear(np.ones((1, 1), np.int8), [0.5], [0], None, 0.1, 0, 0.3, 0)
     atws = np.float32(np.float32(0.1) * np.float32(0.5))
-    assert_equal(ql.act_times_w_scale, np.array([atws], np.float32), "act_times_w_scale")
-    assert_equal(ql.output_multiplier, np.array([np.float32(atws / np.float32(0.3))], np.float32), "multiplier")
+    assert_same(ql.act_times_w_scale, np.array([atws], np.float32), "act_times_w_scale")
+    assert_same(ql.output_multiplier, np.array([np.float32(atws / np.float32(0.3))], np.float32), "multiplier")
 
 
 def test_golden_weight_quantization_symmetric():
@@ -698,10 +679,10 @@ def test_golden_weight_quantization_symmetric():
     s1 = np.float32(np.float32(1.0) / np.float32(127.5))
     assert np.float32(1) / s0 == np.float32(42.5) and np.float32(1) / s1 < np.float32(127.5)
     ql = QuantizedLinear.from_float(w, None, 1.0, 0, 1.0, 0)
-    assert_equal(ql.weight_int8, np.array([[-128, 42, 127], [-127, 64, 127], [0, 0, 0]], np.int8), "weight_int8")
-    assert_equal(ql.weight_scales, np.array([s0, s1, 2.0**-23], np.float32), "scales")
-    assert_equal(ql.weight_zero_points, np.zeros(3, np.int32), "zero points")
-    assert_equal(ql.col_offsets, np.array([41, 64, 0], np.int32), "col_offsets")
+    assert_same(ql.weight_int8, np.array([[-128, 42, 127], [-127, 64, 127], [0, 0, 0]], np.int8), "weight_int8")
+    assert_same(ql.weight_scales, np.array([s0, s1, 2.0**-23], np.float32), "scales")
+    assert_same(ql.weight_zero_points, np.zeros(3, np.int32), "zero points")
+    assert_same(ql.col_offsets, np.array([41, 64, 0], np.int32), "col_offsets")
 
 
 def test_overflow_check():
@@ -722,7 +703,6 @@ def test_overflow_check():
 @pytest.mark.parametrize("chunk", range(6))
 def test_requantize_kernel_equals_readable(rng, chunk):
     """Random int32 raw values (including INT32_MIN/MAX and values above 2^24), biases, scales, both bias forms."""
-    rng = substream(rng, chunk)
     for i in range(60):
         M, N = int(rng.integers(0, 20)), int(rng.integers(1, 40))
         raw = rng.integers(-2**31, 2**31, (M, N), dtype=np.int64).astype(np.int32)
@@ -738,7 +718,7 @@ def test_requantize_kernel_equals_readable(rng, chunk):
         zp, relu = int(rng.integers(0, 256)), bool(rng.integers(0, 2))
         args = (bias, atws, mult, zp, relu, per_channel)
         expected = requantize_readable(raw, *args)
-        assert_equal(requantize_fast(raw, *args), expected, f"kernel vs readable, case {i}, per_channel={per_channel}")
+        assert_same(requantize_fast(raw, *args), expected, f"kernel vs readable, case {i}, per_channel={per_channel}")
 
 
 def test_requantize_kernel_equals_readable_on_ties():
@@ -751,7 +731,7 @@ def test_requantize_kernel_equals_readable_on_ties():
         bias = np.linspace(-3, 3, 128).astype(np.float32)
         for b in (None, bias):
             args = (b, atws, mult, 128, False, per_channel)
-            assert_equal(requantize_fast(raw, *args), requantize_readable(raw, *args), "ties")
+            assert_same(requantize_fast(raw, *args), requantize_readable(raw, *args), "ties")
 
 
 # ----------------------------------------------------------------------------------------------------------------

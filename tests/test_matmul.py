@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from numba.core import config as numba_config
 
+from parity import assert_same
 from refquant import matmul as mm
 from refquant.matmul import (
     KERNEL_ENV_VAR,
@@ -43,11 +44,6 @@ def _cases(kernels: list[str]) -> list:
 needs_jit = pytest.mark.skipif(numba_config.DISABLE_JIT, reason="NUMBA_DISABLE_JIT=1: only the reference runs")
 FAST_KERNELS_AND_MODES = _cases(["avx512", "portable"])  # (kernel, saturate_int16_pairs)
 KERNELS_AND_MODES = _cases(["avx512", "portable", "reference"])
-
-
-def assert_bits(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
-    """Same dtype, shape and values; on failure numpy reports the differing indices and both values."""
-    np.testing.assert_array_equal(actual, expected, err_msg=what, strict=True)
 
 
 def reference(x_u8: np.ndarray, w_i8: np.ndarray, saturate: bool) -> np.ndarray:
@@ -119,7 +115,7 @@ def test_golden_products(kernel, saturate, x_row, w_row, m1, m2, rng):
     w_i8[cols] = w_row
     acc_i32 = matmul_u8s8_acc32(x_u8, pack_weight_s8(w_i8), saturate_int16_pairs=saturate, kernel=kernel)
     expected = np.full((len(rows), len(cols)), m2 if saturate else m1, np.int32)
-    assert_bits(acc_i32[np.ix_(rows, cols)], expected, "golden sums")
+    assert_same(acc_i32[np.ix_(rows, cols)], expected, "golden sums")
 
 
 @pytest.mark.parametrize("kernel, saturate", KERNELS_AND_MODES)
@@ -136,7 +132,7 @@ def test_golden_int32_wraps(kernel, saturate):
         x_u8, w_i8 = x_u8[:1], w_i8[:1]
     acc_i32 = matmul_u8s8_acc32(x_u8, w_i8, saturate_int16_pairs=saturate, kernel=kernel)
     expected = 2_147_450_880 if saturate else 2_147_451_136
-    assert_bits(acc_i32, np.full(acc_i32.shape, expected, np.int32), "wrapped int32 sums")
+    assert_same(acc_i32, np.full(acc_i32.shape, expected, np.int32), "wrapped int32 sums")
 
 
 def test_golden_m2_no_wrap_below_the_limit():
@@ -151,14 +147,19 @@ def test_golden_m2_no_wrap_below_the_limit():
 # Fast kernels == readable references, exactly
 # ----------------------------------------------------------------------------------------------------------------
 
+def check_fast_equals_reference(rng, kernel, saturate, M, K, N):
+    """One (M, K, N) problem with random distributions of x and w: the fast kernel's sums == the reference's."""
+    kind_x, kind_w = rng.choice(KINDS, 2)
+    x_u8 = draw(rng, (M, K), kind_x, np.uint8)
+    w_i8 = draw(rng, (N, K), kind_w, np.int8)
+    acc_i32 = matmul_u8s8_acc32(x_u8, pack_weight_s8(w_i8), saturate_int16_pairs=saturate, kernel=kernel)
+    assert_same(acc_i32, reference(x_u8, w_i8, saturate), f"(M, K, N) = {(M, K, N)}, x {kind_x}, w {kind_w}")
+
+
 @pytest.mark.parametrize("kernel, saturate", FAST_KERNELS_AND_MODES)
 def test_fast_equals_reference_on_shapes(kernel, saturate, rng):
     for M, K, N in SHAPES:
-        kind_x, kind_w = rng.choice(KINDS, 2)
-        x_u8 = draw(rng, (M, K), kind_x, np.uint8)
-        w_i8 = draw(rng, (N, K), kind_w, np.int8)
-        acc_i32 = matmul_u8s8_acc32(x_u8, pack_weight_s8(w_i8), saturate_int16_pairs=saturate, kernel=kernel)
-        assert_bits(acc_i32, reference(x_u8, w_i8, saturate), f"(M, K, N) = {(M, K, N)}, x {kind_x}, w {kind_w}")
+        check_fast_equals_reference(rng, kernel, saturate, M, K, N)
 
 
 @pytest.mark.parametrize("kernel, saturate", FAST_KERNELS_AND_MODES)
@@ -168,11 +169,7 @@ def test_fast_equals_reference_on_random_shapes(kernel, saturate, rng):
         M, K, N = np.exp(rng.uniform(0, np.log(2000), 3)).astype(int)
         while M * K * N > 4_000_000:  # keep the readable references quick
             M, K, N = max(1, M // 2), K, max(1, N // 2)
-        kind_x, kind_w = rng.choice(KINDS, 2)
-        x_u8 = draw(rng, (M, K), kind_x, np.uint8)
-        w_i8 = draw(rng, (N, K), kind_w, np.int8)
-        acc_i32 = matmul_u8s8_acc32(x_u8, pack_weight_s8(w_i8), saturate_int16_pairs=saturate, kernel=kernel)
-        assert_bits(acc_i32, reference(x_u8, w_i8, saturate), f"(M, K, N) = {(M, K, N)}, x {kind_x}, w {kind_w}")
+        check_fast_equals_reference(rng, kernel, saturate, M, K, N)
 
 
 @pytest.mark.parametrize("kernel, saturate", FAST_KERNELS_AND_MODES)
@@ -184,7 +181,7 @@ def test_fast_equals_reference_when_int32_wraps(kernel, saturate, rng):
     w_i8 = draw(rng, (3, K), "extremes", np.int8)
     w_i8[0] = -128
     acc_i32 = matmul_u8s8_acc32(x_u8, w_i8, saturate_int16_pairs=saturate, kernel=kernel)
-    assert_bits(acc_i32, reference(x_u8, w_i8, saturate), "large-K sums")
+    assert_same(acc_i32, reference(x_u8, w_i8, saturate), "large-K sums")
     if not saturate:  # the first row and column wrap: 70001 * -32640 < -2^31
         assert acc_i32[0, 0] == np.int64(70_001 * -32640 + 2**32)
 
@@ -199,9 +196,9 @@ def test_non_contiguous_inputs(kernel, saturate, rng):
     for x_u8 in x_views:
         for w_i8 in w_views:
             expected = reference(np.ascontiguousarray(x_u8), np.ascontiguousarray(w_i8), saturate)
-            assert_bits(matmul_u8s8_acc32(x_u8, w_i8, saturate_int16_pairs=saturate, kernel=kernel), expected,
+            assert_same(matmul_u8s8_acc32(x_u8, w_i8, saturate_int16_pairs=saturate, kernel=kernel), expected,
                         "raw weight view")
-            assert_bits(matmul_u8s8_acc32(x_u8, pack_weight_s8(w_i8), saturate_int16_pairs=saturate, kernel=kernel),
+            assert_same(matmul_u8s8_acc32(x_u8, pack_weight_s8(w_i8), saturate_int16_pairs=saturate, kernel=kernel),
                         expected, "packed weight view")
 
 
@@ -212,7 +209,7 @@ def test_empty_shapes(kernel, saturate, M, K, N):
     x_u8 = np.zeros((M, K), np.uint8)
     w_i8 = np.ones((N, K), np.int8)
     acc_i32 = matmul_u8s8_acc32(x_u8, w_i8, saturate_int16_pairs=saturate, kernel=kernel)
-    assert_bits(acc_i32, np.zeros((M, N), np.int32), "empty product")
+    assert_same(acc_i32, np.zeros((M, N), np.int32), "empty product")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,7 +224,7 @@ def test_seven_bit_activations_never_saturate(kernel, saturate, rng):
     w_i8 = draw(rng, (70, 301), "extremes", np.int8)
     w_i8[0] = -128
     acc_m2 = matmul_u8s8_acc32(x_u8, w_i8, saturate_int16_pairs=saturate, kernel=kernel)
-    assert_bits(acc_m2, matmul_u8s8_acc32_ref(x_u8, w_i8), "M2 with 7-bit activations vs M1")
+    assert_same(acc_m2, matmul_u8s8_acc32_ref(x_u8, w_i8), "M2 with 7-bit activations vs M1")
 
 
 @pytest.mark.parametrize("kernel, saturate", [p for p in KERNELS_AND_MODES if p.values[1]])
@@ -252,7 +249,7 @@ def test_packed_weight_layout(rng):
     packed = pack_weight_s8(w_i8)
     assert isinstance(packed, PackedWeightS8)
     assert packed.shape == (N, K)
-    assert_bits(packed.w_i8, w_i8, "w_i8 kept")
+    assert_same(packed.w_i8, w_i8, "w_i8 kept")
     assert packed.panels_i8.shape == (2, 4, 64, 4) and packed.panels_i8.flags.c_contiguous
     for p in range(2):
         for g in range(4):
@@ -273,7 +270,7 @@ def test_kernel_choice_and_environment_variable(monkeypatch, rng):
         monkeypatch.setenv(KERNEL_ENV_VAR, name)
         assert kernel_for() == name
         assert kernel_for(saturate_int16_pairs=True) == name
-        assert_bits(matmul_u8s8_acc32(x_u8, w_i8), matmul_u8s8_acc32_ref(x_u8, w_i8), f"env {name}")
+        assert_same(matmul_u8s8_acc32(x_u8, w_i8), matmul_u8s8_acc32_ref(x_u8, w_i8), f"env {name}")
     monkeypatch.setenv(KERNEL_ENV_VAR, "portable")
     assert kernel_for(kernel="reference") == "reference"  # the argument wins over the environment
     monkeypatch.setenv(KERNEL_ENV_VAR, "fastest")
