@@ -154,6 +154,35 @@ def _check_codes(x: object, dtype: type, argname: str, last_dim: int, last_name:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Accumulation (eqs. L4, L5): shared by every layer that multiplies uint8 codes by int8 weights
+# ----------------------------------------------------------------------------------------------------------------
+
+def accumulate_raw(x2d_u8: np.ndarray, packed_weight: PackedWeightS8, col_offsets_i32: np.ndarray,
+                   input_zero_point: int, weight_zero_points_i32: np.ndarray, *,
+                   saturate_int16_pairs: bool = False) -> np.ndarray:
+    """(M, K) uint8 codes -> (M, N) int32 ``raw``: eq. L4, then the zero-point corrections of eq. L5.
+
+    raw = acc − z_x·col_offsets[n] − z_w[n]·Σ_k q_x[m, k], each step in int32 wrapping modulo 2^32 — what fbgemm
+    holds in its int32 buffer right before requantization. ``saturate_int16_pairs`` sums the products in
+    int16-saturated pairs as non-VNNI CPUs do (refquant.matmul eq. M2).
+
+    Matches: pytorch/FBGEMM src/QuantUtilsAvx2.cc (requantizeOutputProcessingAvx2: ``_mm256_mullo_epi32`` and
+    ``_mm256_sub_epi32`` with col_offsets and row_offsets); row offsets from PackAWithRowOffset.
+    """
+    acc_i32 = matmul_u8s8_acc32(x2d_u8, packed_weight, saturate_int16_pairs=saturate_int16_pairs)
+    # eq. L5, first correction: z_x·col_offsets[n] (skipped by fbgemm when z_x == 0: subtracting 0 is the same)
+    zx_col_i32 = np.multiply(np.int32(input_zero_point), col_offsets_i32, dtype=np.int32)  # wraps
+    raw_i32 = np.subtract(acc_i32, zx_col_i32[np.newaxis, :], dtype=np.int32)
+    # eq. L5, second correction: z_w[n]·Σ_k q_x[m, k] (row_offsets), nonzero only for affine weights
+    if (weight_zero_points_i32 != 0).any():
+        row_offsets_i32 = x2d_u8.sum(axis=1, dtype=np.int64).astype(np.int32)  # PackAWithRowOffset
+        zw_row_i32 = np.multiply(row_offsets_i32[:, np.newaxis], weight_zero_points_i32[np.newaxis, :],
+                                 dtype=np.int32)  # wraps
+        raw_i32 = np.subtract(raw_i32, zw_row_i32, dtype=np.int32)
+    return raw_i32
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Requantization (eqs. L8-L11): readable NumPy, then the Numba kernel that repeats it
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -392,28 +421,16 @@ class QuantizedLinear:
     def accumulate(self, x_u8: np.ndarray, *, saturate_int16_pairs: bool | None = None) -> np.ndarray:
         """uint8 input codes (..., K) -> int32 ``raw`` (..., N): eq. L4 then the zero-point corrections of eq. L5.
 
-        raw = acc − z_x·col_offsets[n] − z_w[n]·Σ_k q_x[m, k], each step in int32 wrapping modulo 2^32 — what fbgemm
-        holds in its int32 buffer right before requantization. ``saturate_int16_pairs`` (default: the layer's
-        setting) sums the products in int16-saturated pairs as non-VNNI CPUs do (refquant.matmul eq. M2).
-
-        Matches: pytorch/FBGEMM src/QuantUtilsAvx2.cc (requantizeOutputProcessingAvx2: ``_mm256_mullo_epi32`` and
-        ``_mm256_sub_epi32`` with col_offsets and row_offsets); row offsets from PackAWithRowOffset.
+        N-D input is flattened to (M, K) as torch does, then :func:`accumulate_raw`. ``saturate_int16_pairs``
+        (default: the layer's setting) sums the products in int16-saturated pairs as non-VNNI CPUs do.
         """
         x_u8 = _check_codes(x_u8, np.uint8, "x_u8", self.in_features, "in_features K")
         if saturate_int16_pairs is None:
             saturate_int16_pairs = self.saturate_int16_pairs
         lead_shape = x_u8.shape[:-1]
         x2d_u8 = np.ascontiguousarray(x_u8.reshape(-1, self.in_features))  # torch flattens N-D input to (M, K)
-        acc_i32 = matmul_u8s8_acc32(x2d_u8, self._packed_weight, saturate_int16_pairs=bool(saturate_int16_pairs))
-        # eq. L5, first correction: z_x·col_offsets[n] (skipped by fbgemm when z_x == 0: subtracting 0 is the same)
-        zx_col_i32 = np.multiply(np.int32(self.input_zero_point), self.col_offsets, dtype=np.int32)  # wraps
-        raw_i32 = np.subtract(acc_i32, zx_col_i32[np.newaxis, :], dtype=np.int32)
-        # eq. L5, second correction: z_w[n]·Σ_k q_x[m, k] (row_offsets), nonzero only for affine weights
-        if (self.weight_zero_points != 0).any():
-            row_offsets_i32 = x2d_u8.sum(axis=1, dtype=np.int64).astype(np.int32)  # PackAWithRowOffset
-            zw_row_i32 = np.multiply(row_offsets_i32[:, np.newaxis], self.weight_zero_points[np.newaxis, :],
-                                     dtype=np.int32)  # wraps
-            raw_i32 = np.subtract(raw_i32, zw_row_i32, dtype=np.int32)
+        raw_i32 = accumulate_raw(x2d_u8, self._packed_weight, self.col_offsets, self.input_zero_point,
+                                 self.weight_zero_points, saturate_int16_pairs=bool(saturate_int16_pairs))
         return raw_i32.reshape(lead_shape + (self.out_features,))
 
     def requantize(self, acc_i32: np.ndarray, *, readable: bool = False) -> np.ndarray:
