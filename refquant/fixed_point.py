@@ -65,6 +65,20 @@ Overflow, as the sources do it: the int32 bias add is ``_mm256_add_epi32`` in FB
 compilers and CPUs they run on); refquant wraps. TFLite's ``x * (1 << left_shift)`` and the final ``acc +=
 output_offset`` are int32 as well (wrap). FBGEMM's RequantizeFixedPoint works in int64 (no wrap) and clamps.
 
+Paths and versions not modelled, or equal:
+
+* FBGEMM's x86 ``RequantizeFixedPointAvx2`` (8-bit outputs) computes the same floor shift (adding 2^63 to use a
+  logical shift, exact) but clamps only the LOW 32 BITS of the int64 result; it differs from eq. I4 (the scalar
+  ``Requantize<T>``, modelled here) only when z_y + result leaves int32, i.e. for real multipliers > 1 on huge
+  accumulators. Its scalar tail uses ``1ll << max(0, right_shift − 1)``.
+* gemmlowp's RoundingDivideByPOT has been this formula since 2017 (commit 12c15b7, "Add proper RoundingDivideByPOT");
+  the code before it (truncating division plus the bit below the cut) rounded the same way, ties away from zero.
+* TFLite's MultiplyByQuantizedMultiplier lived in common.h (double rounding only; older releases split it into
+  ...SmallerThanOneExp / ...GreaterThanOne, the same two roundings) and moved to common.cc with the
+  TFLITE_SINGLE_ROUNDING branch; QuantizeMultiplier gained the shift > 30 saturation under that macro. The int64
+  overload (16-bit activations, a 16-bit "reduced" multiplier) is not used by int8 FullyConnected and not modelled.
+* TFLite's optimized kernels (ruy, NEON) are meant to equal the reference kernels; not checked here.
+
 Matches: pytorch/FBGEMM include/fbgemm/QuantUtils.h (Quantize<T>, Requantize<T>, RequantizeFixedPoint),
 src/QuantUtils.cc (ChooseRequantizationMultiplier, SaturatingRoundingMulWithShift), src/QuantUtilsAvx2.cc
 (requantizeOutputProcessingAvx2, the int32-bias branch); pytorch/pytorch caffe2/quantization/server
