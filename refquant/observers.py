@@ -131,9 +131,16 @@ class UniformQuantizationObserverBase:
         if not (np.isfinite(eps_f32) and eps_f32 > 0):
             raise ValueError(f"eps must be a positive finite number, got {eps!r}")
         self.eps = eps_f32
+
+    def _refuse_symmetric_quint8_reduce_range(self) -> None:
+        """MinMaxObserver and PerChannelMinMaxObserver (and their moving averages) refuse a symmetric quint8 range
+        with reduce_range in their own ``__init__``, as torch's do; HistogramObserver accepts it, as torch's does
+        (quant range [0, 127], zero point 128).
+        Matches: torch/ao/quantization/observer.py (MinMaxObserver.__init__, PerChannelMinMaxObserver.__init__)."""
         if self.qscheme in ("per_tensor_symmetric", "per_channel_symmetric") and self.reduce_range \
                 and self.dtype == "quint8":
-            raise NotImplementedError("Cannot reduce range for symmetric quantization for quint8 (as torch refuses)")
+            raise NotImplementedError(f"Cannot reduce range for symmetric quantization for quint8 ({type(self).__name__}"
+                                      f" refuses it, as torch's does; HistogramObserver accepts it)")
 
     def __call__(self, x):
         return self.forward(x)
@@ -273,6 +280,7 @@ class MinMaxObserver(_RangeObserver):
             raise NotImplementedError(f"{type(self).__name__}'s qscheme only supports {PER_TENSOR_QSCHEMES}, "
                                       f"got {qscheme!r}")
         super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, eps)
+        self._refuse_symmetric_quint8_reduce_range()
         self.reset_min_max_vals()
 
     def _batch_range(self, x_f32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -327,6 +335,7 @@ class PerChannelMinMaxObserver(_RangeObserver):
         if isinstance(ch_axis, bool) or not isinstance(ch_axis, numbers.Integral):
             raise TypeError(f"ch_axis must be an int, got {ch_axis!r}")
         super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, eps)
+        self._refuse_symmetric_quint8_reduce_range()
         self.ch_axis = int(ch_axis)
         self.reset_min_max_vals()
 
