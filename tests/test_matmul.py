@@ -273,9 +273,19 @@ def test_kernel_choice_and_environment_variable(monkeypatch, rng):
         assert_same(matmul_u8s8_acc32(x_u8, w_i8), matmul_u8s8_acc32_ref(x_u8, w_i8), f"env {name}")
     monkeypatch.setenv(KERNEL_ENV_VAR, "portable")
     assert kernel_for(kernel="reference") == "reference"  # the argument wins over the environment
-    monkeypatch.setenv(KERNEL_ENV_VAR, "fastest")
-    with pytest.raises(ValueError, match="kernel must be one of"):
-        matmul_u8s8_acc32(x_u8, w_i8)
+    monkeypatch.setenv(KERNEL_ENV_VAR, "")
+    assert kernel_for() == kernel_for(kernel="auto")  # empty: as if unset
+
+
+@pytest.mark.parametrize("value", ["fastest", "AVX512", " auto", "vnni"])
+def test_bad_environment_variable_is_named(monkeypatch, value):
+    """A bad REFQUANT_MATMUL_KERNEL names the variable, what it holds and the allowed values."""
+    monkeypatch.setenv(KERNEL_ENV_VAR, value)
+    with pytest.raises(ValueError) as info:
+        matmul_u8s8_acc32(np.zeros((1, 4), np.uint8), np.zeros((2, 4), np.int8))
+    message = str(info.value)
+    assert "environment variable REFQUANT_MATMUL_KERNEL" in message and repr(value) in message, message
+    assert "allowed values: auto, avx512, portable, reference" in message, message
 
 
 @needs_jit
