@@ -76,14 +76,17 @@ def test_histogram_observer_shared_by_threads_loses_no_batch(rng):
     obs = HistogramObserver()
     feed_from_threads(obs, batches, 8)
     everything = np.concatenate(batches)
-    assert float(obs.histogram.sum()) == everything.size  # integer counts < 2^24: exact in float32
+    # When the range grows, the old counts are upsampled and re-binned in float32 (fractions of a count), so the
+    # total drifts from the number of values by rounding: far below one value, where a lost batch is 1000.
+    assert abs(float(obs.histogram.astype(np.float64).sum()) - everything.size) < 0.5
     assert (obs.min_val, obs.max_val) == (everything.min(), everything.max())
     obs.calculate_qparams()
 
 
 def test_histogram_observer_shared_by_threads_equals_a_serial_feed(rng):
     """When the first batch sets the range, the order does not matter: the histogram from 8 threads equals the
-    serial one bit for bit, and so do the qparams."""
+    serial one bit for bit, and so do the qparams. (Unlocked, this failed now and then: the one-pass shortcut's
+    read-modify-write is short; test_histogram_observer_shared_by_threads_loses_no_batch is the sure one.)"""
     first = np.concatenate([rng.uniform(-4, 4, 1000), [-4.0, 4.0]]).astype(F32)
     batches = [rng.uniform(-4, 4, int(rng.integers(1, 3000))).astype(F32) for _ in range(120)]
     shared, serial = HistogramObserver(), HistogramObserver()
