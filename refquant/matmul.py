@@ -42,7 +42,7 @@ All kernels give the same bits (tests/test_matmul.py). Structure, as fbgemm's (s
    walks 512 k (fbgemm's KCB), so the 32 KB of weights it reads stay in L1 for the 16 tiles of a task; each step
    broadcasts 4 bytes of x per row and issues 24 ``vpdpbusd``;
 3. tasks (96 rows x one panel) are shared by the cores on refquant's own thread pool (:mod:`refquant._threads`:
-   each thread takes its own share of tasks first, then helps with the others'); below 2^20 multiply-adds, one
+   each thread takes its own share of tasks first, then helps with the others'); below 2^22 multiply-adds, one
    thread. Not Numba's ``prange``: under its GNU OpenMP layer a process forked after a parallel product killed its
    child. The pool is fork-safe and may be used by several Python threads at once.
 
@@ -593,7 +593,8 @@ def _matmul_tasks_serial(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, 
         _matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task)
 
 
-PARALLEL_MIN_MACS = 1 << 20  # below this many multiply-adds, waking the second thread costs more than it saves
+PARALLEL_MIN_MACS = 1 << 22  # below this many multiply-adds (~12 us on one core), one thread: handing tasks to a
+# pool thread costs ~10 us (a wake-up and the GIL), so below it the pool thread arrives when the work is done
 
 
 def _matmul_tiled(x_u8: np.ndarray, packed: PackedWeightS8, dot4: _Dot4) -> np.ndarray:

@@ -73,7 +73,7 @@ KINDS = ["uniform", "extremes", "max_magnitude", "sparse", "seven_bit"]
 
 # (M, K, N): 1 up to > 4096 in each dimension; below, at and above every block size (4 k per lane, 16 lanes,
 # 64-column panels, tiles of 6, 2 and 1 rows, 96-row tasks, 512-k blocks) and over the serial/parallel threshold
-# (2^20 MACs)
+# (PARALLEL_MIN_MACS = 2^22 multiply-adds)
 SHAPES = [
     (1, 1, 1), (1, 3, 3), (2, 1, 17), (1, 2, 1), (3, 5, 2), (5, 4, 16), (6, 4, 64), (7, 13, 70), (8, 8, 65),
     (11, 17, 63), (12, 3, 15), (13, 255, 127), (18, 257, 129), (95, 33, 191), (96, 64, 128), (97, 100, 1),

@@ -243,8 +243,9 @@ def test_a_process_forked_after_a_parallel_product_computes(rng, how):
 
 def test_matmul_from_many_threads_at_once(rng):
     """Parallel products called from 6 threads at once share the pool and each gets its own right answer."""
-    problems = [(rng.integers(0, 256, (150, 200), dtype=np.uint8), rng.integers(-128, 128, (100, 200), dtype=np.int8))
+    problems = [(rng.integers(0, 256, (200, 256), dtype=np.uint8), rng.integers(-128, 128, (100, 256), dtype=np.int8))
                 for _ in range(6)]
+    assert 200 * 256 * 100 >= PARALLEL_MIN_MACS
     results: dict[int, list] = {i: [] for i in range(6)}
 
     def work(i: int) -> None:
