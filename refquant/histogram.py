@@ -32,7 +32,8 @@ runs the readable path end to end; the tests prove both paths equal, and each ag
 (tests/test_histogram_steps.py, tests/test_histogram_parity.py, tests/test_histogram_forward_fast.py). Two liberties
 of the Numba forward that cannot change a bit: its aminmax ignores NaN (NaN is then found by histc, which skips it),
 and batches of >= 2^18 elements are shared between threads chunk by chunk (integer counts, exact min and max);
-that machinery (threads, atomics, prefetches) is in the appendix at the end of this module, out of the algorithm's way.
+that machinery (prefetches here, in the appendix at the end of this module; threads and atomics in refquant._threads)
+stays out of the algorithm's way.
 
 The sign of a zero ``min_val``/``max_val`` (a batch holding both -0.0 and +0.0 at its minimum) is unspecified, as
 it is in torch, whose aminmax answer depends on its thread count; it changes no bin, count, scale or zero point.
