@@ -13,6 +13,10 @@ The path a value takes, one module per step:
 refquant never imports torch; ``crosscheck`` compares it with torch value by value.
 """
 
+from . import _numba_cache
+
+_numba_cache.install()  # before any kernel is defined: without a writable Numba cache, compile uncached (one warning)
+
 from .dtypes import QDTYPES, qdtype_range
 from .histogram import HistogramObserver
 from .linear import QuantizedLinear, int32_accumulator_can_overflow

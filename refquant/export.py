@@ -2,8 +2,9 @@
 
 A hardware or runtime port needs exactly what fbgemm computes, in the order it computes it. ``export_linear``
 writes the layer's constants and a batch of input/output code vectors to ``<path>.npz`` (NumPy) and
-``<path>.json`` (any language); ``load_golden`` reads either back. The program the testbench runs, for each input
-row x (K uint8 codes) and output feature n (equation numbers of :mod:`refquant.linear`)::
+``<path>.json`` (any language); ``load_golden`` reads either back, checked field by field. The program the
+testbench runs, for each input row x (K uint8 codes) and output feature n (equation numbers of
+:mod:`refquant.linear`)::
 
     acc     = sum_k int32(x[k]) * int32(weight_int8[n, k])                      int32, wraps      (L4)
     raw     = acc - input_zero_point * col_offsets[n]
@@ -15,61 +16,163 @@ row x (K uint8 codes) and output feature n (equation numbers of :mod:`refquant.l
     r       = round_half_even(y), or INT32_MIN if y is NaN or |y| >= 2^31                          (L10)
     out     = clamp(r + output_zero_point, relu ? output_zero_point : 0, 255)          uint8      (L11)
 
-Schema (the same names in both files; ``FORMAT`` names its version):
+Schema (the same names in both files; ``FORMAT`` names its version). The table in code is ``LINEAR_FIELDS``; both
+readers and the writer check every field against it (``values``: the range a value must lie in):
 
-=====================  ============  =========  ===================================================================
-name                   dtype         shape      meaning
-=====================  ============  =========  ===================================================================
-format                 str                      "refquant-golden-linear/1"
-in_features            int                      K
-out_features           int                      N
-relu                   bool                     fused ReLU (lower clamp bound = output_zero_point)
-weight_qscheme         str                      how the weights were quantized (informative)
-saturate_int16_pairs   bool                     products summed in int16-saturated pairs (pre-VNNI CPUs)
-bias_mode              str                      "none", "add" (per-channel weights) or "fma" (per-tensor)
-input_scale            float32                  s_x (informative: the program needs only the terms below)
-input_zero_point       int32                    z_x
-output_scale           float32                  s_y (informative)
-output_zero_point      int32                    z_y
-weight_int8            int8          (N, K)     weight codes
-weight_scales          float32       (N,)       per output feature (a per-tensor scale repeated)
-weight_zero_points     int32         (N,)       per output feature (0 for symmetric weights)
-col_offsets            int32         (N,)       sum_k weight_int8[n, k] - weight_zero_points[n] * K
-act_times_w_scale      float32       (N,)       f32(f32(s_x) * weight_scales[n])
-output_multiplier      float32       (N,)       f32(act_times_w_scale[n] / f32(s_y))
-bias                   float32       (N,)       the float bias (zeros when bias_mode == "none")
-bias_term              float32       (N,)       f32(bias[n] / act_times_w_scale[n]) (used when "add")
-bias_rcp               float32                  f32(1.0 / double(act_times_w_scale[0])) (used when "fma")
-x_u8                   uint8         (B, K)     input codes
-acc_i32                int32         (B, N)     L4, before zero-point corrections
-raw_i32                int32         (B, N)     L5, what requantization starts from
-y_u8                   uint8         (B, N)     output codes
-=====================  ============  =========  ===================================================================
+=====================  ============  =========  ==============  =====================================================
+name                   dtype         shape      values          meaning
+=====================  ============  =========  ==============  =====================================================
+format                 str                      FORMAT          "refquant-golden-linear/2" (version 1 is read too)
+in_features            int                      >= 1            K
+out_features           int                      >= 1            N
+relu                   bool                                     fused ReLU (lower clamp bound = output_zero_point)
+weight_qscheme         str                      4 qschemes      how the weights were quantized (informative)
+saturate_int16_pairs   bool                                     products summed in int16-saturated pairs (pre-VNNI)
+bias_mode              str                      none/add/fma    "add" for per-channel weights, "fma" per-tensor
+input_scale            float32                  > 0, finite     s_x (informative: the program needs only the terms
+                                                                below)
+input_zero_point       int32                    [0, 255]        z_x
+output_scale           float32                  > 0, finite     s_y (informative)
+output_zero_point      int32                    [0, 255]        z_y
+weight_int8            int8          (N, K)                     weight codes
+weight_scales          float32       (N,)       > 0, finite     per output feature (a per-tensor scale repeated)
+weight_zero_points     int32         (N,)       [-128, 127]     per output feature (0 for symmetric weights)
+col_offsets            int32         (N,)                       sum_k weight_int8[n, k] - weight_zero_points[n] * K
+act_times_w_scale      float32       (N,)                       f32(f32(s_x) * weight_scales[n])
+output_multiplier      float32       (N,)                       f32(act_times_w_scale[n] / f32(s_y))
+bias                   float32       (N,)                       the float bias (zeros when bias_mode == "none")
+bias_term              float32       (N,)                       f32(bias[n] / act_times_w_scale[n]) (used when "add")
+bias_rcp               float32                                  f32(1.0 / double(act_times_w_scale[0])) ("fma")
+x_u8                   uint8         (B, K)     B >= 1          input codes
+acc_i32                int32         (B, N)                     L4, before zero-point corrections
+raw_i32                int32         (B, N)                     L5, what requantization starts from
+y_u8                   uint8         (B, N)                     output codes
+=====================  ============  =========  ==============  =====================================================
 
 In the JSON file, every float32 value (or array) ``name`` also appears as ``name_bits``: its IEEE-754 bit patterns
-as unsigned integers, so a testbench can load the exact bits without trusting a decimal parser. Decimal values are
-written with Python's shortest round-trip repr of the float32 value.
+as unsigned integers, so a testbench can load the exact bits without trusting a decimal parser. The decimal is the
+exact value of the float32 (Python's repr of it as a double); NaN and infinities are the strings ``"nan"``,
+``"inf"``, ``"-inf"`` (strict JSON; format version 1 wrote the non-standard tokens NaN and Infinity, the only
+difference). A reader takes the bits; ``load_golden`` also checks that each decimal rounds to exactly those bits.
+
+Files: ``export_linear(ql, x, "net.fc1")`` writes ``net.fc1.npz`` and ``net.fc1.json`` (the name is kept whole; a
+trailing ``.npz`` or ``.json`` is dropped first). Both are written to temporary files in the same directory and
+then renamed over the final names, so a failed export leaves no half-written file and no ``.npz`` without its
+``.json``.
+
+Reading (:func:`load_golden`) trusts nothing: a file that is not what the schema says -- truncated, corrupted,
+another format, a field missing, foreign or of the wrong type, shape or range, a decimal that disagrees with its
+bits, pickled objects (never unpickled) -- raises one :class:`GoldenFileError` (a ValueError) naming the file and
+the field. To add a format (a whole model, integer requantization variants), write its table of :class:`Field`\\ s
+and register it in ``SCHEMAS`` under its own versioned format string; both readers and the writer follow it.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import secrets
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from .linear import QuantizedLinear
 from .matmul import matmul_u8s8_acc32
 
-FORMAT = "refquant-golden-linear/1"
+FORMAT = "refquant-golden-linear/2"
+FORMAT_V1 = "refquant-golden-linear/1"
+
+INT32_RANGE = (-(2**31), 2**31 - 1)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One entry of a golden file's schema.
+
+    dtype: ``"str"``, ``"bool"``, ``"int"`` (a Python int) or a NumPy dtype name (``"int8"``, ``"uint8"``,
+        ``"int32"``, ``"float32"``: a scalar of that dtype when ``shape`` is empty, else an array).
+    shape: one entry per axis: a dimension name (``"N"``, ``"K"``, ``"B"``), bound by the first field that has it
+        (or by an ``"int"`` field's ``dim``), or a fixed int.
+    lo, hi: the smallest and largest value allowed (integers; bounds of the dtype if None).
+    choices: the allowed strings.
+    positive: float32 values must be finite and > 0.
+    dim: an ``"int"`` field that gives the dimension of this name its size (``in_features`` -> ``"K"``).
+    """
+
+    dtype: str
+    shape: tuple[str | int, ...] = ()
+    lo: int | None = None
+    hi: int | None = None
+    choices: tuple[str, ...] = ()
+    positive: bool = False
+    dim: str | None = None
+
+    @property
+    def is_array(self) -> bool:
+        return self.dtype not in ("str", "bool", "int")
+
+
+LINEAR_FIELDS: dict[str, Field] = {
+    "format": Field("str"),  # checked first: it chooses the schema (SCHEMAS)
+    "in_features": Field("int", lo=1, hi=INT32_RANGE[1], dim="K"),
+    "out_features": Field("int", lo=1, hi=INT32_RANGE[1], dim="N"),
+    "relu": Field("bool"),
+    "weight_qscheme": Field("str", choices=("per_channel_symmetric", "per_channel_affine", "per_tensor_symmetric",
+                                            "per_tensor_affine")),
+    "saturate_int16_pairs": Field("bool"),
+    "bias_mode": Field("str", choices=("none", "add", "fma")),
+    "input_scale": Field("float32", positive=True),
+    "input_zero_point": Field("int32", lo=0, hi=255),
+    "output_scale": Field("float32", positive=True),
+    "output_zero_point": Field("int32", lo=0, hi=255),
+    "weight_int8": Field("int8", ("N", "K")),
+    "weight_scales": Field("float32", ("N",), positive=True),
+    "weight_zero_points": Field("int32", ("N",), lo=-128, hi=127),
+    "col_offsets": Field("int32", ("N",)),
+    "act_times_w_scale": Field("float32", ("N",)),
+    "output_multiplier": Field("float32", ("N",)),
+    "bias": Field("float32", ("N",)),
+    "bias_term": Field("float32", ("N",)),
+    "bias_rcp": Field("float32"),
+    "x_u8": Field("uint8", ("B", "K")),
+    "acc_i32": Field("int32", ("B", "N")),
+    "raw_i32": Field("int32", ("B", "N")),
+    "y_u8": Field("uint8", ("B", "N")),
+}
+
+SCHEMAS: dict[str, dict[str, Field]] = {FORMAT: LINEAR_FIELDS, FORMAT_V1: LINEAR_FIELDS}
+"""Format string -> its fields. Every format string names a kind and a version ("refquant-golden-<kind>/<n>")."""
+
+BITS_SUFFIX = "_bits"
+
+
+class GoldenFileError(ValueError):
+    """A golden file that does not follow its schema. ``path`` and ``field`` (None for the whole file) say where."""
+
+    def __init__(self, path: Path | str, field: str | None, problem: str) -> None:
+        where = f"field {field!r}: " if field is not None else ""
+        super().__init__(f"{path}: {where}{problem}")
+        self.path = Path(path)
+        self.field = field
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The program
 
 
 def golden_program(ql: QuantizedLinear, x_u8: np.ndarray) -> dict[str, object]:
-    """The integer program of ``ql`` and the codes it produces for the input rows ``x_u8`` (B, K), as a dict of
-    NumPy values named by the schema in this module's docstring."""
+    """The integer program of ``ql`` and the codes it produces for the input rows ``x_u8`` (B, K), B >= 1, as a
+    dict of values named and typed by ``LINEAR_FIELDS`` (see this module's docstring)."""
     x_u8 = np.asarray(x_u8)
     if x_u8.ndim != 2:
         raise ValueError(f"x_u8 must be a (B, K) batch of input code rows, got shape {x_u8.shape}")
+    if x_u8.shape[0] == 0:
+        raise ValueError(f"x_u8 must hold at least one input row (B >= 1), got shape {x_u8.shape}")
     N = ql.out_features
     per_n = lambda a: np.broadcast_to(np.asarray(a), (N,)).copy()  # noqa: E731  (per-tensor values repeated)
     if ql.bias is None:
@@ -79,6 +182,7 @@ def golden_program(ql: QuantizedLinear, x_u8: np.ndarray) -> dict[str, object]:
     atws = per_n(ql.act_times_w_scale).astype(np.float32)
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         bias_term = (bias / atws).astype(np.float32)
+        bias_rcp = np.float32(1.0 / np.float64(atws[0]))
     raw_i32 = ql.accumulate(x_u8)  # checks x_u8 (uint8, last dimension K)
     return {
         "format": FORMAT,
@@ -100,7 +204,7 @@ def golden_program(ql: QuantizedLinear, x_u8: np.ndarray) -> dict[str, object]:
         "output_multiplier": per_n(ql.output_multiplier).astype(np.float32),
         "bias": bias.astype(np.float32),
         "bias_term": bias_term,
-        "bias_rcp": np.float32(1.0 / np.float64(atws[0])),
+        "bias_rcp": bias_rcp,
         "x_u8": x_u8.astype(np.uint8),
         "acc_i32": matmul_u8s8_acc32(x_u8, ql.weight_int8, saturate_int16_pairs=ql.saturate_int16_pairs),
         "raw_i32": raw_i32,
@@ -108,61 +212,398 @@ def golden_program(ql: QuantizedLinear, x_u8: np.ndarray) -> dict[str, object]:
     }
 
 
-def _to_json_value(value: object) -> object:
-    if isinstance(value, np.ndarray) or isinstance(value, np.generic):
-        return np.asarray(value).tolist()
-    return value
+# --------------------------------------------------------------------------------------------------------------
+# Checking a value against its Field (shared by both readers and the writer)
+
+
+def _integer_bounds(field: Field) -> tuple[int, int]:
+    if field.dtype == "int":
+        lo, hi = -(2**63), 2**63 - 1
+    else:
+        info = np.iinfo(np.dtype(field.dtype))
+        lo, hi = int(info.min), int(info.max)
+    return (lo if field.lo is None else field.lo), (hi if field.hi is None else field.hi)
+
+
+def _check_shape(name: str, field: Field, shape: tuple[int, ...], dims: dict[str, int], source: Path) -> None:
+    """``shape`` must fit the field's shape rule; dimension names seen for the first time are bound in ``dims``."""
+    if len(shape) != len(field.shape):
+        raise GoldenFileError(source, name, f"must have {len(field.shape)} dimension(s) {field.shape}, "
+                                            f"got shape {shape}")
+    for axis, (size, rule) in enumerate(zip(shape, field.shape)):
+        if isinstance(rule, int):
+            expected = rule
+        elif rule in dims:
+            expected = dims[rule]
+        else:
+            if size < 1:
+                raise GoldenFileError(source, name, f"dimension {rule} must be >= 1, got shape {shape}")
+            dims[rule] = size
+            continue
+        if size != expected:
+            rules = ", ".join(str(r) for r in field.shape)
+            known = ", ".join(f"{k} = {v}" for k, v in dims.items())
+            raise GoldenFileError(source, name, f"shape {shape} does not match ({rules}) with {known} "
+                                                f"(axis {axis} should be {expected})")
+
+
+def _check_value(name: str, field: Field, value, dims: dict[str, int], source: Path):
+    """The value of a field, checked and typed: str, bool and int as Python values; a dtype field as a NumPy scalar
+    (shape ()) or an array of exactly that dtype. ``value`` has the field's type already (the readers make sure)."""
+    if field.dtype == "str":
+        if field.choices and value not in field.choices:
+            raise GoldenFileError(source, name, f"must be one of {list(field.choices)}, got {value!r}")
+        return value
+    if field.dtype == "bool":
+        return value
+    if field.dtype == "int":
+        lo, hi = _integer_bounds(field)
+        if not lo <= value <= hi:
+            raise GoldenFileError(source, name, f"must lie in [{lo}, {hi}], got {value}")
+        if field.dim is not None:
+            dims[field.dim] = value
+        return value
+    arr = np.asarray(value)
+    _check_shape(name, field, arr.shape, dims, source)
+    if arr.dtype.kind in "iu":
+        lo, hi = _integer_bounds(field)
+        if arr.size and (int(arr.min()) < lo or int(arr.max()) > hi):
+            bad = np.flatnonzero((arr.reshape(-1) < lo) | (arr.reshape(-1) > hi))[0]
+            raise GoldenFileError(source, name, f"values must lie in [{lo}, {hi}], got {arr.reshape(-1)[bad]} at "
+                                                f"flat index {bad}")
+    if field.positive and not (np.isfinite(arr) & (arr > 0)).all():
+        bad = np.flatnonzero(~(np.isfinite(arr) & (arr > 0)).reshape(-1))[0]
+        raise GoldenFileError(source, name, f"values must be finite and > 0, got {arr.reshape(-1)[bad]} at "
+                                            f"flat index {bad}")
+    return arr[()] if arr.ndim == 0 else arr
+
+
+def _check_fields(fields: dict[str, Field], format_name: str, values: dict[str, object], source: Path,
+                  typed: Callable) -> dict:
+    """Every field of the schema, in its order: present, of its type (``typed(name, field, raw)``), checked."""
+    missing = [name for name in fields if name not in values]
+    if missing:
+        raise GoldenFileError(source, missing[0], f"missing (fields missing: {missing})")
+    foreign = [name for name in values if name not in fields]
+    if foreign:
+        raise GoldenFileError(source, foreign[0], f"not a field of {format_name!r} (foreign: {foreign})")
+    dims: dict[str, int] = {}
+    return {name: _check_value(name, field, typed(name, field, values[name]), dims, source)
+            for name, field in fields.items()}
+
+
+def _schema_of(format_value: object, source: Path) -> dict[str, Field]:
+    if not isinstance(format_value, str) or format_value not in SCHEMAS:
+        raise GoldenFileError(source, "format", f"not a refquant golden file format: got {format_value!r}, "
+                                                f"expected one of {sorted(SCHEMAS)}")
+    return SCHEMAS[format_value]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# .npz
+
+
+def _npz_typed(source: Path) -> Callable:
+    def typed(name: str, field: Field, arr: object):
+        if not isinstance(arr, np.ndarray):  # a zip member that is not a .npy file
+            raise GoldenFileError(source, name, "is not a NumPy array (.npy) in the archive")
+        if field.dtype == "str":
+            if arr.dtype.kind != "U" or arr.ndim != 0:
+                raise GoldenFileError(source, name, f"must be a string, got a {arr.dtype} array of shape {arr.shape}")
+            return str(arr[()])
+        if field.dtype == "bool":
+            if arr.dtype != np.bool_ or arr.ndim != 0:
+                raise GoldenFileError(source, name, f"must be a bool, got a {arr.dtype} array of shape {arr.shape}")
+            return bool(arr[()])
+        if field.dtype == "int":
+            if arr.dtype.kind not in "iu" or arr.ndim != 0:
+                raise GoldenFileError(source, name, f"must be an integer, got a {arr.dtype} array of shape "
+                                                    f"{arr.shape}")
+            return int(arr[()])
+        if arr.dtype != np.dtype(field.dtype):
+            raise GoldenFileError(source, name, f"must have dtype {field.dtype}, got {arr.dtype}")
+        return arr
+
+    return typed
+
+
+def _read_npz(path: Path) -> dict[str, object]:
+    values: dict[str, object] = {}
+    with open(path, "rb") as f:  # a missing or unreadable file is the OSError open() gives, not a bad file
+        try:
+            archive = np.load(f, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 -- whatever np.load makes of a bad file, it is a bad file
+            raise GoldenFileError(path, None, f"not an .npz archive ({type(e).__name__}: {e})") from e
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise GoldenFileError(path, None, "not an .npz archive (a single .npy array)")
+        with archive:
+            for name in archive.files:
+                try:
+                    values[name] = archive[name]
+                except ValueError as e:
+                    if "allow_pickle" in str(e):
+                        raise GoldenFileError(path, name, "holds pickled Python objects, which are never "
+                                                          "loaded") from e
+                    raise GoldenFileError(path, name, f"cannot be read ({e})") from e
+                except Exception as e:  # noqa: BLE001 -- a corrupted member (CRC, zlib, truncated data, ...)
+                    raise GoldenFileError(path, name, f"cannot be read: the archive is corrupted "
+                                                      f"({type(e).__name__}: {e})") from e
+    if "format" not in values:
+        raise GoldenFileError(path, "format", "missing: not a refquant golden file")
+    typed = _npz_typed(path)
+    format_name = typed("format", LINEAR_FIELDS["format"], values["format"])
+    return _check_fields(_schema_of(format_name, path), format_name, values, path, typed)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# .json
+
+_NON_FINITE = {"nan": np.float32(np.nan), "inf": np.float32(np.inf), "-inf": np.float32(-np.inf)}
+
+
+def _nested_leaves(value: object, ndim: int, name: str, source: Path, depth: int = 0) -> tuple[tuple[int, ...], list]:
+    """(shape, flat list of leaves) of ``ndim`` levels of nested JSON lists, which must be rectangular."""
+    if ndim == 0:
+        if isinstance(value, list):
+            what = "a single value" if depth == 0 else f"a {depth}-dimensional list"
+            raise GoldenFileError(source, name, f"must be {what}, got lists nested deeper")
+        return (), [value]
+    if not isinstance(value, list):
+        raise GoldenFileError(source, name, f"must be a {depth + ndim}-dimensional list, got "
+                                            f"{type(value).__name__} {value!r:.40}")
+    parts = [_nested_leaves(v, ndim - 1, name, source, depth + 1) for v in value]
+    inner = {shape for shape, _ in parts}
+    if len(inner) > 1:
+        raise GoldenFileError(source, name, f"rows of different lengths {sorted(inner)}")
+    inner_shape = inner.pop() if inner else (0,) * (ndim - 1)
+    return (len(value), *inner_shape), [leaf for _, leaves in parts for leaf in leaves]
+
+
+def _json_integers(name: str, leaves: list, lo: int, hi: int, source: Path, what: str = "integers") -> None:
+    for i, v in enumerate(leaves):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise GoldenFileError(source, name, f"must hold {what}, got {v!r} at flat index {i}")
+        if not lo <= v <= hi:
+            raise GoldenFileError(source, name, f"values must lie in [{lo}, {hi}], got {v} at flat index {i}")
+
+
+def _json_typed(doc: dict, source: Path) -> Callable:
+    def typed(name: str, field: Field, value: object):
+        if field.dtype == "str":
+            if not isinstance(value, str):
+                raise GoldenFileError(source, name, f"must be a string, got {value!r}")
+            return value
+        if field.dtype == "bool":
+            if not isinstance(value, bool):
+                raise GoldenFileError(source, name, f"must be true or false, got {value!r}")
+            return value
+        if field.dtype == "int":
+            _json_integers(name, [value], *_integer_bounds(field), source, "an integer")
+            return value
+        shape, leaves = _nested_leaves(value, len(field.shape), name, source)
+        if field.dtype != "float32":
+            _json_integers(name, leaves, *_integer_bounds(field), source)  # before NumPy could overflow
+            return np.array(leaves, np.dtype(field.dtype)).reshape(shape)
+        bits_name = name + BITS_SUFFIX
+        bits_shape, bits = _nested_leaves(doc[bits_name], len(field.shape), bits_name, source)
+        _json_integers(bits_name, bits, 0, 2**32 - 1, source, "IEEE-754 bit patterns (unsigned 32-bit integers)")
+        if bits_shape != shape:
+            raise GoldenFileError(source, bits_name, f"shape {bits_shape} differs from {name}'s {shape}")
+        f32 = np.array(bits, np.uint32).view(np.float32)
+        for i, (decimal, exact) in enumerate(zip(leaves, f32)):
+            if not _decimal_is(decimal, exact):
+                raise GoldenFileError(source, name, f"decimal {decimal!r} at flat index {i} disagrees with "
+                                                    f"{bits_name} = {bits[i]:#010x} ({exact!r})")
+        return f32.reshape(shape)
+
+    return typed
+
+
+def _decimal_is(decimal: object, exact: np.float32) -> bool:
+    """True if a JSON decimal stands for the float32 ``exact``: a number that rounds to exactly its bits (a finite
+    number never stands for an infinity), or "nan" / "inf" / "-inf" (and NaN / Infinity, as version 1 wrote)."""
+    if isinstance(decimal, str):
+        if decimal not in _NON_FINITE:
+            return False
+        expected = _NON_FINITE[decimal]
+        return bool(np.isnan(exact)) if decimal == "nan" else exact == expected
+    if isinstance(decimal, bool) or not isinstance(decimal, (int, float)):
+        return False
+    if isinstance(decimal, float) and math.isnan(decimal):
+        return bool(np.isnan(exact))
+    if isinstance(decimal, int) and abs(decimal) > 2**128:
+        return False
+    with np.errstate(over="ignore"):
+        rounded = np.float32(decimal)
+    if np.isinf(rounded) and not math.isinf(decimal):
+        return False
+    return rounded.view(np.uint32) == exact.view(np.uint32)
+
+
+def _no_duplicate_keys(source: Path) -> Callable:
+    def hook(pairs: list[tuple[str, object]]) -> dict:
+        doc: dict[str, object] = {}
+        for key, value in pairs:
+            if key in doc:
+                raise GoldenFileError(source, key, "appears twice")
+            doc[key] = value
+        return doc
+
+    return hook
+
+
+def _read_json(path: Path) -> dict[str, object]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GoldenFileError(path, None, f"not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from e
+    try:
+        doc = json.loads(text, object_pairs_hook=_no_duplicate_keys(path))
+    except json.JSONDecodeError as e:
+        raise GoldenFileError(path, None, f"not valid JSON, truncated or corrupted? ({e})") from e
+    except RecursionError as e:
+        raise GoldenFileError(path, None, "not a golden file: nested too deeply") from e
+    if not isinstance(doc, dict):
+        raise GoldenFileError(path, None, f"must hold a JSON object, got {type(doc).__name__}")
+    if "format" not in doc:
+        raise GoldenFileError(path, "format", "missing: not a refquant golden file")
+    schema = _schema_of(doc["format"], path)
+    format_name = doc["format"]
+    bit_fields = {name + BITS_SUFFIX for name, field in schema.items() if field.dtype == "float32"}
+    for bits_name in sorted(bit_fields - set(doc)):
+        raise GoldenFileError(path, bits_name, "missing (every float32 field carries its bits)")
+    values = {name: value for name, value in doc.items() if name not in bit_fields}
+    return _check_fields(schema, format_name, values, path, _json_typed(doc, path))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def golden_paths(path: str | Path) -> tuple[Path, Path]:
+    """The two files of a golden program: ``<path>.npz`` and ``<path>.json``. The whole name is kept (``net.fc1``
+    gives ``net.fc1.npz``); only a trailing ``.npz`` or ``.json`` is dropped first."""
+    path = Path(path)
+    if path.suffix in (".npz", ".json"):
+        path = path.with_suffix("")
+    if not path.name or path.name in (".", ".."):
+        raise ValueError(f"path must name a file (without extension), got {str(path)!r}")
+    return path.with_name(path.name + ".npz"), path.with_name(path.name + ".json")
+
+
+def _json_value(field: Field, value: object) -> object:
+    if not field.is_array:
+        return value
+    arr = np.asarray(value)
+    if field.dtype != "float32":
+        return arr.tolist()
+    as_list = np.vectorize(lambda v: v if math.isfinite(v) else ("nan" if math.isnan(v) else
+                                                                 ("inf" if v > 0 else "-inf")),
+                           otypes=[object])(arr.astype(np.float64))
+    return as_list.tolist() if arr.ndim else as_list[()]
+
+
+def _npz_value(field: Field, value: object) -> np.ndarray:
+    if field.dtype == "int":
+        return np.array(value, np.int64)
+    if field.dtype in ("str", "bool"):
+        return np.array(value)
+    return np.asarray(value, np.dtype(field.dtype))
+
+
+def _write_atomically(files: dict[Path, Callable[[BinaryIO], None]]) -> None:
+    """Write every file to a temporary file in its directory, then rename each over its final name (os.replace).
+    On any failure, remove the temporary files and any final file already renamed in this call: a failed export
+    leaves neither a half-written file under a final name nor an ``.npz`` without its ``.json``."""
+    for final in files:
+        if final.is_dir():
+            raise IsADirectoryError(f"{final} is a directory; cannot write the golden file there")
+    temporary: dict[Path, Path] = {}
+    renamed: list[Path] = []
+    try:
+        for final, write in files.items():
+            tmp = final.with_name(f".{final.name}.{secrets.token_hex(6)}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+            temporary[final] = tmp
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        for final, tmp in temporary.items():
+            os.replace(tmp, final)
+            renamed.append(final)
+    except BaseException:
+        for tmp in temporary.values():
+            tmp.unlink(missing_ok=True)
+        for final in renamed:
+            final.unlink(missing_ok=True)
+        raise
+
+
+def write_golden(program: dict[str, object], path: str | Path) -> tuple[Path, Path]:
+    """Check ``program`` against the schema of its format and write it to ``<path>.npz`` and ``<path>.json``
+    (see :func:`golden_paths`; the directory must exist), atomically. Returns the two paths."""
+    npz_path, json_path = golden_paths(path)
+    source = Path("<program>")
+    schema = _schema_of(program.get("format"), source)
+    _check_fields(schema, program["format"], program, source, _program_typed(source))
+    doc: dict[str, object] = {}
+    for name, field in schema.items():
+        doc[name] = _json_value(field, program[name])
+        if field.dtype == "float32":
+            doc[name + BITS_SUFFIX] = np.asarray(program[name], np.float32).view(np.uint32).tolist()
+    text = (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode("utf-8")
+    arrays = {name: _npz_value(field, program[name]) for name, field in schema.items()}
+    _write_atomically({npz_path: lambda f: _write_npz(f, arrays), json_path: lambda f: f.write(text)})
+    return npz_path, json_path
+
+
+def _write_npz(f: BinaryIO, arrays: dict[str, np.ndarray]) -> None:
+    """What ``np.savez`` writes (an uncompressed zip of ``<name>.npy`` members), refusing object arrays."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
+        for name, arr in arrays.items():
+            with archive.open(name + ".npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, arr, allow_pickle=False)
+
+
+def _program_typed(source: Path) -> Callable:
+    """The writer's view of a program's values: Python or NumPy values of the field's type, refused otherwise."""
+    def typed(name: str, field: Field, value: object):
+        kinds = {"str": (str,), "bool": (bool, np.bool_), "int": (int, np.integer)}
+        if field.dtype in kinds:
+            if not isinstance(value, kinds[field.dtype]) or (field.dtype == "int" and isinstance(value, bool)):
+                raise GoldenFileError(source, name, f"must be a {field.dtype}, got {value!r}")
+            return {"str": str, "bool": bool, "int": int}[field.dtype](value)
+        arr = np.asarray(value)
+        if arr.dtype != np.dtype(field.dtype):
+            raise GoldenFileError(source, name, f"must have dtype {field.dtype}, got {arr.dtype}")
+        return arr
+
+    return typed
 
 
 def export_linear(ql: QuantizedLinear, x_u8: np.ndarray, path: str | Path) -> dict[str, object]:
-    """Write ``golden_program(ql, x_u8)`` to ``<path>.npz`` and ``<path>.json``; return the program dict.
+    """Write ``golden_program(ql, x_u8)`` to ``<path>.npz`` and ``<path>.json`` (see :func:`write_golden`);
+    return the program dict.
 
-    ``path`` is a file name without extension (its directory must exist).
+    ``path`` is a file name without extension, kept whole (``"net.fc1"`` -> ``net.fc1.npz``, ``net.fc1.json``);
+    its directory must exist.
     """
     program = golden_program(ql, x_u8)
-    path = Path(path)
-    np.savez(path.with_suffix(".npz"), **{k: np.asarray(v) for k, v in program.items()})
-    doc: dict[str, object] = {}
-    for name, value in program.items():
-        doc[name] = _to_json_value(value)
-        if np.asarray(value).dtype == np.float32:
-            doc[name + "_bits"] = _to_json_value(np.asarray(value).view(np.uint32))
-    path.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    write_golden(program, path)
     return program
 
 
 def load_golden(path: str | Path) -> dict[str, object]:
-    """Read a program written by :func:`export_linear` from ``.npz`` or ``.json`` with the schema's dtypes.
-
-    From JSON, float32 values are rebuilt from their ``_bits`` (exact), integers with the schema's dtypes.
-    """
+    """Read a program written by :func:`export_linear` from its ``.npz`` or ``.json`` file, checked against the
+    schema of its format (see the module docstring): the same dict from either file. str, bool and int fields are
+    Python values; float32 and int32 scalars NumPy scalars; arrays have the schema's dtype. From JSON, float32
+    values are rebuilt from their ``_bits`` (exact). Any deviation raises :class:`GoldenFileError` (a ValueError)
+    naming the file and the field; a missing file is FileNotFoundError."""
     path = Path(path)
     if path.suffix == ".npz":
-        with np.load(path) as data:
-            out = {k: data[k] for k in data.files}
-        for k in ("format", "weight_qscheme", "bias_mode"):
-            out[k] = str(out[k])
-        for k in ("in_features", "out_features"):
-            out[k] = int(out[k])
-        for k in ("relu", "saturate_int16_pairs"):
-            out[k] = bool(out[k])
-        return out
-    doc = json.loads(path.read_text())
-    if doc.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} file (format = {doc.get('format')!r})")
-    dtypes = {"input_zero_point": np.int32, "output_zero_point": np.int32, "weight_int8": np.int8,
-              "weight_zero_points": np.int32, "col_offsets": np.int32, "x_u8": np.uint8, "acc_i32": np.int32,
-              "raw_i32": np.int32, "y_u8": np.uint8}
-    out = {}
-    for name, value in doc.items():
-        if name.endswith("_bits"):
-            continue
-        if name + "_bits" in doc:
-            out[name] = np.asarray(doc[name + "_bits"], np.uint32).view(np.float32)
-            if out[name].ndim == 0:
-                out[name] = out[name][()]
-        elif name in dtypes:
-            out[name] = np.asarray(value, dtypes[name])
-        else:
-            out[name] = value
-    return out
+        return _read_npz(path)
+    if path.suffix == ".json":
+        return _read_json(path)
+    raise ValueError(f"path must end in .npz or .json, got {str(path)!r}")

@@ -32,7 +32,8 @@ runs the readable path end to end; the tests prove both paths equal, and each ag
 (tests/test_histogram_steps.py, tests/test_histogram_parity.py, tests/test_histogram_forward_fast.py). Two liberties
 of the Numba forward that cannot change a bit: its aminmax ignores NaN (NaN is then found by histc, which skips it),
 and batches of >= 2^18 elements are shared between threads chunk by chunk (integer counts, exact min and max);
-that machinery (threads, atomics, prefetches) is in the appendix at the end of this module, out of the algorithm's way.
+that machinery (prefetches here, in the appendix at the end of this module; threads and atomics in refquant._threads)
+stays out of the algorithm's way.
 
 The sign of a zero ``min_val``/``max_val`` (a batch holding both -0.0 and +0.0 at its minimum) is unspecified, as
 it is in torch, whose aminmax answer depends on its thread count; it changes no bin, count, scale or zero point.
@@ -44,20 +45,18 @@ bins >= 32768 (torch sums such histograms in per-thread pieces): there torch's a
 from __future__ import annotations
 
 import os
-import queue
-import threading
 import warnings
 from typing import Literal
 
 import numpy as np
 from llvmlite import ir
-from numba import config as numba_config
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from refquant._float32 import fma_f32, fmaf
-from refquant.observers import PER_TENSOR_QSCHEMES, QSCHEMES, UniformQuantizationObserverBase
+from refquant._threads import finish_item, item_to_try, share_items, take_item, threads_for
+from refquant.observers import PER_TENSOR_QSCHEMES, QSCHEMES, UniformQuantizationObserverBase, _serialized
 
 __all__ = [
     "HistogramObserver",
@@ -146,15 +145,15 @@ def _nan_ignoring_aminmax_kernel(x_f32):
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def _aminmax_chunks_kernel(x_f32, chunks_i64, thread, threads, mins_f32, maxs_f32):
-    """Take chunks of x (see "Threads"); the NaN-ignoring (min, max) of chunk c into ``mins_f32[c]``,
+def _aminmax_chunks_kernel(claims_i64, thread, threads, x_f32, mins_f32, maxs_f32):
+    """Take chunks of x (refquant._threads); the NaN-ignoring (min, max) of chunk c into ``mins_f32[c]``,
     ``maxs_f32[c]``."""
-    n_chunks = chunks_i64.shape[0] - 1
+    n_chunks = claims_i64.shape[0] - 1
     for k in range(n_chunks):
-        c = _chunk_to_try(k, n_chunks, thread, threads)
-        if _take_chunk(chunks_i64, c):
+        c = item_to_try(k, n_chunks, thread, threads)
+        if take_item(claims_i64, c):
             mins_f32[c], maxs_f32[c] = _nan_ignoring_aminmax_kernel(x_f32[c * _CHUNK : (c + 1) * _CHUNK])
-            _atomic_add_i64(chunks_i64, n_chunks, 1)
+            finish_item(claims_i64)
 
 
 def _aminmax_fast(x_f32: np.ndarray, num_threads: int) -> tuple[np.float32, np.float32]:
@@ -167,7 +166,7 @@ def _aminmax_fast(x_f32: np.ndarray, num_threads: int) -> tuple[np.float32, np.f
         return np.float32(x_min), np.float32(x_max)
     n_chunks = -(-x_f32.shape[0] // _CHUNK)
     mins_f32, maxs_f32 = np.empty(n_chunks, np.float32), np.empty(n_chunks, np.float32)
-    _share_chunks(_aminmax_chunks_kernel, x_f32, [(mins_f32, maxs_f32)] * threads)
+    share_items(_aminmax_chunks_kernel, n_chunks, [(x_f32, mins_f32, maxs_f32)] * threads)
     return np.float32(_nan_ignoring_aminmax_kernel(mins_f32)[0]), np.float32(_nan_ignoring_aminmax_kernel(maxs_f32)[1])
 
 
@@ -297,14 +296,14 @@ def _histc_count_kernel(x_f32, bins, leftmost, rightmost, counts_i32):
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def _histc_chunks_kernel(x_f32, chunks_i64, thread, threads, bins, leftmost, rightmost, counts_i32):
-    """Take chunks of x (see "Threads"); count each into this thread's tables ``counts_i32``."""
-    n_chunks = chunks_i64.shape[0] - 1
+def _histc_chunks_kernel(claims_i64, thread, threads, x_f32, bins, leftmost, rightmost, counts_i32):
+    """Take chunks of x (refquant._threads); count each into this thread's tables ``counts_i32``."""
+    n_chunks = claims_i64.shape[0] - 1
     for k in range(n_chunks):
-        c = _chunk_to_try(k, n_chunks, thread, threads)
-        if _take_chunk(chunks_i64, c):
+        c = item_to_try(k, n_chunks, thread, threads)
+        if take_item(claims_i64, c):
             _histc_count_kernel(x_f32[c * _CHUNK : (c + 1) * _CHUNK], bins, leftmost, rightmost, counts_i32)
-            _atomic_add_i64(chunks_i64, n_chunks, 1)
+            finish_item(claims_i64)
 
 
 @njit(cache=True, error_model="numpy")
@@ -356,8 +355,8 @@ def _histc_fast(
         if threads == 1:
             _histc_count_kernel(part_f32, bins, leftmost, rightmost, counts_i32[0])
         else:
-            thread_args = [(bins, leftmost, rightmost, counts_i32[t]) for t in range(threads)]
-            _share_chunks(_histc_chunks_kernel, part_f32, thread_args)
+            thread_args = [(part_f32, bins, leftmost, rightmost, counts_i32[t]) for t in range(threads)]
+            share_items(_histc_chunks_kernel, -(-part_f32.shape[0] // _CHUNK), thread_args)
         _add_tables_kernel(counts_i32, total_i64)
     counts_f32, skipped, largest = _histc_result_kernel(total_i64)
     if largest >= 2**24:
@@ -1238,8 +1237,12 @@ class HistogramObserver(UniformQuantizationObserverBase):
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.forward(x)
 
+    @_serialized
     def forward(self, x_orig: np.ndarray) -> np.ndarray:
         """Add a batch to the running histogram; returns x_orig unchanged.
+
+        Threads may share an observer: each batch is added whole, one at a time, so the histogram equals feeding
+        the batches one after the other (torch's observer, unlocked, loses batches then).
 
         Matches: pytorch/pytorch torch/ao/quantization/observer.py (HistogramObserver.forward, reset_histogram).
         """
@@ -1445,6 +1448,7 @@ class HistogramObserver(UniformQuantizationObserverBase):
             new_max = f32(self.min_val + f32(bin_width_f32 * f32(end_bin + 1)))
         return new_min, new_max
 
+    @_serialized
     def calculate_qparams(self) -> tuple[np.ndarray, np.ndarray]:
         """``(scale, zero_point)`` of the L2-optimal clip range, exactly as torch's ``calculate_qparams``.
 
@@ -1471,153 +1475,21 @@ class HistogramObserver(UniformQuantizationObserverBase):
 # batches are shared between threads chunk by chunk, and prefetches run ahead of the reads.
 # ---------------------------------------------------------------------------------------------------------------
 
-# A batch of at least PARALLEL_MIN_ELEMENTS elements is cut into chunks of _CHUNK elements, and this thread and
-# num_threads - 1 pool threads run the same nogil kernel over them. Thread t first takes the chunks of its own t-th
-# share of the batch, in order, then helps with the other shares from their ends; a chunk goes to whichever thread
-# first increments its claim counter (an atomic add). This thread then waits, spinning, until every chunk is done.
-# So a pool thread that wakes up late only finds less left to do: nobody waits for a thread to start, and the wait
-# at the end is at most one chunk (a hand-off to a pool thread and back costs 30-70 us here; waiting for it twice
-# per batch was a tenth of the forward time). And each thread reads the same share in both passes (aminmax, then
-# histc), so the second pass finds it in its own core's cache. Counts are integers and a min or max is exact, so
-# which thread takes which chunk cannot change a bit.
+# A batch of at least PARALLEL_MIN_ELEMENTS elements is cut into chunks of _CHUNK elements, which this thread and
+# num_threads - 1 threads of refquant's pool share (refquant._threads: each thread takes its own share first, then
+# helps with the others'; nobody waits for a thread to start). Each thread reads the same share in both passes
+# (aminmax, then histc), so the second pass finds it in its own core's cache. Counts are integers and a min or max
+# is exact, so which thread takes which chunk cannot change a bit.
 PARALLEL_MIN_ELEMENTS = 1 << 18
 _CHUNK = 1 << 16
-_sched_yield = getattr(os, "sched_yield", lambda: None)
-
-
-def _atomic_codegen(op: str):
-    """Numba codegen of an atomic operation on ``array[index]`` of an int64 array (sequentially consistent)."""
-
-    def codegen(context, builder, signature, args):
-        array_type = signature.args[0]
-        array = context.make_array(array_type)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, array_type, array, [args[1]])
-        if op == "load":
-            return builder.load_atomic(ptr, "seq_cst", 8)
-        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
-
-    return codegen
-
-
-@intrinsic
-def _llvm_atomic_add_i64(typingctx, array, index, value):
-    """Numba intrinsic: LLVM ``atomicrmw add`` on ``array[index]``; returns the old value."""
-    return types.int64(array, types.intp, types.int64), _atomic_codegen("add")
-
-
-@intrinsic
-def _llvm_atomic_load_i64(typingctx, array, index):
-    """Numba intrinsic: LLVM ``load atomic`` of ``array[index]`` (never kept in a register by the compiler)."""
-    return types.int64(array, types.intp), _atomic_codegen("load")
-
-
-def _atomic_add_i64(array: np.ndarray, index: int, value: int) -> int:
-    """``array[index] += value`` as one atomic instruction in Numba; returns the old value. (In plain Python, under
-    NUMBA_DISABLE_JIT=1, it is not atomic, and one thread does all the work: see :func:`_threads_for`.)"""
-    old = int(array[index])
-    array[index] = old + value
-    return old
-
-
-def _atomic_load_i64(array: np.ndarray, index: int) -> int:
-    """``array[index]``, read atomically in Numba (a spinning loop sees other threads' writes)."""
-    return int(array[index])
-
-
-@overload(_atomic_add_i64)
-def _atomic_add_i64_numba(array, index, value):
-    return lambda array, index, value: _llvm_atomic_add_i64(array, index, value)
-
-
-@overload(_atomic_load_i64)
-def _atomic_load_i64_numba(array, index):
-    return lambda array, index: _llvm_atomic_load_i64(array, index)
-
-
-@njit(cache=True, nogil=True)
-def _chunk_to_try(k, n_chunks, thread, threads):
-    """The k-th chunk (k = 0 .. n_chunks - 1) that ``thread`` of ``threads`` tries to take: its own share in
-    order, then the chunks before it backwards, wrapping around (the other shares from their ends)."""
-    first, end = n_chunks * thread // threads, n_chunks * (thread + 1) // threads
-    if k < end - first:
-        return first + k
-    return (first - 1 - (k - (end - first))) % n_chunks
-
-
-@njit(cache=True, nogil=True)
-def _take_chunk(chunks_i64, chunk):
-    """True for the one thread whose claim on ``chunk`` came first. ``chunks_i64`` holds a claim counter per
-    chunk, then the number of chunks done."""
-    return _atomic_add_i64(chunks_i64, chunk, 1) == 0
-
-
-@njit(cache=True, nogil=True)
-def _spin_until_done_kernel(chunks_i64, max_spins):
-    """True once every chunk is done; False if they are not after max_spins reads."""
-    n_chunks = chunks_i64.shape[0] - 1
-    for _ in range(max_spins):
-        if _atomic_load_i64(chunks_i64, n_chunks) >= n_chunks:
-            return True
-    return False
-
-
-class _PoolThread(threading.Thread):
-    """A daemon thread that runs the kernels put on the shared queue ``_pool_tasks`` (a ThreadPoolExecutor's
-    futures and locks cost 0.08 ms more per 1M batch here)."""
-
-    def __init__(self) -> None:
-        super().__init__(name="refquant-histogram", daemon=True)
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        while True:
-            kernel, args = _pool_tasks.get()
-            try:
-                kernel(*args)
-            except BaseException as e:  # noqa: BLE001 -- reported by _share_chunks, which waits on this thread
-                self.error = e
-
-
-_pool_tasks: queue.SimpleQueue = queue.SimpleQueue()
-_pool: list[_PoolThread] = []
-
-
-def _forget_pool() -> None:
-    """In a forked child: the parent's pool threads do not exist there, so start a new pool when needed."""
-    global _pool_tasks
-    _pool_tasks = queue.SimpleQueue()
-    _pool.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
-
-
-def _share_chunks(kernel, x_f32: np.ndarray, thread_args: list[tuple]) -> None:
-    """``kernel(x_f32, chunks_i64, t, threads, *thread_args[t])`` for t = 0 on this thread and t = 1 .. threads - 1
-    on pool threads, at once; returns when each of x's chunks has been taken and done (see "Threads" above)."""
-    threads = len(thread_args)
-    chunks_i64 = np.zeros(-(-x_f32.shape[0] // _CHUNK) + 1, np.int64)  # a claim counter per chunk, then done
-    while len(_pool) < threads - 1:
-        _pool.append(_PoolThread())
-        _pool[-1].start()
-    for t in range(1, threads):
-        _pool_tasks.put((kernel, (x_f32, chunks_i64, t, threads, *thread_args[t])))
-    kernel(x_f32, chunks_i64, 0, threads, *thread_args[0])
-    while not _spin_until_done_kernel(chunks_i64, 10_000):  # a pool thread is finishing a chunk
-        for thread in _pool:
-            if thread.error is not None:
-                error, thread.error = thread.error, None
-                raise error
-        _sched_yield()
 
 
 def _threads_for(x_f32: np.ndarray, num_threads: int) -> int:
     """How many threads share x: one below PARALLEL_MIN_ELEMENTS (or under NUMBA_DISABLE_JIT=1, where the kernels
     are plain Python), else num_threads, at most one per chunk."""
-    if x_f32.shape[0] < PARALLEL_MIN_ELEMENTS or numba_config.DISABLE_JIT:
+    if x_f32.shape[0] < PARALLEL_MIN_ELEMENTS:
         return 1
-    return max(1, min(num_threads, -(-x_f32.shape[0] // _CHUNK)))
+    return threads_for(-(-x_f32.shape[0] // _CHUNK), num_threads)
 
 
 @intrinsic

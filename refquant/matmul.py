@@ -41,7 +41,10 @@ All kernels give the same bits (tests/test_matmul.py). Structure, as fbgemm's (s
 2. a tile keeps 6 rows x 64 columns of int32 sums in 24 of the 32 zmm registers (fbgemm VNNI: 8 x 48) while it
    walks 512 k (fbgemm's KCB), so the 32 KB of weights it reads stay in L1 for the 16 tiles of a task; each step
    broadcasts 4 bytes of x per row and issues 24 ``vpdpbusd``;
-3. tasks (96 rows x one panel) are shared by both cores (``prange``); below 2^20 multiply-adds, one thread.
+3. tasks (96 rows x one panel) are shared by the cores on refquant's own thread pool (:mod:`refquant._threads`:
+   each thread takes its own share of tasks first, then helps with the others'); below 2^22 multiply-adds, one
+   thread. Not Numba's ``prange``: under its GNU OpenMP layer a process forked after a parallel product killed its
+   child. The pool is fork-safe and may be used by several Python threads at once.
 
 At (M, K, N) = 1024^3 on this machine (Xeon, AVX-512 VNNI, 2 cores): ~650 GMAC/s, about 1.1x fbgemm; the history
 of attempts and the other shapes are in benchmarks/README.md.
@@ -56,10 +59,12 @@ from dataclasses import dataclass
 import llvmlite.binding as llvm_binding
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils, config
 from numba.core.errors import TypingError
 from numba.extending import NativeValue, intrinsic, models, register_model, typeof_impl, unbox
+
+from ._threads import DEFAULT_THREADS, finish_item, item_to_try, share_items, take_item, threads_for
 
 # --------------------------------------------------------------------------------------------------------------
 # Readable references
@@ -155,7 +160,8 @@ def matmul_u8s8_acc32(x_u8: np.ndarray, w: np.ndarray | PackedWeightS8, *,
     """(M, K) uint8 x (N, K) int8 weight (raw or packed) -> (M, N) int32 accumulators (eq. M1, or M2).
 
     ``kernel``: ``"auto"`` (the fastest the CPU runs), ``"avx512"``, ``"portable"`` or ``"reference"`` (see the
-    module docstring); ``None`` reads the environment variable REFQUANT_MATMUL_KERNEL, default ``"auto"``.
+    module docstring); ``None`` reads the environment variable REFQUANT_MATMUL_KERNEL (unset or empty: ``"auto"``;
+    any other value is a ValueError naming the variable).
     Every kernel returns the same bits.
     """
     if not isinstance(x_u8, np.ndarray) or x_u8.dtype != np.uint8:
@@ -185,7 +191,10 @@ def kernel_for(*, saturate_int16_pairs: bool = False, kernel: str | None = None)
     ``"reference"`` (``"auto"`` under NUMBA_DISABLE_JIT=1). Raises RuntimeError when ``"avx512"`` is asked for on a
     CPU without the instructions, or a Numba kernel while the JIT is disabled."""
     if kernel is None:
-        kernel = os.environ.get(KERNEL_ENV_VAR, "auto")
+        kernel = os.environ.get(KERNEL_ENV_VAR) or "auto"  # unset or empty: auto
+        if kernel not in KERNELS:
+            raise ValueError(f"the environment variable {KERNEL_ENV_VAR} is {kernel!r}, which is not a kernel; "
+                             f"allowed values: {', '.join(KERNELS)} (or unset it for 'auto')")
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1 (e.g. a coverage run): the intrinsics cannot run as Python
@@ -566,21 +575,26 @@ def _matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task)
             m += 1
 
 
-@njit(cache=True, parallel=True)
-def _matmul_tasks_parallel(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N):
-    n_tasks = -(-M // ROWS_PER_TASK) * panels_i8.shape[0]
-    for task in prange(n_tasks):
-        _matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task)
+@njit(cache=True, nogil=True)
+def _matmul_tasks_shared(claims_i64, thread, threads, dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N):
+    """Take tasks (refquant._threads.share_items: this thread's share first) and run each one it wins."""
+    n_tasks = claims_i64.shape[0] - 1
+    for k in range(n_tasks):
+        task = item_to_try(k, n_tasks, thread, threads)
+        if take_item(claims_i64, task):
+            _matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task)
+            finish_item(claims_i64)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _matmul_tasks_serial(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N):
     n_tasks = -(-M // ROWS_PER_TASK) * panels_i8.shape[0]
     for task in range(n_tasks):
         _matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task)
 
 
-PARALLEL_MIN_MACS = 1 << 20  # below this many multiply-adds, waking the second thread costs more than it saves
+PARALLEL_MIN_MACS = 1 << 22  # below this many multiply-adds (~12 us on one core), one thread: handing tasks to a
+# pool thread costs ~10 us (a wake-up and the GIL), so below it the pool thread arrives when the work is done
 
 
 def _matmul_tiled(x_u8: np.ndarray, packed: PackedWeightS8, dot4: _Dot4) -> np.ndarray:
@@ -596,6 +610,11 @@ def _matmul_tiled(x_u8: np.ndarray, packed: PackedWeightS8, dot4: _Dot4) -> np.n
     else:
         x_u8 = np.ascontiguousarray(x_u8)
     out_i32 = np.empty((M, N), np.int32)
-    run = _matmul_tasks_parallel if M * N * K >= PARALLEL_MIN_MACS else _matmul_tasks_serial
-    run(dot4, dot4.rows_per_tile, x_u8, lda, M, packed.panels_i8, out_i32, N)
+    args = (dot4, dot4.rows_per_tile, x_u8, lda, M, packed.panels_i8, out_i32, N)
+    n_tasks = -(-M // ROWS_PER_TASK) * packed.panels_i8.shape[0]
+    threads = threads_for(n_tasks, DEFAULT_THREADS) if M * N * K >= PARALLEL_MIN_MACS else 1
+    if threads == 1:
+        _matmul_tasks_serial(*args)
+    else:
+        share_items(_matmul_tasks_shared, n_tasks, [args] * threads)
     return out_i32

@@ -20,7 +20,9 @@ torch/ao/quantization/utils.py (calculate_qmin_qmax, check_min_max_valid), in py
 
 from __future__ import annotations
 
+import functools
 import numbers
+import threading
 import warnings
 
 import numpy as np
@@ -106,6 +108,21 @@ def _torch_maximum(scale: np.ndarray, eps: np.float32) -> np.ndarray:
     return out
 
 
+def _serialized(method):
+    """Run ``method`` holding the observer's lock, so that threads sharing one observer take turns.
+
+    Each forward reads the recorded state (range, histogram), computes and writes it back; two threads doing that at
+    once lose one batch (torch's observers do). With the lock the result equals feeding the batches one after the
+    other, in the order the threads got the lock. An RLock: an observer's method may call another."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class UniformQuantizationObserverBase:
     """What every affine observer shares: settings, their validation, and the range -> (scale, zero_point) step.
 
@@ -120,6 +137,7 @@ class UniformQuantizationObserverBase:
 
     def __init__(self, dtype: str = "quint8", qscheme: str = "per_tensor_affine", reduce_range: bool = False,
                  quant_min: int | None = None, quant_max: int | None = None, eps: float = FLOAT32_EPS) -> None:
+        self._lock = threading.RLock()  # see _serialized
         self.dtype = check_qdtype(dtype)
         if qscheme not in QSCHEMES:
             raise ValueError(f"qscheme must be one of {QSCHEMES}, got {qscheme!r}")
@@ -131,15 +149,32 @@ class UniformQuantizationObserverBase:
         if not (np.isfinite(eps_f32) and eps_f32 > 0):
             raise ValueError(f"eps must be a positive finite number, got {eps!r}")
         self.eps = eps_f32
+
+    def _refuse_symmetric_quint8_reduce_range(self) -> None:
+        """MinMaxObserver and PerChannelMinMaxObserver (and their moving averages) refuse a symmetric quint8 range
+        with reduce_range in their own ``__init__``, as torch's do; HistogramObserver accepts it, as torch's does
+        (quant range [0, 127], zero point 128).
+        Matches: torch/ao/quantization/observer.py (MinMaxObserver.__init__, PerChannelMinMaxObserver.__init__)."""
         if self.qscheme in ("per_tensor_symmetric", "per_channel_symmetric") and self.reduce_range \
                 and self.dtype == "quint8":
-            raise NotImplementedError("Cannot reduce range for symmetric quantization for quint8 (as torch refuses)")
+            raise NotImplementedError(f"Cannot reduce range for symmetric quantization for quint8 ({type(self).__name__}"
+                                      f" refuses it, as torch's does; HistogramObserver accepts it)")
 
     def __call__(self, x):
         return self.forward(x)
 
     def forward(self, x):  # pragma: no cover - each observer defines it
         raise NotImplementedError
+
+    def __getstate__(self) -> dict:
+        """Pickling and copying keep everything but the lock (a lock cannot be pickled); the copy gets its own."""
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def _calculate_qparams(self, min_val: np.ndarray, max_val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """From a recorded range to (scale, zero_point), every step a float32 tensor op as in torch.
@@ -224,8 +259,10 @@ class _RangeObserver(UniformQuantizationObserverBase):
         """Running min and max (torch.min / torch.max with the recorded values)."""
         return np.minimum(cur_min, self.min_val), np.maximum(cur_max, self.max_val)
 
+    @_serialized
     def forward(self, x):
-        """Record the batch ``x`` (converted to float32 as torch's ``x.to(torch.float32)``); return ``x``."""
+        """Record the batch ``x`` (converted to float32 as torch's ``x.to(torch.float32)``); return ``x``.
+        Threads may share an observer: each batch is recorded whole, one at a time (see :func:`_serialized`)."""
         x_f32 = _as_observed_float32(x)
         if x_f32.size == 0:
             return x
@@ -237,6 +274,7 @@ class _RangeObserver(UniformQuantizationObserverBase):
             self.min_val, self.max_val = cur_min, cur_max
         return x
 
+    @_serialized
     def calculate_qparams(self) -> tuple[np.ndarray, np.ndarray]:
         """(scale, zero_point) from the recorded range, eq. P1-P3: float32 scales; zero points int32 (affine),
         int64 (symmetric) or float32 (affine_float_qparams); shape (1,) per tensor, (C,) per channel."""
@@ -273,6 +311,7 @@ class MinMaxObserver(_RangeObserver):
             raise NotImplementedError(f"{type(self).__name__}'s qscheme only supports {PER_TENSOR_QSCHEMES}, "
                                       f"got {qscheme!r}")
         super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, eps)
+        self._refuse_symmetric_quint8_reduce_range()
         self.reset_min_max_vals()
 
     def _batch_range(self, x_f32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -281,6 +320,7 @@ class MinMaxObserver(_RangeObserver):
     def _has_range(self) -> bool:
         return not (self.min_val == np.inf and self.max_val == -np.inf)
 
+    @_serialized
     def reset_min_max_vals(self) -> None:
         """Forget everything observed: min_val = +inf, max_val = -inf."""
         self.min_val = np.float32(np.inf)
@@ -327,6 +367,7 @@ class PerChannelMinMaxObserver(_RangeObserver):
         if isinstance(ch_axis, bool) or not isinstance(ch_axis, numbers.Integral):
             raise TypeError(f"ch_axis must be an int, got {ch_axis!r}")
         super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, eps)
+        self._refuse_symmetric_quint8_reduce_range()
         self.ch_axis = int(ch_axis)
         self.reset_min_max_vals()
 
@@ -345,6 +386,7 @@ class PerChannelMinMaxObserver(_RangeObserver):
     def _has_range(self) -> bool:
         return self.min_val.size > 0
 
+    @_serialized
     def reset_min_max_vals(self) -> None:
         """Forget everything observed (empty per-channel ranges)."""
         self.min_val = np.zeros(0, np.float32)

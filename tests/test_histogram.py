@@ -82,7 +82,6 @@ def test_per_channel_qschemes_are_not_implemented_like_torch(qscheme):
         (dict(implementation="cuda"), ValueError),
         (dict(num_threads=0), ValueError),
         (dict(quant_min=0), ValueError),
-        (dict(qscheme="per_tensor_symmetric", reduce_range=True), NotImplementedError),
     ],
     ids=str,
 )

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.ao.quantization.observer import HistogramObserver as TorchHistogramObserver
 
+import refquant._threads as pool
 import refquant.histogram as H
 from parity import assert_same
 from refquant.histogram import HistogramObserver
@@ -290,7 +291,7 @@ def test_each_thread_tries_every_chunk_once_own_share_first():
     for n_chunks in range(1, 20):
         for threads in range(1, 6):
             for t in range(threads):
-                order = [int(H._chunk_to_try(k, n_chunks, t, threads)) for k in range(n_chunks)]
+                order = [int(pool.item_to_try(k, n_chunks, t, threads)) for k in range(n_chunks)]
                 assert sorted(order) == list(range(n_chunks)), (n_chunks, threads, t, order)
                 first, end = n_chunks * t // threads, n_chunks * (t + 1) // threads
                 assert order[: end - first] == list(range(first, end))
@@ -379,10 +380,10 @@ def test_a_forked_child_counts_big_batches_too(rng):
             child(x)
             child(x * f32(2))
             for _ in range(300):  # a late pool thread finds its chunks taken and returns at once
-                if H._pool_tasks.qsize() == 0:
+                if pool._pool_tasks.qsize() == 0:
                     break
                 time.sleep(0.01)
-            payload = child.histogram.tobytes() + np.int64(H._pool_tasks.qsize()).tobytes()
+            payload = child.histogram.tobytes() + np.int64(pool._pool_tasks.qsize()).tobytes()
             os.write(write_end, payload)
         finally:
             os._exit(0)

@@ -165,6 +165,32 @@ def test_readable_numpy_path_matches_torch(rng):
 
 
 
+QUINT8_SYMMETRIC_REDUCED = (
+    dict(qscheme="per_tensor_symmetric", reduce_range=True),
+    dict(qscheme="per_tensor_symmetric", reduce_range=True, quant_min=0, quant_max=255),
+    dict(qscheme="per_tensor_symmetric", reduce_range=True, quant_min=0, quant_max=100),
+)
+
+
+@pytest.mark.parametrize("settings", QUINT8_SYMMETRIC_REDUCED, ids=str)
+def test_quint8_symmetric_with_reduce_range_matches_torch(rng, settings):
+    """torch's HistogramObserver accepts quint8 + per_tensor_symmetric + reduce_range (only MinMaxObserver and
+    PerChannelMinMaxObserver refuse it, in their own __init__; torch's TestHistogramObserver runs it): quant range
+    [0, 127] (or the custom range halved), zero point 128 (or (quant_min + quant_max) // 2). 20 random sets per
+    setting, hard ones among them, 3 of them through the readable NumPy path."""
+    theirs = torch_observer(settings)
+    ours = HistogramObserver(**settings)
+    assert (ours.quant_min, ours.quant_max) == (theirs.quant_min, theirs.quant_max)
+    for i in range(20):
+        hard = i % 4 == 0
+        drawn, batches, kind = calibration_set(rng, hard)
+        case = {**settings, "bins": drawn["bins"]}
+        implementation = "numpy" if i < 3 else "numba"
+        if implementation == "numpy":
+            batches = [b[:2000] for b in batches]
+        assert_matches_torch(case, batches, f"set {i} ({kind}, {case}, {implementation})", implementation)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("chunk", range(100))
 def test_many_random_calibration_sets_match_torch(rng, chunk):
@@ -181,6 +207,7 @@ SETTINGS = [
     dict(dtype="qint8"),
     dict(qscheme="per_tensor_symmetric"),
     dict(dtype="qint8", qscheme="per_tensor_symmetric", reduce_range=True),
+    dict(qscheme="per_tensor_symmetric", reduce_range=True),  # quint8: refused by the MinMax family only
     dict(dtype="qint32"),
     dict(bins=7),
     dict(bins=4096, reduce_range=True),

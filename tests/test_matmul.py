@@ -73,7 +73,7 @@ KINDS = ["uniform", "extremes", "max_magnitude", "sparse", "seven_bit"]
 
 # (M, K, N): 1 up to > 4096 in each dimension; below, at and above every block size (4 k per lane, 16 lanes,
 # 64-column panels, tiles of 6, 2 and 1 rows, 96-row tasks, 512-k blocks) and over the serial/parallel threshold
-# (2^20 MACs)
+# (PARALLEL_MIN_MACS = 2^22 multiply-adds)
 SHAPES = [
     (1, 1, 1), (1, 3, 3), (2, 1, 17), (1, 2, 1), (3, 5, 2), (5, 4, 16), (6, 4, 64), (7, 13, 70), (8, 8, 65),
     (11, 17, 63), (12, 3, 15), (13, 255, 127), (18, 257, 129), (95, 33, 191), (96, 64, 128), (97, 100, 1),
@@ -273,9 +273,19 @@ def test_kernel_choice_and_environment_variable(monkeypatch, rng):
         assert_same(matmul_u8s8_acc32(x_u8, w_i8), matmul_u8s8_acc32_ref(x_u8, w_i8), f"env {name}")
     monkeypatch.setenv(KERNEL_ENV_VAR, "portable")
     assert kernel_for(kernel="reference") == "reference"  # the argument wins over the environment
-    monkeypatch.setenv(KERNEL_ENV_VAR, "fastest")
-    with pytest.raises(ValueError, match="kernel must be one of"):
-        matmul_u8s8_acc32(x_u8, w_i8)
+    monkeypatch.setenv(KERNEL_ENV_VAR, "")
+    assert kernel_for() == kernel_for(kernel="auto")  # empty: as if unset
+
+
+@pytest.mark.parametrize("value", ["fastest", "AVX512", " auto", "vnni"])
+def test_bad_environment_variable_is_named(monkeypatch, value):
+    """A bad REFQUANT_MATMUL_KERNEL names the variable, what it holds and the allowed values."""
+    monkeypatch.setenv(KERNEL_ENV_VAR, value)
+    with pytest.raises(ValueError) as info:
+        matmul_u8s8_acc32(np.zeros((1, 4), np.uint8), np.zeros((2, 4), np.int8))
+    message = str(info.value)
+    assert "environment variable REFQUANT_MATMUL_KERNEL" in message and repr(value) in message, message
+    assert "allowed values: auto, avx512, portable, reference" in message, message
 
 
 @needs_jit

@@ -251,9 +251,18 @@ def test_bad_settings_are_refused(make, exc, words):
         assert word in str(info.value), (word, str(info.value))
 
 
-def test_torch_refuses_the_same_reduce_range_combination():
-    with pytest.raises(NotImplementedError):
-        tobs.MinMaxObserver(qscheme=torch.per_tensor_symmetric, reduce_range=True)
+@pytest.mark.parametrize("cls", ["MinMaxObserver", "MovingAverageMinMaxObserver", "PerChannelMinMaxObserver",
+                                 "MovingAveragePerChannelMinMaxObserver"])
+def test_symmetric_quint8_reduce_range_is_refused_by_both(cls):
+    """The MinMax family refuses quint8 + symmetric + reduce_range in its own __init__, in torch as in refquant
+    (HistogramObserver accepts it: tests/test_histogram_parity.py)."""
+    qscheme = "per_channel_symmetric" if "PerChannel" in cls else "per_tensor_symmetric"
+    with pytest.raises(NotImplementedError, match="Cannot reduce range for symmetric quantization for quint8"):
+        getattr(robs, cls)(dtype="quint8", qscheme=qscheme, reduce_range=True)
+    with pytest.raises(NotImplementedError, match="Cannot reduce range for symmetric"):
+        getattr(tobs, cls)(dtype=torch.quint8, qscheme=TORCH_QSCHEME[qscheme], reduce_range=True)
+    getattr(robs, cls)(dtype="qint8", qscheme=qscheme, reduce_range=True)  # qint8 is fine in both
+    getattr(tobs, cls)(dtype=torch.qint8, qscheme=TORCH_QSCHEME[qscheme], reduce_range=True)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
