@@ -14,7 +14,8 @@ side (f32 = round to float32, RNE; s_x, s_w, s_y are the input, weight and outpu
     weight        int8 codes, col_offsets        uint8 = int8 + 128,                 int8 codes; z_w must be 0;
                                                  kernel zero point = z_w + 128       reciprocal r_w = f32(1/s_w)
     scales        atws = f32(f32(s_x)·s_w)       f32(f32(s_w·f32(s_x))               s' = f32(1/f32(1/s)) for s_x,
-                  mult = f32(atws / f32(s_y))      · f32(1/f32(s_y)))                s_w, s_y; f32(s_x'·s_w'), f32(1/s_y')
+                  mult = f32(atws / f32(s_y))      · f32(1/f32(s_y)))                s_w, s_y; ·s_x' then ·s_w' (or
+                                                                                     ·f32(s_x'·s_w')), ·f32(1/s_y')
     bias          float32: f32(raw) + bias/atws  int32: quantize(bias, s_w·s_x),     float32, added after the scale
                   (FMA for per-tensor weights)   added to raw in int32
     rounding      cvtps2dq(y) + z_y              cvtps2dq(y), int16 packs + z_y      z_y added in float, then rint
@@ -35,9 +36,13 @@ Machine-dependent arithmetic, modelled by switches of refquant.linear.QuantizedL
 * ``saturate_int16_pairs``: fbgemm/x86 and onednn on CPUs without VNNI (oneDNN's ``brg_matmul:avx512_core``,
   ``gemm:jit`` on AVX2) add neighbouring u8·s8 products in int16 with saturation (refquant.matmul eq. M2). qnnpack
   (x86: the SSE2 kernel 4x4c2 only) never does: it multiplies zero-point-subtracted int16 values exactly.
-* ``onednn_amx``: oneDNN's AMX kernels (``brg_matmul:*_amx``, chosen for larger M on CPUs with AMX) add the input
-  zero point's compensation in float32 instead of int32 (eq. DN4b), which changes results once |Σ x·w| or
-  |z_x·Σ w| exceeds 2^24 (K >= 515 at full range).
+* ``onednn_kernel``: oneDNN picks its matmul kernel per call. "brgemm" (``brg_matmul:<isa>``, the default)
+  applies the src and weight scales one after the other; "brgemm_amx" (``brg_matmul:<isa>_amx``, chosen for larger
+  M on CPUs with AMX) their product, and adds the input zero point's compensation in float32 instead of int32
+  (eq. DN4b, which changes results once |Σ x·w| or |z_x·Σ w| exceeds 2^24: K >= 515 at full range); "gemm"
+  (``gemm:jit``, AVX2 CPUs) their product. The scale order alone changes about 1 output in 1,000 at rounding ties.
+  Not modelled: gemm:jit restarts its int16 pairs at each K block (oneDNN gemm_driver.cpp get_k_padd: two blocks
+  split at (K + 1) // 2 for 256 < K < 768), so on AVX2 with full-range codes and such K a pair can differ.
 """
 
 from __future__ import annotations
@@ -97,14 +102,14 @@ class LinearQParams:
 class EngineOptions:
     """Engine-specific switches (each refused on the engines it does not concern).
 
-    onednn_amx: model oneDNN's AMX kernels, which add the input zero point's compensation in float32 (eq. DN4b).
+    onednn_kernel: which oneDNN matmul kernel to model: "brgemm" (default), "brgemm_amx" or "gemm" (eqs. DN4, DN5).
     qnnpack_cached_output_scale: model torch's qnnpack cache deliberately. The packed weight computes its
         requantization scales (eq. QN4) at the first call with a new input scale and reuses them for later calls
         with the same input scale, whatever their output scale; give the output scale of that first call here.
         ``None`` (the default) = this layer's own output scale, i.e. a fresh packed weight.
     """
 
-    onednn_amx: bool = False
+    onednn_kernel: str = "brgemm"
     qnnpack_cached_output_scale: float | None = None
 
 
@@ -489,22 +494,35 @@ class QnnpackRequantizer(Requantizer):
 # Matches: pytorch/pytorch aten/src/ATen/native/quantized/cpu/qlinear_prepack.cpp (PackedLinearWeightsOnednn::
 # prepack), qlinear.cpp (PackedLinearWeightsOnednn::apply_impl: "Scales of ONEDNN and PyTorch are reciprocal");
 # intel/ideep include/ideep/operators/matmul.hpp (do_prepare_static_quant: ``s = 1.0 / s`` for src and weights,
-# ``s = dst_coeff / s`` for dst); oneapi-src/oneDNN src/cpu/scale_utils.cpp (precompute_scales),
-# src/cpu/cpu_primitive.hpp (DEFINE_ARG_SCALES_BUFFER: ``1.f / s`` for DNNL_ARG_DST),
-# src/cpu/x64/brgemm/jit_brgemm_kernel.cpp (store_accumulators_apply_post_ops, apply_compensation),
-# src/cpu/x64/brgemm/jit_brgemm_amx_uker.cpp (process_output_range), src/cpu/x64/jit_generator.hpp (saturate_f32)
+# ``s = dst_coeff / s`` for dst); oneapi-src/oneDNN src/cpu/cpu_primitive.hpp (DEFINE_ARG_SCALES_BUFFER: ``1.f / s``
+# for DNNL_ARG_DST), src/cpu/scale_utils.cpp (precompute_scales: src_scale·wei_scale),
+# src/cpu/x64/brgemm/jit_brgemm_kernel.cpp (apply_compensation, store_accumulators_apply_post_ops),
+# src/cpu/x64/brgemm/jit_brgemm_amx_uker.cpp (process_output_range), src/cpu/x64/jit_gemm_inner_product_utils.cpp
+# (the gemm:jit post-processing), src/cpu/x64/jit_generator.hpp (saturate_f32). oneDNN 3.12 (torch 2.13's) was
+# measured where the mirrored source (an earlier oneDNN) is silent: its brgemm kernels without AMX apply the src and
+# the weight scale one after the other (eq. DN5a), the AMX ones their precomputed product (eq. DN5b).
 #
 #   r_x = f32(1 / s_x), r_w[n] = f32(1 / s_w[n]), r_y = f32(1 / s_y)   what torch hands to oneDNN      (eq. DN1)
 #         (per-tensor r_w: 1.0 / q_scale() in double; per-channel: 1.0f / float scale)
 #   s_x' = f32(1 / r_x), s_w'[n] = f32(1 / r_w[n]), s_y' = f32(1 / r_y)    ideep inverts them back     (eq. DN2)
 #   output_scale[n] = f32(s_x'·s_w'[n]),   dst_multiplier = f32(1 / s_y')                               (eq. DN3)
-#   t[m, n] = f32(raw)                                        brgemm (VNNI, AVX-512, AVX2)              (eq. DN4a)
+#   t[m, n] = f32(raw)                       brgemm and gemm: the compensation −z_x·Σ_k q_w added in int32 (eq. DN4a)
 #           = f32(f32(acc) + f32(comp[n])),  comp[n] = −z_x·Σ_k q_w[n, k] (int32), acc = raw − comp:
-#             the AMX kernels add the zero-point compensation in float32 (onednn_amx=True)               (eq. DN4b)
-#   v = f32(t·output_scale[n]);  v = f32(v + bias[n]);  v = max(v, 0) with ReLU (NaN -> 0)               (eq. DN5)
+#             the AMX kernels add the zero-point compensation in float32                                  (eq. DN4b)
+#   v = f32(f32(t·s_x')·s_w'[n])             brgemm without AMX: two multiplies                         (eq. DN5a)
+#     = f32(t·output_scale[n])               brgemm with AMX, gemm:jit: one                             (eq. DN5b)
+#   v = f32(v + bias[n]);  v = max(v, 0) with ReLU (NaN -> 0)                                           (eq. DN5c)
 #   v = f32(f32(v·dst_multiplier) + f32(z_y))          the output zero point added BEFORE rounding      (eq. DN6)
 #   q_y = vpmovusdb(cvtps2dq(min(max(v, 0), 255)))     NaN stays NaN -> INT32_MIN -> 255                (eq. DN7)
+#
+# Which kernel runs is oneDNN's choice per call (ONEDNN_VERBOSE names it): brg_matmul:<isa> without AMX ("brgemm"),
+# brg_matmul:<isa>_amx on CPUs with AMX for larger M ("brgemm_amx"), gemm:jit on AVX2 CPUs ("gemm").
 # ================================================================================================================
+
+ONEDNN_KERNELS: tuple[str, ...] = ("brgemm", "brgemm_amx", "gemm")
+"""The oneDNN matmul kernels whose arithmetic differs (eqs. DN4, DN5): EngineOptions.onednn_kernel."""
+_ONEDNN_KERNEL_CODES = {"brgemm": 0, "brgemm_amx": 1, "gemm": 2}
+
 
 @dataclass(frozen=True, eq=False)
 class OnednnPackedWeight:
@@ -529,25 +547,31 @@ def onednn_prepack(params: LinearQParams) -> OnednnPackedWeight:
     return OnednnPackedWeight(reciprocal)
 
 
-def onednn_requantize_readable(raw_i32: np.ndarray, compensation_i32: np.ndarray | None,
+def onednn_requantize_readable(raw_i32: np.ndarray, kernel: str, compensation_i32: np.ndarray,
+                               input_scale_onednn_f32: np.float32, weight_scales_onednn_f32: np.ndarray,
                                output_scales_f32: np.ndarray, bias_f32: np.ndarray | None, relu: bool,
                                dst_multiplier_f32: np.float32, output_zero_point: int) -> np.ndarray:
     """(M, N) int32 raw -> uint8 codes, eqs. DN4-DN7, one NumPy statement per instruction of oneDNN's epilogue.
 
-    ``compensation_i32`` (N,) selects eq. DN4b (AMX kernels), ``None`` eq. DN4a.
+    ``kernel``: "brgemm", "brgemm_amx" or "gemm" (which of eqs. DN4a/b and DN5a/b apply).
     Matches: oneapi-src/oneDNN src/cpu/x64/brgemm/jit_brgemm_kernel.cpp (store_accumulators_apply_post_ops:
     ``uni_vcvtdq2ps``, ``uni_vmulps`` by the scales, ``uni_vaddps`` the bias, the eltwise ReLU, ``vmulps`` by the
-    dst scale, ``uni_vaddps`` the dst zero point, saturate_cvt_f32, ``vpmovusdb``) and jit_brgemm_amx_uker.cpp.
+    dst scale, ``uni_vaddps`` the dst zero point, saturate_cvt_f32, ``vpmovusdb``), jit_brgemm_amx_uker.cpp,
+    src/cpu/x64/jit_gemm_inner_product_utils.cpp.
     """
     with np.errstate(over="ignore", invalid="ignore"):
-        if compensation_i32 is None:
-            t_f32 = raw_i32.astype(np.float32)  # eq. DN4a: the compensation was added in int32
-        else:
+        if kernel == "brgemm_amx":
             acc_i32 = _wrap_int32(raw_i32.astype(np.int64) - compensation_i32.astype(np.int64))  # Σ_k x·w, int32
             t_f32 = (acc_i32.astype(np.float32) + compensation_i32.astype(np.float32)).astype(np.float32)  # DN4b
-        v_f32 = (t_f32 * output_scales_f32).astype(np.float32)  # eq. DN5
+        else:
+            t_f32 = raw_i32.astype(np.float32)  # eq. DN4a: the compensation was added in int32
+        if kernel == "brgemm":
+            v_f32 = (t_f32 * input_scale_onednn_f32).astype(np.float32)  # eq. DN5a: the src scale,
+            v_f32 = (v_f32 * weight_scales_onednn_f32).astype(np.float32)  # then the weight scale
+        else:
+            v_f32 = (t_f32 * output_scales_f32).astype(np.float32)  # eq. DN5b: their product
         if bias_f32 is not None:
-            v_f32 = (v_f32 + bias_f32).astype(np.float32)
+            v_f32 = (v_f32 + bias_f32).astype(np.float32)  # eq. DN5c
         if relu:
             v_f32 = np.where(v_f32 > 0, v_f32, np.float32(0))  # vmaxps(v, 0): NaN -> 0
         v_f32 = (v_f32 * dst_multiplier_f32).astype(np.float32)  # eq. DN6
@@ -558,18 +582,25 @@ def onednn_requantize_readable(raw_i32: np.ndarray, compensation_i32: np.ndarray
 
 
 @njit(cache=True, inline="always")
-def onednn_requantize_element(raw_i32, amx, compensation_i32, output_scale_f32, has_bias, bias_f32, relu,
+def onednn_requantize_element(raw_i32, kernel_code, compensation_i32, input_scale_onednn_f32,
+                              weight_scale_onednn_f32, output_scale_f32, has_bias, bias_f32, relu,
                               dst_multiplier_f32, zero_point_f32):
-    """One output code of onednn, eqs. DN4-DN7, from raw[m, n] and channel n's compensation, scale and bias."""
-    if amx:
+    """One output code of onednn, eqs. DN4-DN7, from raw[m, n] and channel n's compensation, scales and bias.
+
+    kernel_code: 0 brgemm, 1 brgemm_amx, 2 gemm (eqs. DN4a/b, DN5a/b).
+    """
+    if kernel_code == 1:
         acc = np.int64(raw_i32) - np.int64(compensation_i32)
         acc = ((acc + np.int64(2147483648)) & np.int64(0xFFFFFFFF)) - np.int64(2147483648)  # int32 wrap
         t_f32 = np.float32(np.float32(acc) + np.float32(compensation_i32))  # eq. DN4b
     else:
         t_f32 = np.float32(raw_i32)  # eq. DN4a
-    v = np.float32(t_f32 * output_scale_f32)  # eq. DN5
+    if kernel_code == 0:
+        v = np.float32(np.float32(t_f32 * input_scale_onednn_f32) * weight_scale_onednn_f32)  # eq. DN5a
+    else:
+        v = np.float32(t_f32 * output_scale_f32)  # eq. DN5b
     if has_bias:
-        v = np.float32(v + bias_f32)
+        v = np.float32(v + bias_f32)  # eq. DN5c
     if relu and not v > np.float32(0):  # vmaxps(v, 0): NaN and -0.0 -> +0.0
         v = np.float32(0)
     v = np.float32(v * dst_multiplier_f32)  # eq. DN6
@@ -584,13 +615,15 @@ def onednn_requantize_element(raw_i32, amx, compensation_i32, output_scale_f32, 
 
 
 @njit(cache=True)
-def _onednn_requantize_rows(raw_i32, amx, compensation_i32, output_scales_f32, has_bias, bias_f32, relu,
+def _onednn_requantize_rows(raw_i32, kernel_code, compensation_i32, input_scale_onednn_f32,
+                            weight_scales_onednn_f32, output_scales_f32, has_bias, bias_f32, relu,
                             dst_multiplier_f32, zero_point_f32, out_u8):
     for m in range(raw_i32.shape[0]):
         for n in range(raw_i32.shape[1]):
-            out_u8[m, n] = onednn_requantize_element(raw_i32[m, n], amx, compensation_i32[n], output_scales_f32[n],
-                                                     has_bias, bias_f32[n], relu, dst_multiplier_f32,
-                                                     zero_point_f32)
+            out_u8[m, n] = onednn_requantize_element(raw_i32[m, n], kernel_code, compensation_i32[n],
+                                                     input_scale_onednn_f32, weight_scales_onednn_f32[n],
+                                                     output_scales_f32[n], has_bias, bias_f32[n], relu,
+                                                     dst_multiplier_f32, zero_point_f32)
 
 
 @dataclass(frozen=True, eq=False)
@@ -599,11 +632,12 @@ class OnednnRequantizer(Requantizer):
 
     The scales as torch hands them over (input_scale_reciprocal r_x, weight_scales_reciprocal r_w,
     output_scale_reciprocal r_y), as oneDNN uses them after inverting them back (input_scale_onednn s_x',
-    weight_scales_onednn s_w', output_scale_onednn s_y'), output_scales (N,) = f32(s_x'·s_w'), dst_multiplier =
-    f32(1/s_y'), compensation (N,) int32 = −z_x·Σ_k q_w (used only when amx).
+    weight_scales_onednn s_w' (N,), output_scale_onednn s_y'), output_scales (N,) = f32(s_x'·s_w'), dst_multiplier
+    = f32(1/s_y'), compensation (N,) int32 = −z_x·Σ_k q_w (enters only with kernel "brgemm_amx"), kernel.
     """
 
     name: ClassVar[str] = "onednn"
+    kernel: str
     input_scale_reciprocal: np.float32
     weight_scales_reciprocal: np.ndarray
     output_scale_reciprocal: np.float32
@@ -615,7 +649,6 @@ class OnednnRequantizer(Requantizer):
     bias: np.ndarray | None
     relu: bool
     output_zero_point: int
-    amx: bool
     compensation: np.ndarray
 
     @classmethod
@@ -627,26 +660,30 @@ class OnednnRequantizer(Requantizer):
             r_x = np.float32(1.0 / params.input_scale)  # ideep::scale_t(1, 1.0/input_scale): double division
             r_y = np.float32(1.0 / params.output_scale)  # ideep::scale_t(1, 1.0/output_scale)
             s_x = np.float32(1.0 / np.float64(r_x))  # ideep: s = 1.0 / s (double, stored as float)
-            s_w = (1.0 / prepacked.weight_scales_reciprocal.astype(np.float64)).astype(np.float32)
+            s_w = _channel_vector((1.0 / prepacked.weight_scales_reciprocal.astype(np.float64)).astype(np.float32),
+                                  N, np.float32)
             s_y = np.float32(np.float32(1) / r_y)  # ideep: s = dst_coeff / s with dst_coeff = 1.0f
-            output_scales = _channel_vector((s_x * s_w).astype(np.float32), N, np.float32)  # precompute_scales
+            output_scales = (s_x * s_w).astype(np.float32)  # precompute_scales: src_scales[0] * wei_scales[c]
             dst_multiplier = np.float32(np.float32(1) / s_y)  # DEFINE_ARG_SCALES_BUFFER: 1.f / s
         row_sums_i64 = params.col_offsets.astype(np.int64)  # z_w = 0: col_offsets = Σ_k q_w[n, k]
         compensation = _wrap_int32(-np.int64(params.input_zero_point) * row_sums_i64).astype(np.int32)
-        return cls(r_x, prepacked.weight_scales_reciprocal, r_y, s_x, s_w, s_y, output_scales, dst_multiplier,
-                   params.bias, params.relu, params.output_zero_point, bool(options.onednn_amx), compensation)
+        return cls(options.onednn_kernel, r_x, prepacked.weight_scales_reciprocal, r_y, s_x, s_w, s_y,
+                   output_scales, dst_multiplier, params.bias, params.relu, params.output_zero_point, compensation)
 
     def _readable(self, raw_2d_i32: np.ndarray) -> np.ndarray:
-        return onednn_requantize_readable(raw_2d_i32, self.compensation if self.amx else None, self.output_scales,
-                                          self.bias, self.relu, self.dst_multiplier, self.output_zero_point)
+        return onednn_requantize_readable(raw_2d_i32, self.kernel, self.compensation, self.input_scale_onednn,
+                                          self.weight_scales_onednn, self.output_scales, self.bias, self.relu,
+                                          self.dst_multiplier, self.output_zero_point)
 
     def _fast(self, raw_2d_i32: np.ndarray) -> np.ndarray:
         N = raw_2d_i32.shape[1]
         out_u8 = np.empty(raw_2d_i32.shape, np.uint8)
         has_bias = self.bias is not None
         bias_f32 = self.bias if has_bias else np.zeros(N, np.float32)
-        _onednn_requantize_rows(raw_2d_i32, self.amx, self.compensation, self.output_scales, has_bias, bias_f32,
-                                self.relu, self.dst_multiplier, np.float32(self.output_zero_point), out_u8)
+        _onednn_requantize_rows(raw_2d_i32, np.int64(_ONEDNN_KERNEL_CODES[self.kernel]), self.compensation,
+                                self.input_scale_onednn, self.weight_scales_onednn, self.output_scales, has_bias,
+                                bias_f32, self.relu, self.dst_multiplier, np.float32(self.output_zero_point),
+                                out_u8)
         return out_u8
 
 
@@ -709,12 +746,14 @@ def check_requantization(requantization: object, engine: str) -> RequantizationS
 def check_engine_options(engine: str, options: EngineOptions, saturate_int16_pairs: bool) -> None:
     """Refuse switches that do not concern ``engine`` (or contradict each other), naming them."""
     spec = check_engine(engine)
-    if options.onednn_amx and engine != "onednn":
-        raise ValueError(f"onednn_amx=True models oneDNN's AMX kernels; it applies to engine='onednn', "
-                         f"not engine={engine!r}")
-    if options.onednn_amx and saturate_int16_pairs:
-        raise ValueError("onednn_amx=True and saturate_int16_pairs=True contradict each other: AMX tiles multiply "
-                         "exactly (every CPU with AMX has VNNI)")
+    if options.onednn_kernel not in ONEDNN_KERNELS:
+        raise ValueError(f"onednn_kernel must be one of {ONEDNN_KERNELS}, got {options.onednn_kernel!r}")
+    if options.onednn_kernel != "brgemm" and engine != "onednn":
+        raise ValueError(f"onednn_kernel={options.onednn_kernel!r} models a oneDNN kernel; it applies to "
+                         f"engine='onednn', not engine={engine!r}")
+    if options.onednn_kernel == "brgemm_amx" and saturate_int16_pairs:
+        raise ValueError("onednn_kernel='brgemm_amx' and saturate_int16_pairs=True contradict each other: AMX tiles "
+                         "multiply exactly (every CPU with AMX has VNNI)")
     if options.qnnpack_cached_output_scale is not None and engine != "qnnpack":
         raise ValueError(f"qnnpack_cached_output_scale models torch's qnnpack cache; it applies to "
                          f"engine='qnnpack', not engine={engine!r}")

@@ -278,14 +278,14 @@ class QuantizedLinear:
                  bias: object, input_scale: float, input_zero_point: int, output_scale: float,
                  output_zero_point: int, relu: bool = False, weight_qscheme: str = "per_channel_symmetric",
                  saturate_int16_pairs: bool = False, *, engine: str = "fbgemm", requantization: str | None = None,
-                 onednn_amx: bool = False, qnnpack_cached_output_scale: float | None = None) -> None:
+                 onednn_kernel: str = "brgemm", qnnpack_cached_output_scale: float | None = None) -> None:
         """Prepack int8 weight codes for ``engine``: eq. L3, the engine's packing, and its requantization constants.
 
         ``weight_scales`` / ``weight_zero_points``: N values for a per-channel ``weight_qscheme``, one for per-tensor.
         Scales are kept as float32 (``q_per_channel_scales()[i].item<float>()`` / ``(float)q_scale()``) and as the
         float64 values given (torch's quantized weight holds doubles), zero points as int32.
         ``requantization``: None (the engine's own float path) or a scheme registered in refquant.engines.
-        ``onednn_amx`` / ``qnnpack_cached_output_scale``: see refquant.engines.EngineOptions.
+        ``onednn_kernel`` / ``qnnpack_cached_output_scale``: see refquant.engines.EngineOptions.
         """
         spec = check_engine(engine)
         if weight_qscheme not in WEIGHT_QSCHEMES:
@@ -335,7 +335,7 @@ class QuantizedLinear:
         self.saturate_int16_pairs = bool(saturate_int16_pairs)
         cached = qnnpack_cached_output_scale
         self.engine_options = EngineOptions(
-            onednn_amx=bool(onednn_amx),
+            onednn_kernel=onednn_kernel,
             qnnpack_cached_output_scale=None if cached is None else _check_positive_scale(
                 cached, "qnnpack_cached_output_scale"))
         check_engine_options(engine, self.engine_options, self.saturate_int16_pairs)
@@ -368,7 +368,7 @@ class QuantizedLinear:
     def from_float(cls, weight: object, bias: object, input_scale: float, input_zero_point: int,
                    output_scale: float, output_zero_point: int, relu: bool = False,
                    weight_qscheme: str | None = None, saturate_int16_pairs: bool = False, *,
-                   engine: str = "fbgemm", requantization: str | None = None, onednn_amx: bool = False,
+                   engine: str = "fbgemm", requantization: str | None = None, onednn_kernel: str = "brgemm",
                    qnnpack_cached_output_scale: float | None = None) -> "QuantizedLinear":
         """Observe and quantize a float32 (N, K) weight as torch does, keep the bias float32, then prepack.
 
@@ -396,7 +396,7 @@ class QuantizedLinear:
         w_i8, scales, zero_points, qscheme = quantize_weight(w_f32, observer)
         return cls(w_i8, scales, zero_points, bias, input_scale, input_zero_point, output_scale,
                    output_zero_point, relu=relu, weight_qscheme=qscheme, saturate_int16_pairs=saturate_int16_pairs,
-                   engine=engine, requantization=requantization, onednn_amx=onednn_amx,
+                   engine=engine, requantization=requantization, onednn_kernel=onednn_kernel,
                    qnnpack_cached_output_scale=qnnpack_cached_output_scale)
 
     @classmethod
@@ -404,7 +404,7 @@ class QuantizedLinear:
                        bias: object, input_scale: float, input_zero_point: int, output_scale: float,
                        output_zero_point: int, relu: bool = False, engine: str = "fbgemm", *,
                        requantization: str | None = None, saturate_int16_pairs: bool = False,
-                       onednn_amx: bool = False, qnnpack_cached_output_scale: float | None = None
+                       onednn_kernel: str = "brgemm", qnnpack_cached_output_scale: float | None = None
                        ) -> "QuantizedLinear":
         """A layer from what torch's quantized weight holds, without float weights.
 
@@ -429,7 +429,7 @@ class QuantizedLinear:
         return cls(weight_int8, scales.reshape(-1), zps.reshape(-1), bias, input_scale, input_zero_point,
                    output_scale, output_zero_point, relu=relu, weight_qscheme=qscheme,
                    saturate_int16_pairs=saturate_int16_pairs, engine=engine, requantization=requantization,
-                   onednn_amx=onednn_amx, qnnpack_cached_output_scale=qnnpack_cached_output_scale)
+                   onednn_kernel=onednn_kernel, qnnpack_cached_output_scale=qnnpack_cached_output_scale)
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -500,6 +500,7 @@ class QuantizedLinear:
                 + (f", requantization={self.requantization!r}"
                    if self.requantization != ENGINE_SPECS[self.engine].requantization else "")
                 + (", saturate_int16_pairs=True" if self.saturate_int16_pairs else "")
-                + (", onednn_amx=True" if self.engine_options.onednn_amx else "")
+                + (f", onednn_kernel={self.engine_options.onednn_kernel!r}"
+                   if self.engine_options.onednn_kernel != "brgemm" else "")
                 + (f", qnnpack_cached_output_scale={self.engine_options.qnnpack_cached_output_scale!r}"
                    if self.engine_options.qnnpack_cached_output_scale is not None else "") + ")")
