@@ -171,9 +171,12 @@ class ObservedLinear:
             self.observe_output(y_f32)
         return y_f32
 
-    def convert(self) -> QuantizedLinearModel:
+    def convert(self, *, saturate_int16_pairs: bool = False, onednn_kernel: str = "brgemm") -> QuantizedLinearModel:
         """The quantized model, with (s_x, z_x) and (s_y, z_y) from the observers (``calculate_qparams``) and the
-        weight quantized by the qconfig's weight observer, on this engine."""
+        weight quantized by the qconfig's weight observer, on this engine.
+
+        ``saturate_int16_pairs`` / ``onednn_kernel``: the CPU kernel to model (refquant.linear.QuantizedLinear).
+        """
         s_x, z_x = self.input_observer.calculate_qparams()
         s_y, z_y = self.output_observer.calculate_qparams()
         # torch: Quantize(float(scale), int(zero_point)); qlinear.scale = float(s_y); qlinear.zero_point = int(z_y)
@@ -186,5 +189,6 @@ class ObservedLinear:
         w_i8, w_scales, w_zero_points, w_qscheme = quantize_weight(self.weight, weight_observer)
         linear = QuantizedLinear(w_i8, w_scales, w_zero_points, self.bias, float(input_scale), input_zero_point,
                                  output_scale, output_zero_point, relu=self.relu, weight_qscheme=w_qscheme,
-                                 engine=self.engine)
+                                 saturate_int16_pairs=saturate_int16_pairs, engine=self.engine,
+                                 onednn_kernel=onednn_kernel)
         return QuantizedLinearModel(input_scale=input_scale, input_zero_point=input_zero_point, linear=linear)
