@@ -712,7 +712,8 @@ class EngineSpec:
 
 ENGINE_SPECS: dict[str, EngineSpec] = {
     "fbgemm": EngineSpec("fbgemm", "fbgemm", None, 2, False, True),
-    "x86": EngineSpec("x86", "fbgemm", None, 2, False, True),  # Linear on x86 runs fbgemm (qlinear.cpp)
+    # qlinear_prepack.cpp QLinearPackWeightInt8::run packs for FBGEMM and X86 alike: x86's Linear is fbgemm's
+    "x86": EngineSpec("x86", "fbgemm", None, 2, False, True),
     "qnnpack": EngineSpec("qnnpack", "qnnpack", qnnpack_prepack, 2, False, False),
     "onednn": EngineSpec("onednn", "onednn", onednn_prepack, 1, True, True),
 }
