@@ -2,9 +2,10 @@
 
 What ``torch.ao.nn.quantized.Linear`` (``torch.ops.quantized.linear`` / ``linear_relu``) computes, written out step by
 step for the fbgemm engine (the default; x86 runs the same for Linear). qnnpack and onednn share eqs. L1-L5 and
-differ after them (their weight packing, bias and requantization: refquant.engines, ``engine=``). Notation: ``f32(...)`` rounds to float32 (nearest-even), ``fmaf`` is a fused
-multiply-add (one rounding), ``RNE`` is round half to even, ``Σ_k`` runs over the K input features, all integer
-arithmetic is int32 and wraps modulo 2^32 exactly as fbgemm's does.
+differ after them (their weight packing, bias and requantization: refquant.engines, ``engine=``). Notation:
+``f32(...)`` rounds to float32 (nearest-even), ``fmaf`` is a fused multiply-add (one rounding), ``RNE`` is round
+half to even, ``Σ_k`` runs over the K input features, all integer arithmetic is int32 and wraps modulo 2^32 exactly
+as fbgemm's does.
 
 Weight (once, in :meth:`QuantizedLinear.from_float`; :meth:`QuantizedLinear.from_quantized` starts at eq. L3)::
 
@@ -26,9 +27,10 @@ Activations (every call; q_x are uint8 codes with scale s_x and zero point z_x):
     r[m, n]     = cvtps2dq(y)      RNE; NaN and |y| >= 2^31 -> INT32_MIN                                    (eq. L10)
     q_y[m, n]   = clamp(r + z_y, lo, 255),   lo = z_y with ReLU, else 0                       uint8         (eq. L11)
 
-The bias is never quantized: it enters as the float32 ``bias / atws`` added to float32(raw). ``f32(raw)`` rounds once
-|raw| > 2^24 (full range reaches that at K >= 515: 515·255·128 = 16,809,600 > 2^24). ``cvtps2dq`` turns an overflowing y (a tiny output scale) into
-INT32_MIN, so such outputs become 0, where a ``lrintf``-then-clamp formula would give 255.
+The bias is never quantized: it enters as the float32 ``bias / atws`` added to float32(raw). ``f32(raw)`` rounds
+once |raw| > 2^24 (full range reaches that at K >= 515: 515·255·128 = 16,809,600 > 2^24). ``cvtps2dq`` turns an
+overflowing y (a tiny output scale) into INT32_MIN, so such outputs become 0, where a ``lrintf``-then-clamp formula
+would give 255.
 
 Two things make the same layer give different codes on different machines, both modelled here:
 

@@ -18,9 +18,10 @@ without avx512_vnni, where oneDNN saturates the same way.
 Dynamic quantization (the input is quantized per call from its own min and max, so the activation "observer" is
 only a placeholder that says quint8 over [0, 255]; refquant.dynamic builds the layer)::
 
-    default_dynamic_qconfig        PlaceholderObserver(quint8, 0..255, is_dynamic)   MinMaxObserver(qint8, per_tensor_symmetric)
-    per_channel_dynamic_qconfig    PlaceholderObserver(quint8, 0..255, is_dynamic)   PerChannelMinMaxObserver(qint8,
-                                                                                         per_channel_symmetric)
+    default_dynamic_qconfig       activation PlaceholderObserver(quint8, 0..255, is_dynamic=True)
+                                  weight     MinMaxObserver(qint8, per_tensor_symmetric)
+    per_channel_dynamic_qconfig   activation PlaceholderObserver(quint8, 0..255, is_dynamic=True)
+                                  weight     PerChannelMinMaxObserver(qint8, per_channel_symmetric)
 
 Matches: pytorch/pytorch torch/ao/quantization/qconfig.py (QConfig, get_default_qconfig, default_dynamic_qconfig,
 per_channel_dynamic_qconfig) and torch/ao/quantization/observer.py (default_weight_observer,

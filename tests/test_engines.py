@@ -14,25 +14,16 @@ import pytest
 import torch
 
 from parity import assert_same
-from refquant.engines import (
-    QNNPACK_PADDING_CHANNELS,
-    EngineOptions,
-    LinearQParams,
-    qnnpack_accumulate_readable,
-    qnnpack_prepack,
-)
-from refquant.linear import QuantizedLinear
 from torch_engines import (
     ENGINES,
     aim_at_a_tie,
     describe,
-    onednn_family_from_verbose,
-    quantized_engine,
     random_problem,
+    random_w,
+    random_x_codes,
     refquant_layer,
     run_torch,
     torch_fbgemm_kernel_family,
-    torch_qweight,
     torch_threads,
 )
 
@@ -102,7 +93,6 @@ def test_parity_large_k(rng, capfd, engine):
         p = random_problem(rng, engine, k_choices=(515, 1024, 4095, 4096, 6000, 8192), max_n=40, max_m=20)
         N, K = p["w"].shape
         p["wkind"] = ("positive", "negative", "extremes", "uniform")[i % 4]
-        from torch_engines import random_w, random_x_codes
         p["w"] = random_w(rng, N, K, p["wkind"])
         p["xkind"] = ("high", "extremes", "all_255", "uniform")[i % 4]
         p["x"] = random_x_codes(rng, p["x"].shape, p["xkind"], p["zx"])

@@ -252,7 +252,8 @@ def random_problem(rng: np.random.Generator, engine: str,
         b = (rng.standard_normal(N) * typical * 10.0 ** rng.uniform(-3, 1)).astype(np.float32)
         u = rng.random()
         if u < 0.05:  # beyond qnnpack's int32 bias range (it saturates); fbgemm/onednn keep it float
-            b[rng.integers(0, N)] = np.float32(rng.choice([-1.0, 1.0]) * sx * float(ws.min()) * 2.0**rng.uniform(31, 40))
+            huge = rng.choice([-1.0, 1.0]) * sx * float(ws.min()) * 2.0**rng.uniform(31, 40)
+            b[rng.integers(0, N)] = np.float32(huge)
         elif u < 0.15:
             b[rng.integers(0, N)] = 0.0
     s = rng.random()
