@@ -71,12 +71,12 @@ def test_environment():
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("chunk", range(2))
+@pytest.mark.parametrize("chunk", range(3))
 def test_parity_random_problems(rng, capfd, engine, chunk):
     """Random problems per engine: shapes (3-D, single rows), weight kinds, per-tensor / per-channel, symmetric /
     affine (where the engine allows), bias or not (huge biases too), ReLU, extreme output scales and zero points,
     a third of them aimed at a rounding tie."""
-    counts = run_problems(rng, engine, 150 if engine != "x86" else 60, capfd)
+    counts = run_problems(rng, engine, 300 if engine != "x86" else 100, capfd)
     with capfd.disabled():
         print(f"\n{engine} chunk {chunk}: {counts['problems']} problems, {counts['outputs']} outputs, 0 differ; "
               f"{counts['refused']} refused by both; kernel families {sorted(counts['families'])}")
