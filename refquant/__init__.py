@@ -1,4 +1,4 @@
-"""refquant: a readable NumPy + Numba golden model of PyTorch's fbgemm int8 static quantization.
+"""refquant: a readable NumPy + Numba golden model of PyTorch's int8 static quantization (fbgemm, x86, qnnpack, onednn).
 
 The path a value takes, one module per step:
 
@@ -7,6 +7,8 @@ The path a value takes, one module per step:
     refquant.quantize    quantize / dequantize: float32 <-> integer codes, torch 2.13's exact rounding
     refquant.matmul      uint8 x int8 -> int32 products (VNNI, and the int16-saturating pre-VNNI form)
     refquant.linear      QuantizedLinear: int32 accumulation and fbgemm's requantization with float bias
+    refquant.engines     where qnnpack and onednn differ: weight packing, bias, requantization (engine=...)
+    refquant.qconfig     each engine's default qconfig (which observers watch activations and weights)
     refquant.pipeline    the whole QuantStub -> Linear -> DeQuantStub model, end to end
     refquant.export      a layer's integer program and test vectors for a C or HDL testbench
 
@@ -21,6 +23,7 @@ from .dtypes import QDTYPES, qdtype_range
 from .histogram import HistogramObserver
 from .linear import QuantizedLinear, int32_accumulator_can_overflow
 from .pipeline import ObservedLinear, QuantizedLinearModel, linear_float
+from .qconfig import QConfig, get_default_qconfig
 from .observers import (
     MinMaxObserver,
     MovingAverageMinMaxObserver,
@@ -46,4 +49,6 @@ __all__ = [
     "ObservedLinear",
     "QuantizedLinearModel",
     "linear_float",
+    "QConfig",
+    "get_default_qconfig",
 ]

@@ -1,11 +1,13 @@
-"""Quantized Linear on the fbgemm engine: uint8 activations x int8 weights -> uint8, every intermediate visible.
+"""Quantized Linear: uint8 activations x int8 weights -> uint8, every intermediate visible, on every engine.
 
-What ``torch.ao.nn.quantized.Linear`` (``torch.ops.quantized.linear`` / ``linear_relu``) computes on the fbgemm
-engine, written out step by step. Notation: ``f32(...)`` rounds to float32 (nearest-even), ``fmaf`` is a fused
-multiply-add (one rounding), ``RNE`` is round half to even, ``Σ_k`` runs over the K input features, all integer
-arithmetic is int32 and wraps modulo 2^32 exactly as fbgemm's does.
+What ``torch.ao.nn.quantized.Linear`` (``torch.ops.quantized.linear`` / ``linear_relu``) computes, written out step by
+step for the fbgemm engine (the default; x86 runs the same for Linear). qnnpack and onednn share eqs. L1-L5 and
+differ after them (their weight packing, bias and requantization: refquant.engines, ``engine=``). Notation:
+``f32(...)`` rounds to float32 (nearest-even), ``fmaf`` is a fused multiply-add (one rounding), ``RNE`` is round
+half to even, ``Σ_k`` runs over the K input features, all integer arithmetic is int32 and wraps modulo 2^32 exactly
+as fbgemm's does.
 
-Weight (once, in :meth:`QuantizedLinear.from_float`)::
+Weight (once, in :meth:`QuantizedLinear.from_float`; :meth:`QuantizedLinear.from_quantized` starts at eq. L3)::
 
     s_w, z_w    = observer(weight).calculate_qparams()                    per channel n, or one per tensor  (eq. L1)
     q_w[n, k]   = quantize(weight[n, k], s_w[n], z_w[n], qint8)                                             (eq. L2)
@@ -25,9 +27,10 @@ Activations (every call; q_x are uint8 codes with scale s_x and zero point z_x):
     r[m, n]     = cvtps2dq(y)      RNE; NaN and |y| >= 2^31 -> INT32_MIN                                    (eq. L10)
     q_y[m, n]   = clamp(r + z_y, lo, 255),   lo = z_y with ReLU, else 0                       uint8         (eq. L11)
 
-The bias is never quantized: it enters as the float32 ``bias / atws`` added to float32(raw). ``f32(raw)`` rounds once
-|raw| > 2^24 (K >= 4096 at full range reaches that). ``cvtps2dq`` turns an overflowing y (a tiny output scale) into
-INT32_MIN, so such outputs become 0, where a ``lrintf``-then-clamp formula would give 255.
+The bias is never quantized: it enters as the float32 ``bias / atws`` added to float32(raw). ``f32(raw)`` rounds
+once |raw| > 2^24 (full range reaches that at K >= 515: 515·255·128 = 16,809,600 > 2^24). ``cvtps2dq`` turns an
+overflowing y (a tiny output scale) into INT32_MIN, so such outputs become 0, where a ``lrintf``-then-clamp formula
+would give 255.
 
 Two things make the same layer give different codes on different machines, both modelled here:
 
@@ -49,11 +52,21 @@ import numbers
 import warnings
 
 import numpy as np
-from numba import njit
 
-from refquant._float32 import cvtps2dq, fma_f32, fmaf
+from refquant.engines import (
+    ENGINE_SPECS,
+    EngineOptions,
+    LinearQParams,
+    Requantizer,
+    check_engine,
+    check_engine_options,
+    check_requantization,
+    fbgemm_requantize_fast,
+    fbgemm_requantize_readable,
+)
 from refquant.matmul import PackedWeightS8, matmul_u8s8_acc32, pack_weight_s8
 from refquant.observers import MinMaxObserver, PerChannelMinMaxObserver
+from refquant.qconfig import _DEFAULT_QCONFIGS
 from refquant.quantize import quantize_per_channel, quantize_per_tensor
 
 WEIGHT_QSCHEMES = ("per_channel_symmetric", "per_channel_affine", "per_tensor_symmetric", "per_tensor_affine")
@@ -137,17 +150,19 @@ def _check_bias(bias: object, out_features: int) -> np.ndarray | None:
     return b_f32
 
 
-def _check_codes(x: object, dtype: type, argname: str, last_dim: int, last_name: str) -> np.ndarray:
+def _check_codes(x: object, dtype: type, argname: str, last_dim: int, last_name: str,
+                 min_ndim: int = 2) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{argname} must be a numpy array of {np.dtype(dtype).name} codes, got {type(x).__name__}")
     if x.dtype != dtype:
         raise TypeError(f"{argname} must hold {np.dtype(dtype).name} codes, got dtype {x.dtype}"
                         + (" (quantize floats first, e.g. with refquant.quantize.quantize_per_tensor)"
                            if dtype is np.uint8 and x.dtype.kind == "f" else ""))
-    if x.ndim < 2:
-        # torch: "The dimension of input tensor should be larger than or equal to 2" (qlinear.cpp, apply_impl)
-        raise ValueError(f"{argname} must have at least 2 dimensions (..., {last_name}) like torch's quantized "
-                         f"linear input, got shape {x.shape}")
+    if x.ndim < min_ndim:
+        # torch: "The dimension of input tensor should be larger than or equal to 2" (fbgemm), "Input tensor rank
+        # should be >= 2" (qnnpack), "input dim should be at least 1" (onednn) (qlinear.cpp, apply_impl)
+        raise ValueError(f"{argname} must have at least {min_ndim} dimension{'s' if min_ndim > 1 else ''} "
+                         f"(..., {last_name}) like torch's quantized linear input on this engine, got shape {x.shape}")
     if x.shape[-1] != last_dim:
         raise ValueError(f"{argname} must have last dimension {last_name} = {last_dim}, got shape {x.shape}")
     return x
@@ -183,106 +198,47 @@ def accumulate_raw(x2d_u8: np.ndarray, packed_weight: PackedWeightS8, col_offset
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Requantization (eqs. L8-L11): readable NumPy, then the Numba kernel that repeats it
+# Requantization (eqs. L6-L11 for fbgemm; the other engines' in refquant.engines)
 # ----------------------------------------------------------------------------------------------------------------
 
-def requantize_readable(raw_i32: np.ndarray, bias_f32: np.ndarray | None, act_times_w_scale_f32: np.ndarray,
-                        output_multiplier_f32: np.ndarray, output_zero_point: int, relu: bool,
-                        per_channel: bool) -> np.ndarray:
-    """int32 ``raw`` (..., N) -> uint8 output codes, eqs. L8-L11, one NumPy statement per rounding.
+requantize_readable = fbgemm_requantize_readable
+"""fbgemm's eqs. L8-L11 in NumPy: ``requantize_readable(raw_i32, bias_f32, act_times_w_scale_f32,
+output_multiplier_f32, output_zero_point, relu, per_channel)`` (refquant.engines.fbgemm_requantize_readable)."""
 
-    ``act_times_w_scale_f32`` and ``output_multiplier_f32`` have shape (N,) for per-channel weights, (1,) per tensor.
+requantize_fast = fbgemm_requantize_fast
+"""The same as :func:`requantize_readable` with the Numba row kernel (refquant.engines.fbgemm_requantize_fast)."""
 
-    Matches: pytorch/FBGEMM src/QuantUtilsAvx2.cc (requantizeOutputProcessingAvx2, float bias): per-channel
-    ``_mm256_div_ps(bias, act_times_w_scale)`` then ``_mm256_add_ps``; per-tensor ``_mm256_set1_ps(1.0 / atws)``
-    (division in double) and ``add(cvtepi32_ps(x), mul(bias, rcp))``, which the compiler contracted into one
-    ``vfmadd`` in torch 2.13's binary; then ``_mm256_mul_ps`` by the multiplier, ``_mm256_cvtps_epi32``, and the
-    saturating packs with the output zero point.
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weight quantization (eqs. L1, L2)
+# ----------------------------------------------------------------------------------------------------------------
+
+def quantize_weight(weight_f32: np.ndarray, observer) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """float32 (N, K) weight -> (int8 codes, scales, zero points, qscheme) with an observer that has seen it.
+
+    ``observer.calculate_qparams()`` (eq. L1), then per tensor ``quantize_per_tensor(w, float(scale),
+    int(zero_point), "qint8")`` (torch's vector FMA path) or per channel ``quantize_per_channel(w, scales,
+    zero_points, ch_axis, "qint8")`` (torch's scalar path), eq. L2; codes outside the observer's
+    [quant_min, quant_max] are clamped into it (``_clamp_weights``; a no-op for the full-range default observers).
+    Matches: pytorch/pytorch torch/ao/nn/quantized/modules/utils.py (_quantize_weight, _clamp_weights) and
+    torch/ao/nn/quantized/modules/linear.py (Linear.from_float: "Weight observer must have dtype torch.qint8").
     """
-    raw_f32 = raw_i32.astype(np.float32)  # cvtdq2ps: RNE once |raw| > 2^24
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        if bias_f32 is None:
-            t_f32 = raw_f32  # eq. L8a
-        elif per_channel:
-            bias_term_f32 = (bias_f32 / act_times_w_scale_f32).astype(np.float32)  # f32(bias / atws), eq. L8b
-            t_f32 = (raw_f32 + bias_term_f32).astype(np.float32)
-        else:
-            rcp_f32 = np.float32(1.0 / np.float64(act_times_w_scale_f32[0]))  # reciprocal taken in double
-            t_f32 = fmaf(bias_f32, rcp_f32, raw_f32)  # eq. L8c: bias·rcp + raw with ONE rounding
-        y_f32 = (t_f32 * output_multiplier_f32).astype(np.float32)  # eq. L9
-    r_i32 = cvtps2dq(y_f32)  # eq. L10: RNE; NaN / out of int32 -> INT32_MIN
-    lo = output_zero_point if relu else 0  # ReLU: the lower bound becomes the output zero point
-    q_i64 = r_i32.astype(np.int64) + np.int64(output_zero_point)  # eq. L11 (the packs saturate, never wrap)
-    return np.clip(q_i64, lo, 255).astype(np.uint8)
-
-
-@njit(cache=True)
-def _requantize_row(raw_row_i32, bias_f32, bias_term_f32, rcp_f32, has_bias, per_channel, output_multiplier_f32,
-                    output_zero_point, lo, out_row_u8):
-    """One row of :func:`requantize_readable` (eqs. L8-L11), element by element."""
-    for n in range(raw_row_i32.shape[0]):
-        c = n if per_channel else 0
-        raw_f32 = np.float32(raw_row_i32[n])  # cvtdq2ps
-        if not has_bias:
-            t_f32 = raw_f32  # eq. L8a
-        elif per_channel:
-            t_f32 = np.float32(raw_f32 + bias_term_f32[n])  # eq. L8b
-        else:
-            t_f32 = fma_f32(bias_f32[n], rcp_f32, raw_f32)  # eq. L8c, one rounding
-        y_f32 = np.float32(t_f32 * output_multiplier_f32[c])  # eq. L9
-        if y_f32 >= np.float32(-2147483648.0) and y_f32 < np.float32(2147483648.0):  # false for NaN
-            r = np.int64(np.rint(y_f32))  # cvtps2dq: RNE
-        else:
-            r = np.int64(-2147483648)  # cvtps2dq's "integer indefinite" INT32_MIN, eq. L10
-        q = r + np.int64(output_zero_point)  # eq. L11
-        if q < lo:
-            q = lo
-        if q > 255:
-            q = np.int64(255)
-        out_row_u8[n] = np.uint8(q)
-
-
-@njit(cache=True)
-def _bias_terms(bias_f32, has_bias, per_channel, act_times_w_scale_f32):
-    """Per-channel f32(bias[n] / atws[n]) (eq. L8b) and the per-tensor f32(1.0 / double(atws)) (eq. L8c)."""
-    N = bias_f32.shape[0]
-    bias_term_f32 = np.zeros(N, np.float32)
-    rcp_f32 = np.float32(0.0)
-    if has_bias and per_channel:
-        for n in range(N):
-            bias_term_f32[n] = np.float32(bias_f32[n] / act_times_w_scale_f32[n])
-    if has_bias and not per_channel:
-        rcp_f32 = np.float32(1.0 / np.float64(act_times_w_scale_f32[0]))  # reciprocal taken in double
-    return bias_term_f32, rcp_f32
-
-
-@njit(cache=True)
-def _requantize_kernel(raw_i32, bias_f32, has_bias, per_channel, act_times_w_scale_f32, output_multiplier_f32,
-                       output_zero_point, relu, out_u8):
-    """Numba repeat of :func:`requantize_readable` on (M, N) int32 -> (M, N) uint8 (no fastmath), row by row."""
-    lo = np.int64(output_zero_point) if relu else np.int64(0)
-    bias_term_f32, rcp_f32 = _bias_terms(bias_f32, has_bias, per_channel, act_times_w_scale_f32)
-    for m in range(raw_i32.shape[0]):
-        _requantize_row(raw_i32[m], bias_f32, bias_term_f32, rcp_f32, has_bias, per_channel, output_multiplier_f32,
-                        output_zero_point, lo, out_u8[m])
-
-
-def requantize_fast(raw_i32: np.ndarray, bias_f32: np.ndarray | None, act_times_w_scale_f32: np.ndarray,
-                    output_multiplier_f32: np.ndarray, output_zero_point: int, relu: bool,
-                    per_channel: bool) -> np.ndarray:
-    """Same result as :func:`requantize_readable`, computed by the Numba kernel :func:`_requantize_kernel`.
-
-    One thread: LLVM vectorizes the row loop (about 0.3 ns per output here), so requantization costs a few percent
-    of the product; a threaded version was slower (thread start-up, and the cores are shared with the product).
-    """
-    shape = raw_i32.shape
-    raw_2d = np.ascontiguousarray(raw_i32.reshape(-1, shape[-1]))
-    out_u8 = np.empty(raw_2d.shape, np.uint8)
-    has_bias = bias_f32 is not None
-    bias_arg = bias_f32 if has_bias else np.zeros(shape[-1], np.float32)
-    _requantize_kernel(raw_2d, bias_arg, has_bias, per_channel, act_times_w_scale_f32, output_multiplier_f32,
-                       np.int64(output_zero_point), relu, out_u8)
-    return out_u8.reshape(shape)
+    if getattr(observer, "dtype", None) != "qint8":
+        raise ValueError(f"the weight observer must have dtype 'qint8' (torch asserts \"Weight observer must have "
+                         f"dtype torch.qint8\"), got {getattr(observer, 'dtype', None)!r}")
+    scales, zero_points = observer.calculate_qparams()
+    if observer.qscheme in ("per_tensor_symmetric", "per_tensor_affine"):
+        scale = float(np.asarray(scales).reshape(-1)[0])  # torch: float(wt_scale), int(wt_zp)
+        zero_point = int(np.asarray(zero_points).reshape(-1)[0])
+        w_i8 = quantize_per_tensor(weight_f32, scale, zero_point, "qint8")
+    elif observer.qscheme in ("per_channel_symmetric", "per_channel_affine"):
+        w_i8 = quantize_per_channel(weight_f32, scales, zero_points, observer.ch_axis, "qint8")
+    else:
+        raise ValueError(f"weight observer qscheme must be per-tensor or per-channel (symmetric or affine) for an "
+                         f"int8 Linear weight, got {observer.qscheme!r}")
+    if observer.quant_min > -128 or observer.quant_max < 127:  # _needs_weight_clamping
+        w_i8 = np.clip(w_i8, observer.quant_min, observer.quant_max).astype(np.int8)
+    return w_i8, np.asarray(scales), np.asarray(zero_points), observer.qscheme
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,36 +246,50 @@ def requantize_fast(raw_i32: np.ndarray, bias_f32: np.ndarray | None, act_times_
 # ----------------------------------------------------------------------------------------------------------------
 
 class QuantizedLinear:
-    """``torch.ao.nn.quantized.Linear`` (and ``LinearReLU``) on the fbgemm engine, with every intermediate public.
+    """``torch.ao.nn.quantized.Linear`` (and ``LinearReLU``) on any engine, with every intermediate public.
 
-    Build it with :meth:`from_float` (float32 weight, as torch's ``from_float``) or directly from int8 weight codes
-    with the constructor. Call it on uint8 input codes of shape (..., K) to get uint8 output codes (..., N)::
+    Build it with :meth:`from_float` (float32 weight, as torch's ``from_float``), :meth:`from_quantized` (the int8
+    codes, scales and zero points a torch quantized weight holds) or the constructor. Call it on uint8 input codes
+    of shape (..., K) to get uint8 output codes (..., N)::
 
         ql = QuantizedLinear.from_float(w, b, input_scale=0.02, input_zero_point=64,
                                         output_scale=0.05, output_zero_point=128)
         y_u8 = ql(x_u8)                                     # == torch.ops.quantized.linear(...).int_repr()
         assert (y_u8 == ql.requantize(ql.accumulate(x_u8))).all()
 
-    Attributes (dtype-honest; per-tensor weights have length-1 scale arrays):
-        weight_int8 (N, K) int8, weight_scales float32, weight_zero_points int32 (as prepack stores them),
-        bias float32 (N,) or None, col_offsets (N,) int32 (eq. L3), act_times_w_scale float32 (eq. L6),
-        output_multiplier float32 (eq. L7), input/output scale and zero point, relu, weight_qscheme,
-        saturate_int16_pairs (emulate a non-VNNI CPU, eq. M2 of refquant.matmul).
+    ``engine`` ("fbgemm" by default, "x86", "qnnpack", "onednn") selects what torch runs under
+    ``torch.backends.quantized.engine = engine``: the int32 ``raw`` of eqs. L4, L5 is shared; the weight packing,
+    the bias and the requantization are the engine's (refquant.engines, where their equations are side by side).
 
-    Matches: pytorch/pytorch aten/src/ATen/native/quantized/cpu/qlinear.cpp (PackedLinearWeight::apply_impl) and
-    aten/src/ATen/native/quantized/cpu/qlinear_prepack.cpp (PackedLinearWeight::prepack).
+    Attributes (dtype-honest; per-tensor weights have length-1 scale arrays):
+        weight_int8 (N, K) int8, weight_scales float32 (as the kernels use them), weight_scales_f64 (as torch's
+        quantized weight holds them), weight_zero_points int32, bias float32 (N,) or None, col_offsets (N,) int32
+        (eq. L3), input/output scale and zero point, relu, weight_qscheme, engine, saturate_int16_pairs (emulate a
+        non-VNNI CPU, eq. M2 of refquant.matmul), prepacked (the engine's packed weight: qnnpack's uint8 codes and
+        kernel zero points, onednn's reciprocal scales; None for fbgemm/x86, whose packing is eq. L3), requantizer
+        (the engine's constants: fbgemm's act_times_w_scale and output_multiplier, qnnpack's bias_i32 and
+        requantization_scales, onednn's round-tripped scales), requantization (its scheme's name).
+        act_times_w_scale (eq. L6) and output_multiplier (eq. L7) are shortcuts to fbgemm's requantizer.
+
+    Matches: pytorch/pytorch aten/src/ATen/native/quantized/cpu/qlinear.cpp (PackedLinearWeight::apply_impl,
+    PackedLinearWeightsQnnp::apply_impl, PackedLinearWeightsOnednn::apply_impl) and
+    aten/src/ATen/native/quantized/cpu/qlinear_prepack.cpp (the three ``prepack``).
     """
 
     def __init__(self, weight_int8: np.ndarray, weight_scales: object, weight_zero_points: object,
                  bias: object, input_scale: float, input_zero_point: int, output_scale: float,
                  output_zero_point: int, relu: bool = False, weight_qscheme: str = "per_channel_symmetric",
-                 saturate_int16_pairs: bool = False) -> None:
-        """Prepack int8 weight codes: store them packed once and compute eqs. L3, L6, L7.
+                 saturate_int16_pairs: bool = False, *, engine: str = "fbgemm", requantization: str | None = None,
+                 onednn_kernel: str = "brgemm", qnnpack_cached_output_scale: float | None = None) -> None:
+        """Prepack int8 weight codes for ``engine``: eq. L3, the engine's packing, and its requantization constants.
 
         ``weight_scales`` / ``weight_zero_points``: N values for a per-channel ``weight_qscheme``, one for per-tensor.
-        Scales are stored as float32 (``q_per_channel_scales()[i].item<float>()`` / ``(float)q_scale()``), zero
-        points as int32, exactly as ``PackedLinearWeight::prepack`` keeps them.
+        Scales are kept as float32 (``q_per_channel_scales()[i].item<float>()`` / ``(float)q_scale()``) and as the
+        float64 values given (torch's quantized weight holds doubles), zero points as int32.
+        ``requantization``: None (the engine's own float path) or a scheme registered in refquant.engines.
+        ``onednn_kernel`` / ``qnnpack_cached_output_scale``: see refquant.engines.EngineOptions.
         """
+        spec = check_engine(engine)
         if weight_qscheme not in WEIGHT_QSCHEMES:
             raise ValueError(f"weight_qscheme must be one of {WEIGHT_QSCHEMES}, got {weight_qscheme!r}")
         if not isinstance(weight_int8, np.ndarray) or weight_int8.dtype != np.int8:
@@ -329,6 +299,7 @@ class QuantizedLinear:
             raise ValueError(f"weight_int8 must be 2-D (out_features, in_features), non-empty, got "
                              f"{weight_int8.shape}")
         N, K = weight_int8.shape
+        self.engine = engine
         self.weight_qscheme = weight_qscheme
         self.per_channel = weight_qscheme.startswith("per_channel")
         n_params = N if self.per_channel else 1
@@ -337,7 +308,8 @@ class QuantizedLinear:
         if scales.dtype.kind != "f" or scales.size != n_params:
             raise ValueError(f"weight_scales must hold {n_params} float scale(s) for {weight_qscheme} with N = {N}, "
                              f"got dtype {scales.dtype}, shape {scales.shape}")
-        weight_scales_f32 = scales.reshape(n_params).astype(np.float32)  # prepack stores float32 scales
+        with np.errstate(over="ignore"):
+            weight_scales_f32 = scales.reshape(n_params).astype(np.float32)  # prepack stores float32 scales
         if not (np.isfinite(weight_scales_f32).all() and (weight_scales_f32 > 0).all()):
             raise ValueError(f"weight_scales must be finite and > 0 as float32, got {weight_scales_f32}")
         zps = np.asarray(weight_zero_points)
@@ -354,6 +326,7 @@ class QuantizedLinear:
         self.out_features = N
         self.weight_int8 = np.ascontiguousarray(weight_int8)
         self.weight_scales = weight_scales_f32
+        self.weight_scales_f64 = scales.reshape(n_params).astype(np.float64)
         self.weight_zero_points = zps_i64.astype(np.int32)  # weight_zero_points_int32 in prepack
         self.bias = _check_bias(bias, N)
         self.input_scale = _check_positive_scale(input_scale, "input_scale")
@@ -362,71 +335,136 @@ class QuantizedLinear:
         self.output_zero_point = _check_quint8_zero_point(output_zero_point, "output_zero_point")
         self.relu = bool(relu)
         self.saturate_int16_pairs = bool(saturate_int16_pairs)
+        cached = qnnpack_cached_output_scale
+        self.engine_options = EngineOptions(
+            onednn_kernel=onednn_kernel,
+            qnnpack_cached_output_scale=None if cached is None else _check_positive_scale(
+                cached, "qnnpack_cached_output_scale"))
+        check_engine_options(engine, self.engine_options, self.saturate_int16_pairs)
+        scheme = check_requantization(requantization, engine)
 
         # eq. L3: col_offsets[n] = Σ_k q_w[n, k] − z_w[n]·K, int32 (calc_col_offsets_transpose in qlinear_prepack.cpp)
         row_sum_w_i64 = self.weight_int8.sum(axis=1, dtype=np.int64)
         zw_per_row_i64 = np.broadcast_to(zps_i64, (N,))
         self.col_offsets = (row_sum_w_i64 - zw_per_row_i64 * np.int64(K)).astype(np.int32)
 
-        # eqs. L6, L7 (apply_impl): float input_scale_float = input.q_scale(); static_cast<float>(output_scale)
-        input_scale_f32 = np.float32(self.input_scale)
-        output_scale_f32 = np.float32(self.output_scale)
-        with np.errstate(over="ignore"):
-            self.act_times_w_scale = (input_scale_f32 * self.weight_scales).astype(np.float32)
-            self.output_multiplier = (self.act_times_w_scale / output_scale_f32).astype(np.float32)
+        params = self.qparams()
+        self.prepacked = None if spec.prepack is None else spec.prepack(params)  # the engine's refusals
+        self.requantizer: Requantizer = scheme.build(params, self.prepacked, self.engine_options)
+        self.requantization = scheme.name
 
         self._packed_weight: PackedWeightS8 = pack_weight_s8(self.weight_int8)
         if int32_accumulator_can_overflow(K):
             warnings.warn(f"in_features K = {K} > 65,793: K·255·128 exceeds int32, so the int32 accumulators can "
-                          f"wrap (modulo 2^32) exactly as fbgemm's do; outputs are then not the real-number result",
+                          f"wrap (modulo 2^32) exactly as {engine}'s do; outputs are then not the real-number result",
                           RuntimeWarning, stacklevel=2)
+
+    def qparams(self) -> LinearQParams:
+        """The layer's quantization parameters as refquant.engines' weight packing and requantizers take them."""
+        return LinearQParams(self.engine, self.per_channel, self.weight_int8, self.weight_scales,
+                             self.weight_scales_f64, self.weight_zero_points, self.col_offsets, self.bias,
+                             self.input_scale, self.input_zero_point, self.output_scale, self.output_zero_point,
+                             self.relu)
 
     @classmethod
     def from_float(cls, weight: object, bias: object, input_scale: float, input_zero_point: int,
                    output_scale: float, output_zero_point: int, relu: bool = False,
-                   weight_qscheme: str = "per_channel_symmetric",
-                   saturate_int16_pairs: bool = False) -> "QuantizedLinear":
+                   weight_qscheme: str | None = None, saturate_int16_pairs: bool = False, *,
+                   engine: str = "fbgemm", requantization: str | None = None, onednn_kernel: str = "brgemm",
+                   qnnpack_cached_output_scale: float | None = None) -> "QuantizedLinear":
         """Observe and quantize a float32 (N, K) weight as torch does, keep the bias float32, then prepack.
 
-        eq. L1: ``PerChannelMinMaxObserver(ch_axis=0, dtype="qint8", qscheme=...)`` (per-channel) or
-        ``MinMaxObserver(dtype="qint8", qscheme=...)`` (per-tensor) sees the weight; eq. L2: the weight is
-        quantized with ``quantize_per_channel(w, scales, zero_points, 0, "qint8")`` (torch's scalar path) or
-        ``quantize_per_tensor(w, scale, zero_point, "qint8")`` (torch's vector FMA path). The observers' range is
-        the full [−128, 127], so torch's ``_clamp_weights`` changes nothing.
+        eq. L1: the weight observer of ``engine``'s default qconfig (``weight_qscheme=None``: per_channel_symmetric
+        for fbgemm, x86 and onednn, per_tensor_symmetric for qnnpack; refquant.qconfig), or for an explicit
+        ``weight_qscheme`` ``PerChannelMinMaxObserver(ch_axis=0, dtype="qint8", qscheme=...)`` (per-channel) or
+        ``MinMaxObserver(dtype="qint8", qscheme=...)`` (per-tensor), sees the weight; eq. L2:
+        :func:`quantize_weight` (torch's ``_quantize_weight``).
 
         Matches: pytorch/pytorch torch/ao/nn/quantized/modules/linear.py (Linear.from_float) and
         torch/ao/nn/quantized/modules/utils.py (_quantize_weight).
         """
-        if weight_qscheme not in WEIGHT_QSCHEMES:
-            raise ValueError(f"weight_qscheme must be one of {WEIGHT_QSCHEMES}, got {weight_qscheme!r}")
+        check_engine(engine)
+        if weight_qscheme is not None and weight_qscheme not in WEIGHT_QSCHEMES:
+            raise ValueError(f"weight_qscheme must be one of {WEIGHT_QSCHEMES} or None (the engine's default "
+                             f"qconfig), got {weight_qscheme!r}")
         w_f32 = _check_float_weight(weight)
-        if weight_qscheme.startswith("per_channel"):
+        if weight_qscheme is None:
+            observer = _DEFAULT_QCONFIGS[engine].weight()
+        elif weight_qscheme.startswith("per_channel"):
             observer = PerChannelMinMaxObserver(ch_axis=0, dtype="qint8", qscheme=weight_qscheme)
-            observer(w_f32)
-            scales, zero_points = observer.calculate_qparams()
-            w_i8 = quantize_per_channel(w_f32, scales, zero_points, 0, "qint8")
         else:
             observer = MinMaxObserver(dtype="qint8", qscheme=weight_qscheme)
-            observer(w_f32)
-            scales, zero_points = observer.calculate_qparams()
-            scale = float(np.asarray(scales).reshape(-1)[0])  # torch: float(wt_scale), int(wt_zp)
-            zero_point = int(np.asarray(zero_points).reshape(-1)[0])
-            w_i8 = quantize_per_tensor(w_f32, scale, zero_point, "qint8")
+        observer(w_f32)
+        w_i8, scales, zero_points, qscheme = quantize_weight(w_f32, observer)
         return cls(w_i8, scales, zero_points, bias, input_scale, input_zero_point, output_scale,
-                   output_zero_point, relu=relu, weight_qscheme=weight_qscheme,
-                   saturate_int16_pairs=saturate_int16_pairs)
+                   output_zero_point, relu=relu, weight_qscheme=qscheme, saturate_int16_pairs=saturate_int16_pairs,
+                   engine=engine, requantization=requantization, onednn_kernel=onednn_kernel,
+                   qnnpack_cached_output_scale=qnnpack_cached_output_scale)
+
+    @classmethod
+    def from_quantized(cls, weight_int8: np.ndarray, weight_scales: object, weight_zero_points: object,
+                       bias: object, input_scale: float, input_zero_point: int, output_scale: float,
+                       output_zero_point: int, relu: bool = False, engine: str = "fbgemm", *,
+                       requantization: str | None = None, saturate_int16_pairs: bool = False,
+                       onednn_kernel: str = "brgemm", qnnpack_cached_output_scale: float | None = None
+                       ) -> "QuantizedLinear":
+        """A layer from what torch's quantized weight holds, without float weights.
+
+        ``weight_int8`` = ``weight().int_repr()``; ``weight_scales`` = ``q_per_channel_scales()`` (a 1-D array: per
+        channel) or ``q_scale()`` (a scalar: per tensor); ``weight_zero_points`` = ``q_per_channel_zero_points()``
+        or ``q_zero_point()``, in the same form; ``bias`` = ``bias()`` (float32 or None). The qscheme is
+        ``*_symmetric`` when every zero point is 0, else ``*_affine`` (a torch quantized tensor is always
+        per_tensor_affine or per_channel_affine; the name only records what the zero points say).
+        """
+        check_engine(engine)
+        scales = np.asarray(weight_scales)
+        zps = np.asarray(weight_zero_points)
+        if scales.ndim not in (0, 1):
+            raise ValueError(f"weight_scales must be q_scale() (a scalar, per tensor) or q_per_channel_scales() (1-D, "
+                             f"per channel), got shape {scales.shape}")
+        if zps.ndim != scales.ndim:
+            raise ValueError(f"weight_zero_points must have the form of weight_scales (a scalar with q_scale(), 1-D "
+                             f"with q_per_channel_scales()), got shapes {zps.shape} and {scales.shape}")
+        per_channel = scales.ndim == 1
+        affine = zps.dtype.kind in "iu" and bool((zps != 0).any())
+        qscheme = ("per_channel_" if per_channel else "per_tensor_") + ("affine" if affine else "symmetric")
+        return cls(weight_int8, scales.reshape(-1), zps.reshape(-1), bias, input_scale, input_zero_point,
+                   output_scale, output_zero_point, relu=relu, weight_qscheme=qscheme,
+                   saturate_int16_pairs=saturate_int16_pairs, engine=engine, requantization=requantization,
+                   onednn_kernel=onednn_kernel, qnnpack_cached_output_scale=qnnpack_cached_output_scale)
 
     # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def act_times_w_scale(self) -> np.ndarray:
+        """fbgemm's eq. L6, f32(f32(s_x)·s_w[n]), float32 (N,) or (1,)."""
+        return self._fbgemm_constant("act_times_w_scale")
+
+    @property
+    def output_multiplier(self) -> np.ndarray:
+        """fbgemm's eq. L7, f32(act_times_w_scale[n] / f32(s_y)), float32 (N,) or (1,)."""
+        return self._fbgemm_constant("output_multiplier")
+
+    def _fbgemm_constant(self, name: str) -> np.ndarray:
+        if not hasattr(self.requantizer, name):
+            raise AttributeError(f"{name} is a constant of fbgemm's requantization (eqs. L6, L7); this layer runs "
+                                 f"engine={self.engine!r} with requantization={self.requantization!r}, whose "
+                                 f"constants are in .requantizer")
+        return getattr(self.requantizer, name)
 
     def accumulate(self, x_u8: np.ndarray, *, saturate_int16_pairs: bool | None = None) -> np.ndarray:
         """uint8 input codes (..., K) -> int32 ``raw`` (..., N): eq. L4 then the zero-point corrections of eq. L5.
 
         N-D input is flattened to (M, K) as torch does, then :func:`accumulate_raw`. ``saturate_int16_pairs``
-        (default: the layer's setting) sums the products in int16-saturated pairs as non-VNNI CPUs do.
+        (default: the layer's setting) sums the products in int16-saturated pairs as non-VNNI CPUs do. Every engine
+        starts requantization from this same int32 (refquant.engines).
         """
-        x_u8 = _check_codes(x_u8, np.uint8, "x_u8", self.in_features, "in_features K")
+        spec = ENGINE_SPECS[self.engine]
+        x_u8 = _check_codes(x_u8, np.uint8, "x_u8", self.in_features, "in_features K", spec.min_input_ndim)
         if saturate_int16_pairs is None:
             saturate_int16_pairs = self.saturate_int16_pairs
+        else:
+            check_engine_options(self.engine, self.engine_options, bool(saturate_int16_pairs))
         lead_shape = x_u8.shape[:-1]
         x2d_u8 = np.ascontiguousarray(x_u8.reshape(-1, self.in_features))  # torch flattens N-D input to (M, K)
         raw_i32 = accumulate_raw(x2d_u8, self._packed_weight, self.col_offsets, self.input_zero_point,
@@ -434,26 +472,37 @@ class QuantizedLinear:
         return raw_i32.reshape(lead_shape + (self.out_features,))
 
     def requantize(self, acc_i32: np.ndarray, *, readable: bool = False) -> np.ndarray:
-        """int32 ``raw`` (..., N) from :meth:`accumulate` -> uint8 output codes (..., N): eqs. L8-L11.
+        """int32 ``raw`` (..., N) from :meth:`accumulate` -> uint8 output codes (..., N): the engine's
+        requantization (fbgemm: eqs. L8-L11; qnnpack: QN5, QN6; onednn: DN4-DN7, refquant.engines).
 
-        ``readable=True`` runs the NumPy statements of :func:`requantize_readable`; the default runs the Numba kernel,
-        which gives the same bits.
+        ``readable=True`` runs the NumPy statements; the default runs the Numba kernel, which gives the same bits.
         """
-        acc_i32 = _check_codes(acc_i32, np.int32, "acc_i32", self.out_features, "out_features N")
-        fn = requantize_readable if readable else requantize_fast
-        return fn(acc_i32, self.bias, self.act_times_w_scale, self.output_multiplier, self.output_zero_point,
-                  self.relu, self.per_channel)
+        spec = ENGINE_SPECS[self.engine]
+        acc_i32 = _check_codes(acc_i32, np.int32, "acc_i32", self.out_features, "out_features N",
+                               spec.min_input_ndim)
+        return self.requantizer.requantize(acc_i32, readable=readable)
 
     def __call__(self, x_u8: np.ndarray, *, saturate_int16_pairs: bool | None = None) -> np.ndarray:
         """uint8 input codes (..., K) -> uint8 output codes (..., N) = requantize(accumulate(x_u8)).
 
-        Matches: torch.ops.quantized.linear (linear_relu when ``relu``) on the fbgemm engine.
+        onednn returns an empty input's output with shape (0, N), whatever the input's rank, as torch does.
+        Matches: torch.ops.quantized.linear (linear_relu when ``relu``) with torch.backends.quantized.engine.
         """
-        return self.requantize(self.accumulate(x_u8, saturate_int16_pairs=saturate_int16_pairs))
+        y_u8 = self.requantize(self.accumulate(x_u8, saturate_int16_pairs=saturate_int16_pairs))
+        if ENGINE_SPECS[self.engine].empty_output_is_2d and y_u8.size == 0:
+            y_u8 = y_u8.reshape(0, self.out_features)  # qlinear.cpp: if (output.numel() == 0) return output;
+        return y_u8
 
     def __repr__(self) -> str:
         return (f"QuantizedLinear(in_features={self.in_features}, out_features={self.out_features}, "
                 f"weight_qscheme={self.weight_qscheme!r}, input_scale={self.input_scale!r}, "
                 f"input_zero_point={self.input_zero_point}, output_scale={self.output_scale!r}, "
                 f"output_zero_point={self.output_zero_point}, relu={self.relu}, bias={self.bias is not None}"
-                + (", saturate_int16_pairs=True" if self.saturate_int16_pairs else "") + ")")
+                + (f", engine={self.engine!r}" if self.engine != "fbgemm" else "")
+                + (f", requantization={self.requantization!r}"
+                   if self.requantization != ENGINE_SPECS[self.engine].requantization else "")
+                + (", saturate_int16_pairs=True" if self.saturate_int16_pairs else "")
+                + (f", onednn_kernel={self.engine_options.onednn_kernel!r}"
+                   if self.engine_options.onednn_kernel != "brgemm" else "")
+                + (f", qnnpack_cached_output_scale={self.engine_options.qnnpack_cached_output_scale!r}"
+                   if self.engine_options.qnnpack_cached_output_scale is not None else "") + ")")

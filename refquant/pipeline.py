@@ -1,14 +1,17 @@
 """The whole eager model, float in and float out: QuantStub -> Linear [-> ReLU] -> DeQuantStub, prepared,
-calibrated and converted as ``torch.ao.quantization`` does it with ``get_default_qconfig("fbgemm")`` (or ``"x86"``,
-the same qconfig). It only strings together the modules that hold the arithmetic:
+calibrated and converted as ``torch.ao.quantization`` does it with ``get_default_qconfig(engine)`` and
+``torch.backends.quantized.engine = engine`` (default "fbgemm"; "x86", "qnnpack", "onednn"). It only strings together
+the modules that hold the arithmetic:
 
-    prepare      input observer  = HistogramObserver(reduce_range=True)      (refquant.histogram)
-                 output observer = HistogramObserver(reduce_range=True)
+    prepare      input observer  = qconfig.activation()   HistogramObserver(reduce_range=True for fbgemm and x86,
+                 output observer = qconfig.activation()   False for qnnpack and onednn)  (refquant.qconfig, .histogram)
     calibrate    input_observer(x);  y = linear_float(x) [relu];  output_observer(y)           for every batch
     convert      (s_x, z_x) = input_observer.calculate_qparams()
                  (s_y, z_y) = output_observer.calculate_qparams()
-                 linear = QuantizedLinear.from_float(weight, bias, s_x, z_x, s_y, z_y, relu)   (refquant.linear;
-                          the weight observer is PerChannelMinMaxObserver(qint8, per_channel_symmetric) there)
+                 weight_observer = qconfig.weight(); weight_observer(weight)   (per-channel symmetric, or per-tensor
+                                                                               symmetric for qnnpack)
+                 linear = QuantizedLinear(quantize_weight(weight, weight_observer), bias, s_x, z_x, s_y, z_y, relu,
+                                          engine=engine)                                       (refquant.linear)
     forward      x_u8 = quantize_per_tensor(x, s_x, z_x, "quint8")        QuantStub    (refquant.quantize, eq. Q1)
                  y_u8 = linear(x_u8)                                      Linear[ReLU] (refquant.linear, eqs. L4-L11)
                  y    = dequantize(y_u8, s_y, z_y)                        DeQuantStub  (refquant.quantize, eq. D1)
@@ -19,7 +22,8 @@ QuantStub and the quantized Linear still clamp to the full 0..255, so values abo
 
 Matches: pytorch/pytorch torch/ao/quantization/quantize.py (prepare, convert), torch/ao/quantization/qconfig.py
 (get_default_qconfig), torch/ao/nn/quantized/modules/__init__.py (Quantize, DeQuantize),
-torch/ao/nn/quantized/modules/linear.py (Linear.from_float).
+torch/ao/nn/quantized/modules/linear.py (Linear.from_float), torch/ao/nn/quantized/modules/utils.py
+(_quantize_weight).
 
 Two things about calibration are not quantization arithmetic, and :class:`ObservedLinear` makes both explicit:
 
@@ -43,7 +47,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .linear import QuantizedLinear
+from .linear import QuantizedLinear, quantize_weight
+from .qconfig import get_default_qconfig
 from .quantize import dequantize, quantize_per_tensor
 
 
@@ -111,11 +116,14 @@ class ObservedLinear:
     Args:
         weight: float32 (N, K); bias: float32 (N,) or None (``nn.Linear(..., bias=False)``).
         relu: the fused ``LinearReLU`` of ``fuse_modules(model, [["fc", "relu"]])``.
-        reduce_range: 7-bit activations, as ``get_default_qconfig("fbgemm")`` and ``("x86")`` ask for.
+        reduce_range: None (the engine's qconfig: True for fbgemm and x86, False for qnnpack and onednn), or an
+            explicit choice for both activation observers (a custom qconfig).
+        engine: "fbgemm", "x86", "qnnpack" or "onednn": the qconfig's observers (refquant.qconfig) and the layer
+            ``convert`` builds (refquant.linear.QuantizedLinear with ``engine``).
     """
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None, relu: bool = False,
-                 reduce_range: bool = True) -> None:
+                 reduce_range: bool | None = None, engine: str = "fbgemm") -> None:
         from .histogram import HistogramObserver
 
         if not isinstance(weight, np.ndarray) or weight.dtype != np.float32:
@@ -132,9 +140,16 @@ class ObservedLinear:
         self.weight = weight
         self.bias = bias
         self.relu = bool(relu)
-        self.input_observer = HistogramObserver(dtype="quint8", qscheme="per_tensor_affine", reduce_range=reduce_range)
-        self.output_observer = HistogramObserver(dtype="quint8", qscheme="per_tensor_affine",
-                                                 reduce_range=reduce_range)
+        self.engine = engine
+        self.qconfig = get_default_qconfig(engine)  # refuses an unknown engine
+        if reduce_range is None:
+            self.input_observer = self.qconfig.activation()
+            self.output_observer = self.qconfig.activation()
+        else:
+            self.input_observer = HistogramObserver(dtype="quint8", qscheme="per_tensor_affine",
+                                                    reduce_range=reduce_range)
+            self.output_observer = HistogramObserver(dtype="quint8", qscheme="per_tensor_affine",
+                                                     reduce_range=reduce_range)
 
     def observe_input(self, x: np.ndarray) -> None:
         """Record one batch of what the QuantStub's observer sees (the float input)."""
@@ -156,8 +171,12 @@ class ObservedLinear:
             self.observe_output(y_f32)
         return y_f32
 
-    def convert(self) -> QuantizedLinearModel:
-        """The quantized model, with (s_x, z_x) and (s_y, z_y) from the observers (``calculate_qparams``)."""
+    def convert(self, *, saturate_int16_pairs: bool = False, onednn_kernel: str = "brgemm") -> QuantizedLinearModel:
+        """The quantized model, with (s_x, z_x) and (s_y, z_y) from the observers (``calculate_qparams``) and the
+        weight quantized by the qconfig's weight observer, on this engine.
+
+        ``saturate_int16_pairs`` / ``onednn_kernel``: the CPU kernel to model (refquant.linear.QuantizedLinear).
+        """
         s_x, z_x = self.input_observer.calculate_qparams()
         s_y, z_y = self.output_observer.calculate_qparams()
         # torch: Quantize(float(scale), int(zero_point)); qlinear.scale = float(s_y); qlinear.zero_point = int(z_y)
@@ -165,7 +184,11 @@ class ObservedLinear:
         input_zero_point = int(np.asarray(z_x).reshape(-1)[0])
         output_scale = float(np.asarray(s_y).reshape(-1)[0])
         output_zero_point = int(np.asarray(z_y).reshape(-1)[0])
-        linear = QuantizedLinear.from_float(self.weight, self.bias, float(input_scale), input_zero_point,
-                                            output_scale, output_zero_point, relu=self.relu,
-                                            weight_qscheme="per_channel_symmetric")
+        weight_observer = self.qconfig.weight()
+        weight_observer(self.weight)
+        w_i8, w_scales, w_zero_points, w_qscheme = quantize_weight(self.weight, weight_observer)
+        linear = QuantizedLinear(w_i8, w_scales, w_zero_points, self.bias, float(input_scale), input_zero_point,
+                                 output_scale, output_zero_point, relu=self.relu, weight_qscheme=w_qscheme,
+                                 saturate_int16_pairs=saturate_int16_pairs, engine=self.engine,
+                                 onednn_kernel=onednn_kernel)
         return QuantizedLinearModel(input_scale=input_scale, input_zero_point=input_zero_point, linear=linear)
