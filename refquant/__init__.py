@@ -7,6 +7,7 @@ The path a value takes, one module per step:
     refquant.quantize    quantize / dequantize: float32 <-> integer codes, torch 2.13's exact rounding
     refquant.matmul      uint8 x int8 -> int32 products (VNNI, and the int16-saturating pre-VNNI form)
     refquant.linear      QuantizedLinear: int32 accumulation and fbgemm's requantization with float bias
+    refquant.dynamic     DynamicQuantizedLinear: float in, float out, input qparams chosen per call (4 engines)
     refquant.pipeline    the whole QuantStub -> Linear -> DeQuantStub model, end to end
     refquant.export      a layer's integer program and test vectors for a C or HDL testbench
 
@@ -14,6 +15,7 @@ refquant never imports torch; ``crosscheck`` compares it with torch value by val
 """
 
 from .dtypes import QDTYPES, qdtype_range
+from .dynamic import DynamicQuantizedLinear
 from .histogram import HistogramObserver
 from .linear import QuantizedLinear, int32_accumulator_can_overflow
 from .pipeline import ObservedLinear, QuantizedLinearModel, linear_float
@@ -39,6 +41,7 @@ __all__ = [
     "dequantize_per_channel",
     "QuantizedLinear",
     "int32_accumulator_can_overflow",
+    "DynamicQuantizedLinear",
     "ObservedLinear",
     "QuantizedLinearModel",
     "linear_float",

@@ -627,7 +627,9 @@ class DynamicQuantizedLinear:
         ``output_formula`` (which of eqs. DQ5a-d), ``output`` (float32 (..., N)).
         ``readable=True`` runs the NumPy statements instead of the Numba kernels (the same bits).
 
-        Non-finite inputs are refused (ValueError): torch's answer depends on where the NaN sits (an error when it
+        An empty batch gives an empty output; on onednn of shape (0, N) whatever the input's rank, as torch's
+        (PackedLinearWeightsOnednn::apply_dynamic_impl returns before it reshapes). Non-finite inputs are refused
+        (ValueError): torch's answer depends on where the NaN sits (an error when it
         is x[0], otherwise codes from a range that ignored it), and inf gives inf/NaN outputs.
         """
         x = _check_input(x, self.in_features)
@@ -666,13 +668,16 @@ class DynamicQuantizedLinear:
         output_fn = float_output_readable if readable else float_output_fast
         y2d_f32 = output_fn(raw_i32, formula, s_x_f32, self.weight_scales_used, self.bias)
 
+        output_shape = lead_shape + (N,)
+        if self.engine == "onednn" and M == 0:
+            output_shape = (0, N)   # torch quirk, mirrored: onednn returns an empty 2-D output before its reshape
         return {
             "x_min": x_min, "x_max": x_max,
             "input_scale": input_scale, "input_zero_point": input_zero_point, "input_scale_used": s_x_f32,
             "input_codes": x2d_u8.reshape(x.shape),
             "accumulators": raw_i32.reshape(lead_shape + (N,)),
             "output_formula": formula,
-            "output": y2d_f32.reshape(lead_shape + (N,)),
+            "output": y2d_f32.reshape(output_shape),
         }
 
     def _saturates(self) -> bool:
