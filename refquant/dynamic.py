@@ -226,8 +226,8 @@ def onednn_scale_round_trip(scale_f64: np.ndarray | float) -> np.ndarray:
     """
     s_f64 = np.asarray(scale_f64, np.float64)
     with np.errstate(divide="ignore", over="ignore"):
-        reciprocal_f32 = (1.0 / s_f64).astype(np.float32)                   # scale_t holds floats
-        return (1.0 / reciprocal_f32.astype(np.float64)).astype(np.float32)
+        reciprocal_f32 = np.asarray(1.0 / s_f64).astype(np.float32)         # scale_t holds floats
+        return np.asarray(1.0 / reciprocal_f32.astype(np.float64)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
