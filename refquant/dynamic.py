@@ -49,8 +49,10 @@ What depends on the CPU (everything else is the same on every x86-64 CPU that ru
   every x86-64 CPU: no ISA dependence.
 * onednn chooses its matmul kernel by ISA (``onednn_kernel``): AMX CPUs run "brgemm_amx" (DQ5d) except for small
   shapes, which go to the VNNI kernel (DQ5c); VNNI CPUs (AVX-512 VNNI, AVX10, AVX-VNNI) run "brgemm_vnni" (DQ5c);
-  AVX-512 CPUs without VNNI run "brgemm_no_vnni": DQ5c with int16-saturated pairs (eq. M2), which changes results
-  even with 7-bit codes. AVX2 CPUs without VNNI run oneDNN's "gemm:jit", which is not modelled (refused).
+  AVX-512 CPUs without VNNI run "brgemm_no_vnni": DQ5c with int16-saturated pairs (eq. M2), which, as on fbgemm,
+  matters only for 8-bit codes (reduce_range=False). AVX2 CPUs without VNNI run oneDNN's "gemm:jit": with the
+  module's 7-bit codes it matched DQ5d (60 of 60 problems, under ONEDNN_MAX_CPU_ISA=AVX2), with 8-bit codes no
+  formula tried matched exactly; refquant refuses it.
 
 Matches: pytorch/pytorch aten/src/ATen/native/quantized/cpu/qlinear_dynamic.cpp (PackedLinearWeight::
 apply_dynamic_impl, PackedLinearWeightsQnnp::apply_dynamic_impl, PackedLinearWeightsOnednn::apply_dynamic_impl)
