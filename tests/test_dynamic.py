@@ -446,6 +446,113 @@ def test_thread_count_does_not_matter(rng, engine, onednn_kernel_in_torch):
         torch.set_num_threads(previous)
 
 
+CHILD_SCRIPT = """
+import sys, warnings
+import numpy as np
+import torch
+warnings.filterwarnings("ignore")
+torch.set_num_threads(1)
+engine = sys.argv[2]
+torch.backends.quantized.engine = engine
+data = np.load(sys.argv[1])
+outputs = {}
+for i in range(int(data["n"])):
+    w, x, rr = data[f"w{i}"], data[f"x{i}"], bool(data[f"rr{i}"])
+    b = data[f"b{i}"] if f"b{i}" in data else None
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(w))
+        if b is not None:
+            lin.bias.copy_(torch.from_numpy(b))
+    qconfig = (torch.ao.quantization.per_channel_dynamic_qconfig if i % 2 else
+               torch.ao.quantization.default_dynamic_qconfig)
+    m = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear: qconfig},
+                                               dtype=torch.qint8)[0]
+    print(f"PROBLEM {i}", flush=True)
+    y = torch.ops.quantized.linear_dynamic(torch.from_numpy(x), m._packed_params._packed_params, reduce_range=rr)
+    outputs[f"y{i}"] = y.numpy()
+np.savez(sys.argv[3], **outputs)
+"""
+
+
+def run_in_child(tmp_path, engine: str, env_extra: dict, problems: list) -> tuple[list, list]:
+    """torch's linear_dynamic in a fresh process with ``env_extra`` (instruction-set switches are read at start-up);
+    returns the outputs and, per problem, the oneDNN matmul implementations the verbose output named."""
+    import subprocess
+    arrays = {"n": np.array(len(problems))}
+    for i, (w, b, x, rr) in enumerate(problems):
+        arrays.update({f"w{i}": w, f"x{i}": x, f"rr{i}": np.array(rr)})
+        if b is not None:
+            arrays[f"b{i}"] = b
+    np.savez(tmp_path / "in.npz", **arrays)
+    (tmp_path / "child.py").write_text(CHILD_SCRIPT)
+    env = dict(os.environ, **env_extra)
+    done = subprocess.run([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "in.npz"), engine,
+                           str(tmp_path / "out.npz")], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    impls: list[list[str]] = []
+    for line in done.stdout.splitlines():
+        if line.startswith("PROBLEM"):
+            impls.append([])
+        elif ",exec,cpu,matmul," in line and impls:
+            impls[-1].append(line.split(",")[6])
+    out = np.load(tmp_path / "out.npz")
+    return [out[f"y{i}"] for i in range(len(problems))], impls
+
+
+def other_isa_problems(rng, n: int) -> list:
+    problems = []
+    for i in range(n):
+        M, K, N = int(rng.choice([1, 4, 40, 64])), int(rng.integers(8, 200)), int(rng.integers(4, 70))
+        w = rng.uniform(-1, 1, (N, K)).astype(F32)
+        if i % 3 == 0:                             # neighbouring products near 255·(-128): pairs leave int16
+            w = rng.uniform(-1, -0.8, (N, K)).astype(F32)
+        x = rng.uniform(0.5, 1, (M, K)).astype(F32) if i % 3 == 0 else draw_input(rng, (M, K), "normal")
+        b = rng.standard_normal(N).astype(F32) if i % 2 else None
+        problems.append((w, b, x, bool(i % 4 < 2)))
+    return problems
+
+
+ISA_CASES = [
+    pytest.param("fbgemm", {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}, id="fbgemm-AVX2"),
+    pytest.param("onednn", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "ONEDNN_VERBOSE": "1"}, id="onednn-AVX512_CORE"),
+    pytest.param("onednn", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI", "ONEDNN_VERBOSE": "1"},
+                 id="onednn-AVX512_CORE_VNNI", marks=pytest.mark.slow),
+    pytest.param("onednn", {"ONEDNN_MAX_CPU_ISA": "AVX2_VNNI", "ONEDNN_VERBOSE": "1"}, id="onednn-AVX2_VNNI",
+                 marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("engine, env_extra", ISA_CASES)
+def test_cpus_without_vnni_or_amx(tmp_path, rng, engine, env_extra):
+    """The other CPUs' kernels, live: torch in a child process with fbgemm held to AVX2 (the pre-VNNI kernel) or
+    oneDNN held below AMX / VNNI. fbgemm-AVX2 must equal saturate_int16_pairs=True; oneDNN must equal the kernel
+    its verbose output names (a CPU that lacks the ISA falls back further, and the name says which)."""
+    problems = other_isa_problems(rng, 24)
+    outputs, impls = run_in_child(tmp_path, engine, env_extra, problems)
+    saturated_somewhere = False
+    for i, ((w, b, x, rr), y) in enumerate(zip(problems, outputs)):
+        qscheme = WEIGHT_QSCHEMES[i % 2]
+        if engine == "fbgemm":
+            kwargs = {"saturate_int16_pairs": True}
+        else:
+            assert len(impls[i]) == 1, impls[i]
+            kernel = _kernel_from_impl(impls[i][0])
+            if kernel is None:
+                pytest.skip(f"oneDNN ran {impls[i][0]} here, which refquant does not model")
+            kwargs = {"onednn_kernel": kernel}
+        layer = dq.DynamicQuantizedLinear.from_float(w, b, engine=engine, reduce_range=rr, weight_qscheme=qscheme,
+                                                     **kwargs)
+        assert_same(layer(x), y, f"{engine} {env_extra} problem {i} (reduce_range={rr}, x {x.shape})")
+        if engine == "fbgemm" or kwargs["onednn_kernel"] == "brgemm_no_vnni":
+            exact = dq.DynamicQuantizedLinear.from_float(w, b, engine=engine, reduce_range=rr, weight_qscheme=qscheme,
+                                                         **({"onednn_kernel": "brgemm_vnni"} if engine == "onednn"
+                                                            else {}))
+            saturated_somewhere |= not np.array_equal(exact(x), y)
+    if engine == "fbgemm" or "AVX512_CORE" == env_extra.get("ONEDNN_MAX_CPU_ISA"):
+        assert saturated_somewhere, "no problem exercised the int16 saturation"
+
+
 def test_full_range_codes_without_vnni_differ(rng):
     """The model of a CPU without VNNI: with 8-bit codes (reduce_range=False) saturated pairs change outputs; with
     the module's 7-bit codes they cannot (2·127·128 = 32512 < 32767)."""
