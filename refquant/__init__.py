@@ -9,6 +9,7 @@ The path a value takes, one module per step:
     refquant.linear      QuantizedLinear: int32 accumulation and fbgemm's requantization with float bias
     refquant.engines     where qnnpack and onednn differ: weight packing, bias, requantization (engine=...)
     refquant.qconfig     each engine's default qconfig (which observers watch activations and weights)
+    refquant.dynamic     DynamicQuantizedLinear: float in, float out, input qparams chosen per call (4 engines)
     refquant.pipeline    the whole QuantStub -> Linear -> DeQuantStub model, end to end
     refquant.export      a layer's integer program and test vectors for a C or HDL testbench
 
@@ -20,6 +21,7 @@ from . import _numba_cache
 _numba_cache.install()  # before any kernel is defined: without a writable Numba cache, compile uncached (one warning)
 
 from .dtypes import QDTYPES, qdtype_range
+from .dynamic import DynamicQuantizedLinear
 from .histogram import HistogramObserver
 from .linear import QuantizedLinear, int32_accumulator_can_overflow
 from .pipeline import ObservedLinear, QuantizedLinearModel, linear_float
@@ -46,6 +48,7 @@ __all__ = [
     "dequantize_per_channel",
     "QuantizedLinear",
     "int32_accumulator_can_overflow",
+    "DynamicQuantizedLinear",
     "ObservedLinear",
     "QuantizedLinearModel",
     "linear_float",

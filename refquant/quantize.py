@@ -26,6 +26,11 @@ the exact steps as numbered equations:
 The rounding of eq. Q1 is named because it changed across releases: the FBGEMM inside torch 2.13 defaults to
 ``LEGACY = true``; a later FBGEMM computes ``rint(f32(x * inv)) + zero_point`` instead ("nearbyint_then_add"),
 which rounds differently when x * inv lands near a .5 tie.
+
+A third rounding is oneDNN's f32 -> u8 reorder (its dynamic quantized Linear quantizes the input with it; see
+refquant.dynamic), two roundings and no FMA:
+
+    v = f32(f32(x * inv) + f32(zero_point));  q = clamp(RNE(v), quant_min, quant_max)      (eq. Q1c)
 """
 
 from __future__ import annotations
@@ -39,8 +44,8 @@ from numba import njit
 from ._float32 import cvtps2dq, fma_f32, fmaf
 from .dtypes import QDTYPES, check_qdtype, qdtype_of_codes, qdtype_range
 
-Rounding = Literal["fbgemm_legacy_fma", "nearbyint_then_add"]
-ROUNDINGS: tuple[str, ...] = ("fbgemm_legacy_fma", "nearbyint_then_add")
+Rounding = Literal["fbgemm_legacy_fma", "nearbyint_then_add", "multiply_then_add"]
+ROUNDINGS: tuple[str, ...] = ("fbgemm_legacy_fma", "nearbyint_then_add", "multiply_then_add")
 
 # The largest float32 below 2^31: fbgemm clamps with it before converting to int32.
 INT32_FLOAT_MAX = np.float32(2147483520.0)
@@ -180,12 +185,21 @@ def quantize_per_tensor(x: object, scale: object, zero_point: object, dtype: str
 
     Matches: pytorch/FBGEMM include/fbgemm/QuantUtils.h (Quantize<T> scalar loop, clamp in double).
 
+    ``rounding="multiply_then_add"`` (quint8/qint8) is oneDNN's f32 -> int8 reorder with a runtime destination
+    scale and zero point, eq. Q1c: two float32 roundings before the round half to even, no FMA::
+
+        q = clamp(RNE(f32(f32(x * inv) + f32(zero_point))), quant_min, quant_max)
+
+    NaN raises a ValueError (what oneDNN does with it is not verified here).
+    Matches: oneapi-src/oneDNN src/cpu/x64/jit_uni_reorder.cpp (the "jit:uni" reorder torch's onednn
+    linear_dynamic runs; verified against torch at constructed near-ties in tests/test_dynamic.py).
+
     Args:
         x: float32 array of any shape and layout (Python numbers/lists become float32; other arrays are refused).
         scale: positive finite number (or one-element array, as observers return); used as f32(scale).
         zero_point: integer in the dtype's range.
         dtype: "quint8" (uint8 codes), "qint8" (int8) or "qint32" (int32).
-        rounding: "fbgemm_legacy_fma" or "nearbyint_then_add" (quint8/qint8 only).
+        rounding: "fbgemm_legacy_fma", "nearbyint_then_add" or "multiply_then_add" (quint8/qint8 only).
     """
     x_f32 = _as_float32_input(x)
     dtype = check_qdtype(dtype)
@@ -201,6 +215,11 @@ def quantize_per_tensor(x: object, scale: object, zero_point: object, dtype: str
         out.reshape(-1)[:] = _quantize_scalar_path(flat_x, inv_f32, np.float32(zp), qmin, qmax)
     elif rounding == "fbgemm_legacy_fma":
         _quantize_fma_kernel(flat_x, inv_f32, np.float32(zp), qmin, qmax, out.reshape(-1))
+    elif rounding == "multiply_then_add":
+        n_nan = _quantize_mul_add_kernel(flat_x, inv_f32, np.float32(zp), qmin, qmax, out.reshape(-1))
+        if n_nan:
+            raise ValueError(f"x contains {n_nan} NaN value(s); rounding='multiply_then_add' (oneDNN's reorder) "
+                             f"refuses them: what oneDNN does with NaN is not verified")
     else:
         out.reshape(-1)[:] = _quantize_nearbyint_then_add(flat_x, inv_f32, zp, qmin, qmax)
     return out
@@ -230,6 +249,34 @@ def _quantize_fma_kernel(x_f32, inv_f32, zp_f32, qmin, qmax, out):
         elif v > hi:
             v = hi
         out[i] = np.int32(np.rint(v))
+
+
+def _quantize_mul_add_readable(x_f32: np.ndarray, inv_f32: np.float32, zp_f32: np.float32,
+                               qmin: int, qmax: int) -> np.ndarray:
+    """Eq. Q1c step by step in NumPy (the definition :func:`_quantize_mul_add_kernel` must equal); finite x only."""
+    t_f32 = x_f32 * inv_f32                              # f32(x * inv): first rounding
+    v_f32 = t_f32 + zp_f32                               # f32(t + zero_point): second rounding
+    v_f32 = np.clip(v_f32, np.float32(qmin), np.float32(qmax))   # saturate in float32 (integer bounds)
+    return np.rint(v_f32).astype(np.int32)               # round half to even
+
+
+@njit(cache=True)
+def _quantize_mul_add_kernel(x_f32, inv_f32, zp_f32, qmin, qmax, out):
+    """Eq. Q1c as a loop, writing codes into ``out``; returns the number of NaNs met (their codes are left 0)."""
+    lo = np.float32(qmin)
+    hi = np.float32(qmax)
+    n_nan = 0
+    for i in range(x_f32.size):
+        v = np.float32(np.float32(x_f32[i] * inv_f32) + zp_f32)
+        if v != v:
+            n_nan += 1
+            v = np.float32(0)
+        elif v < lo:
+            v = lo
+        elif v > hi:
+            v = hi
+        out[i] = np.int32(np.rint(v))
+    return n_nan
 
 
 def _quantize_nearbyint_then_add(x_f32: np.ndarray, inv_f32: np.float32, zp: int,
