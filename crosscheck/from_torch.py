@@ -48,7 +48,8 @@ def _functional_call(path: str, method: str, *args: Any, **kwargs: Any) -> None:
 
 
 def _torch_type(module: nn.Module) -> str:
-    return type(module).__name__
+    """The module's name as ``print(model)`` shows it (``QuantizedLinear`` for a converted Linear)."""
+    return module._get_name()
 
 
 class _Tracer(torch.fx.Tracer):
@@ -146,6 +147,9 @@ def _graph(root: nn.Module, fx_graph: torch.fx.Graph) -> tuple[rm.Graph, list[st
         elif node.op == "call_function" and node.target is _functional_call:
             path, method, *args = node.args
             mod = root.get_submodule(path)
+            if method not in rm.FUNCTIONAL_METHODS:
+                raise rm.ModelError(path, _torch_type(mod), f"calls the unsupported method {method!r} (supported: "
+                                                            f"{rm.FUNCTIONAL_METHODS})")
             kwargs = dict(node.kwargs)
             dim = 0
             if method == "cat":
@@ -211,8 +215,12 @@ def _shared_module(path: str, mod: nn.Module) -> rm.FloatModule:
         return rm.Identity()
     if type(mod) is nn.Flatten:
         return rm.Flatten(mod.start_dim, mod.end_dim)
+    subclass = next((t.__name__ for t in (*FLOAT_LEAVES, *CONVERTED_LEAVES, *FUNCTIONAL_CLASSES)
+                     if isinstance(mod, t)), None)
+    hint = f" (a subclass of {subclass}: torch's prepare and convert swap the exact type only)" if subclass else ""
     raise rm.ModelError(path, _torch_type(mod), "is not a module refquant supports (QuantStub, DeQuantStub, Linear, "
-                                                "LinearReLU, ReLU, Dropout, Identity, Flatten, FloatFunctional)")
+                                                "LinearReLU, ReLU, Dropout, Identity, Flatten, FloatFunctional)"
+                        + hint)
 
 
 def _converted_module(path: str, mod: nn.Module) -> rm.QuantizedModule:

@@ -253,7 +253,7 @@ class ModelError(ValueError):
     ``reason``; the message reads ``"<path> (<type>) <reason>"``."""
 
     def __init__(self, module: str, type_name: str, reason: str) -> None:
-        super().__init__(f"{module or '(the model)'} ({type_name}) {reason}")
+        super().__init__(f"{module or 'the model'} ({type_name}) {reason}")
         self.module, self.type_name, self.reason = module, type_name, reason
 
 
