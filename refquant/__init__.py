@@ -8,6 +8,8 @@ The path a value takes, one module per step:
     refquant.matmul      uint8 x int8 -> int32 products (VNNI, and the int16-saturating pre-VNNI form)
     refquant.linear      QuantizedLinear: int32 accumulation and fbgemm's requantization with float bias
     refquant.pipeline    the whole QuantStub -> Linear -> DeQuantStub model, end to end
+    refquant.functional  quantized add, add_relu, mul, cat, relu, flatten (QFunctional, nn.ReLU on codes)
+    refquant.model       whole eager models: prepare, calibrate, convert, every layer by its torch path
     refquant.export      a layer's integer program and test vectors for a C or HDL testbench
 
 refquant never imports torch; ``crosscheck`` compares it with torch value by value.

@@ -19,6 +19,7 @@ from crosscheck.from_torch import from_torch
 from parity import assert_same
 from refquant import model as rm
 from test_model import SATURATES, compare_with_torch
+from torch_models import needs_avx2_kernels
 
 
 class Residual(nn.Module):
@@ -60,6 +61,7 @@ def test_float_model_is_read_with_its_weights(rng):
         np.testing.assert_allclose(fm(x), m(torch.from_numpy(x)).numpy(), rtol=1e-6, atol=1e-6)
 
 
+@needs_avx2_kernels
 def test_converted_model_is_read_without_calibrating(rng):
     q = quantize(Residual(), rng)
     qm = from_torch(q)
@@ -70,6 +72,22 @@ def test_converted_model_is_read_without_calibrating(rng):
     assert qm.layer("fc").input_scale == float(q.quant.scale)  # bound to its input's qparams
     for x in (rng.standard_normal((50, 4)), 5 * rng.standard_normal((3, 4))):
         compare_with_torch(from_torch(q, saturate_int16_pairs=SATURATES), q, x.astype(np.float32), "residual")
+
+
+@needs_avx2_kernels
+def test_large_batch_crosses_the_thread_split(rng):
+    """A residual add_relu of 48,000 elements: from 32,768 on torch splits it between its threads (eq. F0); the
+    model's num_threads is torch's, so the outputs still agree bit for bit."""
+    q = quantize(Residual(), rng)
+    x = rng.standard_normal((12000, 4)).astype(np.float32)
+    qm = from_torch(q, saturate_int16_pairs=SATURATES)
+    compare_with_torch(qm, q, x, "residual, 12000 x 4")
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        compare_with_torch(from_torch(q, saturate_int16_pairs=SATURATES), q, x, "residual, one thread")
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_engine_defaults_to_torchs_and_can_be_given(rng):

@@ -15,6 +15,9 @@ import torch
 from parity import assert_same
 from refquant import functional as F
 from refquant.functional import QTensor
+from torch_models import needs_avx2_kernels
+
+pytestmark = needs_avx2_kernels
 
 KINDS = ("random", "ties", "overflow", "underflow", "extreme_zero_points")
 LENGTHS = (1, 7, 63, 64, 65, 127, 128, 129, 200, 1000)
@@ -93,6 +96,22 @@ def test_binary_op_thread_split_matches_torch(rng, op):
                 qa, qb, s, z = random_pair(rng, "ties", n)
                 expected = theirs(to_torch(qa), to_torch(qb), s, z).int_repr().numpy()
                 assert_same(ours(qa, qb, s, z, num_threads=threads).codes, expected, f"{op} n={n} threads={threads}")
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_cat_large_inputs_on_several_threads_match_torch(rng):
+    """cat's quantize_per_tensor (eq. Q1) and dequantize (eq. D1) round every element alike, whatever the threads."""
+    saved = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for shape, dim in (((40000,), 0), ((300, 130), 1), ((9000, 1, 1, 1), 1)):
+                qxs = [QTensor(random_codes(rng, int(np.prod(shape))).reshape(shape), *p)
+                       for p in ((0.25, 3), (float(np.float32(0.0371)), 130))]
+                s, z = float(np.float32(0.05)), 77
+                expected = torch.ops.quantized.cat([to_torch(q) for q in qxs], dim, s, z).int_repr().numpy()
+                assert_same(F.cat(qxs, dim, s, z).codes, expected, f"cat {shape} dim={dim} threads={threads}")
     finally:
         torch.set_num_threads(saved)
 

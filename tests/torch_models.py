@@ -8,10 +8,17 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from torch.ao.nn.quantized import FloatFunctional
 from torch.ao.quantization import DeQuantStub, QuantStub, convert, fuse_modules, get_default_qconfig, prepare
+
+
+AVX2_KERNELS = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+needs_avx2_kernels = pytest.mark.skipif(
+    not AVX2_KERNELS, reason="refquant.functional models torch's AVX2 quantized add/mul/cat kernels (also run on "
+    "AVX-512 CPUs); this torch runs its DEFAULT ones (ATEN_CPU_CAPABILITY=default or a CPU without AVX2)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,7 +274,7 @@ def torch_accumulators(linear, input_codes_u8: np.ndarray, input_zero_point: int
 
 def torch_saturates_int16_pairs() -> bool:
     """Probe what torch's quantized Linear really runs: codes 255, 255 times weights −128, −128 sum to −65,280 with
-    VNNI and to −32,768 where u8·s8 pairs saturate to int16 (a CPU without VNNI, or FBGEMM_ENABLE_INSTRUCTIONS=AVX2).
+    VNNI and to −32,768 where u8·s8 pairs saturate to int16 (a CPU without VNNI, FBGEMM_ENABLE_INSTRUCTIONS=AVX2).
 
     (The rel-cli helper's crosscheck/isa.py is to provide this probe; switch to it when it lands.)
     """
