@@ -14,7 +14,9 @@ which elements each lambda computes is part of the arithmetic (eq. F0):
     scalar   the rest of each range (basic_loop)                                                            (F0)
 
 so on more than one thread tensors of >= 32768 elements get scalar elements in the middle: torch's codes then
-depend on its thread count (``num_threads`` here, ``torch.get_num_threads()`` there).
+depend on its thread count (``num_threads`` here, ``torch.get_num_threads()`` there). The positions count in memory
+order: a channels-last operand pair (:attr:`QTensor.layout`) is walked in NHWC order, and operands of
+different layouts are not vectorized at all -- every element takes the scalar lambda.
 
 add / add_relu (``qadd_kernel``), with inv = f32(1 / f32(s)) for the output scale s::
 
@@ -45,7 +47,7 @@ functional's (s, z) (eq. Q1, fbgemm's FMA)::
 except for 4-D inputs that are all contiguous in channels-last layout with ``dim == 1`` (shapes (N, C, 1, 1) and
 (N, 1, H, W) of ordinary contiguous tensors): ``qcat_nhwc_kernel`` copies the codes of an input whose (s_i, z_i)
 equal (s, z), and otherwise requantizes each (n, h, w) position's channels c: F1's dequantize and quantize for
-c < 8·floor(C_i / 8), F2's for the rest (eq. F7).
+c < 8·floor(C_i / 8), F2's for the rest (eq. F7). Its output is channels-last in memory, which later ops keep.
 
 flatten keeps codes and (scale, zero_point); it only reshapes (eq. F8).
 
@@ -89,17 +91,28 @@ INT32_FLOAT_MAX = np.float32(2147483520.0)
 # The quantized tensor
 # ----------------------------------------------------------------------------------------------------------------
 
+LAYOUTS = ("contiguous", "channels_last", "strided")
+"""How torch holds a quantized tensor in memory: row-major; NHWC (``torch.channels_last``); another strided view."""
+
+
 @dataclass(frozen=True)
 class QTensor:
     """A per-tensor affine quint8 tensor as torch holds it: ``codes`` is ``int_repr()`` (uint8), ``scale`` is
     ``q_scale()`` (a Python float, a double in torch), ``zero_point`` is ``q_zero_point()``.
 
     Value of a code: ``(codes − zero_point) · scale`` (:meth:`dequantize`, eq. D1).
+
+    ``codes`` are in logical order; ``layout`` is torch's memory layout (:data:`LAYOUTS`): "channels_last" for the
+    output of the channels-last cat (eq. F7) and of ops that keep their input's layout (relu, add, mul, cat);
+    "strided" for a flatten that torch answers with a non-contiguous view. The layout decides which elements the
+    vector lambda computes (eq. F0) and which cat path runs; channels-last matters only where NHWC order differs
+    from the logical one (:attr:`is_channels_last`: 4-D with C > 1 and H·W > 1).
     """
 
     codes: np.ndarray
     scale: float
     zero_point: int
+    layout: str = "contiguous"
 
     def __post_init__(self) -> None:
         if not isinstance(self.codes, np.ndarray) or self.codes.dtype != np.uint8:
@@ -108,14 +121,97 @@ class QTensor:
         check_scale(self.scale, "scale")
         object.__setattr__(self, "scale", float(self.scale))
         object.__setattr__(self, "zero_point", check_zero_point(self.zero_point, "quint8", "zero_point"))
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.layout == "channels_last" and self.codes.ndim != 4:
+            raise ValueError(f"the channels_last layout applies to 4-D tensors, got shape {self.codes.shape}")
 
     @property
     def shape(self) -> tuple[int, ...]:
         return self.codes.shape
 
+    @property
+    def is_channels_last(self) -> bool:
+        """True when torch's memory order (NHWC) differs from the logical order: channels_last, C > 1, H·W > 1."""
+        return self.layout == "channels_last" and self.shape[1] > 1 and self.shape[2] * self.shape[3] > 1
+
+    def suggests_channels_last(self) -> bool:
+        """torch's ``suggest_memory_format() == channels_last``: channels-last strides, except the shape (N, 1, 1, 1)
+        (torch falls back to contiguous for it). Ops that allocate "like the input" keep this layout."""
+        return self.layout == "channels_last" and self.shape[1:] != (1, 1, 1)
+
+    def strides(self) -> tuple[int, ...]:
+        """torch's strides (in elements) for this shape and layout (not defined for "strided")."""
+        if self.layout == "channels_last":
+            n, c, h, w = (max(d, 1) for d in self.shape)
+            return (h * w * c, 1, w * c, c)
+        if self.layout == "strided":
+            raise ValueError(f"a strided view of shape {self.shape} has no strides refquant knows")
+        return _row_major_strides(self.shape)
+
+    def memory_order(self) -> np.ndarray:
+        """The codes as a 1-D array in the order torch holds them in memory (NHWC when :attr:`is_channels_last`)."""
+        if self.layout == "strided":
+            raise ValueError(f"a strided view of shape {self.shape} (a flatten torch answers with a non-contiguous "
+                             f"view) has a memory order refquant does not model")
+        if self.is_channels_last:
+            return np.ascontiguousarray(np.moveaxis(self.codes, 1, -1)).reshape(-1)
+        return np.ascontiguousarray(self.codes).reshape(-1)
+
+    def from_memory_order(self, flat: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`memory_order` for this tensor's shape and layout: 1-D codes -> logical order."""
+        if self.is_channels_last:
+            n, c, h, w = self.shape
+            return np.ascontiguousarray(np.moveaxis(flat.reshape(n, h, w, c), -1, 1))
+        return flat.reshape(self.shape)
+
     def dequantize(self) -> np.ndarray:
         """float32 values, ``f32(f32(q − z) · f32(s))`` (eq. D1; torch's ``Tensor.dequantize``)."""
         return dequantize(self.codes, self.scale, self.zero_point)
+
+
+def _row_major_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+def _is_contiguous(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """``Tensor.is_contiguous()``: row-major strides, ignoring dimensions of size 1."""
+    expected = 1
+    for size, stride in zip(reversed(shape), reversed(strides)):
+        if size != 1:
+            if stride != expected:
+                return False
+            expected *= size
+    return True
+
+
+def view_strides(shape: tuple[int, ...], strides: tuple[int, ...], new_shape: tuple[int, ...]
+                 ) -> tuple[int, ...] | None:
+    """The strides of ``x.view(new_shape)``, or None where torch's ``reshape`` must copy instead.
+    Matches: pytorch/pytorch aten/src/ATen/TensorUtils.cpp (computeStride)."""
+    if math.prod(shape) == 0 or len(shape) == 0:
+        return None
+    new_strides = [0] * len(new_shape)
+    view_d = len(new_shape) - 1
+    chunk_base_stride = strides[-1]
+    tensor_numel = view_numel = 1
+    for tensor_d in range(len(shape) - 1, -1, -1):
+        tensor_numel *= shape[tensor_d]
+        if tensor_d == 0 or (shape[tensor_d - 1] != 1 and strides[tensor_d - 1] != tensor_numel * chunk_base_stride):
+            while view_d >= 0 and (view_numel < tensor_numel or new_shape[view_d] == 1):
+                new_strides[view_d] = view_numel * chunk_base_stride
+                view_numel *= new_shape[view_d]
+                view_d -= 1
+            if view_numel != tensor_numel:
+                return None
+            if tensor_d > 0:
+                chunk_base_stride = strides[tensor_d - 1]
+                tensor_numel = view_numel = 1
+    return tuple(new_strides) if view_d == -1 else None
 
 
 def _check_qtensor(q: object, argname: str) -> QTensor:
@@ -170,6 +266,15 @@ def vectorized_mask(numel: int, num_threads: int = 1) -> np.ndarray:
     for begin, end in parallel_ranges(numel, num_threads):
         mask[begin:begin + (end - begin) // VECTOR_BLOCK * VECTOR_BLOCK] = True
     return mask
+
+
+def binary_vectorized_mask(qa: "QTensor", qb: "QTensor", num_threads: int = 1) -> np.ndarray:
+    """:func:`vectorized_mask` for ``qa op qb`` over memory-order positions (:meth:`QTensor.memory_order` of qa):
+    operands of the same layout are walked as one contiguous range; operands of different layouts give the
+    TensorIterator no contiguous inner dimension, so every element takes the scalar lambda."""
+    if qa.is_channels_last != qb.is_channels_last:  # (qa.memory_order() refuses a strided view first)
+        return np.zeros(qa.codes.size, bool)
+    return vectorized_mask(qa.codes.size, num_threads)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,13 +376,22 @@ def _check_binary(qa: object, qb: object, op: str) -> tuple[QTensor, QTensor]:
     return qa, qb
 
 
-def _flat(codes: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(codes).reshape(-1)
+def _operands_in_memory_order(qa: QTensor, qb: QTensor) -> tuple[np.ndarray, np.ndarray]:
+    """Both operands' codes, element by element in the output's memory order (the output takes qa's layout)."""
+    qb.memory_order()  # refuses a strided view
+    qb_in_qa_layout = QTensor(qb.codes, qb.scale, qb.zero_point, qa.layout)
+    return qa.memory_order(), qb_in_qa_layout.memory_order()
+
+
+def _output(qa: QTensor, flat_u8: np.ndarray, scale: float, zero_point: int) -> QTensor:
+    """The output tensor: qa's layout (torch allocates it with ``qa.suggest_memory_format()``)."""
+    layout = "channels_last" if qa.suggests_channels_last() else "contiguous"
+    return QTensor(qa.from_memory_order(flat_u8), scale, zero_point, layout)
 
 
 def _add(qa: QTensor, qb: QTensor, scale: float, zero_point: int, relu: bool, num_threads: int) -> QTensor:
-    a_u8, b_u8 = _flat(qa.codes), _flat(qb.codes)
-    vec = vectorized_mask(a_u8.size, num_threads)
+    a_u8, b_u8 = _operands_in_memory_order(qa, qb)
+    vec = binary_vectorized_mask(qa, qb, num_threads)
     out_u8 = np.empty(a_u8.size, np.uint8)
     # vector lambda (F1)
     c_f32 = (dequantize_vec(a_u8[vec], qa.scale, qa.zero_point)
@@ -291,7 +405,7 @@ def _add(qa: QTensor, qb: QTensor, scale: float, zero_point: int, relu: bool, nu
     if relu:
         c_f32 = np.maximum(c_f32, np.float32(0))  # std::max<float>(c, 0.0)
     out_u8[~vec] = quantize_val(c_f32, scale, zero_point)
-    return QTensor(out_u8.reshape(qa.shape), scale, zero_point)
+    return _output(qa, out_u8, scale, zero_point)
 
 
 def add(qa: QTensor, qb: QTensor, scale: float, zero_point: int, *, num_threads: int = 1) -> QTensor:
@@ -328,13 +442,13 @@ def mul(qa: QTensor, qb: QTensor, scale: float, zero_point: int, *, num_threads:
     num_threads = _check_num_threads(num_threads)
     inv_f32 = np.float32(1) / np.float32(scale)
     multiplier_f32 = np.float32(np.float32(np.float32(qa.scale) * np.float32(qb.scale)) * inv_f32)
-    a_u8, b_u8 = _flat(qa.codes), _flat(qb.codes)
+    a_u8, b_u8 = _operands_in_memory_order(qa, qb)
     p_i32 = (a_u8.astype(np.int32) - np.int32(qa.zero_point)) * (b_u8.astype(np.int32) - np.int32(qb.zero_point))
-    vec = vectorized_mask(a_u8.size, num_threads)
+    vec = binary_vectorized_mask(qa, qb, num_threads)
     out_u8 = np.empty(a_u8.size, np.uint8)
     out_u8[vec] = requantize_from_int_vec(p_i32[vec], multiplier_f32, zero_point)
     out_u8[~vec] = requantize_from_int_val(p_i32[~vec], multiplier_f32, zero_point)
-    return QTensor(out_u8.reshape(qa.shape), scale, zero_point)
+    return _output(qa, out_u8, scale, zero_point)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -347,7 +461,8 @@ def relu(qx: QTensor) -> QTensor:
     Matches: pytorch/pytorch aten/src/ATen/native/quantized/cpu/kernels/QuantizedOpKernels.cpp (qrelu_kernel).
     """
     qx = _check_qtensor(qx, "qx")
-    return QTensor(np.maximum(qx.codes, np.uint8(qx.zero_point)), qx.scale, qx.zero_point)
+    layout = "channels_last" if qx.suggests_channels_last() else "contiguous"  # suggest_memory_format()
+    return QTensor(np.maximum(qx.codes, np.uint8(qx.zero_point)), qx.scale, qx.zero_point, layout)
 
 
 def flatten_shape(shape: tuple[int, ...], start_dim: int = 1, end_dim: int = -1) -> tuple[int, ...]:
@@ -369,9 +484,21 @@ def flatten_shape(shape: tuple[int, ...], start_dim: int = 1, end_dim: int = -1)
 
 
 def flatten(qx: QTensor, start_dim: int = 1, end_dim: int = -1) -> QTensor:
-    """``nn.Flatten`` / ``torch.flatten`` on a quantized tensor: the same codes reshaped, same qparams (F8)."""
+    """``nn.Flatten`` / ``torch.flatten`` on a quantized tensor: the same codes reshaped, same qparams (F8).
+
+    ``start_dim == end_dim`` returns the tensor itself. Otherwise torch's ``reshape``: a view where the strides
+    allow one (row-major if the input is; "strided" if not, e.g. merging H and W of a channels-last tensor), else
+    a contiguous copy.
+    """
     qx = _check_qtensor(qx, "qx")
-    return QTensor(qx.codes.reshape(flatten_shape(qx.shape, start_dim, end_dim)), qx.scale, qx.zero_point)
+    shape = flatten_shape(qx.shape, start_dim, end_dim)
+    if len(qx.shape) and int(start_dim) % len(qx.shape) == int(end_dim) % len(qx.shape):
+        return qx  # torch.flatten returns self
+    if qx.layout == "contiguous":
+        return QTensor(qx.codes.reshape(shape), qx.scale, qx.zero_point)
+    strides = view_strides(qx.shape, qx.strides(), shape)
+    layout = "contiguous" if strides is None or _is_contiguous(shape, strides) else "strided"
+    return QTensor(qx.codes.reshape(shape), qx.scale, qx.zero_point, layout)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -412,7 +539,8 @@ def _cat_nhwc(qxs: list[QTensor], scale: float, zero_point: int) -> QTensor:
                                            scale, zero_point)
         blocks.append(out_u8)
     out_nhwc_u8 = np.concatenate(blocks, axis=-1)
-    return QTensor(np.ascontiguousarray(np.moveaxis(out_nhwc_u8, -1, 1)).reshape(n, -1, h, w), scale, zero_point)
+    return QTensor(np.ascontiguousarray(np.moveaxis(out_nhwc_u8, -1, 1)).reshape(n, -1, h, w), scale, zero_point,
+                   "channels_last")  # allocated with MemoryFormat::ChannelsLast
 
 
 def cat(qxs: list[QTensor], dim: int, scale: float, zero_point: int) -> QTensor:
@@ -433,7 +561,10 @@ def cat(qxs: list[QTensor], dim: int, scale: float, zero_point: int) -> QTensor:
         if len(q.shape) != ndim or any(q.shape[d] != qxs[0].shape[d] for d in range(ndim) if d != dim % ndim):
             raise ValueError(f"cat: every input must have the shape of qxs[0] {qxs[0].shape} except in dim {dim}, "
                              f"got qxs[{i}] of shape {q.shape}")
-    if dim == 1 and all(_is_channels_last_contiguous(q.shape) for q in qxs):
+    if dim == 1 and all(q.is_channels_last or (q.layout == "contiguous" and _is_channels_last_contiguous(q.shape))
+                        for q in qxs):
         return _cat_nhwc(qxs, scale, zero_point)
     x_f32 = np.concatenate([q.dequantize() for q in qxs], axis=dim)  # eq. D1 per input, then at::cat
-    return QTensor(quantize_per_tensor(x_f32, scale, zero_point, "quint8"), scale, zero_point)  # eq. Q1
+    channels_last = all(q.suggests_channels_last() for q in qxs)  # at::cat's output memory format, kept by quantize
+    return QTensor(quantize_per_tensor(x_f32, scale, zero_point, "quint8"), scale, zero_point,  # eq. Q1
+                   "channels_last" if channels_last and ndim == 4 else "contiguous")

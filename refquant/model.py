@@ -658,25 +658,10 @@ class QuantizedModel:
         for step in self.steps:
             call, op = step.call, step.op
             ins = [env[v] for v in call.inputs]
-            acc_i32 = None
-            if isinstance(op, Quantize):
-                y = QTensor(quantize_per_tensor(ins[0], op.scale, op.zero_point, "quint8"), op.scale, op.zero_point)
-            elif isinstance(op, DeQuantize):
-                y = ins[0].dequantize() if isinstance(ins[0], QTensor) else ins[0]
-            elif isinstance(op, QuantizedLinear):
-                acc_i32 = op.accumulate(ins[0].codes)
-                y = QTensor(op.requantize(acc_i32), op.output_scale, op.output_zero_point)
-            elif isinstance(op, QFunctional):
-                y = self._functional(call, op, ins)
-            elif isinstance(op, ReLU):
-                y = functional.relu(ins[0]) if isinstance(ins[0], QTensor) else float_relu(ins[0])
-            elif isinstance(op, Flatten):
-                if isinstance(ins[0], QTensor):
-                    y = functional.flatten(ins[0], op.start_dim, op.end_dim)
-                else:
-                    y = ins[0].reshape(functional.flatten_shape(ins[0].shape, op.start_dim, op.end_dim))
-            else:  # Dropout, Identity
-                y = ins[0]
+            try:
+                y, acc_i32 = self._run(call, op, ins)
+            except ValueError as e:  # e.g. operands of different shapes: name the module
+                raise ModelError(call.module, _type_name(self.modules[call.module]), f"cannot run: {e}") from None
             env[call.output] = y
             if traces is not None:
                 traces[step.name] = LayerTrace(
@@ -684,6 +669,29 @@ class QuantizedModel:
                     [x.codes if isinstance(x, QTensor) else x for x in ins], step.input_qparams,
                     y.codes if isinstance(y, QTensor) else y, step.output_qparams, acc_i32)
         return env[self.graph.output]
+
+    def _run(self, call: Call, op: Any, ins: list) -> tuple[Any, np.ndarray | None]:
+        """One call: its output (a QTensor or float32 array) and, for a Linear, its int32 accumulators."""
+        acc_i32 = None
+        if isinstance(op, Quantize):
+            y = QTensor(quantize_per_tensor(ins[0], op.scale, op.zero_point, "quint8"), op.scale, op.zero_point)
+        elif isinstance(op, DeQuantize):
+            y = ins[0].dequantize() if isinstance(ins[0], QTensor) else ins[0]
+        elif isinstance(op, QuantizedLinear):
+            acc_i32 = op.accumulate(ins[0].codes)
+            y = QTensor(op.requantize(acc_i32), op.output_scale, op.output_zero_point)
+        elif isinstance(op, QFunctional):
+            y = self._functional(call, op, ins)
+        elif isinstance(op, ReLU):
+            y = functional.relu(ins[0]) if isinstance(ins[0], QTensor) else float_relu(ins[0])
+        elif isinstance(op, Flatten):
+            if isinstance(ins[0], QTensor):
+                y = functional.flatten(ins[0], op.start_dim, op.end_dim)
+            else:
+                y = ins[0].reshape(functional.flatten_shape(ins[0].shape, op.start_dim, op.end_dim))
+        else:  # Dropout, Identity
+            y = ins[0]
+        return y, acc_i32
 
     def _functional(self, call: Call, op: QFunctional, ins: list[QTensor]) -> QTensor:
         if call.method == "cat":

@@ -90,6 +90,39 @@ def test_large_batch_crosses_the_thread_split(rng):
         torch.set_num_threads(saved)
 
 
+class ChannelsLastMix(nn.Module):
+    """A cat along dim 1 of (B, 1, H, W) tensors is channels-last in torch's memory; the adds after it see one
+    operand of each layout (no vector lambda at all) and two channels-last operands (NHWC order)."""
+
+    def __init__(self, w: int):
+        super().__init__()
+        self.quant, self.fc, self.fc2, self.dequant = QuantStub(), nn.Linear(w, w), nn.Linear(w, w), DeQuantStub()
+        self.cat, self.mixed, self.both, self.cat2 = FloatFunctional(), FloatFunctional(), FloatFunctional(), \
+            FloatFunctional()
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        x = self.quant(x)
+        c = self.cat.cat([x, self.fc(x)], 1)          # (B, 2, H, W), channels-last
+        m = self.mixed.add(c, self.fc2(c))            # channels-last + row-major
+        b = self.both.add(m, self.relu(m))            # channels-last + channels-last
+        return self.dequant(self.cat2.cat([b, c], 1))  # qcat_nhwc_kernel again, on channels-last inputs
+
+
+@needs_avx2_kernels
+def test_channels_last_layouts_through_a_model(rng):
+    """Power-of-two scales and odd zero points put many sums on ties, where the layouts decide the codes."""
+    from torch_models import power_of_two_qparams
+
+    q = quantize(ChannelsLastMix(9), rng, shape=(16, 1, 3, 9))
+    power_of_two_qparams(q, rng)
+    for path in ("mixed", "both", "cat2"):
+        q.get_submodule(path).zero_point = int(rng.integers(0, 128)) * 2 + 1
+    qm = from_torch(q, saturate_int16_pairs=SATURATES)
+    for _ in range(3):
+        compare_with_torch(qm, q, rng.standard_normal((32, 1, 3, 9)).astype(np.float32), "channels-last mix")
+
+
 def test_engine_defaults_to_torchs_and_can_be_given(rng):
     q = quantize(Residual(), rng, engine="x86")
     assert from_torch(q).engine == "x86"

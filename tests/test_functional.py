@@ -24,7 +24,21 @@ LENGTHS = (1, 7, 63, 64, 65, 127, 128, 129, 200, 1000)
 
 
 def to_torch(q: QTensor) -> torch.Tensor:
-    return torch._make_per_tensor_quantized_tensor(torch.from_numpy(q.codes.copy()), q.scale, q.zero_point)
+    t = torch._make_per_tensor_quantized_tensor(torch.from_numpy(q.codes.copy()), q.scale, q.zero_point)
+    if q.layout == "channels_last":  # what qcat_nhwc_kernel allocates: channels-last strides for every shape
+        out = torch._empty_affine_quantized(q.shape, scale=q.scale, zero_point=q.zero_point, dtype=torch.quint8,
+                                            memory_format=torch.channels_last)
+        out.copy_(t)
+        assert out.stride() == q.strides()
+        return out
+    return t
+
+
+def same_layout(got: QTensor, expected: torch.Tensor) -> bool:
+    """refquant's layout is torch's, wherever the layout can matter (not for shapes where the orders coincide)."""
+    if got.layout == "strided":
+        return not expected.is_contiguous()
+    return expected.is_contiguous() if not got.is_channels_last else expected.stride() == got.strides()
 
 
 def random_qparams(rng: np.random.Generator, kind: str) -> tuple[list[float], list[int]]:
@@ -114,6 +128,51 @@ def test_cat_large_inputs_on_several_threads_match_torch(rng):
                 assert_same(F.cat(qxs, dim, s, z).codes, expected, f"cat {shape} dim={dim} threads={threads}")
     finally:
         torch.set_num_threads(saved)
+
+
+LAYOUT_SHAPES = [(3, 2, 5, 9), (1, 3, 7, 4), (2, 1, 5, 9), (3, 4, 1, 1), (2, 3, 1, 7), (700, 2, 5, 9)]
+
+
+@pytest.mark.parametrize("op", list(BINARY))
+def test_binary_op_on_channels_last_operands_matches_torch(rng, op):
+    """Two channels-last operands are walked in NHWC memory order; a channels-last and a row-major operand are not
+    vectorized at all (every element scalar); the output takes the first operand's layout."""
+    ours, theirs = BINARY[op]
+    for shape in LAYOUT_SHAPES:
+        for la, lb in ((True, True), (True, False), (False, True)):
+            for kind in ("ties", "ties", "ties", "random"):
+                (sa, sb, s), (za, zb, z) = random_qparams(rng, kind)
+                n = int(np.prod(shape))
+                qa = QTensor(random_codes(rng, n).reshape(shape), sa, za, "channels_last" if la else "contiguous")
+                qb = QTensor(random_codes(rng, n).reshape(shape), sb, zb, "channels_last" if lb else "contiguous")
+                expected = theirs(to_torch(qa), to_torch(qb), s, z)
+                got = ours(qa, qb, s, z, num_threads=torch.get_num_threads())
+                assert_same(got.codes, expected.int_repr().numpy(), f"{op} {shape} layouts {la, lb} {kind}")
+                assert same_layout(got, expected), f"{op} {shape} output layout"
+
+
+def test_relu_flatten_cat_keep_or_drop_channels_last_like_torch(rng):
+    for shape in LAYOUT_SHAPES[:5]:
+        qx = QTensor(random_codes(rng, int(np.prod(shape))).reshape(shape), 0.25, 9, "channels_last")
+        t = to_torch(qx)
+        r = F.relu(qx)
+        assert same_layout(r, torch.relu(t)), f"relu {shape}"
+        for start, end in ((1, -1), (0, 1), (0, -1), (1, 2), (2, 3), (3, 3)):
+            expected = torch.flatten(t, start, end)
+            got = F.flatten(qx, start, end)
+            assert_same(got.codes, expected.int_repr().numpy(), f"flatten {shape} {start} {end}")
+            assert same_layout(got, expected), f"flatten {shape} {start} {end}: {got.layout}, {expected.stride()}"
+        for dim in (1, 3, -1):  # channels-last inputs: qcat_nhwc_kernel on dim 1, the generic path elsewhere
+            layout = "channels_last" if rng.random() < 0.5 else "contiguous"
+            other = QTensor(random_codes(rng, int(np.prod(shape))).reshape(shape), 0.125, 200, layout)
+            expected = torch.ops.quantized.cat([t, to_torch(other)], dim, 0.5, 3)
+            got = F.cat([qx, other], dim, 0.5, 3)
+            assert_same(got.codes, expected.int_repr().numpy(), f"cat {shape} dim {dim}")
+            assert same_layout(got, expected), f"cat {shape} dim {dim} output layout"
+    strided = F.flatten(QTensor(np.zeros((2, 3, 4, 5), np.uint8), 0.1, 0, "channels_last"), 2, 3)
+    assert strided.layout == "strided"
+    with pytest.raises(ValueError, match="strided view"):
+        F.add(strided, strided, 0.1, 0)
 
 
 def test_vector_and_scalar_lambdas_really_differ():

@@ -28,7 +28,7 @@ from refquant.histogram import HistogramObserver
 from refquant.pipeline import linear_float
 from refquant.observers import MinMaxObserver, MovingAverageMinMaxObserver, PerChannelMinMaxObserver
 from torch_models import quantize_with_torch, random_batch, random_model, torch_accumulators, torch_calls
-from torch_models import needs_avx2_kernels, torch_saturates_int16_pairs
+from torch_models import needs_avx2_kernels, power_of_two_qparams, torch_saturates_int16_pairs
 
 SATURATES = torch_saturates_int16_pairs()
 COUNTS: Counter = Counter()
@@ -138,12 +138,39 @@ def test_random_model_matches_torch_many(rng, i):
     run_random_model(rng, engine="x86" if i % 3 == 2 else "fbgemm")
 
 
+def run_tie_prone_model(rng: np.random.Generator) -> None:
+    """(b) on a converted model whose output scales are powers of two (tests/torch_models.power_of_two_qparams)."""
+    spec = random_model(rng)
+    calibration = [random_batch(rng, int(rng.integers(1, 17)), spec.input_shape) for _ in range(2)]
+    run = quantize_with_torch(spec.model, calibration)
+    power_of_two_qparams(run.converted, rng)
+    read = from_torch(run.converted, saturate_int16_pairs=SATURATES)
+    for x in (random_batch(rng, int(rng.integers(1, 33)), spec.input_shape), calibration[0]):
+        compare_with_torch(read, run.converted, x, spec.text + " (power-of-two scales)")
+    COUNTS["tie-prone models"] += 1
+
+
+@needs_avx2_kernels
+@pytest.mark.parametrize("i", range(12))
+def test_tie_prone_converted_model_matches_torch(rng, i):
+    run_tie_prone_model(rng)
+
+
+@needs_avx2_kernels
+@pytest.mark.slow
+@pytest.mark.parametrize("i", range(300))
+def test_tie_prone_converted_model_matches_torch_many(rng, i):
+    run_tie_prone_model(rng)
+
+
 def test_zz_report_counts():
-    """Prints what the random-model tests of this run compared (run with -s); fails if they compared nothing."""
-    print(f"\nrefquant.model vs torch: {COUNTS['models']} random models, {COUNTS['calls']} calls, "
-          f"{COUNTS['linears']} Linear weight sets, {COUNTS['functionals']} functionals, "
-          f"{COUNTS['values']:,} values compared, 0 differing (VNNI {'no' if SATURATES else 'yes'})")
-    assert COUNTS["models"] > 0 or not any(k for k in COUNTS)
+    """Prints what the random-model tests of this run compared (run with -s); runs after them (file order)."""
+    if not COUNTS["models"] + COUNTS["tie-prone models"]:
+        pytest.skip("no random-model test ran in this session")
+    print(f"\nrefquant.model vs torch: {COUNTS['models']} random models (+{COUNTS['tie-prone models']} with "
+          f"power-of-two scales), {COUNTS['calls']} calls, {COUNTS['linears']} Linear weight sets, "
+          f"{COUNTS['functionals']} functionals, {COUNTS['values']:,} values compared, 0 differing "
+          f"(VNNI {'no' if SATURATES else 'yes'})")
 
 
 # ----------------------------------------------------------------------------------------------------------------

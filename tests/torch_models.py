@@ -64,6 +64,20 @@ class Concat(nn.Module):
         return self.f.cat(parts, self.dim)
 
 
+class SelfOp(nn.Module):
+    """f.<op>(x, relu(x)) or f.cat([x, relu(x)], dim): both operands in x's memory layout (channels-last after a cat
+    along dim 1 of 4-D tensors), where Residual mixes layouts (a Linear's output is row-major)."""
+
+    def __init__(self, op: str, dim: int = 1):
+        super().__init__()
+        self.relu, self.f, self.op, self.dim = nn.ReLU(), FloatFunctional(), op, dim
+
+    def forward(self, x):
+        if self.op == "cat":
+            return self.f.cat([x, self.relu(x)], self.dim)
+        return getattr(self.f, self.op)(x, self.relu(x))
+
+
 class Repeat(nn.Module):
     """The same Linear twice, fc(relu(fc(x))): one module, one observer, two calls."""
 
@@ -126,8 +140,9 @@ def random_model(rng: np.random.Generator) -> Spec:
 
     blocks: list[nn.Module] = []
     for _ in range(int(rng.integers(1, 6))):
-        choice = rng.choice(["linear", "residual", "concat", "relu", "repeat", "nested"],
-                            p=[0.3, 0.25, 0.15, 0.1, 0.08, 0.12])
+        choice = rng.choice(["linear", "residual", "concat", "relu", "repeat", "nested", "selfop"],
+                            p=[0.28, 0.22, 0.15, 0.08, 0.07, 0.1, 0.1] if ndim < 4 else
+                            [0.15, 0.2, 0.3, 0.05, 0.05, 0.05, 0.2])
         if choice == "linear" or (choice == "concat" and ndim == 4 and rng.random() < 0.3):
             n = int(rng.integers(1, 13))
             blocks.append(linear_block(width, n))
@@ -149,6 +164,14 @@ def random_model(rng: np.random.Generator) -> Spec:
             text.append(f"cat(dim={dim})")
             if ndim != 4:  # the last dimension grows; along dim 1 of 4-D tensors the width stays
                 width = width + n if order < 2 else 2 * width + n
+        elif choice == "selfop":
+            op = str(rng.choice(["add", "add_relu", "mul", "cat"]))
+            dim = 1 if ndim == 4 else -1
+            counts["functionals"] += 1
+            blocks.append(SelfOp(op, dim))
+            text.append(f"self-{op}")
+            if op == "cat" and ndim != 4:
+                width *= 2
         elif choice == "relu":
             blocks.append(nn.ReLU())
             text.append("ReLU")
@@ -287,3 +310,19 @@ def torch_saturates_int16_pairs() -> bool:
     code = int(lin(x).int_repr()[0, 0])  # exact: rint(−127.5) + 200 = 72; saturated: −64 + 200 = 136
     assert code in (72, 136), code
     return code == 136
+
+
+def power_of_two_qparams(converted: nn.Module, rng: np.random.Generator) -> None:
+    """Round every Quantize's, quantized Linear's and QFunctional's output scale to a power of two (in place), and
+    move some zero points: the sums in add / cat / mul then land on k + 0.5 often, where the vector and scalar
+    lambdas (and the channels-last cat) round differently. A stress test of the layer-by-layer parity."""
+    def pow2(s: float) -> float:
+        return float(2.0 ** round(float(np.log2(s)) + rng.integers(-1, 2)))
+
+    for mod in converted.modules():
+        if isinstance(mod, torch.ao.nn.quantized.Quantize):
+            mod.scale.fill_(pow2(float(mod.scale)))
+        elif isinstance(mod, (torch.ao.nn.quantized.Linear, torch.ao.nn.quantized.QFunctional)):
+            mod.scale = pow2(mod.scale)
+            if rng.random() < 0.3:
+                mod.zero_point = int(rng.integers(0, 256))
