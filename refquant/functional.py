@@ -561,8 +561,8 @@ def cat(qxs: list[QTensor], dim: int, scale: float, zero_point: int) -> QTensor:
         if len(q.shape) != ndim or any(q.shape[d] != qxs[0].shape[d] for d in range(ndim) if d != dim % ndim):
             raise ValueError(f"cat: every input must have the shape of qxs[0] {qxs[0].shape} except in dim {dim}, "
                              f"got qxs[{i}] of shape {q.shape}")
-    if dim == 1 and all(q.is_channels_last or (q.layout == "contiguous" and _is_channels_last_contiguous(q.shape))
-                        for q in qxs):
+    if dim == 1 and all(q.layout == "channels_last" or (q.layout == "contiguous"
+                                                        and _is_channels_last_contiguous(q.shape)) for q in qxs):
         return _cat_nhwc(qxs, scale, zero_point)
     x_f32 = np.concatenate([q.dequantize() for q in qxs], axis=dim)  # eq. D1 per input, then at::cat
     channels_last = all(q.suggests_channels_last() for q in qxs)  # at::cat's output memory format, kept by quantize

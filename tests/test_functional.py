@@ -163,12 +163,12 @@ def test_relu_flatten_cat_keep_or_drop_channels_last_like_torch(rng):
             assert_same(got.codes, expected.int_repr().numpy(), f"flatten {shape} {start} {end}")
             assert same_layout(got, expected), f"flatten {shape} {start} {end}: {got.layout}, {expected.stride()}"
         for dim in (1, 3, -1):  # channels-last inputs: qcat_nhwc_kernel on dim 1, the generic path elsewhere
-            layout = "channels_last" if rng.random() < 0.5 else "contiguous"
-            other = QTensor(random_codes(rng, int(np.prod(shape))).reshape(shape), 0.125, 200, layout)
-            expected = torch.ops.quantized.cat([t, to_torch(other)], dim, 0.5, 3)
-            got = F.cat([qx, other], dim, 0.5, 3)
-            assert_same(got.codes, expected.int_repr().numpy(), f"cat {shape} dim {dim}")
-            assert same_layout(got, expected), f"cat {shape} dim {dim} output layout"
+            for layout in ("channels_last", "contiguous"):
+                other = QTensor(random_codes(rng, int(np.prod(shape))).reshape(shape), 0.125, 201, layout)
+                expected = torch.ops.quantized.cat([t, to_torch(other)], dim, 0.5, 3)
+                got = F.cat([qx, other], dim, 0.5, 3)
+                assert_same(got.codes, expected.int_repr().numpy(), f"cat {shape} dim {dim} with {layout}")
+                assert same_layout(got, expected), f"cat {shape} dim {dim} with {layout}: output layout"
     strided = F.flatten(QTensor(np.zeros((2, 3, 4, 5), np.uint8), 0.1, 0, "channels_last"), 2, 3)
     assert strided.layout == "strided"
     with pytest.raises(ValueError, match="strided view"):
