@@ -11,4 +11,4 @@ The only package besides the tests that imports torch, and only in ``torch_study
     plots        the figures of ``--plots DIR`` (matplotlib)
 """
 
-from .from_torch import from_torch  # noqa: E402,F401  (torch model -> refquant.model)
+from .from_torch import from_torch  # noqa: E402,F401  (torch model -> refquant.model; imports torch when called)

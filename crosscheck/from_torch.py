@@ -21,25 +21,38 @@ nn.Identity, nn.Flatten, FloatFunctional -> QFunctional (``add``, ``add_relu``, 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Iterator
 
 import numpy as np
-import torch
-import torch.ao.nn.intrinsic as nni
-import torch.ao.nn.intrinsic.quantized as nniq
-import torch.ao.nn.quantized as nnq
-import torch.fx
-from torch import nn
-from torch.ao.quantization import DeQuantStub, QuantStub
 
 from refquant import model as rm
 
-FLOAT_LEAVES = (QuantStub, DeQuantStub, nn.Linear, nni.LinearReLU, nn.ReLU, nn.Dropout, nn.Identity, nn.Flatten)
-CONVERTED_LEAVES = (nnq.Quantize, nnq.DeQuantize, nnq.Linear, nniq.LinearReLU, nn.ReLU, nnq.Dropout, nn.Dropout,
-                    nn.Identity, nn.Flatten)
-FUNCTIONAL_CLASSES = (nnq.FloatFunctional, nnq.QFunctional)
 FUNCTIONAL_METHODS = ("add", "add_relu", "mul", "cat", "add_scalar", "mul_scalar", "matmul")
 """Every method of FloatFunctional / QFunctional; refquant supports those in refquant.model.FUNCTIONAL_METHODS."""
+
+
+@functools.cache
+def _torch_modules():
+    """Import torch on first use, not with ``import crosscheck`` (the study keeps torch in its worker process).
+    Binds the module names this file uses as globals: torch, nn, nni, nniq, nnq, QuantStub, DeQuantStub, the
+    leaf tuples and the tracer class."""
+    import torch
+    import torch.ao.nn.intrinsic as nni
+    import torch.ao.nn.intrinsic.quantized as nniq
+    import torch.ao.nn.quantized as nnq
+    import torch.fx
+    from torch import nn
+    from torch.ao.quantization import DeQuantStub, QuantStub
+
+    globals().update(torch=torch, nn=nn, nni=nni, nniq=nniq, nnq=nnq, QuantStub=QuantStub, DeQuantStub=DeQuantStub)
+    globals().update(
+        FLOAT_LEAVES=(QuantStub, DeQuantStub, nn.Linear, nni.LinearReLU, nn.ReLU, nn.Dropout, nn.Identity,
+                      nn.Flatten),
+        CONVERTED_LEAVES=(nnq.Quantize, nnq.DeQuantize, nnq.Linear, nniq.LinearReLU, nn.ReLU, nnq.Dropout,
+                          nn.Dropout, nn.Identity, nn.Flatten),
+        FUNCTIONAL_CLASSES=(nnq.FloatFunctional, nnq.QFunctional),
+        _Tracer=_make_tracer_class(torch.fx.Tracer))
 
 
 def _functional_call(path: str, method: str, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - a marker
@@ -52,28 +65,31 @@ def _torch_type(module: nn.Module) -> str:
     return module._get_name()
 
 
-class _Tracer(torch.fx.Tracer):
-    """fx's tracer with refquant's leaves, remembering which module's forward was being traced when it failed."""
+def _make_tracer_class(fx_tracer: type) -> type:
+    class _Tracer(fx_tracer):
+        """fx's tracer with refquant's leaves, remembering which module's forward was being traced when it failed."""
 
-    def __init__(self, leaves: tuple[type, ...]) -> None:
-        super().__init__()
-        self.leaves = leaves
-        self.failed_in: tuple[str, nn.Module] | None = None
+        def __init__(self, leaves: tuple[type, ...]) -> None:
+            super().__init__()
+            self.leaves = leaves
+            self.failed_in: tuple[str, Any] | None = None
 
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, self.leaves) or isinstance(m, FUNCTIONAL_CLASSES):
-            return True  # exact types are checked afterwards; a subclass is reported, not traced into
-        if isinstance(m, nn.Sequential):
-            return False
-        return type(m).__module__.startswith(("torch.nn", "torch.ao.nn"))  # e.g. nn.Conv2d: reported
+        def is_leaf_module(self, m, module_qualified_name: str) -> bool:
+            if isinstance(m, self.leaves) or isinstance(m, FUNCTIONAL_CLASSES):
+                return True  # exact types are checked afterwards; a subclass is reported, not traced into
+            if isinstance(m, nn.Sequential):
+                return False
+            return type(m).__module__.startswith(("torch.nn", "torch.ao.nn"))  # e.g. nn.Conv2d: reported
 
-    def call_module(self, m, forward, args, kwargs):
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_in is None:
-                self.failed_in = (self.path_of_module(m), m)
-            raise
+        def call_module(self, m, forward, args, kwargs):
+            try:
+                return super().call_module(m, forward, args, kwargs)
+            except Exception:
+                if self.failed_in is None:
+                    self.failed_in = (self.path_of_module(m), m)
+                raise
+
+    return _Tracer
 
 
 @contextlib.contextmanager
@@ -287,6 +303,7 @@ def from_torch(model: nn.Module, engine: str | None = None, *, saturate_int16_pa
     The converted model's ``num_threads`` is ``torch.get_num_threads()`` (quantized add / mul of >= 32,768
     elements depend on it; refquant.functional eq. F0).
     """
+    _torch_modules()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     converted = _is_converted(model)

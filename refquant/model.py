@@ -325,7 +325,7 @@ def _check_inputs(graph: Graph, xs: tuple) -> dict[str, np.ndarray]:
         if not isinstance(x, np.ndarray) or x.dtype != np.float32:
             got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
             raise TypeError(f"input {name!r} must be a float32 NumPy array, got {got}")
-        env[name] = x
+        env[name] = np.ascontiguousarray(x)
     return env
 
 
@@ -644,7 +644,11 @@ class QuantizedModel:
         raise KeyError(f"no call named {name!r}; calls: {[s.name for s in self.steps]}")
 
     def __call__(self, *xs: np.ndarray) -> np.ndarray:
-        """float32 input(s) -> float32 output, through the quantized forward."""
+        """float32 input(s) -> float32 output, through the quantized forward.
+
+        Inputs are taken in row-major order, as torch runs a contiguous tensor (``torch.from_numpy`` of a
+        C-contiguous array); the layout of torch's tensors matters to the elementwise ops (refquant.functional).
+        """
         return self._forward(xs, None)
 
     def trace(self, *xs: np.ndarray) -> dict[str, LayerTrace]:

@@ -19,7 +19,7 @@ from crosscheck.from_torch import from_torch
 from parity import assert_same
 from refquant import model as rm
 from test_model import SATURATES, compare_with_torch
-from torch_models import needs_avx2_kernels
+from torch_models import needs_avx2_kernels, torch_engine
 
 
 class Residual(nn.Module):
@@ -33,8 +33,7 @@ class Residual(nn.Module):
 
 
 def quantize(model: nn.Module, rng: np.random.Generator, shape=(8, 4), engine="fbgemm") -> nn.Module:
-    torch.backends.quantized.engine = engine
-    with warnings.catch_warnings():
+    with torch_engine(engine), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.eval().qconfig = get_default_qconfig(engine)
         prepared = prepare(model)
@@ -64,14 +63,14 @@ def test_float_model_is_read_with_its_weights(rng):
 @needs_avx2_kernels
 def test_converted_model_is_read_without_calibrating(rng):
     q = quantize(Residual(), rng)
-    qm = from_torch(q)
+    qm = from_torch(q, engine="fbgemm")
     assert isinstance(qm, rm.QuantizedModel) and qm.engine == "fbgemm"
     assert qm.num_threads == torch.get_num_threads()
     assert qm.qparams["add"] == (q.add.scale, q.add.zero_point)
     assert qm.qparams["quant"] == (float(q.quant.scale), int(q.quant.zero_point))
     assert qm.layer("fc").input_scale == float(q.quant.scale)  # bound to its input's qparams
     for x in (rng.standard_normal((50, 4)), 5 * rng.standard_normal((3, 4))):
-        compare_with_torch(from_torch(q, saturate_int16_pairs=SATURATES), q, x.astype(np.float32), "residual")
+        compare_with_torch(from_torch(q, engine="fbgemm", saturate_int16_pairs=SATURATES), q, x.astype(np.float32), "residual")
 
 
 @needs_avx2_kernels
@@ -80,12 +79,12 @@ def test_large_batch_crosses_the_thread_split(rng):
     model's num_threads is torch's, so the outputs still agree bit for bit."""
     q = quantize(Residual(), rng)
     x = rng.standard_normal((12000, 4)).astype(np.float32)
-    qm = from_torch(q, saturate_int16_pairs=SATURATES)
+    qm = from_torch(q, engine="fbgemm", saturate_int16_pairs=SATURATES)
     compare_with_torch(qm, q, x, "residual, 12000 x 4")
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        compare_with_torch(from_torch(q, saturate_int16_pairs=SATURATES), q, x, "residual, one thread")
+        compare_with_torch(from_torch(q, engine="fbgemm", saturate_int16_pairs=SATURATES), q, x, "residual, one thread")
     finally:
         torch.set_num_threads(saved)
 
@@ -118,15 +117,18 @@ def test_channels_last_layouts_through_a_model(rng):
     power_of_two_qparams(q, rng)
     for path in ("mixed", "both", "cat2"):
         q.get_submodule(path).zero_point = int(rng.integers(0, 128)) * 2 + 1
-    qm = from_torch(q, saturate_int16_pairs=SATURATES)
+    qm = from_torch(q, engine="fbgemm", saturate_int16_pairs=SATURATES)
     for _ in range(3):
         compare_with_torch(qm, q, rng.standard_normal((32, 1, 3, 9)).astype(np.float32), "channels-last mix")
 
 
 def test_engine_defaults_to_torchs_and_can_be_given(rng):
     q = quantize(Residual(), rng, engine="x86")
-    assert from_torch(q).engine == "x86"
-    assert from_torch(q, engine="fbgemm").engine == "fbgemm"
+    with torch_engine("x86"):
+        assert from_torch(q).engine == "x86"
+    with torch_engine("fbgemm"):
+        assert from_torch(q).engine == "fbgemm"
+    assert from_torch(q, engine="x86").engine == "x86"
     with pytest.raises(ValueError, match="engine"):
         from_torch(q, engine="qnnpack")
     with pytest.raises(ValueError, match="engine"):
@@ -254,14 +256,14 @@ def test_bad_converted_models_give_one_clear_error(rng):
         q = convert(prepared)
     q.body.add_module("2", nn.Sigmoid())
     with pytest.raises(ValueError, match=r"body.2 \(Sigmoid\) is not a module"):
-        from_torch(q)
+        from_torch(q, engine="fbgemm")
     q.body._modules.pop("2")
     q.quant = nn.Identity()  # the QuantStub's Quantize removed: the quantized Linear gets a float input
     with pytest.raises(ValueError, match=r"body.0 \(QuantizedLinear\) receives a float tensor.*QuantStub"):
-        from_torch(q)
+        from_torch(q, engine="fbgemm")
     q.quant = QuantStub()  # a float QuantStub in a converted model
     with pytest.raises(ValueError, match=r"quant \(QuantStub\) is a float module in a converted model"):
-        from_torch(q)
+        from_torch(q, engine="fbgemm")
 
 
 def test_not_a_module():

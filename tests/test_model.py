@@ -28,7 +28,7 @@ from refquant.histogram import HistogramObserver
 from refquant.pipeline import linear_float
 from refquant.observers import MinMaxObserver, MovingAverageMinMaxObserver, PerChannelMinMaxObserver
 from torch_models import quantize_with_torch, random_batch, random_model, torch_accumulators, torch_calls
-from torch_models import needs_avx2_kernels, power_of_two_qparams, torch_saturates_int16_pairs
+from torch_models import needs_avx2_kernels, power_of_two_qparams, torch_engine, torch_saturates_int16_pairs
 
 SATURATES = torch_saturates_int16_pairs()
 COUNTS: Counter = Counter()
@@ -116,8 +116,7 @@ def run_random_model(rng: np.random.Generator, engine: str = "fbgemm") -> None:
         compare_with_torch(mirror, run.converted, x, what + " (mirror)")
 
     # (b) torch's converted model read as it is
-    read = from_torch(run.converted, saturate_int16_pairs=SATURATES)
-    assert read.engine == engine
+    read = from_torch(run.converted, engine=engine, saturate_int16_pairs=SATURATES)
     compare_converted_modules(read, run.converted, what + " (from_torch)")
     for x in fresh:
         compare_with_torch(read, run.converted, x, what + " (from_torch)")
@@ -144,7 +143,7 @@ def run_tie_prone_model(rng: np.random.Generator) -> None:
     calibration = [random_batch(rng, int(rng.integers(1, 17)), spec.input_shape) for _ in range(2)]
     run = quantize_with_torch(spec.model, calibration)
     power_of_two_qparams(run.converted, rng)
-    read = from_torch(run.converted, saturate_int16_pairs=SATURATES)
+    read = from_torch(run.converted, engine="fbgemm", saturate_int16_pairs=SATURATES)
     for x in (random_batch(rng, int(rng.integers(1, 33)), spec.input_shape), calibration[0]):
         compare_with_torch(read, run.converted, x, spec.text + " (power-of-two scales)")
     COUNTS["tie-prone models"] += 1
@@ -199,8 +198,7 @@ def test_other_qconfig_matches_torch(rng, i):
 
     spec = random_model(rng)
     calibration = [random_batch(rng, 8, spec.input_shape) for _ in range(2)]
-    torch.backends.quantized.engine = "fbgemm"
-    with warnings.catch_warnings():
+    with torch_engine("fbgemm"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fused = fuse_modules(spec.model, fusions(spec.model)) if fusions(spec.model) else spec.model
         fused.qconfig = TorchQConfigs.minmax_per_tensor()
@@ -213,7 +211,7 @@ def test_other_qconfig_matches_torch(rng, i):
     assert observed.weight_qscheme == "per_tensor_symmetric"
     for x in calibration:  # only the QuantStub's observer is sure to see torch's exact floats this way ...
         observed.calibrate(x)
-    read = from_torch(converted, saturate_int16_pairs=SATURATES)
+    read = from_torch(converted, engine="fbgemm", saturate_int16_pairs=SATURATES)
     for path, mod in read.modules.items():
         if isinstance(mod, rm.ConvertedLinear):
             assert mod.weight_qscheme == "per_tensor_affine" and mod.weight_scales.shape == (1,)
@@ -236,7 +234,7 @@ def test_own_float_calibration_is_reported_not_claimed(rng):
     for x in calibration:
         y = observed.calibrate(x)
         assert y.dtype == np.float32
-    read = from_torch(run.converted)
+    read = from_torch(run.converted, engine="fbgemm")
     assert observed.qparams()["quant"] == read.qparams["quant"]
     same = sum(observed.qparams()[p] == read.qparams[p] for p in read.qparams)
     print(f"\nown float calibration: {same} of {len(read.qparams)} qparams equal torch's ({spec.text})")

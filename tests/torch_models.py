@@ -4,6 +4,7 @@ accumulators (derived from torch's own integer tensors with exact int64 ops)."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 
@@ -223,10 +224,20 @@ class TorchRun:
     observers: dict[str, object] = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def torch_engine(engine: str):
+    """torch.backends.quantized.engine = engine inside, restored after (other test files set their own)."""
+    saved = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = saved
+
+
 def quantize_with_torch(model: nn.Module, batches: list[np.ndarray], engine: str = "fbgemm") -> TorchRun:
     """fuse_modules, prepare, calibrate, convert, as the eager flow does; records every observer's inputs."""
-    torch.backends.quantized.engine = engine
-    with warnings.catch_warnings():
+    with torch_engine(engine), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fused = fuse_modules(model, fusions(model)) if fusions(model) else model
         fused.qconfig = get_default_qconfig(engine)
