@@ -10,3 +10,5 @@ The only package besides the tests that imports torch, and only in ``torch_study
     report       the printed report and the JSON document (schema in ``report.JSON_SCHEMA``)
     plots        the figures of ``--plots DIR`` (matplotlib)
 """
+
+from .from_torch import from_torch  # noqa: E402,F401  (torch model -> refquant.model; imports torch when called)

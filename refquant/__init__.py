@@ -11,6 +11,8 @@ The path a value takes, one module per step:
     refquant.qconfig     each engine's default qconfig (which observers watch activations and weights)
     refquant.dynamic     DynamicQuantizedLinear: float in, float out, input qparams chosen per call (4 engines)
     refquant.pipeline    the whole QuantStub -> Linear -> DeQuantStub model, end to end
+    refquant.functional  quantized add, add_relu, mul, cat, relu, flatten (QFunctional, nn.ReLU on codes)
+    refquant.model       whole eager models: prepare, calibrate, convert, every layer by its torch path
     refquant.export      a layer's integer program and test vectors for a C or HDL testbench
 
 refquant never imports torch; ``crosscheck`` compares it with torch value by value.
