@@ -87,7 +87,13 @@ def test_per_tensor_observers_match_torch(rng, cls, kwargs):
             theirs(torch.from_numpy(x))
         assert_same(ours.min_val, theirs.min_val.numpy(), f"{cls} {kind}: min_val")
         assert_same(ours.max_val, theirs.max_val.numpy(), f"{cls} {kind}: max_val")
-        assert_same_qparams(ours.calculate_qparams(), theirs.calculate_qparams(), f"{cls} {kwargs} {kind}")
+        try:
+            expected = theirs.calculate_qparams()
+        except AssertionError:  # float32 moving averages can leave min just above max: torch refuses, so must we
+            with pytest.raises(ValueError, match="min .* should be less than max"):
+                ours.calculate_qparams()
+            continue
+        assert_same_qparams(ours.calculate_qparams(), expected, f"{cls} {kwargs} {kind}")
 
 
 @pytest.mark.parametrize("cls", ["PerChannelMinMaxObserver", "MovingAveragePerChannelMinMaxObserver"])
