@@ -460,15 +460,15 @@ def test_fbgemm_avx2_kernels_are_modelled_and_reported():
         env["fbgemm_kernel_detected_by"]
 
 
-def test_isa_option_runs_each_family_and_refquant_follows(tmp_path):
+def test_isa_option_runs_each_family_and_refquant_follows(tmp_path, fbgemm_kernel):
     """--isa avx2 and --isa vnni from a process that already runs torch (in-process where the family is the one
     torch runs here, a fresh worker with the target's environment where it is not): every parity row equal in both,
     the probe reports the family asked for, and torch's output codes differ between the two families."""
     import crosscheck.isa
 
-    jobs = [{"argv": [*BRIEF, "--isa", "avx2", "--quiet"]}]
+    jobs = [{"argv": [*BRIEF, "--isa", "avx2", "--samples", "300", "--quiet"]}]
     if crosscheck.isa.cpu_has_avx512_vnni():
-        jobs.append({"argv": [*BRIEF, "--isa", "vnni", "--quiet"]})
+        jobs.append({"argv": [*BRIEF, "--isa", "vnni", "--samples", "300", "--quiet"]})
     results = run_main_batch(jobs, tmp_path)
     codes = {}
     for job, (code, doc, _) in zip(jobs, results):
@@ -477,7 +477,10 @@ def test_isa_option_runs_each_family_and_refquant_follows(tmp_path):
         assert code == 0
         assert doc["study"]["isa"] == doc["environment"]["isa"] == doc["environment"]["fbgemm_kernel"] == isa
         assert doc["environment"]["refquant_saturate_int16_pairs"] == (isa == "avx2")
-        codes[isa] = fields_by_name(doc)["output codes (1000 samples)"]["torch"]["sha256"]
+        # the driver runs torch's kernels of this process (fbgemm_kernel): the other family needs a fresh worker
+        assert doc["environment"]["torch_side"] == ("this process (torch already imported)" if isa == fbgemm_kernel
+                                                    else "worker process (spawned before torch was imported)")
+        codes[isa] = fields_by_name(doc)["output codes (300 samples)"]["torch"]["sha256"]
     if len(codes) == 2:
         assert codes["avx2"] != codes["vnni"], "the two kernel families gave the same codes: --isa changed nothing"
 

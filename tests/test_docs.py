@@ -173,3 +173,47 @@ def test_every_reference_to_numerics_md_points_at_something_that_exists():
         elif target not in equations and not any(re.fullmatch(target + "[a-c]", e) for e in equations):
             wrong.append(f"{where}: equation {target} is not defined in docs/numerics.md")
     assert not wrong, "references into docs/numerics.md that point nowhere:\n" + "\n".join(wrong)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what the README shows of the JSON and of CI
+
+
+def test_readme_json_schema_is_the_one_crosscheck_documents():
+    from crosscheck.report import JSON_SCHEMA
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"writes the whole comparison:\n\n```text\n(.*?\n)```", readme, re.S)
+    assert block and block.group(1) == JSON_SCHEMA
+
+
+def test_ci_runs_only_what_the_readme_shows():
+    """.ci/run: the README's second command verbatim, and the commands of its "Tests" section, nothing else."""
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    assert readme.startswith("# refquant\n\n```bash\n") and len(commands[0].splitlines()) == 2  # first, exactly two
+    second = commands[0].splitlines()[1]
+    tests_section = readme[readme.index("\n## Tests\n"):]
+    tests_commands = re.findall(r"```bash\n(.*?)```", tests_section[:tests_section.index("\n## ", 1)], re.S)
+    shown = {second} | {line for block in tests_commands for line in block.splitlines() if line.strip()}
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert ci[0] == second and set(ci) <= shown and set(ci) == shown, (ci, shown)
+
+
+def test_readme_says_how_to_get_the_cpu_build_and_the_advice_holds():
+    """Elsewhere than on the project's machines, `torch==2.13.0` resolves to PyPI's CUDA build on Linux; the README
+    adds PyTorch's CPU index as an extra index. Its reasoning is PEP 440's, checked with pip's own rules
+    (``packaging``, which pytest depends on): the pin accepts 2.13.0+cpu, and 2.13.0+cpu is the higher candidate."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    readme = (ROOT / "README.md").read_text()
+    pin = next(line for line in (ROOT / "constraints.txt").read_text().splitlines() if line.startswith("torch"))
+    advice = [line for block in re.findall(r"```bash\n(.*?)```", readme, re.S) for line in block.splitlines()
+              if "--extra-index-url https://download.pytorch.org/whl/cpu" in line]
+    assert advice and all(line.startswith("python -m pip install -c constraints.txt ") for line in advice), advice
+    specifier = SpecifierSet(pin[len("torch"):])
+    assert Version("2.13.0+cpu") in specifier and Version("2.13.0") in specifier
+    assert max([Version("2.13.0"), Version("2.13.0+cpu")]) == Version("2.13.0+cpu")
+    assert "--index-url" in readme and "2.13.0+cpu" in readme
