@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", metavar="DIR", default=None,
                    help="draw PNG figures into DIR (needs matplotlib: pip install 'refquant[plots]')")
     p.add_argument("--quiet", action="store_true",
-                   help="print only the result line (and the first mismatch of each differing row)")
+                   help="print only the result line (and the first mismatch of each differing row); no progress on "
+                        "stderr")
     return p
 
 

@@ -169,7 +169,7 @@ def text_report(res: StudyResult) -> str:
     N, K = ts.weight_int8.shape
     if N * K <= 64:
         L.append("weight: PerChannelMinMaxObserver(qint8, per_channel_symmetric); scale = max|w[n]| / 127.5;")
-        L.append("  torch stores it as per_channel_affine with zero points 0 (quantize_per_channel has no symmetric kind)")
+        L.append("  torch stores it as per_channel_affine, zero points 0 (quantize_per_channel has no symmetric kind)")
         L.append(f"  {'float weight':<{11 * K}}  {'int8 (int_repr)':<{6 * K}}  {'scale':<12}  "
                  f"{'bias (float32, not quantized)' if ts.bias is not None else ''}")
         for n in range(N):

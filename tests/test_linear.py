@@ -591,7 +591,7 @@ def test_saturate_int16_pairs_matches_torch_without_vnni(rng, tmp_path, isa, fbg
     print(f"\n{isa}: {len(problems)} problems, {compared} outputs equal; {changed} of them differ between this "
           f"process ({fbgemm_kernel}) and {isa}")
     if fbgemm_kernel == "vnni":
-        assert changed > 0, f"torch under FBGEMM_ENABLE_INSTRUCTIONS={isa} gave the VNNI results: the path was not forced"
+        assert changed > 0, f"torch under FBGEMM_ENABLE_INSTRUCTIONS={isa} gave the VNNI results: not forced"
     else:  # this process already runs the int16-saturating kernels (no VNNI here, or forced): the same results
         assert changed == 0, f"torch here ({fbgemm_kernel}) and under FBGEMM_ENABLE_INSTRUCTIONS={isa} differ"
 
