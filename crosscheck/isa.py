@@ -12,9 +12,10 @@ uint8 x int8 -> int32 GEMM micro-kernels, and they give different integers:
 Which family runs is fixed once per process. ``fbgemmInstructionSet()`` (pytorch/FBGEMM src/Utils.cc) keeps in
 function-local statics the ISA cpuinfo detected (AVX-512 VNNI needs ``avx512vnni``; AVX-VNNI alone does not count)
 and the one ``FBGEMM_ENABLE_INSTRUCTIONS`` asks for (``AVX2``, ``AVX512``, ``AVX512_E1``, ...: it can only lower the
-detected ISA). It is evaluated at the first quantized GEMM, so setting the variable later in the same process does
-nothing. This module therefore never guesses from CPU flags what torch runs: :func:`torch_fbgemm_kernel_family`
-asks torch, with a probe.
+detected ISA). Both are read on its first call — the first quantized op that packs or multiplies with fbgemm — and
+never again, so setting the variable later in the same process does nothing. This module therefore never guesses
+from CPU flags what torch runs: :func:`torch_fbgemm_kernel_family` asks torch, with a probe.
+Matches: pytorch/FBGEMM src/Utils.cc (fbgemmInstructionSet, fbgemmEnvGetIsa, isaSupportMap).
 
 Why the probe is reliable:
 
@@ -28,7 +29,7 @@ Why the probe is reliable:
   4·255·(-128) = -130,560 and 4·255·127 = 129,540; saturated pairs give 2·(-32,768) = -65,536 and
   2·32,767 = 65,534 however fbgemm pairs the four equal products (K = 4 is one whole ROW_INTERLEAVE group, no
   padding). With s_y = 2048 (the multiplier 2^-11 is exact) and z_y = 128 the outputs are
-  rint(-63.75) + 128 = 64, rint(63.25) + 128 = 191 (exact) against rint(-32) + 128 = 96,
+  rint(-63.75) + 128 = 64, rint(63.252) + 128 = 191 (exact) against rint(-32) + 128 = 96,
   rint(31.999) + 128 = 160 (saturated): no rounding tie, every float32 step exact, so only the accumulation can
   make the difference. Any other result is an error, never a guess.
 
