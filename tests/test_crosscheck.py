@@ -412,7 +412,7 @@ def test_a_slow_numba_start_says_so_once_on_stderr_and_stdout_stays_json(monkeyp
     warm_up = crosscheck.study.warm_up_refquant
 
     def slow_warm_up(*args, **kwargs):
-        time.sleep(1.5)
+        time.sleep(1.2)  # past the 1 s delay of this phase
         warm_up(*args, **kwargs)
 
     monkeypatch.setattr(crosscheck.study, "warm_up_refquant", slow_warm_up)
