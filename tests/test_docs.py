@@ -119,13 +119,15 @@ def _expand(names: str) -> list[str]:
 
 
 def numerics_equations() -> set[str]:
-    """The equation names docs/numerics.md defines: bold labels (**P1 — ...**, **L1–L3**) and the labels at the end
-    of its formula lines ((L5), (L10, L11))."""
+    """The equation names docs/numerics.md defines: bold labels (**P1 — ...**, **L1–L3**, **F1, F2 — ...**) and the
+    labels right after a formula: at the end of a formula line ((L5), (L10, L11)) or after a code span (`...` (Q1c))."""
     text = NUMERICS.read_text()
     defined: set[str] = set()
-    for names in re.findall(rf"\*\*({NAME}(?:\s*[–-]\s*{NAME})?)", text):
+    for names in re.findall(rf"\*\*({NAME}(?:\s*(?:[–-]|,)\s*{NAME})*)", text):
         defined.update(_expand(names))
     for names in re.findall(rf"\(({NAME}(?:,\s*{NAME})*)\)\s*$", text, re.M):
+        defined.update(_expand(names))
+    for names in re.findall(rf"` \(({NAME}(?:,\s*{NAME})*)\)", text):
         defined.update(_expand(names))
     return defined
 
