@@ -9,6 +9,12 @@ With no arguments it runs the seed study::
 
 then runs 1000 fresh random inputs through both quantized models and the float model.
 
+``--isa auto|vnni|avx2`` chooses the int8 kernel family torch's fbgemm runs (crosscheck.isa: the torch worker starts
+with the environment of the target CPU, a probe checks what torch really runs, refquant models it). Phases that take
+long (Numba compiling refquant's kernels on the first run, torch's calibration, the forward passes, the figures) say
+so on stderr, one line each when stderr is not a terminal; stdout carries only the report (or the JSON of
+``--json -``).
+
 Exit codes: 0 every parity row equal; 1 any mismatch (the first differing element and both values are printed);
 2 bad arguments (a message says what was wrong); 3 the study could not run (the torch side failed; its traceback is
 printed).
@@ -20,11 +26,13 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from typing import Sequence
 
 EXIT_EQUAL, EXIT_MISMATCH, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 DISTRIBUTIONS = ("normal", "uniform", "laplace", "outliers", "relu")  # crosscheck.torch_study.draw
 ENGINES = ("fbgemm", "x86")
+ISAS = ("auto", "vnni", "avx2")  # crosscheck.isa.ISAS
 MAX_ELEMENTS = 1 << 28  # refuse shapes whose single input or weight would not fit comfortably in memory
 
 
@@ -64,6 +72,20 @@ def _seed(text: str) -> int:
     return v
 
 
+def _unwritable_dir(path: str, *, create: bool) -> str | None:
+    """None if a file can be created in directory ``path`` (made first when ``create``), else the reason: checked
+    before the study runs, so that a bad --plots or --json path costs nothing. (A real test write, not os.access,
+    which says yes to root on a read-only file system.)"""
+    try:
+        if create:
+            os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m crosscheck.linear",
@@ -94,16 +116,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="torch.manual_seed before the Linear's init, the "
                    "calibration data and the samples (default 0)")
     p.add_argument("--relu", action="store_true", help="Linear + ReLU, fused to LinearReLU before prepare")
-    p.add_argument("--no-bias", action="store_true", help="nn.Linear(..., bias=False)")
+    p.add_argument("--no-bias", action="store_true",
+                   help="no bias, as nn.Linear(..., bias=False); the bias is still drawn (then removed), so a seed "
+                        "gives the same weight, calibration data and samples with and without --no-bias")
     p.add_argument("--engine", choices=ENGINES, default="fbgemm",
-                   help="torch.backends.quantized.engine and get_default_qconfig(engine) (default fbgemm)")
+                   help="torch.backends.quantized.engine and get_default_qconfig(engine) (default fbgemm; x86 runs "
+                        "the same fbgemm kernels for a Linear)")
+    p.add_argument("--isa", choices=ISAS, default="auto",
+                   help="the int8 kernel family torch's fbgemm is to run: auto (what this machine runs), vnni "
+                        "(AVX-512 VNNI vpdpbusd, exact int32 sums; needs a CPU with AVX-512 VNNI) or avx2 (the "
+                        "pre-VNNI vpmaddubsw kernels, which saturate pairs of products to int16; the torch worker "
+                        "starts with FBGEMM_ENABLE_INSTRUCTIONS=AVX2). A probe checks what torch really runs, and "
+                        "refquant models it (saturate_int16_pairs). Default auto")
     p.add_argument("--json", metavar="PATH", default=None,
                    help="write the full comparison as JSON to PATH ('-' for stdout, which then replaces the "
                         "text report)")
     p.add_argument("--plots", metavar="DIR", default=None,
                    help="draw PNG figures into DIR (needs matplotlib: pip install 'refquant[plots]')")
     p.add_argument("--quiet", action="store_true",
-                   help="print only the result line (and the first mismatch of each differing row)")
+                   help="print only the result line (and the first mismatch of each differing row); no progress on "
+                        "stderr")
     return p
 
 
@@ -127,6 +159,12 @@ def parse_config(argv: Sequence[str] | None):
     if n_input > MAX_ELEMENTS or args.in_features * args.out_features > MAX_ELEMENTS:
         parser.error(f"--input-shape {shape} with --out-features {args.out_features} is too large "
                      f"(more than {MAX_ELEMENTS} elements in one tensor)")
+    if args.isa == "vnni":
+        from .isa import cpu_has_avx512_vnni
+
+        if not cpu_has_avx512_vnni():
+            parser.error("--isa vnni: this CPU has no AVX-512 VNNI, so torch's fbgemm cannot run its VNNI kernels "
+                         "here (FBGEMM_ENABLE_INSTRUCTIONS can only lower the ISA); use --isa auto or avx2")
     if args.plots is not None:
         try:
             import matplotlib  # noqa: F401
@@ -135,15 +173,21 @@ def parse_config(argv: Sequence[str] | None):
                          "(or pip install matplotlib)")
         if os.path.exists(args.plots) and not os.path.isdir(args.plots):
             parser.error(f"--plots {args.plots!r} exists and is not a directory")
+        problem = _unwritable_dir(args.plots, create=True)
+        if problem:
+            parser.error(f"--plots {args.plots!r}: cannot write figures there ({problem})")
     if args.json not in (None, "-"):
         parent = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(parent):
             parser.error(f"--json {args.json!r}: directory {parent!r} does not exist")
         if os.path.isdir(args.json):
             parser.error(f"--json {args.json!r} is a directory; give a file path")
+        problem = _unwritable_dir(parent, create=False)
+        if problem:
+            parser.error(f"--json {args.json!r}: cannot write to directory {parent!r} ({problem})")
     config = StudyConfig(in_features=args.in_features, out_features=args.out_features, input_shape=tuple(shape),
                          calib_batches=args.calib_batches, calib_dist=args.calib_dist, samples=args.samples,
-                         seed=args.seed, relu=args.relu, bias=not args.no_bias, engine=args.engine)
+                         seed=args.seed, relu=args.relu, bias=not args.no_bias, engine=args.engine, isa=args.isa)
     return config, args
 
 
@@ -173,8 +217,10 @@ def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None 
     figures = []
     if args.plots is not None:
         from .plots import draw_all
+        from .progress import Progress
 
-        figures = draw_all(result, args.plots)
+        with Progress("drawing the figures", enabled=not args.quiet):
+            figures = draw_all(result, args.plots)
     try:
         if args.json == "-":
             json.dump(json_document(result), sys.stdout, indent=1, allow_nan=False)

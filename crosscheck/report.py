@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import numpy as np
 
 from . import compare as C
+from .isa import INSTRUCTIONS
 from .study import StudyResult
 
 JSON_SCHEMA = """\
@@ -15,7 +17,7 @@ JSON_SCHEMA = """\
   "equal":     true when every parity and derived row is equal (exit code 0), else false (exit code 1)
   "exit_code": 0 or 1
   "study":     the options: in_features, out_features, input_shape, calib_batches, calib_dist, samples, seed,
-               relu, bias, engine
+               relu, bias, engine, isa
   "fields": [  one object per compared value, in the printed order:
     {"name":       e.g. "input scale", "weight int8 (int_repr)", "output codes (1000 samples)"
      "kind":       "parity"        torch's value read from torch's model, observers or outputs;
@@ -49,10 +51,36 @@ JSON_SCHEMA = """\
                 "sample_output_codes_differing" (a model calibrated on refquant's own floats vs torch's codes,
                 0 when the qparams did not change), "explanation"}
   "environment": {"torch", "numpy", "numba", "engine", "cpu_isa" (torch.backends.cpu.get_cpu_capability()),
-                "vnni" (AVX-512 VNNI or AVX-VNNI present), "torch_threads"}
+                "vnni" (the CPU has AVX-512 VNNI, which fbgemm's VNNI kernels need), "torch_threads",
+                "isa" (--isa: "auto", "vnni" or "avx2"),
+                "fbgemm_kernel": "vnni" (vpdpbusd, exact int32 sums) or "avx2" (vpmaddubsw, int16-saturated
+                                 pairs: AVX2, or AVX-512 without VNNI), what torch really ran,
+                "fbgemm_kernel_detected_by" (the probe of crosscheck/isa.py and its result),
+                "fbgemm_enable_instructions" (FBGEMM_ENABLE_INSTRUCTIONS in the torch process, or null),
+                "refquant_saturate_int16_pairs" (true for "avx2": how refquant modelled it),
+                "torch_side" (the process torch ran in)}
   "torch_warnings": the distinct warnings torch raised (deprecations), first lines
 }
 """
+
+
+MACHINE_DEPENDENT = (
+    # the header lines that describe the machine: CPU features, the kernel family torch's fbgemm runs
+    (re.compile(r"^(  machine  ).*$", re.M), r"\1<this machine>"),
+    (re.compile(r"^(  kernel   ).*$", re.M), r"\1<this machine>"),
+    # refquant's own NumPy float forward against torch's MKL sgemm: both BLAS pick kernels by CPU
+    (re.compile(r"^(  calibrating with NumPy's float32 .*?: )\d+( of \d+ floats differ;\n).*?(?=^  torch's MKL)",
+                re.M | re.S), r"\1<n>\2  <what that does to the output qparams>\n"),
+)
+"""What the text report may print differently on another machine with the same versions, and nothing else."""
+
+
+def mask_machine_dependent(text: str) -> str:
+    """``text`` (a text report) with the lines and figures of :data:`MACHINE_DEPENDENT` replaced by placeholders,
+    so that two reports from different machines compare equal exactly when everything else is."""
+    for pattern, placeholder in MACHINE_DEPENDENT:
+        text = pattern.sub(placeholder, text)
+    return text
 
 
 def _fmt_scalar(v: Any) -> str:
@@ -115,26 +143,33 @@ def text_report(res: StudyResult) -> str:
     batches = f"{cfg.calib_batches} calibration batch{'es' if cfg.calib_batches > 1 else ''}"
     L.append(f"  data     seed {cfg.seed}; {batches} of shape {tuple(cfg.input_shape)} ({cfg.calib_dist}); "
              f"{cfg.samples} samples")
-    L.append(f"  system   torch {env['torch']} (engine {env['engine']}, CPU {env['cpu_isa']}, "
-             f"VNNI {'yes' if env['vnni'] else 'no'}), numpy {env['numpy']}, numba {env['numba']}")
+    L.append(f"  system   torch {env['torch']} (engine {env['engine']}), numpy {env['numpy']}, numba {env['numba']}")
+    forced = f", FBGEMM_ENABLE_INSTRUCTIONS={env['fbgemm_enable_instructions']}" \
+        if env["fbgemm_enable_instructions"] else ""
+    L.append(f"  machine  torch's CPU capability {env['cpu_isa']}, AVX-512 VNNI {'yes' if env['vnni'] else 'no'}"
+             f"{forced}")
+    family = env["fbgemm_kernel"]
+    L.append(f"  kernel   fbgemm runs {family} ({INSTRUCTIONS[family]}; probed), refquant "
+             f"saturate_int16_pairs={env['refquant_saturate_int16_pairs']}")
     L.append("")
 
-    L.append("calibration: HistogramObserver(reduce_range=True) picks a clip range, then scale and zero point")
-    L.append(f"  {'':<8} {'min_val':>11} {'max_val':>11}   {'clip range':<25} {'scale':>22} {'zero_point':>10}")
+    L.append("calibration: HistogramObserver(reduce_range=True) picks a range, then scale and zero point")
+    L.append(f"  {'':<8} {'min_val':>11} {'max_val':>11}   {'calibrated range':<25} {'scale':>22} {'zero_point':>10}")
     for label, obs, scale, zp in (("input", ts.input_observer, ts.input_scale[0], ts.input_zero_point[0]),
                                   ("output", ts.output_observer, np.float32(ts.output_scale),
                                    ts.output_zero_point)):
         clip = f"[{_fmt_scalar(obs['clip_min'])}, {_fmt_scalar(obs['clip_max'])}]"
         L.append(f"  {label:<8} {_fmt_scalar(obs['min_val']):>11} {_fmt_scalar(obs['max_val']):>11}   {clip:<25} "
                  f"{_fmt_scalar(scale):>22} {int(zp):>10}")
-    L.append(f"  reduce_range maps the clip range onto codes {ts.input_observer['quant_min']}.."
-             f"{ts.input_observer['quant_max']} (7 bits); quantize still clamps to 0..255,")
-    L.append("  so values above the clip range use codes 128..255 before they saturate")
+    L.append(f"  reduce_range maps the calibrated range onto codes {ts.input_observer['quant_min']}.."
+             f"{ts.input_observer['quant_max']} (7 bits); quantize still clamps to 0..255:")
+    L.append("  headroom above the calibrated range (codes 128..255), none below it (code 0 is its minimum)")
     L.append("")
 
     N, K = ts.weight_int8.shape
     if N * K <= 64:
-        L.append("weight: PerChannelMinMaxObserver(qint8, per_channel_symmetric); scale = max|w[n]| / 127.5")
+        L.append("weight: PerChannelMinMaxObserver(qint8, per_channel_symmetric); scale = max|w[n]| / 127.5;")
+        L.append("  torch stores it as per_channel_affine, zero points 0 (quantize_per_channel has no symmetric kind)")
         L.append(f"  {'float weight':<{11 * K}}  {'int8 (int_repr)':<{6 * K}}  {'scale':<12}  "
                  f"{'bias (float32, not quantized)' if ts.bias is not None else ''}")
         for n in range(N):
@@ -166,7 +201,8 @@ def text_report(res: StudyResult) -> str:
         L.append(f"  identical: {'yes' if e['equal'] else 'NO'} (same code on both sides, compared bit for bit)")
         m = e["torch"]
         ins, clp = m["inside_ranges"], m["clipped"]
-        L.append("  where it comes from (torch; outputs whose inputs and float value fit the quantized ranges):")
+        L.append("  where it comes from (torch; clipped: an input or the float output lies beyond what codes 0..255 "
+                 "stand for):")
         if ins["n"]:
             L.append(f"    inside the ranges  {ins['n']:>8} outputs  mean |err| {ins['mean_abs']:.8f}  "
                      f"max {ins['max_abs']:.8f}   rounding of inputs, weights and output")
@@ -209,7 +245,7 @@ def text_report(res: StudyResult) -> str:
     else:
         L.append(f"  the output qparams are unchanged (scale {t_scale!s}, zero_point {ff['torch']['zero_point']}).")
     L.append("  torch's MKL sgemm sums in a shape-dependent order, so this can differ for other shapes and data")
-    L.append("  (docs/numerics.md §7); the parity rows feed refquant the activations torch's observers saw.")
+    L.append("  (docs/numerics.md §8); the parity rows feed refquant the activations torch's observers saw.")
     L.append("")
 
     bad = [f for f in parity if not f.equal]

@@ -2,12 +2,14 @@
 
 Order of events (``run_study``):
 
-1. torch: build QuantStub -> Linear [ReLU] -> DeQuantStub, prepare, calibrate, convert (crosscheck.torch_study),
-   recording the float activations each observer saw.
+1. torch: probe which int8 kernel family its fbgemm runs (crosscheck.isa), then build QuantStub -> Linear [ReLU] ->
+   DeQuantStub, prepare, calibrate, convert (crosscheck.torch_study), recording the float activations each observer
+   saw.
 2. refquant (``refquant.pipeline.ObservedLinear``): the same float weight and bias; its observers are fed exactly the
-   activations torch's observers saw; then ``convert``.
+   activations torch's observers saw; then ``convert``, with ``saturate_int16_pairs`` set to model the probed
+   family (True for fbgemm's pre-VNNI ``vpmaddubsw`` kernels).
 3. refquant again, calibrated with its own NumPy float forward: a separate, reported row on whether the output
-   qparams change (torch's MKL float Linear sums in a shape-dependent order, docs/numerics.md §7). Never part of
+   qparams change (torch's MKL float Linear sums in a shape-dependent order, docs/numerics.md §8). Never part of
    parity.
 4. Both quantized models run on the calibration batches and on ``samples`` fresh random inputs; codes, int32
    accumulators and float outputs are compared, and the error against torch's float model is measured for both
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import compare as C
+from .isa import expected_family, saturate_int16_pairs
 from .progress import Progress
 
 
@@ -43,6 +46,7 @@ class StudyConfig:
     relu: bool = False
     bias: bool = True
     engine: str = "fbgemm"
+    isa: str = "auto"  # crosscheck.isa.ISAS: the kernel family torch's fbgemm is to run (auto: what this machine runs)
 
     def torch_kwargs(self) -> dict:
         return dict(in_features=self.in_features, out_features=self.out_features, input_shape=self.input_shape,
@@ -86,12 +90,17 @@ class _ErrorSums:
 
 
 def inside_ranges(x: np.ndarray, y_float: np.ndarray, input_qparams: tuple, output_qparams: tuple) -> np.ndarray:
-    """True for outputs whose inputs and float value all lie inside the quantized ranges (no clipping).
+    """True for outputs whose inputs and float value all lie inside the quantized ranges; False for the clipped.
 
     A float v fits (scale, zero_point, quant_min, quant_max) when
     scale * (quant_min - zero_point - 1/2) <= v <= scale * (quant_max - zero_point + 1/2), computed in float64
     (a statistic for the report, not quantization arithmetic). Output [m, n] is inside when every x[m, :] fits the
     input qparams and y_float[m, n] fits the output qparams.
+
+    "Clipped", in the report, the JSON and the README, means exactly the opposite: quantization clamps the value to
+    code quant_min or quant_max (0 or 255; the study passes the full quint8 range, which quantize clamps to even
+    with reduce_range). The observers' calibrated range is narrower: it maps onto codes 0..127, and values above it
+    use codes 128..255 without being clipped.
     """
     def fits(v, scale, zero_point, qmin, qmax):
         s = float(scale)
@@ -201,13 +210,13 @@ NOTES = {
                      "and compared as float64 bits",
     "weight_int8": "torch: fc.weight().int_repr(); refquant: QuantizedLinear.weight_int8",
     "bias": "float32, NOT quantized: fbgemm adds f32(bias / act_times_w_scale) to f32(int32 accumulator) "
-            "(docs/numerics.md §5)",
+            "(docs/numerics.md §6)",
     "no_bias": "no bias: nn.Linear(bias=False); torch's fc.bias() and refquant's bias are both None",
     "col_offsets": "torch side derived from torch's int_repr() with exact int64 torch ops: "
                    "sum_k qw[n,k] - w_zp[n]*K (fbgemm does not expose its packed col_offsets)",
     "accumulators": "int32 accumulators after zero-point correction, sum_k qx*qw - x_zp*col_offsets[n]: torch side "
                     "derived from torch's own input codes and int8 weights with exact int64 torch ops (fbgemm does "
-                    "not expose them)",
+                    "not expose them); with fbgemm's avx2 kernels the sum is of int16-saturated pairs, on both sides",
     "input_codes": "torch: model.quant(x).int_repr(); refquant: quantize_per_tensor(x, s_x, z_x, 'quint8')",
     "output_codes": "torch: model.fc(qx).int_repr(); refquant: QuantizedLinear(x_u8)",
     "output": "torch: model(x) (DeQuantStub); refquant: dequantize(y_u8, s_y, z_y); compared as float32 bits",
@@ -218,7 +227,7 @@ NOTES = {
     "float_forward": "refquant calibrated with its own NumPy float32 forward (x @ W.T + b) instead of torch's "
                      "recorded F.linear outputs. torch's MKL sgemm sums in a shape-dependent order, so single "
                      "floats can differ in the last bit and move the histogram observer's choice "
-                     "(docs/numerics.md §7). Reported only; the parity rows use torch's recorded activations.",
+                     "(docs/numerics.md §8). Reported only; the parity rows use torch's recorded activations.",
 }
 
 
@@ -249,9 +258,10 @@ def _observer_rows(add, prefix: str, t: dict, r: dict, note: str) -> None:
     add(f"{prefix} observer min_val, max_val", np.array([t["min_val"], t["max_val"]], np.float32),
         np.array([r["min_val"], r["max_val"]], np.float32), note=note)
     add(f"{prefix} observer histogram", t["histogram"], r["histogram"], note=note)
-    add(f"{prefix} observer clip range", np.array([t["clip_min"], t["clip_max"]], np.float32),
+    add(f"{prefix} observer calibrated range", np.array([t["clip_min"], t["clip_max"]], np.float32),
         np.array([r["clip_min"], r["clip_max"]], np.float32),
-        note="the [min, max] HistogramObserver._non_linear_param_search chose (the range the qparams come from)")
+        note="the calibrated range: the [min, max] HistogramObserver._non_linear_param_search chose (its clip "
+             "range, from which the qparams come); with reduce_range it maps onto codes 0..127")
 
 
 def refquant_observer_state(obs) -> dict:
@@ -271,8 +281,10 @@ def refquant_observer_state(obs) -> dict:
     }
 
 
-def warm_up_refquant() -> None:
-    """Load refquant's Numba kernels from the cache (first calls) on tiny data, while the torch worker starts."""
+def warm_up_refquant(saturate: bool = False) -> None:
+    """Load refquant's Numba kernels from the cache (first calls) on tiny data, while the torch worker starts; on
+    the first run (or after an edit) Numba compiles them instead, which takes 10-40 s. ``saturate`` also loads the
+    int16-pair kernel (eq. M2)."""
     from refquant.pipeline import ObservedLinear
 
     w = np.array([[0.5, -0.25]], np.float32)
@@ -281,22 +293,26 @@ def warm_up_refquant() -> None:
     observed.observe_input(x)
     observed.observe_input(x * np.float32(2))  # a growing range: the upscale/combine kernels
     observed.calibrate(x)
-    observed.convert().stages(x)
+    model = observed.convert()
+    model.stages(x)
+    if saturate:
+        model.linear(model.quant(x), saturate_int16_pairs=True)
 
 
-def environment(torch_env: dict, engine: str) -> dict:
-    """Versions and CPU features that change the numbers (docs/numerics.md, 'Things that change these numbers')."""
+def environment(torch_env: dict, config: StudyConfig) -> dict:
+    """Versions, CPU features and the kernel family that change the numbers (docs/numerics.md, 'What changes these
+    numbers')."""
     import numba
 
-    try:
-        from llvmlite import binding as llvm
+    from .isa import cpu_has_avx512_vnni
 
-        features = llvm.get_host_cpu_features()
-        vnni = bool(features.get("avx512vnni", False) or features.get("avxvnni", False))
-    except Exception:  # pragma: no cover - llvmlite ships with numba
-        vnni = torch_env.get("torch_vnni")
-    return {"torch": torch_env["torch"], "numpy": np.__version__, "numba": numba.__version__, "engine": engine,
-            "cpu_isa": torch_env["cpu_isa"], "vnni": vnni, "torch_threads": torch_env["torch_threads"]}
+    family = torch_env["fbgemm_kernel"]
+    return {"torch": torch_env["torch"], "numpy": np.__version__, "numba": numba.__version__, "engine": config.engine,
+            "cpu_isa": torch_env["cpu_isa"], "vnni": cpu_has_avx512_vnni(), "torch_threads": torch_env["torch_threads"],
+            "isa": config.isa, "fbgemm_kernel": family,
+            "fbgemm_kernel_detected_by": torch_env["fbgemm_kernel_detected_by"],
+            "fbgemm_enable_instructions": torch_env["fbgemm_enable_instructions"],
+            "refquant_saturate_int16_pairs": saturate_int16_pairs(family), "torch_side": torch_env["torch_side"]}
 
 
 def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = False,
@@ -307,10 +323,12 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
     crosscheck.worker). ``_perturb`` is a test hook only: (field name, flat index) flips the lowest bit of that
     element of refquant's value right before it is compared, to prove a difference is caught and named.
     """
-    from .worker import torch_events
+    from .worker import UsageError, torch_events
 
     events = torch_events(config, subprocess=torch_subprocess)  # a worker process starts on torch's side ...
-    warm_up_refquant()  # ... while refquant loads its Numba kernels here
+    with Progress("loading refquant's Numba kernels (the first run compiles them: 10-40 s, cached afterwards)",
+                  enabled=progress, delay_s=1.0):
+        warm_up_refquant(expected_family(config.isa) == "avx2")  # ... while refquant loads its kernels here
     from refquant.pipeline import ObservedLinear, linear_float
 
     perturb = _Perturber(_perturb)
@@ -320,26 +338,37 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
         fields.append(C.compare(name, t, perturb(name, r), kind=kind, note=note))
 
     # 1. torch
-    kind, torch_env = next(events)
-    kind, ts = next(events)
+    with Progress("torch: import, prepare, calibrate, convert", enabled=progress):
+        kind, torch_env = next(events)
+        family = torch_env["fbgemm_kernel"]
+        if config.isa != "auto" and family != config.isa:
+            events.close()
+            raise UsageError(f"--isa {config.isa}: torch's fbgemm runs its {family} kernels in "
+                             f"{torch_env['torch_side']} and cannot switch ({torch_env['fbgemm_kernel_detected_by']})")
+        kind, ts = next(events)
     assert kind == "study", kind
+    saturate = saturate_int16_pairs(family)
 
     # 2. refquant, observers fed what torch's observers saw
-    observed = ObservedLinear(ts.weight, ts.bias, relu=config.relu)
-    for x in ts.input_observed:
-        observed.observe_input(x)
-    for y in ts.output_observed:
-        observed.observe_output(y)
-    model = observed.convert()
-    ql = model.linear
+    with Progress("refquant: observers, convert", enabled=progress):
+        observed = ObservedLinear(ts.weight, ts.bias, relu=config.relu)
+        for x in ts.input_observed:
+            observed.observe_input(x)
+        for y in ts.output_observed:
+            observed.observe_output(y)
+        model = observed.convert()
+        ql = model.linear
+        ql.saturate_int16_pairs = saturate  # the layer's default mode (QuantizedLinear's constructor argument)
 
-    # 3. refquant with its own float forward (separate, reported)
-    own = ObservedLinear(ts.weight, ts.bias, relu=config.relu)
-    own_outputs = [own.calibrate(x) for x in ts.calibration]
-    own_scale, own_zp = own.output_observer.calculate_qparams()
-    own_changed = not (C.compare("", ts.output_observer["scale"], own_scale).equal
-                       and C.compare("", ts.output_observer["zero_point"], own_zp).equal)
-    own_model = own.convert() if own_changed else None
+        # 3. refquant with its own float forward (separate, reported)
+        own = ObservedLinear(ts.weight, ts.bias, relu=config.relu)
+        own_outputs = [own.calibrate(x) for x in ts.calibration]
+        own_scale, own_zp = own.output_observer.calculate_qparams()
+        own_changed = not (C.compare("", ts.output_observer["scale"], own_scale).equal
+                           and C.compare("", ts.output_observer["zero_point"], own_zp).equal)
+        own_model = own.convert() if own_changed else None
+        if own_model is not None:
+            own_model.linear.saturate_int16_pairs = saturate
     own_codes_differing = 0
 
     # -- calibration and conversion rows
@@ -404,7 +433,8 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
     scatter_inside: list[np.ndarray] = []
     scatter_n = 0
     first = None
-    with Progress(config.samples, "samples", enabled=progress) as bar:
+    with Progress(f"forward passes, both sides (calibration {batches}, then samples)", config.samples,
+                  enabled=progress) as bar:
         for kind, t in events:
             if kind == "calibration":
                 compare_forward(t, calib_comps, batch_axis=True)
@@ -469,7 +499,7 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
         "refquant_vs_own_float_forward": err_own.result(),
     }
 
-    result = StudyResult(config=config, environment=environment(torch_env, config.engine), fields=fields, torch=ts,
+    result = StudyResult(config=config, environment=environment(torch_env, config), fields=fields, torch=ts,
                          refquant=model, refquant_observed=observed, refquant_own=own, calibration=first,
                          error=error, float_forward=float_forward)
     if plot_data:

@@ -19,7 +19,10 @@ sequence in-process.
 
 All random data comes from torch's global generator after ``torch.manual_seed(seed)``, in this order: the Linear's
 default initialisation, the calibration batches, then the evaluation samples. With the defaults this is exactly the
-study ``torch.manual_seed(0); Linear(3, 3); prepared(torch.randn(1, 2, 3, 3))``.
+study ``torch.manual_seed(0); Linear(3, 3); prepared(torch.randn(1, 2, 3, 3))``. The Linear is always built with a
+bias, which ``bias=False`` then removes (``linear.bias = None``, what ``nn.Linear(..., bias=False)`` holds): its
+initialisation draws from the generator, so the same seed gives the same weight, calibration batches and samples
+with and without a bias.
 """
 
 from __future__ import annotations
@@ -119,17 +122,30 @@ def derived_col_offsets(weight_int8: np.ndarray, weight_zero_points: np.ndarray)
 
 
 def derived_accumulators(input_codes_u8: np.ndarray, weight_int8: np.ndarray, input_zero_point: int,
-                         weight_zero_points: np.ndarray) -> np.ndarray:
+                         weight_zero_points: np.ndarray, saturate_int16_pairs: bool = False) -> np.ndarray:
     """int32 accumulators from torch's own integer tensors with exact int64 torch ops (then wrapped to int32).
 
     raw[m, n] = sum_k qx[m,k]*qw[n,k] - x_zp*col_offsets[n] - w_zp[n]*sum_k qx[m,k]  (fbgemm does not expose them)
+
+    With ``saturate_int16_pairs`` (fbgemm's "avx2" kernel family, crosscheck.isa) the first sum is the one
+    ``vpmaddubsw`` forms: sum_j clamp(qx[m,2j]*qw[n,2j] + qx[m,2j+1]*qw[n,2j+1], -32768, 32767), K padded with a
+    zero column when odd (refquant.matmul eq. M2).
     """
     K = weight_int8.shape[1]
     qx = torch.from_numpy(np.ascontiguousarray(input_codes_u8)).reshape(-1, K).to(torch.int64)
     qw = torch.from_numpy(np.ascontiguousarray(weight_int8)).to(torch.int64)
     w_zp = torch.from_numpy(np.asarray(weight_zero_points)).to(torch.int64)
     col_offsets = qw.sum(dim=1) - w_zp * K
-    raw = qx @ qw.T - input_zero_point * col_offsets - qx.sum(dim=1, keepdim=True) * w_zp
+    if saturate_int16_pairs:
+        qx_even = torch.nn.functional.pad(qx, (0, K % 2))
+        qw_even = torch.nn.functional.pad(qw, (0, K % 2))
+        acc = torch.zeros(qx.shape[0], qw.shape[0], dtype=torch.int64)
+        for j in range(0, qx_even.shape[1], 2):
+            pair = torch.outer(qx_even[:, j], qw_even[:, j]) + torch.outer(qx_even[:, j + 1], qw_even[:, j + 1])
+            acc += pair.clamp(-32768, 32767)
+    else:
+        acc = qx @ qw.T
+    raw = acc - input_zero_point * col_offsets - qx.sum(dim=1, keepdim=True) * w_zp
     lead = input_codes_u8.shape[:-1]
     return raw.to(torch.int32).numpy().reshape(*lead, weight_int8.shape[0])
 
@@ -148,7 +164,10 @@ def run_torch_study(*, in_features: int, out_features: int, input_shape: tuple[i
     caught: list[str] = []
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        float_model = StudyModel(nn.Linear(in_features, out_features, bias=bias), relu).eval()
+        linear = nn.Linear(in_features, out_features)  # with a bias: the generator advances the same either way
+        if not bias:
+            linear.bias = None  # as nn.Linear(..., bias=False) registers it
+        float_model = StudyModel(linear, relu).eval()
         calibration = [draw(calib_dist, input_shape) for _ in range(calib_batches)]
 
         float_model.qconfig = torch.ao.quantization.get_default_qconfig(engine)
@@ -222,32 +241,45 @@ def sample_chunks(dist: str, input_shape: tuple[int, ...], samples: int) -> Iter
         done += n
 
 
-def torch_environment() -> dict:
-    """What changes torch's numbers (numerics.md, 'Things that change these numbers'), seen from torch."""
+def torch_environment(where: str = "") -> dict:
+    """What changes torch's numbers (numerics.md, 'What changes these numbers'), seen from torch, with the kernel
+    family of fbgemm's int8 GEMM found by crosscheck.isa's probe."""
+    import os
+
+    from .isa import ENV_VAR, probe_description, torch_fbgemm_kernel_family
+
+    family = torch_fbgemm_kernel_family()
     return {
         "torch": str(torch.__version__),  # TorchVersion would make the parent import torch to unpickle it
         "cpu_isa": torch.backends.cpu.get_cpu_capability(),
         "torch_vnni": bool(torch.cpu._is_vnni_supported()),
         "torch_threads": torch.get_num_threads(),
+        "fbgemm_kernel": family,
+        "fbgemm_kernel_detected_by": probe_description(family),
+        "fbgemm_enable_instructions": os.environ.get(ENV_VAR),
+        "torch_side": where,
     }
 
 
-def torch_events(config) -> Iterator[tuple[str, Any]]:
+def torch_events(config, where: str = "") -> Iterator[tuple[str, Any]]:
     """The whole torch side as a sequence of (kind, payload) events, NumPy arrays only:
 
     ("environment", dict), ("study", TorchStudy), then one ("calibration", batch) per calibration batch and one
     ("samples", chunk) per chunk of the evaluation inputs, each batch/chunk a dict with the input "x",
     "input_codes", "accumulators" (derived), "output_codes", "output" and "float_output".
     """
-    yield "environment", torch_environment()
+    yield "environment", torch_environment(where)
     record, float_model, quantized = run_torch_study(**config.torch_kwargs())
     yield "study", record
     x_zp = int(record.input_zero_point[0])
+    from .isa import saturate_int16_pairs, torch_fbgemm_kernel_family
+
+    saturate = saturate_int16_pairs(torch_fbgemm_kernel_family())
 
     def forward(x: torch.Tensor) -> dict[str, np.ndarray]:
         out = quantized_forward(quantized, x)
         out["accumulators"] = derived_accumulators(out["input_codes"], record.weight_int8, x_zp,
-                                                   record.weight_zero_points)
+                                                   record.weight_zero_points, saturate)
         out["float_output"] = float_forward(float_model, x)
         out["x"] = x.numpy()
         return out
@@ -258,10 +290,10 @@ def torch_events(config) -> Iterator[tuple[str, Any]]:
         yield "samples", forward(x)
 
 
-def _worker(config, conn) -> None:
+def _worker(config, conn, where: str = "worker process") -> None:
     """Worker process: send every event of :func:`torch_events` through ``conn``; an exception as ("error", text)."""
     try:
-        for event in torch_events(config):
+        for event in torch_events(config, where):
             conn.send(event)
         conn.send(("done", None))
     except UsageError as e:

@@ -1,8 +1,14 @@
 """Run the torch side of a study in a worker process, so that torch's import and work (about 1.5 s) overlap with
 refquant's Numba start-up on another core. Only NumPy arrays cross the pipe; the parent never imports torch.
 
+The worker is forked before the parent has imported torch, so the environment of ``--isa``
+(crosscheck.isa.worker_environment, e.g. FBGEMM_ENABLE_INSTRUCTIONS=AVX2) is set in the child before its
+``import torch``; the child's first event reports the kernel family its probe found, and the study refuses to go on
+when that is not the family asked for.
+
 If torch is already imported in this process (tests, notebooks), there is nothing to overlap: the events are
-produced in-process instead.
+produced in-process instead — unless ``--isa`` asks for a family this process does not run (fbgemm fixed it at the
+first quantized op); then a fresh worker is spawned with that environment.
 """
 
 from __future__ import annotations
@@ -20,25 +26,31 @@ class TorchSideError(RuntimeError):
     """The torch side failed unexpectedly; carries the worker's traceback."""
 
 
-def _entry(config, conn) -> None:
+def _entry(config, conn, start_method: str) -> None:
+    from .isa import apply_environment, worker_environment
+
+    where = f"worker process ({start_method}ed"
+    where += ", torch already imported)" if "torch" in sys.modules else " before torch was imported)"
+    apply_environment(worker_environment(config.isa))  # before torch is imported in this process
     from .torch_study import _worker  # imports torch: in the worker only
 
-    _worker(config, conn)
+    _worker(config, conn, where)
 
 
 def _in_process(config) -> Iterator[tuple[str, Any]]:
     from .torch_study import torch_events
 
-    yield from torch_events(config)
+    yield from torch_events(config, where="this process (torch already imported)")
 
 
 def _in_subprocess(config) -> Iterator[tuple[str, Any]]:
     """Start the worker now; return the iterator over its events."""
     # fork is quick, and safe while this process has not loaded torch (its thread pools do not survive a fork)
     fork_ok = "fork" in mp.get_all_start_methods() and "torch" not in sys.modules
-    ctx = mp.get_context("fork" if fork_ok else "spawn")
+    method = "fork" if fork_ok else "spawn"
+    ctx = mp.get_context(method)
     receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_entry, args=(config, sender), daemon=True, name="crosscheck-torch")
+    proc = ctx.Process(target=_entry, args=(config, sender, method), daemon=True, name="crosscheck-torch")
     proc.start()
     sender.close()
     return _receive(proc, receiver)
@@ -69,7 +81,12 @@ def _receive(proc, receiver) -> Iterator[tuple[str, Any]]:
 
 def torch_events(config, *, subprocess: bool | None = None) -> Iterator[tuple[str, Any]]:
     """The events of crosscheck.torch_study.torch_events, from a worker process (started at once) unless torch is
-    already loaded (``subprocess=None``), or as forced by ``subprocess``."""
+    already loaded and runs the kernel family ``config.isa`` asks for (``subprocess=None``), or as forced by
+    ``subprocess`` (run_study then refuses a family the in-process torch cannot honour)."""
     if subprocess is None:
         subprocess = "torch" not in sys.modules
+        if not subprocess and config.isa != "auto":
+            from .isa import torch_fbgemm_kernel_family
+
+            subprocess = torch_fbgemm_kernel_family() != config.isa  # this process cannot switch: a fresh one can
     return _in_subprocess(config) if subprocess else _in_process(config)

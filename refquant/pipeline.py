@@ -56,7 +56,7 @@ def linear_float(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, rel
     """The float model's Linear [+ ReLU] in float32: ``y = x @ W.T + b``, then ``max(y, 0)`` with ReLU.
 
     NumPy float32 (BLAS ``sgemm``, then one float32 add of the bias). torch's ``F.linear`` computes the same sum in
-    a shape-dependent order, so a few outputs can differ in the last bit (docs/numerics.md §7).
+    a shape-dependent order, so a few outputs can differ in the last bit (docs/numerics.md §8).
     """
     x_f32 = np.asarray(x, np.float32)
     w_f32 = np.asarray(weight, np.float32)

@@ -18,6 +18,17 @@ def pytest_report_header(config):
     return f"refquant random seed: REFQUANT_SEED={SEED}"
 
 
+@pytest.fixture(scope="session")
+def fbgemm_kernel() -> str:
+    """"vnni" or "avx2": the int8 kernel family torch's fbgemm runs in this test process, found by crosscheck.isa's
+    probe (AVX-512 VNNI ``vpdpbusd``, or ``vpmaddubsw``, which saturates pairs of products to int16: CPUs without
+    VNNI, or FBGEMM_ENABLE_INSTRUCTIONS=AVX2). A parity test of torch's fbgemm linear with full-range 8-bit
+    activations models it with ``saturate_int16_pairs=(fbgemm_kernel == "avx2")`` and is marked ``isa``."""
+    from crosscheck.isa import torch_fbgemm_kernel_family
+
+    return torch_fbgemm_kernel_family()
+
+
 @pytest.fixture
 def rng(request) -> np.random.Generator:
     """A generator seeded from the run's seed and the test's name, so each test sees its own stream."""

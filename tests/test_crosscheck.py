@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -74,6 +76,7 @@ def fields_by_name(doc: dict) -> dict[str, dict]:
 # the default study
 
 
+@pytest.mark.isa
 def test_default_study_prints_the_comparison_and_exits_0():
     proc = run(["-c", "import runpy, sys; sys.argv = ['crosscheck.linear']\n"
                       "try:\n    runpy.run_module('crosscheck.linear', run_name='__main__')\n"
@@ -90,9 +93,11 @@ def test_default_study_prints_the_comparison_and_exits_0():
         assert name in out
     assert "MISMATCH" not in out
     assert "TORCH_IN_PARENT=False" in out  # torch ran in the worker process only
-    assert proc.stderr.strip() == "", proc.stderr  # no torch deprecation noise, no progress bar off a TTY
+    # no torch deprecation noise; off a terminal, at most one progress line per slow phase
+    assert all(line.startswith("crosscheck: ") and "\r" not in line for line in proc.stderr.splitlines()), proc.stderr
 
 
+@pytest.mark.isa
 def test_default_study_json_matches_an_independent_torch_run():
     proc = run_cli("--json", "-")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -103,9 +108,11 @@ def test_default_study_json_matches_an_independent_torch_run():
     assert set(doc["error"]["torch"]) == {"n", "mean_abs", "max_abs", "sqnr_db", "inside_ranges", "clipped"}
     assert doc["study"] == {"in_features": 3, "out_features": 3, "input_shape": [1, 2, 3, 3], "calib_batches": 1,
                             "calib_dist": "normal", "samples": 1000, "seed": 0, "relu": False, "bias": True,
-                            "engine": "fbgemm"}
-    assert set(doc["environment"]) >= {"torch", "numpy", "numba", "engine", "cpu_isa", "vnni"}
+                            "engine": "fbgemm", "isa": "auto"}
+    assert set(doc["environment"]) >= {"torch", "numpy", "numba", "engine", "cpu_isa", "vnni", "fbgemm_kernel",
+                                       "fbgemm_kernel_detected_by", "refquant_saturate_int16_pairs"}
     assert doc["environment"]["engine"] == "fbgemm"
+    assert doc["environment"]["torch_side"] == "worker process (forked before torch was imported)"
     for f in doc["fields"]:
         assert FIELD_KEYS <= set(f), f["name"]
     f = fields_by_name(doc)
@@ -190,6 +197,7 @@ def _matrix_jobs() -> list[dict]:
     return jobs
 
 
+@pytest.mark.isa
 def test_range_of_studies_every_field_equal(tmp_path):
     jobs = _matrix_jobs()
     results = run_main_batch(jobs, tmp_path)
@@ -218,6 +226,7 @@ def test_range_of_studies_every_field_equal(tmp_path):
 # a deliberately broken comparison
 
 
+@pytest.mark.isa
 def test_perturbed_refquant_value_exits_1_and_names_the_field_cli():
     """The real CLI path (torch in its worker process), with one refquant output code changed by one bit."""
     proc = run(["-c", "import sys\nfrom crosscheck.linear import main\n"
@@ -235,7 +244,7 @@ PERTURBATIONS = [  # (field, flat index): one row of each kind of value
     ("input scale", 0),
     ("input zero_point", 0),
     ("output observer histogram", 1000),
-    ("output observer clip range", 1),
+    ("output observer calibrated range", 1),
     ("output scale", 0),
     ("weight scales (per channel)", 2),
     ("weight zero_points (per channel)", 1),
@@ -249,6 +258,7 @@ PERTURBATIONS = [  # (field, flat index): one row of each kind of value
 ]
 
 
+@pytest.mark.isa
 def test_each_perturbed_field_is_named_with_index_and_both_values(tmp_path):
     jobs = [{"argv": ["--samples", "1000"], "perturb": [field, index]} for field, index in PERTURBATIONS]
     jobs.append({"argv": ["--samples", "10", "--quiet"], "perturb": ["no such field", 0]})
@@ -338,11 +348,12 @@ def test_help_explains_every_option():
 
     text = build_parser().format_help()
     for option in ("--in-features", "--out-features", "--input-shape", "--calib-batches", "--calib-dist",
-                   "--samples", "--seed", "--relu", "--no-bias", "--engine", "--json", "--plots", "--quiet"):
+                   "--samples", "--seed", "--relu", "--no-bias", "--engine", "--isa", "--json", "--plots", "--quiet"):
         assert option in text
     assert "Exit codes: 0" in text
 
 
+@pytest.mark.isa
 @pytest.mark.slow
 def test_many_random_studies_every_field_equal(tmp_path):
     """200 random studies (shapes, K up to 1024, 1-6 calibration batches, every distribution, ReLU, bias, engine)."""
@@ -364,3 +375,122 @@ def test_many_random_studies_every_field_equal(tmp_path):
     for job, (code, doc, _) in zip(jobs, results):
         assert_all_equal(doc, " ".join(job["argv"][:-2]))
         assert code == 0
+
+
+def test_plots_into_an_unwritable_path_exits_2_before_the_study(tmp_path, capsys, monkeypatch):
+    """--plots is checked (created, written to) before anything runs: a path under a file, or anywhere the figures
+    cannot go, is a usage error, not a traceback after the whole study."""
+    import crosscheck.study
+    from crosscheck.linear import main
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the study ran although --plots cannot be written")
+
+    monkeypatch.setattr(crosscheck.study, "run_study", must_not_run)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main(["--plots", str(tmp_path / "a-file" / "figs")])
+    assert exc.value.code == 2
+    assert f"--plots '{tmp_path / 'a-file' / 'figs'}': cannot write figures there (Not a directory)" in \
+        capsys.readouterr().err
+    main_ok = tmp_path / "new" / "figs"  # a directory that does not exist yet is made up front
+    with pytest.raises(AssertionError, match="the study ran"):
+        main(["--plots", str(main_ok)])
+    assert main_ok.is_dir()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# progress on stderr, stdout clean
+
+
+def test_a_slow_numba_start_says_so_once_on_stderr_and_stdout_stays_json(monkeypatch, capsys):
+    """The first run compiles refquant's Numba kernels for 10-40 s: a warm-up longer than a second says so on
+    stderr, once, in one line (stderr is not a terminal here); stdout holds nothing but the JSON document."""
+    import crosscheck.study
+    from crosscheck.linear import main
+
+    warm_up = crosscheck.study.warm_up_refquant
+
+    def slow_warm_up(*args, **kwargs):
+        time.sleep(1.2)  # past the 1 s delay of this phase
+        warm_up(*args, **kwargs)
+
+    monkeypatch.setattr(crosscheck.study, "warm_up_refquant", slow_warm_up)
+    assert main(["--samples", "5", "--json", "-"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["equal"] is True
+    compile_lines = [line for line in err.splitlines() if "Numba" in line]
+    assert len(compile_lines) == 1, err
+    assert re.fullmatch(r"crosscheck: loading refquant's Numba kernels \(the first run compiles them: 10-40 s, "
+                        r"cached afterwards\) \.\.\. done in \d+\.\d s", compile_lines[0])
+    assert all(line.startswith("crosscheck: ") for line in err.splitlines()), err
+    assert main(["--samples", "5", "--quiet"]) == 0  # --quiet: no progress at all
+    out, err = capsys.readouterr()
+    assert out == "result: all 24 parity rows equal, bit for bit\n" and err == ""
+
+
+@pytest.mark.slow
+def test_a_cold_numba_cache_is_announced(tmp_path):
+    """A real first run: an empty NUMBA_CACHE_DIR makes Numba compile every kernel (10-40 s)."""
+    proc = subprocess.run([sys.executable, "-m", "crosscheck.linear", "--samples", "10"], cwd=ROOT, text=True,
+                          capture_output=True, timeout=600, env=dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("the first run compiles them") == 1, proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fbgemm's kernel family: found by a probe, modelled, and chosen with --isa
+
+
+BRIEF = ["--in-features", "256", "--out-features", "64", "--calib-dist", "outliers"]  # outliers reach codes > 127
+
+
+def test_fbgemm_avx2_kernels_are_modelled_and_reported():
+    """Under FBGEMM_ENABLE_INSTRUCTIONS=AVX2 torch's fbgemm saturates pairs of products to int16 (outliers put codes
+    above 127, where that changes outputs). crosscheck finds it with its probe, says so, and refquant follows."""
+    proc = subprocess.run([sys.executable, "-m", "crosscheck.linear", *BRIEF, "--json", "-"], cwd=ROOT, text=True,
+                          capture_output=True, timeout=300, env=dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS="AVX2"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert_all_equal(doc, "FBGEMM_ENABLE_INSTRUCTIONS=AVX2 " + " ".join(BRIEF))
+    env = doc["environment"]
+    assert (env["fbgemm_kernel"], env["fbgemm_enable_instructions"], env["refquant_saturate_int16_pairs"]) == \
+        ("avx2", "AVX2", True)
+    assert env["fbgemm_kernel_detected_by"].startswith("probe: torch.ops.quantized.linear") and "96, 160" in \
+        env["fbgemm_kernel_detected_by"]
+
+
+def test_isa_option_runs_each_family_and_refquant_follows(tmp_path, fbgemm_kernel):
+    """--isa avx2 and --isa vnni from a process that already runs torch (in-process where the family is the one
+    torch runs here, a fresh worker with the target's environment where it is not): every parity row equal in both,
+    the probe reports the family asked for, and torch's output codes differ between the two families."""
+    import crosscheck.isa
+
+    jobs = [{"argv": [*BRIEF, "--isa", "avx2", "--samples", "300", "--quiet"]}]
+    if crosscheck.isa.cpu_has_avx512_vnni():
+        jobs.append({"argv": [*BRIEF, "--isa", "vnni", "--samples", "300", "--quiet"]})
+    results = run_main_batch(jobs, tmp_path)
+    codes = {}
+    for job, (code, doc, _) in zip(jobs, results):
+        isa = job["argv"][job["argv"].index("--isa") + 1]
+        assert_all_equal(doc, f"--isa {isa}")
+        assert code == 0
+        assert doc["study"]["isa"] == doc["environment"]["isa"] == doc["environment"]["fbgemm_kernel"] == isa
+        assert doc["environment"]["refquant_saturate_int16_pairs"] == (isa == "avx2")
+        # the driver runs torch's kernels of this process (fbgemm_kernel): the other family needs a fresh worker
+        assert doc["environment"]["torch_side"] == ("this process (torch already imported)" if isa == fbgemm_kernel
+                                                    else "worker process (spawned before torch was imported)")
+        codes[isa] = fields_by_name(doc)["output codes (300 samples)"]["torch"]["sha256"]
+    if len(codes) == 2:
+        assert codes["avx2"] != codes["vnni"], "the two kernel families gave the same codes: --isa changed nothing"
+
+
+def test_isa_vnni_without_avx512_vnni_is_a_usage_error(monkeypatch, capsys):
+    import crosscheck.isa
+    from crosscheck.linear import main
+
+    monkeypatch.setattr(crosscheck.isa, "cpu_has_avx512_vnni", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        main(["--isa", "vnni"])
+    assert exc.value.code == 2
+    assert "--isa vnni: this CPU has no AVX-512 VNNI" in capsys.readouterr().err

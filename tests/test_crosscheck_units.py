@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
+import time
 
 import numpy as np
 import pytest
@@ -145,19 +147,46 @@ class _Tty(io.StringIO):
         return True
 
 
-def test_progress_draws_on_a_terminal_only():
+def test_progress_on_a_terminal_is_one_line_redrawn_in_place():
     tty = _Tty()
-    with Progress(10, "samples", stream=tty, delay_s=0) as bar:
+    with Progress("samples", 10, stream=tty, delay_s=0) as bar:
+        time.sleep(0.05)  # the timer announces the phase
         bar.advance(10)
-    assert "samples [" in tty.getvalue() and "10/10" in tty.getvalue() and tty.getvalue().endswith("\n")
+    out = tty.getvalue()
+    assert out.startswith("\rcrosscheck: samples [") and "10/10" in out and out.endswith(", done\n")
+    assert out.count("\n") == 1
+
+
+def test_progress_off_a_terminal_is_one_plain_line_per_phase():
     plain = io.StringIO()
-    with Progress(10, "samples", stream=plain, delay_s=0) as bar:
-        bar.advance(10)
-    assert plain.getvalue() == ""
-    quick = _Tty()
-    with Progress(10, "samples", stream=quick) as bar:  # a run shorter than the 1 s delay draws nothing
-        bar.advance(10)
-    assert quick.getvalue() == ""
+    with Progress("samples", 10, stream=plain, delay_s=0) as bar:
+        time.sleep(0.05)
+        bar.advance(4)
+        bar.advance(6)
+    with Progress("torch: import, prepare, calibrate, convert", stream=plain, delay_s=0):
+        time.sleep(0.05)
+    lines = plain.getvalue().split("\n")
+    assert "\r" not in plain.getvalue() and lines[-1] == "" and len(lines) == 3
+    assert re.fullmatch(r"crosscheck: samples \.\.\. 10/10 in \d+\.\d s", lines[0]), lines[0]
+    assert re.fullmatch(r"crosscheck: torch: import, prepare, calibrate, convert \.\.\. done in \d+\.\d s", lines[1])
+
+
+def test_progress_of_a_quick_or_disabled_phase_prints_nothing():
+    for stream in (_Tty(), io.StringIO()):
+        with Progress("quick", 10, stream=stream, delay_s=5) as bar:
+            bar.advance(10)
+        with Progress("disabled", stream=stream, delay_s=0, enabled=False):
+            time.sleep(0.05)
+        assert stream.getvalue() == ""
+
+
+def test_progress_announces_a_phase_that_blocks():
+    """A phase that never advances (Numba compiling, waiting for torch) is announced by the timer while it runs."""
+    plain = io.StringIO()
+    with Progress("compiling", stream=plain, delay_s=0.05):
+        time.sleep(0.3)
+        assert plain.getvalue() == "crosscheck: compiling ..."  # written while the phase still runs
+    assert plain.getvalue().startswith("crosscheck: compiling ... done in 0.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,3 +240,46 @@ def test_main_exits_3_when_the_study_cannot_run(monkeypatch, capsys):
     monkeypatch.setattr(crosscheck.study, "run_study", fail)
     assert main(["--samples", "1"]) == 3
     assert "the study could not run: the torch worker process exited unexpectedly" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the same seed gives the same data with and without a bias
+
+
+def test_no_bias_keeps_the_weight_calibration_data_and_samples_of_the_seed():
+    """nn.Linear's bias initialisation draws from torch's generator, after the weight and before the data: the
+    torch side always draws it (then removes it), so --no-bias changes nothing but the bias."""
+    from crosscheck.torch_study import torch_events
+
+    def drawn(bias: bool) -> tuple:
+        config = StudyConfig(in_features=5, out_features=4, input_shape=(64, 5), calib_batches=2, samples=500,
+                             seed=1234, bias=bias)  # 204 samples per chunk: 3 chunks
+        events = list(torch_events(config))
+        study = next(p for k, p in events if k == "study")
+        return study, [p["x"] for k, p in events if k == "calibration"], [p["x"] for k, p in events if k == "samples"]
+
+    with_bias, calib_b, samples_b = drawn(True)
+    without, calib_n, samples_n = drawn(False)
+    assert with_bias.bias is not None and without.bias is None and without.packed_bias is None
+    np.testing.assert_array_equal(without.weight, with_bias.weight, strict=True)
+    assert len(calib_n) == len(calib_b) == 2 and len(samples_n) == len(samples_b) > 1  # several sample chunks
+    for a, b in zip(calib_n + samples_n, calib_b + samples_b):
+        np.testing.assert_array_equal(a, b, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the kernel family: an in-process torch that cannot honour --isa refuses
+
+
+def test_in_process_torch_refuses_an_isa_it_does_not_run(fbgemm_kernel):
+    """torch is loaded in this process, and fbgemm fixed its kernel family at the first quantized op: a study forced
+    to run here with the other family is a usage error naming both, never a silent run on the wrong kernels."""
+    from crosscheck.study import run_study
+    from crosscheck.worker import UsageError
+
+    other = "avx2" if fbgemm_kernel == "vnni" else "vnni"
+    with pytest.raises(UsageError, match=f"--isa {other}: torch's fbgemm runs its {fbgemm_kernel} kernels in "
+                                         r"this process \(torch already imported\) and cannot switch"):
+        run_study(StudyConfig(isa=other, samples=1), torch_subprocess=False)
+    res = run_study(StudyConfig(isa=fbgemm_kernel, samples=1), torch_subprocess=False)  # the family it runs: fine
+    assert res.equal and res.environment["fbgemm_kernel"] == fbgemm_kernel

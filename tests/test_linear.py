@@ -6,7 +6,13 @@ Every parity test builds a float32 weight, lets torch quantize it exactly as ``t
 from the same float32 weight with :meth:`QuantizedLinear.from_float`. Outputs, weight codes, scales and zero points
 must agree bit for bit.
 
-Recorded with every run (numerics.md "Things that change these numbers"): torch version, quantized engine, CPU ISA —
+Tests whose torch result depends on the int8 kernel family of torch's fbgemm are marked ``isa``: with full-range
+8-bit codes, fbgemm's pre-VNNI kernels (``vpmaddubsw``, on CPUs without AVX-512 VNNI or under
+FBGEMM_ENABLE_INSTRUCTIONS=AVX2) saturate pairs of products to int16. They model the family crosscheck.isa's probe
+finds in this process (``saturate_int16_pairs``), so they hold on every machine; .ci/run runs them under
+FBGEMM_ENABLE_INSTRUCTIONS=AVX2 as well.
+
+Recorded with every run (numerics.md "What changes these numbers"): torch version, quantized engine, CPU ISA —
 see :func:`test_environment_is_the_measured_one`.
 """
 
@@ -27,6 +33,7 @@ from torch.ao.nn.quantized.modules.utils import _quantize_weight
 from torch.ao.quantization.observer import MinMaxObserver as TorchMinMaxObserver
 from torch.ao.quantization.observer import PerChannelMinMaxObserver as TorchPerChannelMinMaxObserver
 
+from crosscheck.isa import saturate_int16_pairs, torch_fbgemm_kernel_family
 from parity import assert_same
 from refquant.linear import (
     WEIGHT_QSCHEMES,
@@ -75,17 +82,26 @@ def torch_weight_params(qweight, qscheme):
     return scales.astype(np.float32), zps.astype(np.int32)
 
 
+def torch_saturates() -> bool:
+    """refquant's ``saturate_int16_pairs`` that models torch's fbgemm in this process (crosscheck.isa's probe)."""
+    return saturate_int16_pairs(torch_fbgemm_kernel_family())
+
+
 def check_problem(p: dict) -> int:
-    """Run one problem through torch and refquant; assert everything equal; return the number of outputs compared."""
+    """Run one problem through torch and refquant; assert everything equal; return the number of outputs compared.
+
+    refquant's layer sums as torch's fbgemm does in this process (exactly, or in int16-saturated pairs)."""
+    saturate = torch_saturates()
     ctx = (f"problem: M-shape {p['x'].shape}, N={p['w'].shape[0]}, weight={p['wkind']}, x={p['xkind']}, "
            f"qscheme={p['qscheme']}, bias={'no' if p['b'] is None else 'yes'}, relu={p['relu']}, sx={p['sx']!r}, "
-           f"zx={p['zx']}, sy={p['sy']!r}, zy={p['zy']}, aimed at a tie={p.get('tie', False)}, seed={p.get('seed')}")
+           f"zx={p['zx']}, sy={p['sy']!r}, zy={p['zy']}, aimed at a tie={p.get('tie', False)}, seed={p.get('seed')}, "
+           f"saturate_int16_pairs={saturate}")
     y_t, qweight = torch_quantized_linear(p["x"], p["w"], p["b"], p["sx"], p["zx"], p["sy"], p["zy"], p["relu"],
                                           p["qscheme"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the K > 65,793 overflow warning
         ql = QuantizedLinear.from_float(p["w"], p["b"], p["sx"], p["zx"], p["sy"], p["zy"], relu=p["relu"],
-                                        weight_qscheme=p["qscheme"])
+                                        weight_qscheme=p["qscheme"], saturate_int16_pairs=saturate)
     assert_same(ql.weight_int8, qweight.int_repr().numpy(), f"weight_int8 vs torch int_repr(); {ctx}")
     scales_t, zps_t = torch_weight_params(qweight, p["qscheme"])
     assert_same(ql.weight_scales, scales_t, f"weight_scales; {ctx}")
@@ -206,7 +222,8 @@ def aim_output_scale_at_a_tie(p: dict, rng: np.random.Generator, largest_raw: bo
     one ulp off anywhere rounds the other way in about half of these problems. Returns False when no tie fits."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        ql = QuantizedLinear.from_float(p["w"], p["b"], p["sx"], p["zx"], 1.0, p["zy"], weight_qscheme=p["qscheme"])
+        ql = QuantizedLinear.from_float(p["w"], p["b"], p["sx"], p["zx"], 1.0, p["zy"], weight_qscheme=p["qscheme"],
+                                        saturate_int16_pairs=torch_saturates())
     raw = ql.accumulate(p["x"]).reshape(-1, ql.out_features)
     if raw.size == 0:
         return False
@@ -249,9 +266,10 @@ def test_environment_is_the_measured_one():
     """Record what the parity below was measured with; fbgemm must be the engine."""
     assert torch.backends.quantized.engine == "fbgemm"
     print(f"\ntorch {torch.__version__}, engine {torch.backends.quantized.engine}, "
-          f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
+          f"cpu capability {torch.backends.cpu.get_cpu_capability()}, fbgemm kernels {torch_fbgemm_kernel_family()}")
 
 
+@pytest.mark.isa
 @pytest.mark.parametrize("chunk", range(8))
 def test_parity_random_problems(rng, chunk):
     """250 random problems per chunk: shapes (incl. N-D), weight kinds, x kinds, qschemes, bias, ReLU, scales."""
@@ -259,6 +277,7 @@ def test_parity_random_problems(rng, chunk):
     print(f"\nchunk {chunk}: {problems} problems, {values} outputs, 0 mismatches")
 
 
+@pytest.mark.isa
 @pytest.mark.parametrize("chunk", range(4))
 def test_parity_large_k(rng, chunk):
     """K around and above 4096 with correlated weights and full-range codes, so |raw| > 2^24 and float32(raw)
@@ -338,6 +357,7 @@ def test_parity_float32_raw_rounding_near_ties(rng, qscheme):
     assert differs_from_single_rounding > 0, "float32(raw) changed no output: the crafted cases test nothing"
 
 
+@pytest.mark.isa
 @pytest.mark.parametrize("kind", WEIGHT_KINDS)
 @pytest.mark.parametrize("qscheme", WEIGHT_QSCHEMES)
 def test_parity_each_weight_kind(rng, kind, qscheme):
@@ -351,6 +371,7 @@ def test_parity_each_weight_kind(rng, kind, qscheme):
         check_problem(p)
 
 
+@pytest.mark.isa
 def test_parity_tiny_output_scale_gives_zero_not_255(rng):
     """|y| >= 2^31 (and inf, NaN from inf·0) becomes INT32_MIN in cvtps2dq, hence code 0: the lrintf path would clamp
     large positive y to 255. Checks that such outputs really occur and that torch agrees."""
@@ -391,6 +412,7 @@ def test_parity_per_tensor_bias_fma_case():
         assert int(y_t[0, 0]) == expected
 
 
+@pytest.mark.isa
 def test_parity_torch_module_from_float(rng):
     """The module path: torch.ao.nn.quantized.Linear / LinearReLU .from_float on an observed nn.Linear equals
     QuantizedLinear.from_float on the same float32 weight and bias."""
@@ -419,10 +441,11 @@ def test_parity_torch_module_from_float(rng):
         y_t = qmod(torch._make_per_tensor_quantized_tensor(torch.from_numpy(x), sx, zx)).int_repr().numpy()
         bias = None if lin.bias is None else lin.bias.detach().numpy()
         ql = QuantizedLinear.from_float(lin.weight.detach().numpy(), bias, sx, zx, qmod.scale, qmod.zero_point,
-                                        relu=relu)
+                                        relu=relu, saturate_int16_pairs=torch_saturates())
         assert_same(ql(x), y_t, f"nnq.Linear.from_float module output, case {i}, K={K}, N={N}, relu={relu}")
 
 
+@pytest.mark.isa
 def test_parity_empty_batch_and_shapes(rng):
     """M = 0, N-D and non-contiguous inputs keep torch's output shapes (..., N) and values."""
     w = random_weight(rng, 5, 7, "normal")
@@ -438,6 +461,7 @@ def test_parity_empty_batch_and_shapes(rng):
         assert_same(ql(view), ql(np.ascontiguousarray(view)), f"non-contiguous view of shape {view.shape}")
 
 
+@pytest.mark.isa
 def test_parity_int32_wrap_large_k():
     """K = 70,000 > 65,793: all-255 codes times all −128 weights wrap the int32 accumulator; torch wraps the same way,
     and from_float warns."""
@@ -459,6 +483,7 @@ def test_parity_int32_wrap_large_k():
     check_problem(p)
 
 
+@pytest.mark.isa
 @pytest.mark.slow
 @pytest.mark.parametrize("chunk", range(40))
 def test_parity_random_problems_slow(rng, chunk):
@@ -522,12 +547,15 @@ def _isa_problems(rng: np.random.Generator) -> list[dict]:
     return problems
 
 
+@pytest.mark.isa
 @pytest.mark.parametrize("isa", ["AVX2", "AVX512"])
-def test_saturate_int16_pairs_matches_torch_without_vnni(rng, tmp_path, isa):
+def test_saturate_int16_pairs_matches_torch_without_vnni(rng, tmp_path, isa, fbgemm_kernel):
     """FBGEMM_ENABLE_INSTRUCTIONS=AVX2 (or AVX512, without VNNI) makes fbgemm use vpmaddubsw, which saturates pairs
-    of products to int16. refquant's ``saturate_int16_pairs=True`` must equal torch there, its default mode must equal
-    the VNNI run in this process, and the two torch runs must differ (proof the child took the non-VNNI path) —
-    except on 7-bit activation codes (reduce_range), where no pair saturates."""
+    of products to int16. refquant's ``saturate_int16_pairs=True`` must equal torch there, and refquant modelling
+    this process's family (the probe: VNNI, or the same saturating kernels on a CPU without VNNI, or when this run
+    itself has FBGEMM_ENABLE_INSTRUCTIONS=AVX2) must equal torch here. When this process runs VNNI the two torch runs
+    must differ (proof the child took the non-VNNI path), otherwise they must agree — except on 7-bit activation
+    codes (reduce_range), where no pair saturates and every run agrees."""
     problems = _isa_problems(rng)
     data = {"count": len(problems)}
     for i, p in enumerate(problems):
@@ -551,16 +579,21 @@ def test_saturate_int16_pairs_matches_torch_without_vnni(rng, tmp_path, isa):
         packed = torch.ops.quantized.linear_prepack(qw, None if bias is None else torch.from_numpy(bias))
         qx = torch._make_per_tensor_quantized_tensor(torch.from_numpy(p["x"]), float(sx), int(zx))
         op = torch.ops.quantized.linear_relu if relu else torch.ops.quantized.linear
-        y_vnni = op(qx, packed, float(sy), int(zy)).int_repr().numpy()
+        y_here = op(qx, packed, float(sy), int(zy)).int_repr().numpy()
         ctx = f"isa {isa}, problem {i}, x {p['x'].shape}, N={len(p['ws'])}"
-        assert_same(ql(p["x"]), y_vnni, f"default mode vs torch (VNNI, this process); {ctx}")
+        assert_same(ql(p["x"], saturate_int16_pairs=saturate_int16_pairs(fbgemm_kernel)), y_here,
+                    f"refquant modelling this process's {fbgemm_kernel} kernels vs torch here; {ctx}")
         assert_same(ql(p["x"], saturate_int16_pairs=True), forced[f"y{i}"], f"saturate_int16_pairs vs torch {isa}; {ctx}")
         if p["seven_bit"]:
-            assert_same(forced[f"y{i}"], y_vnni, f"7-bit codes: torch {isa} vs VNNI should agree; {ctx}")
-        changed += int((y_vnni != forced[f"y{i}"]).sum())
-        compared += y_vnni.size
-    print(f"\n{isa}: {len(problems)} problems, {compared} outputs equal; {changed} of them differ between VNNI and {isa}")
-    assert changed > 0, f"torch under FBGEMM_ENABLE_INSTRUCTIONS={isa} gave the VNNI results: the path was not forced"
+            assert_same(forced[f"y{i}"], y_here, f"7-bit codes: torch {isa} vs {fbgemm_kernel} should agree; {ctx}")
+        changed += int((y_here != forced[f"y{i}"]).sum())
+        compared += y_here.size
+    print(f"\n{isa}: {len(problems)} problems, {compared} outputs equal; {changed} of them differ between this "
+          f"process ({fbgemm_kernel}) and {isa}")
+    if fbgemm_kernel == "vnni":
+        assert changed > 0, f"torch under FBGEMM_ENABLE_INSTRUCTIONS={isa} gave the VNNI results: not forced"
+    else:  # this process already runs the int16-saturating kernels (no VNNI here, or forced): the same results
+        assert changed == 0, f"torch here ({fbgemm_kernel}) and under FBGEMM_ENABLE_INSTRUCTIONS={isa} differ"
 
 
 def test_seven_bit_activations_never_saturate(rng):
