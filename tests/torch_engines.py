@@ -11,13 +11,13 @@ Kernel families (what changes the integers, refquant.engines):
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import warnings
 
 import numpy as np
 import torch
 
+from crosscheck.isa import onednn_family_from_verbose, torch_fbgemm_kernel_family  # noqa: F401  (re-exported)
 from refquant.engines import ONEDNN_KERNELS
 from refquant.linear import QuantizedLinear
 
@@ -50,57 +50,6 @@ def quantized_engine(engine: str):
 # ----------------------------------------------------------------------------------------------------------------
 # Probes of what torch runs
 # ----------------------------------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def torch_fbgemm_kernel_family() -> str:
-    """"vnni" or "avx2": does torch's fbgemm saturate pairs of products to int16 on this machine?
-
-    LOCAL PROBE: swap for crosscheck.isa.torch_fbgemm_kernel_family() once the rel-cli helper's crosscheck/isa.py
-    lands. x = [255, 255, 0, 0], w = [-128, -128, 0, 0], every scale 1 except s_y = 512, z_y = 200:
-    exact raw −65,280 -> y = −127.5 -> −128 -> code 72; a saturated pair −32,768 -> y = −64 -> code 136.
-    """
-    with quantized_engine("fbgemm"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qw = torch._make_per_tensor_quantized_tensor(torch.tensor([[-128, -128, 0, 0]], dtype=torch.int8), 1.0, 0)
-        packed = torch.ops.quantized.linear_prepack(qw, None)
-        qx = torch._make_per_tensor_quantized_tensor(torch.tensor([[255, 255, 0, 0]], dtype=torch.uint8), 1.0, 0)
-        code = int(torch.ops.quantized.linear(qx, packed, 512.0, 200).int_repr()[0, 0])
-    if code not in (72, 136):
-        raise AssertionError(f"fbgemm probe gave code {code}, neither the exact (72) nor the saturated (136) one")
-    return "vnni" if code == 72 else "avx2"
-
-
-_ONEDNN_CPU_ISA: list[str] = []  # oneDNN prints its ISA line once per process, the first time verbose is on
-
-
-def onednn_family_from_verbose(text: str, cpu_isa: str | None = None) -> str | None:
-    """The kernel family of the last matmul in oneDNN verbose output: "brgemm", "brgemm+pairs", "brgemm_amx",
-    "gemm", "gemm+pairs" (None: no matmul ran). ``cpu_isa``: oneDNN's "isa:" line of another process (a child's);
-    by default the one this process printed (recorded when first seen)."""
-    impl = None
-    for line in text.splitlines():
-        if ",info,cpu,isa:" in line:
-            if cpu_isa is None:
-                _ONEDNN_CPU_ISA.append(line.split("isa:", 1)[1])
-            else:
-                cpu_isa = line.split("isa:", 1)[1]
-        if ",exec,cpu,matmul," in line:
-            impl = line.split(",")[6]
-    if impl is None:
-        return None
-    if impl.startswith("brg_matmul:") and "amx" in impl:
-        return "brgemm_amx"
-    if impl.startswith("brg_matmul:"):
-        isa = impl.split(":", 1)[1]
-        vnni = "vnni" in isa or isa.startswith("avx10") or isa in ("avx512_core_bf16", "avx512_core_fp16")
-        return "brgemm" if vnni else "brgemm+pairs"
-    if impl.startswith("gemm:"):  # the ISA is not in the name: take oneDNN's CPU line
-        isa_line = cpu_isa if cpu_isa is not None else (_ONEDNN_CPU_ISA[-1] if _ONEDNN_CPU_ISA else None)
-        if isa_line is None:
-            raise AssertionError(f"oneDNN ran {impl!r} but printed no ISA line to tell its kernel family")
-        return "gemm" if ("DL Boost" in isa_line or "AMX" in isa_line or "AVX10" in isa_line) else "gemm+pairs"
-    raise AssertionError(f"unknown oneDNN matmul implementation {impl!r}: extend onednn_family_from_verbose")
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # torch's quantized Linear from integer codes
