@@ -700,6 +700,13 @@ class QuantizedModel:
         self._forward(xs, traces, linear_kernels)
         return traces
 
+    def forward_traced(self, *xs: np.ndarray, linear_kernels: dict[str, LinearKernel] | None = None
+                       ) -> tuple[np.ndarray, dict[str, LayerTrace]]:
+        """The output and :meth:`trace`'s traces of one forward pass."""
+        traces: dict[str, LayerTrace] = {}
+        y = self._forward(xs, traces, linear_kernels)
+        return y, traces
+
     def _op(self, step: Step, linear_kernels: dict[str, LinearKernel] | None) -> Any:
         """The op of ``step``, bound for another kernel where ``linear_kernels`` says so (cached)."""
         kernel = linear_kernels.get(step.name) if linear_kernels else None
