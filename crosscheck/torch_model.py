@@ -237,8 +237,12 @@ class ForwardRecorder:
                     mod.register_forward_hook(self._hook(owner, None))
             elif type(mod) in (nnq.Quantize, nnq.DeQuantize, nn.ReLU, *LINEAR_TYPES):
                 if type(mod) in LINEAR_TYPES and engine == "onednn":
-                    mod.register_forward_pre_hook(lambda m, args: self._capture.read())  # drop earlier lines
+                    mod.register_forward_pre_hook(self._drop_verbose)
                 mod.register_forward_hook(self._hook(path, mod if type(mod) in LINEAR_TYPES else None))
+
+    def _drop_verbose(self, mod, args) -> None:
+        """Before a Linear call: forget oneDNN's earlier lines, so the call's own matmul line is read after it."""
+        self._capture.read()
 
     def _hook(self, path: str, linear):
         def hook(mod, args, out):
