@@ -168,8 +168,7 @@ def parse_config(argv: Sequence[str] | None):
             parser.error(f"--json {args.json!r}: cannot write to directory {parent!r} ({problem})")
     config = ModelConfig(model="user" if user else (args.builtin or "digits"), engine=args.engine, isa=args.isa,
                          seed=args.seed, factory=args.model,
-                         state_dict=None if args.state_dict is None else os.path.abspath(args.state_dict),
-                         pickled=None if args.pickled_model is None else os.path.abspath(args.pickled_model),
+                         state_dict=args.state_dict, pickled=args.pickled_model,
                          trust_pickle=args.trust_pickle, calib=calib, inputs=inputs, calib_path=args.calib,
                          inputs_path=args.inputs, batch_size=args.batch_size)
     return config, args

@@ -141,7 +141,7 @@ Describe = Callable[[str, str, str | None], "tuple[str, str] | None"]
 """(layer path or call name, field key, batch set or None) -> (row name, note), or None to leave the row out."""
 
 GENERIC_NOTES = {
-    "observer min_val, max_val": "refquant's observer was fed the float32 activations torch's observer saw (recorded "
+    "observer min_val, max_val": "(a zero compared as +0.0: torch gives either sign, by thread count) refquant's observer was fed the float32 activations torch's observer saw (recorded "
                                  "by a forward pre-hook on torch's activation_post_process)",
     "observer histogram": "the HistogramObserver's 2048 float32 bins after calibration",
     "observer calibrated range": "the [min, max] HistogramObserver._non_linear_param_search chose (its clip range, "
@@ -234,8 +234,12 @@ class ModelComparison:
             if path in self.observed.observers and path in rec.observers:
                 t = rec.observers[path]
                 r = refquant_observer_state(self.observed.observers[path])
-                self._add(path, "observer min_val, max_val", np.array([t["min_val"], t["max_val"]], np.float32),
-                          np.array([r["min_val"], r["max_val"]], np.float32))
+                # + 0.0 turns -0.0 into +0.0 on both sides: torch's aminmax gives either sign for a zero min/max
+                # depending on its thread count, and the sign changes no bin, scale or zero point (refquant.histogram)
+                zero = np.float32(0)
+                self._add(path, "observer min_val, max_val",
+                          np.array([t["min_val"], t["max_val"]], np.float32) + zero,
+                          np.array([r["min_val"], r["max_val"]], np.float32) + zero)
                 if t["histogram"] is not None:
                     self._add(path, "observer histogram", t["histogram"], r["histogram"])
                 if t["clip_min"] is not None:
@@ -257,7 +261,7 @@ class ModelComparison:
                 self._add(path, f"weight scale{per}", t["weight_scales"], ql.weight_scales)
                 self._add(path, f"weight zero_point{per}", t["weight_zero_points"], ql.weight_zero_points)
                 self._add(path, "weight int8 (int_repr)", t["weight_int8"], ql.weight_int8)
-                self._bias_row(path, t["bias"], ql.bias)
+                self._bias_row(path, t["bias"], rm.stored_bias(mod, self.engine))
                 self._add(path, "col_offsets", t["col_offsets"], ql.col_offsets, kind=C.DERIVED)
 
     def _bias_row(self, path: str, t: Any, r: Any) -> None:

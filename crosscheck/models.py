@@ -169,9 +169,9 @@ def _import_factory(factory: str, cwd: str):
     return model
 
 
-def _load_state_dict(model: nn.Module, path: str) -> None:
+def _load_state_dict(model: nn.Module, path: str, cwd: str) -> None:
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
+        state = torch.load(os.path.join(cwd, path), weights_only=True, map_location="cpu")
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ""
@@ -193,7 +193,7 @@ def build_user(config) -> Built:
             raise UsageError(f"--pickled-model {config.pickled}: loading a pickled module runs code from the file; "
                              f"pass --trust-pickle if you trust it")
         try:
-            model = torch.load(config.pickled, weights_only=False, map_location="cpu")
+            model = torch.load(os.path.join(config.cwd, config.pickled), weights_only=False, map_location="cpu")
         except Exception as e:
             raise UsageError(f"--pickled-model {config.pickled}: torch.load failed: {type(e).__name__}: {e}") from None
         if not isinstance(model, nn.Module):
@@ -202,7 +202,7 @@ def build_user(config) -> Built:
     else:
         model = _import_factory(config.factory, config.cwd)
         if config.state_dict is not None:
-            _load_state_dict(model, config.state_dict)
+            _load_state_dict(model, config.state_dict, config.cwd)
         name = config.factory
     model.eval()
     rows = config.batch_size

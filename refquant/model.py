@@ -229,6 +229,17 @@ class ConvertedLinear:
                                engine=engine, onednn_kernel=kernel.onednn_kernel)
 
 
+def stored_bias(linear: ConvertedLinear, engine: str) -> np.ndarray | None:
+    """What torch's converted Linear's ``bias()`` returns on ``engine``: the float32 bias, None without one -- except
+    on qnnpack, whose prepack stores a float32 zero bias for a layer without one (and unpacks it as such); the
+    arithmetic is the same (a quantized bias of 0).
+    Matches: pytorch/pytorch aten/src/ATen/native/quantized/cpu/qlinear_prepack.cpp (PackedLinearWeightsQnnp::prepack).
+    """
+    if linear.bias is None and engine == "qnnpack":
+        return np.zeros(linear.weight_int8.shape[0], np.float32)
+    return linear.bias
+
+
 @dataclass(frozen=True)
 class QFunctional:
     """``torch.ao.nn.quantized.QFunctional``: the FloatFunctional's methods with its own (scale, zero_point)."""
