@@ -84,7 +84,8 @@ def text_report(res: ModelStudyResult) -> str:
     if acc is not None:
         n = acc["n"]
         L.append(f"accuracy on {n} held-out images (argmax of the outputs)")
-        for key, label in (("float", "float model"), ("torch", "torch, quantized"), ("refquant", "refquant, quantized")):
+        for key, label in (("float", "float model"), ("torch", "torch, quantized"),
+                           ("refquant", "refquant, quantized")):
             a = acc[key]
             L.append(f"  {label:<20} {100 * a['accuracy']:6.2f}%  ({a['correct']} of {n})")
         L.append(f"  identical predictions, torch and refquant: {'yes' if acc['identical_predictions'] else 'NO'}")

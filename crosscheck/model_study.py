@@ -8,8 +8,8 @@ Order of events (:func:`run_model_study`):
    model and its data, fuse, prepare with ``get_default_qconfig(engine)``, calibrate (recording what every observer
    saw), convert; then run the calibration batches and the evaluation inputs through the converted model, recording
    every computing call's output, each Linear call's int32 accumulators (derived) and the kernel it ran.
-2. refquant (:class:`ModelComparison`): ``refquant.model.prepare(from_torch(float model), get_default_qconfig(engine))``,
-   every observer fed what torch's saw, ``convert(engine=...)`` with torch's thread count and fbgemm's kernel
+2. refquant (:class:`ModelComparison`): ``refquant.model.prepare(from_torch(float model),
+   get_default_qconfig(engine))``, every observer fed what torch's saw, ``convert(engine=...)`` with torch's thread count and fbgemm's kernel
    family; every batch through ``QuantizedModel.trace`` with each Linear call modelling the kernel torch's call ran
    (oneDNN's per call).
 3. The comparison, in call order: each observer's range, histogram and chosen clip range; each converted module's
@@ -141,8 +141,9 @@ Describe = Callable[[str, str, str | None], "tuple[str, str] | None"]
 """(layer path or call name, field key, batch set or None) -> (row name, note), or None to leave the row out."""
 
 GENERIC_NOTES = {
-    "observer min_val, max_val": "(a zero compared as +0.0: torch gives either sign, by thread count) refquant's observer was fed the float32 activations torch's observer saw (recorded "
-                                 "by a forward pre-hook on torch's activation_post_process)",
+    "observer min_val, max_val": "refquant's observer was fed the float32 activations torch's observer saw (recorded "
+                                 "by a forward pre-hook on torch's activation_post_process); a zero is compared as "
+                                 "+0.0 (torch's aminmax gives either sign, depending on its thread count)",
     "observer histogram": "the HistogramObserver's 2048 float32 bins after calibration",
     "observer calibrated range": "the [min, max] HistogramObserver._non_linear_param_search chose (its clip range, "
                                  "from which the qparams come)",
