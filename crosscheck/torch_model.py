@@ -269,7 +269,13 @@ class ForwardRecorder:
         with torch.no_grad(), warnings.catch_warnings(), capture as cap:
             warnings.simplefilter("ignore")
             self._capture = cap
-            y = self.converted(x)
+            try:
+                y = self.converted(x)
+            except RuntimeError as e:  # e.g. QNNPACK refuses an add whose scale ratio is outside [2^-14, 2^8)
+                lines = [line for line in str(e).splitlines() if line.strip()]
+                raise UsageError(f"torch cannot run the converted model on engine {self.engine!r} (after the calls "
+                                 f"{[c[0] for c in self._calls][-3:]}): {lines[0] if lines else type(e).__name__}"
+                                 ) from None
             self._capture = None
             float_y = self.float_model(x)
         calls, qparams, accumulators, kernels = {}, {}, {}, {}

@@ -22,6 +22,7 @@ import torch
 
 from crosscheck.model_study import ModelComparison
 from crosscheck.torch_model import model_events
+from crosscheck.worker import UsageError
 from torch_models import fusions, needs_avx2_kernels, random_batch, random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,14 +43,23 @@ def study_random_model(rng: np.random.Generator, engine: str) -> None:
     evaluation = [(torch.from_numpy(random_batch(rng, int(rng.integers(1, 33)), spec.input_shape)), None),
                   (torch.from_numpy(random_batch(rng, 5, spec.input_shape, spread=4.0)), None)]  # beyond the ranges
     saved = torch.backends.quantized.engine
+    events = model_events(spec.model, calibration, iter(evaluation), engine, fusions=fusions(spec.model))
     try:
-        events = list(model_events(spec.model, calibration, iter(evaluation), engine, fusions=fusions(spec.model)))
+        (_, env), (_, record) = next(events), next(events)
+        comparison = ModelComparison(record, env)
+        inputs = [x.numpy() for x in calibration] + [x.numpy() for x, _ in evaluation]
+        for i, x in enumerate(inputs):
+            try:
+                _, b = next(events)
+            except UsageError as e:  # torch refused to run the model: refquant must refuse the same input
+                assert engine == "qnnpack" and "failed to create QNNPACK Add operator" in str(e), e
+                with pytest.raises(ValueError, match="qnnpack add"):
+                    comparison.model(x)
+                COUNTS[engine, "refused by both"] += 1
+                return
+            comparison.add_batch(b)
     finally:
         torch.backends.quantized.engine = saved
-    (_, env), (_, record), *batches = events
-    comparison = ModelComparison(record, env)
-    for _, b in batches:
-        comparison.add_batch(b)
     fields = comparison.fields()
     bad = [f for f in fields if f.counted and not f.equal]
     assert not bad, f"{spec.text} [{engine}]: " + "; ".join(f"{f.name}: {f.first_mismatch}" for f in bad)
