@@ -80,7 +80,7 @@ def test_qnnpack_add_refusals_name_the_reason():
 def test_mul_cat_relu_run_atens_kernels_on_every_engine(rng, engine):
     with torch_engine(engine), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for i in range(150):
+        for i in range(100):
             a, b, sa, sb, za, zb, s, z = random_operands(rng, tie_prone=i % 3 == 0)
             qa, qb = F.QTensor(a, sa, za), F.QTensor(b, sb, zb)
             t = torch.ops.quantized.mul(qt(a, sa, za), qt(b, sb, zb), s, z)
