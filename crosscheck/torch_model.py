@@ -364,10 +364,3 @@ def torch_events(config, where: str = "") -> Iterator[tuple[str, Any]]:
     built = build(config)
     yield from model_events(built.model, built.calibration, built.evaluation, config.engine, fusions=built.fusions,
                             info=built.info, where=where)
-
-
-def _worker(config, conn, where: str = "worker process") -> None:
-    """Worker process: send every event of :func:`torch_events` through ``conn``; an exception as ("error", text)."""
-    from .worker import run_events
-
-    run_events(torch_events, config, conn, where)

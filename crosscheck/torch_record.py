@@ -11,7 +11,8 @@ import numpy as np
 
 @dataclass
 class TorchStudy:
-    """Everything torch's prepare/calibrate/convert produced, as NumPy arrays (crosscheck.torch_study fills it)."""
+    """crosscheck.linear's view of its one-layer ModelRecord (crosscheck.study.torch_study_view builds it): what
+    torch's prepare/calibrate/convert produced, under the names the report and the figures read."""
 
     engine: str
     relu: bool

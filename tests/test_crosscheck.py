@@ -310,7 +310,7 @@ def test_bad_argument_exits_2_with_a_message_cli():
     (["--samples", "-1"], "--samples must be an integer >= 0, got -1"),
     (["--seed", "-3"], "--seed must be in [0, 2**63)"),
     (["--calib-dist", "cauchy"], "invalid choice: 'cauchy'"),
-    (["--engine", "qnnpack"], "invalid choice: 'qnnpack'"),
+    (["--engine", "tensorrt"], "invalid choice: 'tensorrt'"),
     (["--json", "/nonexistent-dir/out.json"], "directory '/nonexistent-dir' does not exist"),
     (["--in-features", "100000", "--out-features", "100000"], "is too large"),
     (["--no-such-option"], "unrecognized arguments: --no-such-option"),
