@@ -317,13 +317,21 @@ def test_bad_files_and_options_exit_2_naming_them(tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.isa
-def test_a_difference_is_named_by_layer_field_index_and_both_values(capsys):
+def test_a_difference_is_named_by_layer_field_index_and_both_values(user_dir, monkeypatch, capsys):
     from crosscheck.model import main
 
-    assert main(["--quiet"], _perturb=("fc2 output codes (evaluation)", 70)) == 1
+    monkeypatch.chdir(user_dir)
+    argv = ["--model", "mymodel:make", "--state-dict", "weights.pt", "--calib", "calib.npy", "--inputs", "inputs.npy"]
+    assert main(argv + ["--quiet"], _perturb=("fc2 output codes (evaluation)", 20)) == 1
     out = capsys.readouterr().out
-    assert "first divergence at layer fc2 (LinearReLU), field 'fc2 output codes (evaluation)', index (2, 6): " \
-           "torch" in out, out
+    assert "first divergence at layer fc2 (Linear), field 'fc2 output codes (evaluation)', index (3, 2): torch" \
+        in out, out
+    assert main(argv + ["--json", "-"], _perturb=("fc1 weight int8 (int_repr)", 5)) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["first_divergence"]["layer"] == "fc1" and doc["first_divergence"]["index"] == [0, 5]
+    fc1 = next(e for e in doc["layers"] if e["path"] == "fc1")
+    assert fc1["equal"] is False and fc1["first_mismatch"]["field"] == "fc1 weight int8 (int_repr)"
+    assert all(e["equal"] for e in doc["layers"] if e["path"] != "fc1") and doc["exit_code"] == 1
 
 
 @pytest.mark.parametrize("engine", ["qnnpack", "onednn"])
