@@ -38,6 +38,7 @@ from .torch_model import (  # noqa: F401  (re-exported: the recording is the mod
     model_events,
     torch_environment,
 )
+from .torch_model import observer_state as _observer_state  # noqa: F401  (the name crosscheck.engines imports)
 
 DISTRIBUTIONS = ("normal", "uniform", "laplace", "outliers", "relu")
 

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-from crosscheck.isa import onednn_family_from_verbose, torch_fbgemm_kernel_family  # noqa: F401  (re-exported)
+from crosscheck.isa import onednn_family_from_verbose  # noqa: F401  (moved there; the engine tests import it here)
 from refquant.engines import ONEDNN_KERNELS
 from refquant.linear import QuantizedLinear
 
@@ -50,6 +50,13 @@ def quantized_engine(engine: str):
 # ----------------------------------------------------------------------------------------------------------------
 # Probes of what torch runs
 # ----------------------------------------------------------------------------------------------------------------
+
+def torch_fbgemm_kernel_family() -> str:
+    """"vnni" or "avx2": the int8 kernel family torch's fbgemm runs in this process (crosscheck.isa's probe)."""
+    from crosscheck.isa import torch_fbgemm_kernel_family as probe
+
+    return probe()
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # torch's quantized Linear from integer codes
