@@ -437,17 +437,22 @@ def environment(torch_env: dict, engine: str, isa: str) -> dict:
 
 
 def start(config, *, progress: bool, torch_subprocess: bool | None, warm_up: Callable[[bool], None] | None = None):
-    """Start the torch side (a worker process unless torch is loaded here), warm refquant's kernels meanwhile
-    (``warm_up``, default :func:`warm_up_refquant`), and return (events iterator, torch's environment) once torch
-    reports it; refuses an --isa torch cannot honour."""
-    from .worker import UsageError, torch_events
+    """Start the torch side (a worker process unless torch is loaded here) and warm refquant's kernels meanwhile
+    (``warm_up``, default :func:`warm_up_refquant`; its own progress phase); returns the events iterator."""
+    from .worker import torch_events
 
     warm_up = warm_up_refquant if warm_up is None else warm_up
-
     events = torch_events(config, subprocess=torch_subprocess)  # a worker process starts on torch's side ...
     with Progress("loading refquant's Numba kernels (the first run compiles them: 10-40 s, cached afterwards)",
                   enabled=progress, delay_s=1.0):
         warm_up(expected_family(config.isa) == "avx2")  # ... while refquant loads its kernels here
+    return events
+
+
+def receive_environment(events, config) -> dict:
+    """torch's first event, its environment; refuses an --isa torch cannot honour."""
+    from .worker import UsageError
+
     kind, torch_env = next(events)
     assert kind == "environment", kind
     family = torch_env["fbgemm_kernel"]
@@ -455,7 +460,7 @@ def start(config, *, progress: bool, torch_subprocess: bool | None, warm_up: Cal
         events.close()
         raise UsageError(f"--isa {config.isa}: torch's fbgemm runs its {family} kernels in "
                          f"{torch_env['torch_side']} and cannot switch ({torch_env['fbgemm_kernel_detected_by']})")
-    return events, torch_env
+    return torch_env
 
 
 @dataclass
@@ -489,8 +494,9 @@ def run_model_study(config: ModelConfig, *, progress: bool = False, torch_subpro
     ``_perturb`` is a test hook only: (row name, flat index) flips the lowest bit of that element of refquant's
     value right before it is compared.
     """
+    events = start(config, progress=progress, torch_subprocess=torch_subprocess)
     with Progress("torch: import, build the model and its data, prepare, calibrate, convert", enabled=progress):
-        events, torch_env = start(config, progress=progress, torch_subprocess=torch_subprocess)
+        torch_env = receive_environment(events, config)
         kind, record = next(events)
     assert kind == "model", kind
     env = environment(torch_env, config.engine, config.isa)

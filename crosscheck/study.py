@@ -32,7 +32,7 @@ import numpy as np
 
 from . import compare as C
 from .isa import saturate_int16_pairs
-from .model_study import ModelComparison, Perturber, _flip_lsb, start  # noqa: F401  (_flip_lsb: re-exported)
+from .model_study import ModelComparison, Perturber, _flip_lsb, receive_environment, start  # noqa: F401
 from .model_study import environment as model_environment
 from .model_study import refquant_observer_state, warm_up_refquant  # noqa: F401  (re-exported)
 from .progress import Progress
@@ -319,9 +319,10 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
     perturb = Perturber(_perturb)
 
     # 1. torch
+    events = start(config, progress=progress, torch_subprocess=torch_subprocess,
+                   warm_up=lambda saturate: warm_up_refquant(saturate))
     with Progress("torch: import, prepare, calibrate, convert", enabled=progress):
-        events, torch_env = start(config, progress=progress, torch_subprocess=torch_subprocess,
-                                  warm_up=lambda saturate: warm_up_refquant(saturate))
+        torch_env = receive_environment(events, config)
         kind, record = next(events)
     assert kind == "model", kind
 
