@@ -11,7 +11,6 @@ Kernel families (what changes the integers, refquant.engines):
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import warnings
 
@@ -51,23 +50,11 @@ def quantized_engine(engine: str):
 # Probes of what torch runs
 # ----------------------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
 def torch_fbgemm_kernel_family() -> str:
-    """"vnni" or "avx2": does torch's fbgemm saturate pairs of products to int16 on this machine?
+    """"vnni" or "avx2": the int8 kernel family torch's fbgemm runs in this process (crosscheck.isa's probe)."""
+    from crosscheck.isa import torch_fbgemm_kernel_family as probe
 
-    LOCAL PROBE: swap for crosscheck.isa.torch_fbgemm_kernel_family() once the rel-cli helper's crosscheck/isa.py
-    lands. x = [255, 255, 0, 0], w = [-128, -128, 0, 0], every scale 1 except s_y = 512, z_y = 200:
-    exact raw −65,280 -> y = −127.5 -> −128 -> code 72; a saturated pair −32,768 -> y = −64 -> code 136.
-    """
-    with quantized_engine("fbgemm"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qw = torch._make_per_tensor_quantized_tensor(torch.tensor([[-128, -128, 0, 0]], dtype=torch.int8), 1.0, 0)
-        packed = torch.ops.quantized.linear_prepack(qw, None)
-        qx = torch._make_per_tensor_quantized_tensor(torch.tensor([[255, 255, 0, 0]], dtype=torch.uint8), 1.0, 0)
-        code = int(torch.ops.quantized.linear(qx, packed, 512.0, 200).int_repr()[0, 0])
-    if code not in (72, 136):
-        raise AssertionError(f"fbgemm probe gave code {code}, neither the exact (72) nor the saturated (136) one")
-    return "vnni" if code == 72 else "avx2"
+    return probe()
 
 
 _ONEDNN_CPU_ISA: list[str] = []  # oneDNN prints its ISA line once per process, the first time verbose is on
