@@ -70,6 +70,9 @@ NOTES = {
                      "(float64: the observer's float32 scales widened, as torch holds them)",
     "weight_zero_points": "torch: q_zero_point() / q_per_channel_zero_points() (int64); refquant: int32",
     "bias": "torch: module.bias(); refquant: bias. float32 and never quantized, on every engine",
+    "qnnpack_bias": "no bias, on qnnpack: its prepack stores a zero bias (at::zeros, PackedLinearWeightsQnnp::"
+                    "prepack), so torch's module.bias() returns zeros; refquant's layer holds None and adds zeros "
+                    "(eq. DQ5b of refquant.dynamic); compared: torch's zeros vs those zeros",
     "no_bias": "no bias: nn.Linear(bias=False); torch's module.bias() and refquant's bias are both None",
     "x_min_max": "per call: torch side derived with torch.aminmax(x) (the op computes it inside: FindMinMax); "
                  "refquant: stages(x)['x_min'], ['x_max'] (eq. DQ1 of refquant.dynamic)",
@@ -191,16 +194,20 @@ def run_dynamic_study(config: DynamicConfig, *, progress: bool = False, torch_su
         layer["weight_scales"], dql.weight_scales, note=NOTES["weight_scales"])
     add("weight zero_points", layer["weight_zero_points"], dql.weight_zero_points, note=NOTES["weight_zero_points"])
     bias_name = "bias (float32, not quantized)"
-    if layer["packed_bias"] is None and dql.bias is None:
+    r_bias = dql.bias
+    if r_bias is None and config.engine == "qnnpack":
+        r_bias = np.zeros(dql.out_features, np.float32)  # what qnnpack's packed weight holds (NOTES["qnnpack_bias"])
+    if layer["packed_bias"] is None and r_bias is None:
         fields.append(C.Field(name=bias_name, kind=C.PARITY, equal=True, mismatches=0, first_mismatch=None,
                               torch=None, refquant=None, note=NOTES["no_bias"]))
-    elif layer["packed_bias"] is None or dql.bias is None:
+    elif layer["packed_bias"] is None or r_bias is None:
         fields.append(C.Field(name=bias_name, kind=C.PARITY, equal=False, mismatches=1,
                               first_mismatch={"index": None, "reason": "bias present on one side only",
                                               "torch": None, "refquant": None},
-                              torch=layer["packed_bias"], refquant=dql.bias, note=NOTES["bias"]))
+                              torch=layer["packed_bias"], refquant=r_bias, note=NOTES["bias"]))
     else:
-        add(bias_name, layer["packed_bias"], dql.bias, note=NOTES["bias"])
+        add(bias_name, layer["packed_bias"], r_bias,
+            note=NOTES["qnnpack_bias"] if dql.bias is None else NOTES["bias"])
 
     S = config.samples
     onednn = config.engine == "onednn"

@@ -359,6 +359,34 @@ class RecipeLayers:
         return self._model(r).dequant(self.output_codes(r, x, kernel))
 
 
+def chain_qparams(models: dict[str, Any], reduce_range: dict[str, bool]) -> dict[str, dict]:
+    """What :func:`describe_step` says about each engine's model: its qparams, reduce_range and weight qscheme."""
+    return {e: {"input": (np.float32(m.input_scale), m.input_zero_point),
+                "output": (np.float32(m.output_scale), m.output_zero_point),
+                "reduce_range": reduce_range.get(e), "weight_qscheme": m.linear.weight_qscheme}
+            for e, m in models.items()}
+
+
+def same_values(models: dict[str, Any]):
+    """``same(ingredient, a, b)`` for :func:`chain`: True when engine b's qparams or weights are engine a's."""
+    def same(ingredient: str, a: str, b: str) -> bool:
+        if ingredient not in ("qparams_in", "qparams_out", "weights"):
+            return False
+        ma, mb = models[a], models[b]
+        if ingredient == "qparams_in":
+            return (np.float32(ma.input_scale), ma.input_zero_point) == (np.float32(mb.input_scale),
+                                                                         mb.input_zero_point)
+        if ingredient == "qparams_out":
+            return (ma.output_scale, ma.output_zero_point) == (mb.output_scale, mb.output_zero_point)
+        if ingredient == "weights":
+            la, lb = ma.linear, mb.linear
+            return (np.array_equal(la.weight_int8, lb.weight_int8) and la.weight_scales_f64.shape ==
+                    lb.weight_scales_f64.shape and np.array_equal(la.weight_scales_f64, lb.weight_scales_f64)
+                    and np.array_equal(la.weight_zero_points, lb.weight_zero_points))
+        return False
+    return same
+
+
 class ChainAttribution:
     """Counts, over all chunks, which swaps of a chain changed the outputs that differ between its two ends.
 
@@ -437,6 +465,9 @@ NOTES = {
     "weight": "torch: fc.weight() (q_per_channel_scales()/q_scale() float64, zero points int64, int_repr()); "
               "refquant: the engine's default weight observer (per channel; qnnpack per tensor)",
     "bias": "float32 as the quantized Linear holds it (qnnpack quantizes it per call: refquant-only row)",
+    "qnnpack_bias": "no bias, on qnnpack: its prepack stores a zero bias (at::zeros, PackedLinearWeightsQnnp::"
+                    "prepack), so torch's fc.bias() returns zeros; refquant's layer holds None and its "
+                    "QnnpackRequantizer quantizes zeros; compared: torch's zeros vs those zeros",
     "col_offsets": "Σ_k q_w[n,k] − z_w[n]·K: torch side derived from int_repr() with exact int64 torch ops",
     "input_codes": "torch: model.quant(x).int_repr(); refquant: quantize_per_tensor(x, s_x, z_x, 'quint8')",
     "accumulators": "int32 Σ_k (q_x − z_x)(q_w − z_w): torch side derived from torch's codes and int_repr() with "
@@ -545,16 +576,20 @@ def run_engines_study(config: EnginesConfig, *, progress: bool = False, torch_su
         add(f"{e}: weight scales", rec["weight_scales"], ql.weight_scales_f64, note=NOTES["weight"])
         add(f"{e}: weight zero_points", rec["weight_zero_points"], ql.weight_zero_points, note=NOTES["weight"])
         add(f"{e}: weight int8 (int_repr)", rec["weight_int8"], ql.weight_int8, note=NOTES["weight"])
-        if rec["packed_bias"] is None and ql.bias is None:
+        r_bias = ql.bias
+        if r_bias is None and e == "qnnpack":  # qnnpack's prepack stores a zero bias; refquant adds zeros too
+            r_bias = np.zeros(N, np.float32)
+        if rec["packed_bias"] is None and r_bias is None:
             fields.append(C.Field(name=f"{e}: bias", kind=C.PARITY, equal=True, mismatches=0, first_mismatch=None,
                                   torch=None, refquant=None, note="no bias on either side"))
-        elif rec["packed_bias"] is None or ql.bias is None:
+        elif rec["packed_bias"] is None or r_bias is None:
             fields.append(C.Field(name=f"{e}: bias", kind=C.PARITY, equal=False, mismatches=1,
                                   first_mismatch={"index": None, "reason": "bias present on one side only",
                                                   "torch": None, "refquant": None},
-                                  torch=rec["packed_bias"], refquant=ql.bias, note=NOTES["bias"]))
+                                  torch=rec["packed_bias"], refquant=r_bias, note=NOTES["bias"]))
         else:
-            add(f"{e}: bias", rec["packed_bias"], ql.bias, note=NOTES["bias"])
+            add(f"{e}: bias", rec["packed_bias"], r_bias, note=NOTES["qnnpack_bias"] if ql.bias is None
+                else NOTES["bias"])
         add(f"{e}: col_offsets", rec["col_offsets"], ql.col_offsets, kind=C.DERIVED, note=NOTES["col_offsets"])
 
     # (b) fbgemm's qparams and weights on every engine
@@ -569,24 +604,10 @@ def run_engines_study(config: EnginesConfig, *, progress: bool = False, torch_su
         return shared_cache[e, kernel]
 
     # (c) the chains
-    qparams = {e: {"input": (np.float32(base[e].input_scale), base[e].input_zero_point),
-                   "output": (np.float32(base[e].output_scale), base[e].output_zero_point),
-                   "reduce_range": layer["engines"][e]["qconfig_reduce_range"],
-                   "weight_qscheme": base[e].linear.weight_qscheme} for e in ENGINES}
+    qparams = chain_qparams(base, {e: layer["engines"][e]["qconfig_reduce_range"] for e in ENGINES})
     own_layers = RecipeLayers(base)
     shared_layers = RecipeLayers({e: fb_model for e in ENGINES})
-    def same(ingredient: str, a: str, b: str) -> bool:
-        """True when swapping the qparams or weights of engine a for engine b's changes no value."""
-        if ingredient == "qparams_in":
-            return qparams[a]["input"] == qparams[b]["input"]
-        if ingredient == "qparams_out":
-            return qparams[a]["output"] == qparams[b]["output"]
-        if ingredient == "weights":
-            la, lb = base[a].linear, base[b].linear
-            return (np.array_equal(la.weight_int8, lb.weight_int8) and la.weight_scales_f64.shape ==
-                    lb.weight_scales_f64.shape and np.array_equal(la.weight_scales_f64, lb.weight_scales_f64))
-        return False
-
+    same = same_values(base)
     start = own_recipe("fbgemm", fb_pairs)
     chains = [ChainAttribution(f"own qconfigs: fbgemm vs {b}", "fbgemm", b, start, own_recipe(b, pairs[b]),
                                qparams, codes=False, same=same) for b in OTHERS]
@@ -654,8 +675,8 @@ def run_engines_study(config: EnginesConfig, *, progress: bool = False, torch_su
                 acc = lay.accumulate(fb_model.quant(x), saturate_int16_pairs=pairs[e] and od_kernel != "brgemm_amx")
                 codes = lay.requantize(acc)
                 for key, value in (("accumulators", acc), ("output_codes", codes)):
-                    comp = shared_comps[e, key]
-                    comp.update(ts[key][np.newaxis], np.asarray(perturb(comp.name, value))[np.newaxis])
+                    comp = shared_comps[e, key]  # rows of the (M, N) output of every call, calibration first
+                    comp.update(ts[key].reshape(-1, N), np.asarray(perturb(comp.name, value)).reshape(-1, N))
             impl_s = t["shared"]["onednn"]["onednn_impl"]
             kernel_counts[impl_s] = kernel_counts.get(impl_s, 0) + 1
             kernel_shared.update(np.array([KERNEL_CODES[onednn_impl_kind(impl_s)]]),
