@@ -3,13 +3,15 @@ torch (fbgemm, x86, qnnpack, onednn), compared with refquant bit for bit, and wh
 
     (a) each engine with its own default qconfig: torch's eager flow vs refquant, every field compared
     (b) every engine with fbgemm's qparams and int8 weights (linear_prepack on each engine): output codes compared
-    (c) how many outputs differ between fbgemm and each other engine, and why: refquant swaps one ingredient at a
+    (c) the dynamic Linear of every engine (quantize_dynamic): float outputs compared
+    (d) how many outputs differ between fbgemm and each other engine, and why: refquant swaps one ingredient at a
         time from fbgemm's layer to the other engine's (qparams, weights, accumulation, reciprocal scales, bias
-        quantization, multiplier formula, zero point before rounding, saturation), and every differing output is
-        attributed to the swaps that changed it; what no swap explains is reported as unexplained
+        quantization, multiplier formula, zero point before rounding, saturation; for the dynamic Linear the input
+        range, scales, quantize and output formula), and every differing output is attributed to the swaps that
+        changed it; what no swap explains is reported as unexplained
 
 The study is in crosscheck.engines_study, the torch side in crosscheck.torch_engines_study. Exit codes as
-crosscheck.linear: 0 every parity row of (a) and (b) equal, 1 any mismatch, 2 bad arguments, 3 the study could not
+crosscheck.linear: 0 every parity row of (a), (b), (c) equal, 1 any mismatch, 2 bad arguments, 3 the study could not
 run. ``--json PATH|-`` writes the comparison with crosscheck.linear's conventions (:data:`JSON_SCHEMA`).
 """
 
@@ -36,7 +38,7 @@ JSON_SCHEMA = """\
   "study":     in_features, out_features, input_shape, calib_batches, calib_dist, samples, seed, relu, bias, isa
   "engines":   {engine: {"qconfig", "activation_reduce_range", "weight_qscheme", "input_scale", "input_zero_point",
                 "output_scale", "output_zero_point", "parity_rows", "equal", "error_torch", "error_refquant"}}
-  "why":       [one per pair (fbgemm, engine), own qconfigs then shared qparams: {"name", "from", "to", "compared",
+  "why":       [one per pair (fbgemm, engine): own qconfigs, shared qparams, dynamic: {"name", "from", "to", "compared",
                 "outputs", "torch_differ" (torch's own count), "refquant_differ", "max_abs_difference_torch",
                 "max_code_difference_torch", "steps": [{"ingredient", "swap", "changed" (outputs that swap
                 changed), "sole_cause" (differing outputs only that swap changed)}], "several_causes",
@@ -52,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="One float nn.Linear and one data set through torch's four static quantized engines (fbgemm, "
                     "x86, qnnpack, onednn): (a) each with its own default qconfig, torch vs refquant, every field "
-                    "compared; (b) all with fbgemm's qparams and int8 weights; (c) how many outputs differ between "
-                    "engines and why, attributed by swapping one ingredient at a time in refquant.",
+                    "compared; (b) all with fbgemm's qparams and int8 weights; (c) each engine's dynamic Linear; "
+                    "(d) how many outputs differ between engines and why, attributed by swapping one ingredient at "
+                    "a time in refquant.",
         epilog="Exit codes: 0 every parity row equal, 1 any mismatch (first differing element printed), "
                "2 bad arguments, 3 the study could not run (torch side failed).",
     )
@@ -170,11 +173,15 @@ def text_report(res: EnginesResult) -> str:
                  "(b) every engine with fbgemm's qparams and int8 weights (linear_prepack on each engine):")
     L.append("")
 
-    L.append("(c) why the engines differ: refquant swaps one ingredient at a time from fbgemm's layer to the other's")
+    L += _matrix(res.fields, {e: f"dynamic, {e}: " for e in ENGINES},
+                 "(c) the dynamic Linear of every engine: quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8), "
+                 "one call per chunk:")
+    L.append("")
+    L.append("(d) why the engines differ: refquant swaps one ingredient at a time from fbgemm's layer to the other's")
     L.append("    changed: outputs that swap changed; sole cause: outputs that differ between the two engines and")
     L.append("    that only this swap changed (the swap alone reproduces the difference)")
     for ch in res.chains:
-        what = "output codes" if ch.codes else "dequantized outputs"
+        what = ch.compared
         head = f"  {ch.name}: {ch.torch_differ} of {ch.n} {what} differ in torch"
         if ch.torch_differ:
             head += f" (max |diff| {ch.max_abs_torch:.6g}" + (f", {ch.max_code_torch} code)" if ch.codes else ")")

@@ -1,7 +1,7 @@
 """One float layer and one data set through every static engine, torch vs refquant, and why the engines differ
 (``python -m crosscheck.engines``).
 
-Three parts (:func:`run_engines_study`):
+Four parts (:func:`run_engines_study`):
 
 (a) **own qconfigs** — for each of fbgemm, x86, qnnpack, onednn: torch's eager flow with ``get_default_qconfig(engine)``
     (crosscheck.torch_engines_study) against ``refquant.pipeline.ObservedLinear(engine=...)`` fed the activations
@@ -9,14 +9,18 @@ Three parts (:func:`run_engines_study`):
 (b) **shared qparams** — fbgemm's input and output qparams and int8 weights forced onto every engine (torch:
     ``linear_prepack`` of fbgemm's quantized weight on each engine; refquant: ``QuantizedLinear.from_quantized`` with
     ``engine=``): output codes and accumulators compared per engine.
-(c) **why they differ** — for each engine B, a chain of refquant layers from fbgemm's to B's that swaps one
+(c) **dynamic** — each engine's ``quantize_dynamic`` Linear (default_dynamic_qconfig) called once per chunk of data
+    against ``refquant.dynamic.DynamicQuantizedLinear(engine=...)``: weights, bias, float outputs (bits).
+(d) **why they differ** — for each engine B, a chain of refquant layers from fbgemm's to B's that swaps one
     ingredient at a time (:class:`Recipe`): the input qparams, the output qparams, the weights (qnnpack's per-tensor
     qconfig), the int16 pair saturation of the accumulation, the scales' reciprocal round trip (onednn), the bias
     (qnnpack's int32 bias), the multiplier / requantization formula, where the output zero point is added (onednn:
-    before the rounding), and the saturation of the conversion. Every output that differs between fbgemm and B is
-    attributed to the swaps that changed it, so an attribution is never a guess: each was reproduced by its swap.
-    The chain starts at refquant's fbgemm layer and ends at refquant's layer of B, both equal to torch (parts a, b);
-    "unexplained" counts the outputs where torch's engines differ from the chain's ends (0 when parity holds).
+    before the rounding), and the saturation of the conversion; for the dynamic Linears (:class:`DynamicRecipe`)
+    the input's code range, the reciprocal scales, the input quantize and the output formula. Every output that
+    differs between fbgemm and B is attributed to the swaps that changed it, so an attribution is never a guess:
+    each was reproduced by its swap. The chain starts at refquant's fbgemm layer and ends at refquant's layer of B,
+    both equal to torch (parts a-c); "unexplained" counts the outputs where torch's engines differ from the chain's
+    ends (0 when parity holds).
 
 The hybrid layers in the middle of a chain are no engine's arithmetic; they are built from refquant's own pieces
 (the engines' requantizers with other constants) except for one readable function, :func:`onednn_before_rounding`,
@@ -32,7 +36,7 @@ call" compares the prediction with the kernel oneDNN's verbose output names for 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -134,7 +138,7 @@ def _layer_from(model, engine: str, *, kernel: str = "brgemm", pairs: bool = Fal
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# (c) the ingredients, and a layer for any combination of them
+# (d) the ingredients, and a layer for any combination of them
 # ----------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -188,6 +192,8 @@ def own_recipe(engine: str, pairs: bool, source: str | None = None) -> Recipe:
 
 def describe_step(ingredient: str, a: Recipe, b: Recipe, qparams: dict[str, tuple]) -> str:
     """What swapping ``ingredient`` from recipe ``a`` to ``b`` changes, in words."""
+    if isinstance(b, DynamicRecipe):
+        return describe_dynamic_step(ingredient, a, b)
     if ingredient == "qparams_in":
         (sa, za), (sb, zb) = qparams[a.qparams_in]["input"], qparams[b.qparams_in]["input"]
         return (f"input qparams (reduce_range={qparams[b.qparams_in]['reduce_range']}): s_x, z_x = {sb!s}, {zb} "
@@ -225,7 +231,7 @@ def chain(a: Recipe, b: Recipe, same=None) -> list[tuple[str, Recipe]]:
     whose values are the same (``same(ingredient, a_value, b_value)``: x86's qparams are fbgemm's, onednn's
     weights are fbgemm's); the recipe still takes the new name, so the chain ends exactly at ``b``."""
     steps, current = [], a
-    for name in INGREDIENTS:
+    for name in (INGREDIENTS if isinstance(a, Recipe) else tuple(f.name for f in fields(a))):
         old, new = getattr(current, name), getattr(b, name)
         if old != new:
             current = replace(current, **{name: new})
@@ -359,6 +365,88 @@ class RecipeLayers:
         return self._model(r).dequant(self.output_codes(r, x, kernel))
 
 
+@dataclass(frozen=True)
+class DynamicRecipe:
+    """How a dynamic Linear (refquant.dynamic) turns a float call into float outputs, ingredient by ingredient::
+
+        reduce_range  the input's codes: 0..127 (True: fbgemm, x86, onednn) or 0..255 (qnnpack ignores it)
+        scales        "plain" s_x = f32(scale), f32(s_w) | "reciprocal" onednn's f32(1/f64(f32(1/s)))
+        quantize      "fbgemm_legacy_fma" RNE(fmaf(x, f32(1/s_x), z_x)) (eq. Q1) | "multiply_then_add" (eq. Q1c)
+        formula       "fbgemm" fmaf(f32(raw), f32(s_x·s_w), bias) | "qnnpack" two roundings, + bias |
+                      "onednn" two multiplies (or the AMX kernel's combined scale, by shape), + bias
+                      (refquant.dynamic eqs. DQ5a-d)
+    """
+
+    reduce_range: bool
+    scales: str = "plain"
+    quantize: str = "fbgemm_legacy_fma"
+    formula: str = "fbgemm"
+
+
+def own_dynamic_recipe(engine: str) -> DynamicRecipe:
+    if engine in ("fbgemm", "x86"):
+        return DynamicRecipe(True)
+    if engine == "qnnpack":
+        return DynamicRecipe(False, formula="qnnpack")
+    if engine == "onednn":
+        return DynamicRecipe(True, "reciprocal", "multiply_then_add", "onednn")
+    raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+
+
+def describe_dynamic_step(ingredient: str, a: DynamicRecipe, b: DynamicRecipe) -> str:
+    if ingredient == "reduce_range":
+        return ("input qparams: codes 0..255 (qnnpack ignores reduce_range=True, and warns), each call's own range"
+                if not b.reduce_range else "input qparams: codes 0..127 (reduce_range=True)")
+    if ingredient == "scales":
+        return "reciprocal scales: s' = f32(1/f64(f32(1/s))) for s_x and s_w (onednn's round trip)"
+    if ingredient == "quantize":
+        return "input quantize: f32(f32(x·f32(1/s_x)) + z_x), then RNE (oneDNN's reorder), not one FMA"
+    if ingredient == "formula" and b.formula == "qnnpack":
+        return "output formula: f32(f32(f32(s_w·s_x)·f32(raw)) + bias) (qnnpack), not fmaf(f32(raw), mult, bias)"
+    if ingredient == "formula" and b.formula == "onednn":
+        return "output formula: f32(f32(f32(raw)·s_x')·s_w') + bias (AMX: ·f32(s_x'·s_w')), not one FMA"
+    return f"{ingredient}: {getattr(a, ingredient)} -> {getattr(b, ingredient)}"
+
+
+class DynamicLayers:
+    """Evaluates :class:`DynamicRecipe` on float calls from refquant.dynamic's own steps (eqs. DQ1-DQ5), with the
+    weight codes and scales of one DynamicQuantizedLinear (every engine's dynamic weight is the same here:
+    default_dynamic_qconfig on the same float weight; parity rows check each engine's)."""
+
+    def __init__(self, dql, onednn_family: str | None):
+        from refquant.matmul import pack_weight_s8
+
+        self.dql = dql
+        self.onednn_family = onednn_family
+        self.packed = pack_weight_s8(dql.weight_int8)
+        self.w_zp = np.ascontiguousarray(np.broadcast_to(dql.weight_zero_points, (dql.out_features,)))
+
+    def output(self, r: DynamicRecipe, x: np.ndarray, kernel: str = "") -> np.ndarray:
+        from refquant import dynamic as dq
+        from refquant.linear import accumulate_raw
+        from refquant.quantize import quantize_per_tensor
+
+        d = self.dql
+        K, N = d.in_features, d.out_features
+        x2d = np.ascontiguousarray(x.reshape(-1, K))
+        lo, hi, _ = dq.find_min_max(x2d)                                                     # eq. DQ1
+        scale, zp = dq.choose_quantization_params(lo, hi, 0, 255, reduce_range=r.reduce_range)  # eq. DQ2
+        if r.scales == "reciprocal":
+            s_x = dq.onednn_scale_round_trip(scale)[()]
+            s_w = dq.onednn_scale_round_trip(d.weight_scales).astype(np.float32)
+        else:
+            s_x = np.float32(scale)
+            s_w = d.weight_scales.astype(np.float32)
+        s_w = np.ascontiguousarray(np.broadcast_to(s_w, (N,)))
+        codes = quantize_per_tensor(x2d, s_x, zp, "quint8", rounding=r.quantize)              # eq. DQ3
+        raw = accumulate_raw(codes, self.packed, d.col_offsets, zp, self.w_zp)                 # eq. DQ4
+        formula = r.formula
+        if formula == "onednn":
+            formula = dq.onednn_kernel_for_shape(self.onednn_family, x2d.shape[0], K, N)
+        y = dq.float_output_fast(raw, formula, s_x, s_w, d.bias)                              # eq. DQ5
+        return y.reshape(x.shape[:-1] + (N,))
+
+
 def chain_qparams(models: dict[str, Any], reduce_range: dict[str, bool]) -> dict[str, dict]:
     """What :func:`describe_step` says about each engine's model: its qparams, reduce_range and weight qscheme."""
     return {e: {"input": (np.float32(m.input_scale), m.input_zero_point),
@@ -399,8 +487,9 @@ class ChainAttribution:
     """
 
     def __init__(self, name: str, a: str, b: str, start: Recipe, end: Recipe, qparams: dict, codes: bool,
-                 same=None):
+                 same=None, compared: str | None = None):
         self.name, self.a, self.b, self.codes = name, a, b, codes
+        self.compared = compared or ("output codes" if codes else "dequantized outputs")
         self.start, self.end = start, end
         self.steps = chain(start, end, same)
         self.labels = [describe_step(ing, prev, rec, qparams)
@@ -446,8 +535,7 @@ class ChainAttribution:
             self.max_code_torch = max(self.max_code_torch, int(dc.max()) if dc.size else 0)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "from": self.a, "to": self.b, "compared": "output codes" if self.codes else
-                "dequantized outputs (float32 bits)", "outputs": self.n, "torch_differ": self.torch_differ,
+        return {"name": self.name, "from": self.a, "to": self.b, "compared": self.compared, "outputs": self.n, "torch_differ": self.torch_differ,
                 "refquant_differ": self.differ, "max_abs_difference_torch": self.max_abs_torch,
                 "max_code_difference_torch": self.max_code_torch if self.codes else None,
                 "steps": [{"ingredient": ing, "swap": label, "changed": int(c), "sole_cause": int(s)}
@@ -479,6 +567,12 @@ NOTES = {
               "brg_matmul:avx512_core (int16-saturated pairs); torch: the implementation ONEDNN_VERBOSE named; "
               "refquant: its prediction (default_onednn_kernel() and the small-shape rule onednn_kernel_for_shape)",
     "error": "[mean |e|, max |e|, SQNR dB] against torch's float model, the same code for both sides; float64 bits",
+    "dyn_weight": "torch: quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8) on the engine, "
+                  "weight() (q_scale() float64); refquant: DynamicQuantizedLinear.from_float (MinMaxObserver, "
+                  "per_tensor_symmetric)",
+    "dyn_output": "torch: the dynamic module called once on each chunk of data (each call its own input qparams); "
+                  "refquant: DynamicQuantizedLinear(engine=...) on the same chunk; float32 bits, rows of (M, N)",
+    "dyn_kernel": "per call of the dynamic Linear: as the static row (refquant: the formula its stages() chose)",
     "shared": "fbgemm's (s_x, z_x), (s_y, z_y) and quantized weight: torch linear_prepack(fbgemm's weight, bias) "
               "on the engine and quantized::linear(q_x, packed, s_y, z_y); refquant QuantizedLinear with the same "
               "values and engine=",
@@ -509,7 +603,7 @@ def _scalar(v) -> Any:
 
 def run_engines_study(config: EnginesConfig, *, progress: bool = False, torch_subprocess: bool | None = None,
                       _perturb: tuple[str, int] | None = None) -> EnginesResult:
-    """Run parts (a), (b), (c) of the module docstring. ``_perturb`` (tests only): (row name, flat index) flips
+    """Run parts (a)-(d) of the module docstring. ``_perturb`` (tests only): (row name, flat index) flips
     one bit of that refquant value before it is compared."""
     events = torch_events("crosscheck.torch_engines_study", config, subprocess=torch_subprocess)
     with Progress("loading refquant's Numba kernels (the first run compiles them: 10-40 s, cached afterwards)",
@@ -603,7 +697,7 @@ def run_engines_study(config: EnginesConfig, *, progress: bool = False, torch_su
                                                   pairs=pairs[e] and kernel != "brgemm_amx")
         return shared_cache[e, kernel]
 
-    # (c) the chains
+    # (d) the chains
     qparams = chain_qparams(base, {e: layer["engines"][e]["qconfig_reduce_range"] for e in ENGINES})
     own_layers = RecipeLayers(base)
     shared_layers = RecipeLayers({e: fb_model for e in ENGINES})
@@ -613,6 +707,34 @@ def run_engines_study(config: EnginesConfig, *, progress: bool = False, torch_su
                                qparams, codes=False, same=same) for b in OTHERS]
     chains += [ChainAttribution(f"shared qparams: fbgemm vs {b}", "fbgemm", b, start,
                                 own_recipe(b, pairs[b], source="fbgemm"), qparams, codes=True) for b in OTHERS]
+
+    # (c) the dynamic Linear of each engine (default_dynamic_qconfig), from the same float weight
+    from refquant.dynamic import DynamicQuantizedLinear
+
+    dyn = {}
+    for e in ENGINES:
+        kw = {"onednn_kernel": onednn.family} if e == "onednn" else (
+            {"saturate_int16_pairs": fb_pairs} if e in ("fbgemm", "x86") else {})
+        dyn[e] = DynamicQuantizedLinear.from_float(layer["weight"], layer["bias"], engine=e, **kw)
+        rec = layer["dynamic"][e]
+        add(f"dynamic, {e}: weight int8 (int_repr)", rec["weight_int8"], dyn[e].weight_int8, note=NOTES["dyn_weight"])
+        add(f"dynamic, {e}: weight scale", rec["weight_scales"], dyn[e].weight_scales, note=NOTES["dyn_weight"])
+        r_bias = dyn[e].bias
+        if r_bias is None and e == "qnnpack":
+            r_bias = np.zeros(N, np.float32)
+        if rec["packed_bias"] is None and r_bias is None:
+            fields.append(C.Field(name=f"dynamic, {e}: bias", kind=C.PARITY, equal=True, mismatches=0,
+                                  first_mismatch=None, torch=None, refquant=None, note="no bias on either side"))
+        else:
+            add(f"dynamic, {e}: bias", rec["packed_bias"], r_bias,
+                note=NOTES["qnnpack_bias"] if dyn[e].bias is None else NOTES["bias"])
+    dyn_layers = DynamicLayers(dyn["fbgemm"], onednn.family)
+    chains += [ChainAttribution(f"dynamic: fbgemm vs {b}", "fbgemm", b, own_dynamic_recipe("fbgemm"),
+                                own_dynamic_recipe(b), qparams, codes=False, compared="float outputs")
+               for b in OTHERS]
+    dyn_comps = {e: C.ArrayComparison(f"dynamic, {e}: float output (one call per chunk)", note=NOTES["dyn_output"])
+                 for e in ENGINES}
+    kernel_dyn = C.ArrayComparison("dynamic, onednn: oneDNN kernel per call", note=NOTES["dyn_kernel"])
 
     # forward passes
     def comps(label: str, kind_: str) -> dict:
@@ -682,8 +804,23 @@ def run_engines_study(config: EnginesConfig, *, progress: bool = False, torch_su
             kernel_shared.update(np.array([KERNEL_CODES[onednn_impl_kind(impl_s)]]),
                                  perturb(kernel_shared.name, np.array([od_code])))
             # (c)
+            for e in ENGINES:
+                st = dyn[e].stages(x)
+                comp = dyn_comps[e]
+                comp.update(t["dynamic"][e]["output"].reshape(-1, N),
+                            np.asarray(perturb(comp.name, st["output"])).reshape(-1, N))
+                if e == "onednn":
+                    impl_d = t["dynamic"][e]["onednn_impl"]
+                    kernel_counts[impl_d] = kernel_counts.get(impl_d, 0) + 1
+                    kernel_dyn.update(np.array([KERNEL_CODES[onednn_impl_kind(impl_d)]]),
+                                      perturb(kernel_dyn.name, np.array(
+                                          [int(st["output_formula"] == "onednn_combined_scale")
+                                           if onednn.family != "brgemm_no_vnni" else 2])))
+            # (d)
             for ch in chains:
-                if ch.codes:
+                if ch.name.startswith("dynamic"):
+                    ch.update(dyn_layers, x, od_kernel, t["dynamic"][ch.a]["output"], t["dynamic"][ch.b]["output"])
+                elif ch.codes:
                     ta, tb = t["shared"][ch.a]["output_codes"], t["shared"][ch.b]["output_codes"]
                     sy, zy = fb_model.output_scale, fb_model.output_zero_point
                     ch.update(shared_layers, x, od_kernel, dequantize(ta, sy, zy), dequantize(tb, sy, zy), (ta, tb))
@@ -707,6 +844,7 @@ def run_engines_study(config: EnginesConfig, *, progress: bool = False, torch_su
     for e in ENGINES:
         fields += [shared_comps[e, "accumulators"].result(), shared_comps[e, "output_codes"].result()]
     fields.append(kernel_shared.result())
+    fields += [dyn_comps[e].result() for e in ENGINES] + [kernel_dyn.result()]
 
     # refquant-only intermediates of each engine's requantization
     for e in ENGINES:

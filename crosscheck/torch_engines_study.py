@@ -10,6 +10,9 @@
         packed = torch.ops.quantized.linear_prepack(fbgemm's quantized weight, bias)   on that engine
         y_u8 = torch.ops.quantized.linear[_relu](q_x, packed, s_y, z_y)          q_x, s_y, z_y: fbgemm's
 
+    for engine in ...:                                                (d) the dynamic Linear of each engine
+        dynamic[engine] = quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)
+
 Every engine sees the same float weight, the same calibration batches and the same samples. Recorded per engine,
 as crosscheck.torch_study records its one engine: what each activation observer saw, its histogram, range and
 chosen clip range, the converted model's qparams, int8 weight (per channel, or per tensor on qnnpack), bias; and per
@@ -116,6 +119,14 @@ def static_flow(engine: str, linear: nn.Linear, relu: bool, calibration: list[to
     return quantized, record
 
 
+def _dynamic_weight(module: nn.Module) -> dict:
+    """A dynamic Linear's weight (int8 codes, float64 scale, int64 zero point) and bias, as torch holds them."""
+    w = torch_weight(module.weight())
+    bias = module.bias()
+    w["packed_bias"] = None if bias is None else bias.detach().numpy().copy()
+    return w
+
+
 def _call(engine: str, fn) -> tuple[Any, str | None, list[str]]:
     """Run one quantized op on ``engine``: (result, oneDNN's matmul implementation or None, C++ warnings)."""
     def run():
@@ -142,7 +153,8 @@ def torch_events(config, where: str = "") -> Iterator[tuple[str, Any]]:
     """("environment", dict), ("layer", dict: the float weight and bias and one record per engine), then one
     ("calibration", chunk) per calibration batch and one ("samples", chunk) per chunk of samples: a dict with the
     input "x", the float model's "float_output", and "own" / "shared": {engine: {"input_codes" (own only),
-    "accumulators", "output_codes", "output" (own only), "onednn_impl"}}."""
+    "accumulators", "output_codes", "output" (own only), "onednn_impl"}}, "dynamic": {engine: {"output",
+    "onednn_impl"}} (one call of the dynamic Linear per chunk)."""
     env = torch_environment(where)
     yield "environment", env
     missing = [e for e in ENGINES if e not in torch.backends.quantized.supported_engines]
@@ -172,7 +184,15 @@ def torch_events(config, where: str = "") -> Iterator[tuple[str, Any]]:
         with quantized_engine(engine), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             packed[engine] = torch.ops.quantized.linear_prepack(shared_weight, shared_bias)
-    yield "layer", {"weight": linear.weight.detach().numpy().copy(),
+    dynamic: dict[str, nn.Module] = {}
+    dynamic_records: dict[str, dict] = {}
+    for engine in ENGINES:
+        with quantized_engine(engine), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dynamic[engine] = torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear},
+                                                                     dtype=torch.qint8)
+        dynamic_records[engine] = _dynamic_weight(dynamic[engine][0])
+    yield "layer", {"weight": linear.weight.detach().numpy().copy(), "dynamic": dynamic_records,
                     "bias": None if linear.bias is None else linear.bias.detach().numpy().copy(),
                     "engines": records, "printed_models": {e: str(q) for e, q in quantized.items()}}
 
@@ -216,6 +236,11 @@ def torch_events(config, where: str = "") -> Iterator[tuple[str, Any]]:
                 "accumulators": derived_accumulators(codes, rec["weight_int8"], int(rec["input_zero_point"][0]),
                                                      rec["weight_zero_points"], pairs(engine, impl)),
                 "onednn_impl": impl}
+        out["dynamic"] = {}
+        for engine in ENGINES:
+            y, impl, w = _call(engine, lambda: dynamic[engine](x))
+            cpp.update(w)
+            out["dynamic"][engine] = {"output": y.numpy(), "onednn_impl": impl}
         return out
 
     for x in calibration:

@@ -81,10 +81,13 @@ def test_cli_every_row_equal_and_every_difference_attributed():
         assert f"shared qparams, {e}: output codes" in names
     assert "onednn: oneDNN kernel per call" in names
     od = doc["environment"]["onednn"]
-    assert sum(od["torch_impls"].values()) == 2 * sum(od["refquant_kernels"].values())  # own + shared calls
+    assert sum(od["torch_impls"].values()) == 3 * sum(od["refquant_kernels"].values())  # own, shared, dynamic
     assert_attribution_consistent(doc, "crosscheck.engines")
-    assert [ch["name"] for ch in doc["why"]] == [f"{w}: fbgemm vs {b}" for w in ("own qconfigs", "shared qparams")
+    assert [ch["name"] for ch in doc["why"]] == [f"{w}: fbgemm vs {b}" for w in ("own qconfigs", "shared qparams",
+                                                                             "dynamic")
                                                  for b in ("x86", "qnnpack", "onednn")]
+    for e in es.ENGINES:
+        assert f"dynamic, {e}: float output (one call per chunk)" in names
 
 
 DRIVER = textwrap.dedent("""
