@@ -246,16 +246,17 @@ def test_onednn_saturation_on_overflow_is_the_sole_cause():
     assert counts(ch) == {"scales": (0, 0), "formula": (0, 0), "zero_point": (0, 0), "saturation": (1, 1)}
 
 
-def _find(rng, want: str, tries: int = 20000):
-    """A one-weight layer (w code 127, no bias, z_x = 0, z_y = 128) and an input code on which the ingredient
-    ``want`` changes the code by itself: searched over float32 scales, every input code at once."""
+def _find(rng, want: str, tries: int = 400):
+    """A two-weight layer (codes 127 and 1, no bias, z_x = 0, z_y = 128) and an input on which the ingredient
+    ``want`` changes the output code by itself: float32 scales drawn at random, and every raw = 127·q1 + q2 in
+    0..32,511 tried at once (q1 <= 255, q2 <= 126), so that a rounding near a tie turns up within a few draws."""
     from refquant.engines import FbgemmRequantizer
 
-    q = np.arange(256, dtype=np.int64)
+    raw = np.arange(0, 256 * 127, dtype=np.int32)[:, None]
     for _ in range(tries):
-        s_x, s_w, s_y = (F32(10.0 ** rng.uniform(-3, 0)) for _ in range(3))
-        m = model([[127]], [float(s_w)], None, float(s_x), 0, float(s_y), 128)
-        raw = (127 * q).astype(np.int32)[:, None]
+        s_x, s_w = F32(10.0 ** rng.uniform(-3, -1)), F32(10.0 ** rng.uniform(-3, -1))
+        s_y = F32(float(s_x) * float(s_w) * 32000 / 120 * rng.uniform(0.5, 1))  # the outputs span ~120 codes
+        m = model([[127, 1]], [float(s_w)], None, float(s_x), 0, float(s_y), 128)
         fb = m.linear.requantize(raw)
         if want == "formula":  # qnnpack's rs for fbgemm's multiplier, nothing else
             rs = es._layer_from(m, "qnnpack").requantizer.requantization_scales
@@ -267,15 +268,17 @@ def _find(rng, want: str, tries: int = 20000):
                                    output_scale=odq.output_scale_onednn).requantize(raw)
         hit = np.flatnonzero(fb[:, 0] != other[:, 0])
         if hit.size:
-            code = int(hit[0])
-            return m, (F32(code) * s_x).reshape(1, 1), code
-    raise AssertionError(f"no case found for {want}")
+            r = int(raw[hit[0], 0])
+            q = np.array([[r // 127, r % 127]], np.int64)
+            x = (q * np.float64(s_x)).astype(F32)
+            return m, x, q
+    raise AssertionError(f"no case found for {want} in {tries} draws")
 
 
 @pytest.mark.parametrize("want, engine", [("formula", "qnnpack"), ("scales", "onednn")])
 def test_searched_cases_attributed_to_their_swap(rng, want, engine):
-    m, x, code = _find(rng, want)
-    assert int(m.quant(x)[0, 0]) == code  # the input reaches the searched code
+    m, x, q = _find(rng, want)
+    assert m.quant(x).tolist() == q.tolist()  # the input reaches the searched codes
     ch = attribute(m, x, engine)
     c = counts(ch)
     assert c[want][0] == 1, c  # the swap changes the code ...
@@ -354,3 +357,39 @@ def test_chain_skips_ingredients_with_the_same_values():
     assert [ing for ing, _ in steps] == ["qparams_in", "qparams_out", "weights", "pairs", "scales", "formula",
                                          "zero_point", "saturation"]
     assert steps[-1][1] == es.own_recipe("onednn", True)
+
+
+@pytest.mark.parametrize("family", ["brgemm_vnni", "brgemm_amx"])
+def test_dynamic_chain_ends_are_the_engines_layers(rng, family):
+    """The dynamic recipes: each engine's own recipe is its DynamicQuantizedLinear (onednn: the CPU family given,
+    the kernel then chosen by shape), and on inputs aimed at the input quantization's ties (j + 1/2)·s_x the
+    quantize swap (FMA vs oneDNN's multiply-then-add) changes codes, attributed to it."""
+    from refquant.dynamic import DynamicQuantizedLinear, choose_quantization_params, onednn_scale_round_trip
+
+    quantize_changed = 0
+    for i in range(20):
+        K, N = int(rng.integers(1, 60)), int(rng.integers(1, 40))
+        w = (rng.standard_normal((N, K)) / np.sqrt(K)).astype(F32)
+        b = rng.standard_normal(N).astype(F32) if i % 2 else None
+        M = int(rng.choice([1, 8, 40, 100]))
+        x = rng.standard_normal((M, K)).astype(F32)
+        if i % 2:  # near ties of oneDNN's scale s_x' (its reduce_range=True range)
+            lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+            s = onednn_scale_round_trip(choose_quantization_params(lo, hi, 0, 255, True)[0])[()]
+            j = rng.integers(-60, 60, x.shape)
+            x = np.clip(((j + 0.5) * np.float64(s)).astype(F32), F32(lo), F32(hi))
+            x.reshape(-1)[0], x.reshape(-1)[-1] = F32(lo), F32(hi)
+        layers = {e: DynamicQuantizedLinear.from_float(w, b, engine=e,
+                                                       **({"onednn_kernel": family} if e == "onednn" else {}))
+                  for e in es.ENGINES}
+        dl = es.DynamicLayers(layers["fbgemm"], family)
+        for e in es.ENGINES:
+            got = dl.output(es.own_dynamic_recipe(e), x)
+            assert np.array_equal(got.view(np.uint32), layers[e](x).view(np.uint32)), (e, i)
+        ch = es.ChainAttribution("t", "fbgemm", "onednn", es.own_dynamic_recipe("fbgemm"),
+                                 es.own_dynamic_recipe("onednn"), {}, codes=False, compared="float outputs")
+        ch.update(dl, x, "", layers["fbgemm"](x), layers["onednn"](x))
+        assert ch.unexplained == 0 and int(ch.sole.sum()) + ch.several == ch.differ
+        assert [ing for ing, _ in ch.steps] == ["scales", "quantize", "formula"]
+        quantize_changed += int(ch.changed[1])
+    assert quantize_changed > 0
