@@ -24,7 +24,6 @@ from typing import Sequence
 
 import numpy as np
 
-from . import compare as C
 from .dynamic_study import ENGINES, QCONFIG_NAMES, WEIGHT_QSCHEMES, DynamicConfig, DynamicResult
 from .isa import INSTRUCTIONS
 from .linear import (DISTRIBUTIONS, EXIT_EQUAL, EXIT_FAILED, EXIT_MISMATCH, EXIT_USAGE, ISAS, _int_at_least, _seed,
@@ -152,7 +151,8 @@ def text_report(res: DynamicResult) -> str:
                  f"{formulas}")
     L.append("")
 
-    L.append(f"per call: the input's own range -> scale (double) and zero point, codes 0..{127 if reduce_range else 255}"
+    top = 127 if reduce_range else 255
+    L.append(f"per call: the input's own range -> scale (double) and zero point, codes 0..{top}"
              + (" (reduce_range=True)" if reduce_range else " (qnnpack ignores reduce_range=True and warns)"))
     L.append(f"  {'call':>5} {'x_min':>12} {'x_max':>12} {'scale':>24} {'zero_point':>10}")
     for i, c in enumerate(res.first_calls[:5]):
@@ -183,7 +183,9 @@ def text_report(res: DynamicResult) -> str:
         s = res.first_sample
         yf, yq = s["float_output"].reshape(-1), s["output"].reshape(-1)
         shown = min(yf.size, 12)
-        L.append(f"the first call through both models ({shown} of {yf.size} outputs; refquant's are the same bits)")
+        same = np.array_equal(s["output"].view(np.uint32), s["refquant_output"].view(np.uint32))
+        L.append(f"the first call through both models ({shown} of {yf.size} outputs; refquant's are "
+                 f"{'the same bits' if same else 'NOT the same bits: see the parity rows'})")
         L.append(f"  {'float model':>12} {'dynamic':>12} {'error':>12}")
         for i in range(shown):
             L.append(f"  {yf[i]:12.6f} {yq[i]:12.6f} {float(yq[i]) - float(yf[i]):12.6f}")

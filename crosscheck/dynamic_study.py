@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from . import compare as C
-from .isa import expected_family, saturate_int16_pairs
+from .isa import saturate_int16_pairs
 from .progress import Progress
 from .runner import ErrorSums, Perturber, UsageError, onednn_impl_kind, torch_events
 

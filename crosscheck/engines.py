@@ -26,8 +26,9 @@ import numpy as np
 from . import compare as C
 from .engines_study import ENGINES, EnginesConfig, EnginesResult
 from .isa import INSTRUCTIONS
-from .linear import DISTRIBUTIONS, EXIT_EQUAL, EXIT_FAILED, EXIT_MISMATCH, EXIT_USAGE, ISAS, _int_at_least, _seed, _shape
-from .runner import (check_isa, check_json_path, check_shape, emit, first_mismatch_line, json_floats, result_line)
+from .linear import (DISTRIBUTIONS, EXIT_EQUAL, EXIT_FAILED, EXIT_MISMATCH, EXIT_USAGE, ISAS, _int_at_least, _seed,
+                     _shape)
+from .runner import check_isa, check_json_path, check_shape, emit, json_floats, result_line
 
 PROG = "python -m crosscheck.engines"
 

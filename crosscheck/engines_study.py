@@ -3,7 +3,7 @@
 
 Four parts (:func:`run_engines_study`):
 
-(a) **own qconfigs** — for each of fbgemm, x86, qnnpack, onednn: torch's eager flow with ``get_default_qconfig(engine)``
+(a) **own qconfigs** — for each of fbgemm, x86, qnnpack, onednn: torch's eager flow, ``get_default_qconfig(engine)``
     (crosscheck.torch_engines_study) against ``refquant.pipeline.ObservedLinear(engine=...)`` fed the activations
     torch's observers saw: every field compared, as crosscheck.linear compares its one engine.
 (b) **shared qparams** — fbgemm's input and output qparams and int8 weights forced onto every engine (torch:
@@ -35,7 +35,6 @@ call" compares the prediction with the kernel oneDNN's verbose output names for 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -535,7 +534,8 @@ class ChainAttribution:
             self.max_code_torch = max(self.max_code_torch, int(dc.max()) if dc.size else 0)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "from": self.a, "to": self.b, "compared": self.compared, "outputs": self.n, "torch_differ": self.torch_differ,
+        return {"name": self.name, "from": self.a, "to": self.b, "compared": self.compared, "outputs": self.n,
+                "torch_differ": self.torch_differ,
                 "refquant_differ": self.differ, "max_abs_difference_torch": self.max_abs_torch,
                 "max_code_difference_torch": self.max_code_torch if self.codes else None,
                 "steps": [{"ingredient": ing, "swap": label, "changed": int(c), "sole_cause": int(s)}

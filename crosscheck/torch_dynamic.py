@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .runner import capture_fd, cpp_warnings, onednn_matmul_impls
-from .torch_study import draw, sample_chunks, torch_environment  # noqa: F401  (draw: the distributions)
+from .torch_study import sample_chunks, torch_environment  # the distributions: torch_study.draw
 from .worker import UsageError
 
 

@@ -238,3 +238,25 @@ def test_linear_dispatches_dynamic_and_its_abbreviation():
     assert proc.returncode == 2 and "does not apply to --dynamic" in proc.stderr, proc.stderr
     proc = run(["-m", "crosscheck.linear", "--dynamic", "--help"])
     assert proc.returncode == 0 and "--weight-qscheme" in proc.stdout and "--dynamic" in proc.stdout.split("\n")[0]
+
+
+@pytest.mark.slow
+def test_many_dynamic_studies_every_field_equal(tmp_path):
+    """40 more studies: every engine and qscheme over random shapes (M and N around oneDNN's small-shape rule),
+    distributions and seeds."""
+    rng = np.random.default_rng([SEED, 17])
+    jobs = []
+    for i in range(40):
+        engine = ("fbgemm", "x86", "qnnpack", "onednn")[i % 4]
+        K, N = int(rng.choice([1, 3, 16, 17, 64, 256, 300])), int(rng.choice([1, 8, 9, 33, 100]))
+        lead = [int(rng.choice([1, 2, 32, 33, 64]))] + ([int(rng.integers(1, 4))] if i % 5 == 0 else [])
+        jobs.append({"argv": ["--dynamic", "--engine", engine, "--weight-qscheme",
+                              ("per_tensor_symmetric", "per_channel_symmetric")[(i // 4) % 2],
+                              "--in-features", str(K), "--out-features", str(N), "--input-shape",
+                              ",".join(map(str, [*lead, K])), "--samples", "25", "--seed",
+                              str(int(rng.integers(0, 2**31))), "--calib-dist",
+                              ("normal", "uniform", "laplace", "outliers", "relu")[i % 5], "--quiet"]
+                     + (["--no-bias"] if i % 7 == 3 else [])})
+    for job, (code, doc, _) in zip(jobs, run_main_batch(jobs, tmp_path)):
+        assert_all_equal(doc, " ".join(job["argv"][:-2]))
+        assert code == 0

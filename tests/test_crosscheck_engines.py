@@ -393,3 +393,29 @@ def test_dynamic_chain_ends_are_the_engines_layers(rng, family):
         assert [ing for ing, _ in ch.steps] == ["scales", "quantize", "formula"]
         quantize_changed += int(ch.changed[1])
     assert quantize_changed > 0
+
+
+@pytest.mark.slow
+def test_many_engine_studies_every_row_equal(tmp_path):
+    """12 more studies over random shapes, distributions, ReLU and bias, seeds from the run's seed."""
+    rng = np.random.default_rng([SEED, 19])
+    jobs = []
+    for i in range(12):
+        K, N = int(rng.choice([1, 5, 16, 17, 64, 300])), int(rng.choice([1, 7, 32, 65]))
+        lead = [int(rng.choice([1, 3, 8, 40]))] + ([2] if i % 4 == 0 else [])
+        jobs.append({"argv": ["--in-features", str(K), "--out-features", str(N), "--input-shape",
+                              ",".join(map(str, [*lead, K])), "--calib-batches", str(int(rng.integers(1, 5))),
+                              "--samples", "40", "--seed", str(int(rng.integers(0, 2**31))), "--calib-dist",
+                              ("normal", "uniform", "laplace", "outliers", "relu")[i % 5], "--quiet"]
+                     + (["--relu"] if i % 3 == 1 else []) + (["--no-bias"] if i % 4 == 2 else [])})
+    for i, job in enumerate(jobs):
+        job["argv"] = [*job["argv"], "--json", str(tmp_path / f"job{i}.json")]
+    proc = run(["-c", DRIVER, json.dumps(jobs)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    codes = json.loads(proc.stdout.split("EXIT_CODES=")[-1])
+    for i, (job, code) in enumerate(zip(jobs, codes)):
+        doc = json.loads((tmp_path / f"job{i}.json").read_text())
+        context = " ".join(job["argv"][:-2])
+        assert_all_equal(doc, context)
+        assert_attribution_consistent(doc, context)
+        assert code == 0, context
