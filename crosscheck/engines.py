@@ -149,8 +149,8 @@ def text_report(res: EnginesResult) -> str:
     od = env["onednn"]
     impls = ", ".join(f"{k} ({v})" for k, v in od["torch_impls"].items())
     preds = ", ".join(f"{k} ({v})" for k, v in od["refquant_kernels"].items())
-    L.append(f"           onednn: oneDNN ran {impls} calls (ONEDNN_VERBOSE, per call); refquant predicted "
-             f"{od['refquant_kernel_family']}: {preds}")
+    L.append(f"           onednn: oneDNN ran {impls} (calls: static own, shared and dynamic; ONEDNN_VERBOSE)")
+    L.append(f"           refquant predicted family {od['refquant_kernel_family']}, per chunk of data: {preds}")
     L.append("")
 
     L.append("(a) each engine with its own default qconfig: get_default_qconfig(engine)")
