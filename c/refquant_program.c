@@ -173,8 +173,8 @@ static void tensor_alloc(tensor *t, int dtype, int64_t count)
 {
     t->dtype = dtype;
     t->count = count;
-    t->f = dtype == RQG_FLOAT32 ? (float *)malloc((size_t)count * sizeof(float)) : NULL;
-    t->u = dtype == RQG_UINT8 ? (uint8_t *)malloc((size_t)count) : NULL;
+    t->f = dtype == RQG_FLOAT32 ? (float *)calloc((size_t)count, sizeof(float)) : NULL;
+    t->u = dtype == RQG_UINT8 ? (uint8_t *)calloc((size_t)count, 1) : NULL;
     if ((dtype == RQG_FLOAT32 && t->f == NULL) || (dtype == RQG_UINT8 && t->u == NULL)) {
         fail("out of memory", "tensor");
     }
@@ -420,9 +420,9 @@ static void check_linear_constants(int i)
     const int has_bias = (int)int_of(step_field(i, "has_bias"));
     const int per_channel = strncmp(str_of(step_field(i, "weight_qscheme")), "per_channel", 11) == 0;
     const int rq = requantization_code(str_of(step_field(i, "requantization")));
-    int32_t *iv = (int32_t *)malloc((size_t)N * sizeof(int32_t));
-    int32_t *iv2 = (int32_t *)malloc((size_t)N * sizeof(int32_t));
-    float *fv = (float *)malloc((size_t)N * sizeof(float)), *atws = (float *)malloc((size_t)N * sizeof(float));
+    int32_t *iv = (int32_t *)calloc((size_t)N, sizeof(int32_t));
+    int32_t *iv2 = (int32_t *)calloc((size_t)N, sizeof(int32_t));
+    float *fv = (float *)calloc((size_t)N, sizeof(float)), *atws = (float *)calloc((size_t)N, sizeof(float));
     char what[128];
     int64_t n, k;
     if (iv == NULL || iv2 == NULL || fv == NULL || atws == NULL) {
@@ -585,8 +585,8 @@ static void run_step(int i, const tensor *in, tensor *out, const char *pass)
         }
     } else if (strcmp(kind, "linear") == 0) {
         const rqg_field *acc_f = step_field(i, "acc_i32"), *raw_f = step_field(i, "raw_i32");
-        int32_t *acc = (int32_t *)malloc((size_t)acc_f->count * sizeof(int32_t));
-        int32_t *raw = (int32_t *)malloc((size_t)raw_f->count * sizeof(int32_t));
+        int32_t *acc = (int32_t *)calloc((size_t)acc_f->count, sizeof(int32_t));
+        int32_t *raw = (int32_t *)calloc((size_t)raw_f->count, sizeof(int32_t));
         char what[96];
         if (acc == NULL || raw == NULL) {
             fail("out of memory", "accumulators");
