@@ -1,4 +1,4 @@
-"""Export one quantized Linear as an integer program plus test vectors, for a C or HDL testbench.
+"""Export a quantized Linear (and, with refquant.program, a whole model) as an integer program plus test vectors.
 
 A hardware or runtime port needs exactly what fbgemm computes, in the order it computes it. ``export_linear``
 writes the layer's constants and a batch of input/output code vectors to ``<path>.npz`` (NumPy) and
@@ -63,8 +63,12 @@ then renamed over the final names, so a failed export leaves no half-written fil
 Reading (:func:`load_golden`) trusts nothing: a file that is not what the schema says -- truncated, corrupted,
 another format, a field missing, foreign or of the wrong type, shape or range, a decimal that disagrees with its
 bits, pickled objects (never unpickled) -- raises one :class:`GoldenFileError` (a ValueError) naming the file and
-the field. To add a format (a whole model, integer requantization variants), write its table of :class:`Field`\\ s
-and register it in ``SCHEMAS`` under its own versioned format string; both readers and the writer follow it.
+the field. To add a format, write its table of :class:`Field`\\ s (or a :class:`Schema` that derives the table
+from the file's header) and register it in ``SCHEMAS`` under its own versioned format string; both readers and the
+writer follow it. refquant.program registers the whole-model format "refquant-golden-model/1" (steps over tensors,
+any engine's float path or integer variant, float64 fields, a C header): :func:`export_model` writes it, and
+:func:`export_linear` writes it for every layer that is not fbgemm's float path; ``write_golden(..., header=True)``
+adds the C header ``<path>.h`` of any format.
 """
 
 from __future__ import annotations

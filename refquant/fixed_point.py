@@ -60,6 +60,14 @@ int64 arithmetic and are exact; the Numba per-element functions (``*_scalar``, `
 fused kernels, and the tests prove the two equal, and equal to exact rational models, and to the C99 reference in
 ``c/refquant_requant.c``.
 
+As a layer's requantization: ``QuantizedLinear(..., requantization=<variant>)`` on any engine builds an
+:class:`IntegerRequantizer` (registered with refquant.engines.register_requantization), which exposes per output
+channel ``bias_i32``, ``requant_multiplier_i32``, ``requant_shift`` and the rules that made them
+(:data:`BIAS_RULE_DEFINITIONS`, :data:`MULTIPLIER_RULE_DEFINITIONS`, :data:`SHIFT_CONVENTION_DEFINITIONS`: formula
+and source). :func:`compare_with_float_path` gives, for a layer and its inputs, a variant's codes against torch's
+float path and the ingredient (:data:`CAUSES`: int32 bias rounding, exact rounding, Q31 multiplier, second
+rounding) that moved each differing code.
+
 Overflow, as the sources do it: the int32 bias add is ``_mm256_add_epi32`` in FBGEMM (wraps) and a plain C++
 ``int32_t +=`` in DNNLOWP and TFLite's reference kernels (undefined behaviour in C++, two's-complement wrap on the
 compilers and CPUs they run on); refquant wraps. TFLite's ``x * (1 << left_shift)`` and the final ``acc +=

@@ -70,6 +70,13 @@ Per-tensor scales and zero points are repeated N times. Floats: JSON gives every
 ``<name>_bits`` (unsigned 32- and 64-bit integers), as the linear format does; the C header holds every float as
 its bit pattern (``rqg_<name>_bits``) next to a float view written as a C99 hexadecimal literal.
 
+Re-running (what a mismatch explainer needs): :func:`load_program` gives a :class:`Program` from any golden file;
+each linear :class:`ProgramStep` rebuilds its layer from its primary quantities (:meth:`ProgramStep.layer`, with
+another requantization or engine if asked); :func:`run_program` runs every step again, chained or step by step,
+with another variant, engine, bias rule or QuantStub rounding, and :meth:`ProgramRun.differences` counts what
+differs from the file's vectors; :func:`refquant.fixed_point.compare_with_float_path` on a step's layer and
+``raw_i32`` names the cause of each differing code.
+
 Versioning: the format string carries the version; a reader refuses formats it does not know
 (refquant.export.SCHEMAS). Within one version, fields are only ever added by a new version. The linear formats
 ("refquant-golden-linear/1", "/2": one fbgemm layer, no stubs) stay readable: :func:`load_program` makes a one-step
