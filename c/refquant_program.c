@@ -550,7 +550,8 @@ static void run_step(int i, const tensor *in, tensor *out, const char *pass)
         const char *rounding = str_of(step_field(i, "rounding"));
         const float inv = f32_at(step_field(i, "inverse_scale"), 0);
         const int32_t zp = (int32_t)int_of(step_field(i, "zero_point"));
-        const int32_t qmin = (int32_t)int_of(step_field(i, "quant_min")), qmax = (int32_t)int_of(step_field(i, "quant_max"));
+        const int32_t qmin = (int32_t)int_of(step_field(i, "quant_min"));
+        const int32_t qmax = (int32_t)int_of(step_field(i, "quant_max"));
         for (k = 0; k < in->count; k++) {
             int32_t q;
             if (strcmp(rounding, "fbgemm_legacy_fma") == 0) {

@@ -548,7 +548,8 @@ def _linear_constants(ql: QuantizedLinear) -> dict[str, Any]:
                  output_scales=per_n(rq.output_scales, np.float32), dst_multiplier=np.float32(rq.dst_multiplier))
     elif name in fp.VARIANTS:
         c.update(bias_rule=rq.bias_rule or "none", multiplier_rule=rq.multiplier_rule,
-                 shift_convention=rq.shift_convention or "none", bias_i32=rq.bias_i32, output_multiplier=rq.output_multiplier,
+                 shift_convention=rq.shift_convention or "none", bias_i32=rq.bias_i32,
+                 output_multiplier=rq.output_multiplier,
                  real_multiplier=rq.real_multiplier, quant_min=np.int32(rq.quant_min),
                  quant_max=np.int32(rq.quant_max))
         if name != "float_int32_bias":
@@ -997,7 +998,8 @@ def c_header(values: dict[str, object], fields: dict[str, Field] | None = None) 
                 lines.append(f"static const {ctype} {cname} = {items[0]};")
                 data_ref = "&" + cname
             else:
-                lines.append(f"static const {ctype} {cname}[{flat.size}] = {_c_list(items, 16 if f.dtype != 'int32' else 10)};")
+                per_line = 16 if f.dtype != "int32" else 10
+                lines.append(f"static const {ctype} {cname}[{flat.size}] = {_c_list(items, per_line)};")
                 data_ref = cname
         table.append((name, f.dtype, arr.ndim, arr.shape, int(flat.size), data_ref, bits_ref))
     lines += ["", f"#define RQG_NUM_FIELDS {len(table)}", "static const rqg_field rqg_fields[RQG_NUM_FIELDS] = {"]
