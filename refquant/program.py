@@ -26,12 +26,16 @@ names the model output. Each tensor is stored whole (``tensor<t>``: float32 valu
                     raw[m, n] = acc − input_zero_point·col_offsets[n] − weight_zero_points[n]·Σ_k x[m, k]   int32
                 then the requantization step<i>.requantization of raw, with its constants (per output channel n):
                     "fbgemm"   eqs. L8-L11: bias_mode none/add/fma, bias_term, bias_rcp, output_multiplier
+                               (and act_times_w_scale, eq. L6)
                     "qnnpack"  eqs. QN5, QN6: bias_i32, requantization_scales, output_min, output_max
+                               (and requantization_output_scale, the s_y eq. QN4 used)
                     "onednn"   eqs. DN4-DN7: onednn_kernel, compensation, input_scale_onednn, weight_scales_onednn,
-                               output_scales, bias, dst_multiplier
+                               output_scales, bias, dst_multiplier (and eqs. DN1, DN2: input_scale_reciprocal,
+                               weight_scales_reciprocal, output_scale_reciprocal, output_scale_onednn)
                     "fbgemm_fixed_point", "tflite", "tflite_single_rounding", "float_int32_bias"
                                refquant.fixed_point eqs. I3-I7: bias_i32, requant_multiplier_i32, requant_shift
-                               (shift_convention "right" or "left"), output_multiplier, quant_min, quant_max
+                               (shift_convention "right" or "left"), output_multiplier, quant_min, quant_max, and
+                               the rules: bias_rule, multiplier_rule; real_multiplier (what the rule started from)
     relu        nn.ReLU: on codes max(q, zero_point) (eq. F5, domain "codes"); on floats x < 0 ? +0.0 : x
     identity    Dropout (eval), Identity, a DeQuantStub on a float tensor: the input unchanged
     flatten     nn.Flatten(start_dim, end_dim): the same values, reshaped
