@@ -15,7 +15,12 @@ split obtained by changing one ingredient at a time:
 
 Each "step" column is the share of codes that change from the previous row; "vs F" columns compare with F.
 
-    python benchmarks/measure_integer_requantization.py [--seeds 10] [--rows 1024] [--json out.json]
+    python benchmarks/measure_integer_requantization.py [--seeds 10] [--rows 1024] [--shapes 64x32,256x512]
+                                                        [--study] [--json out.json]
+
+``--study`` adds the layer of ``python -m crosscheck.linear``'s default study (Linear(3, 3), seed 0, converted by
+torch and mirrored bit for bit by refquant; needs torch) on ``--study-samples`` fresh normal inputs of the study's
+shape (1, 2, 3, 3) (NumPy, seed 0).
 
 Not part of the test suite (about 25 s on 2 cores); the figures go to the report and docs/numerics.md.
 """
@@ -88,15 +93,42 @@ def _study(ql, raw) -> dict:
     }
 
 
+def _study_layer(samples: int) -> tuple[dict, object]:
+    """The default study's layer (torch converts it; refquant's mirror equals it bit for bit) and its raw."""
+    from crosscheck.study import StudyConfig, run_study
+
+    config = StudyConfig()
+    result = run_study(config)
+    if not result.equal:
+        raise SystemExit("the study's parity rows are not all equal: refquant's layer is not torch's")
+    model = result.refquant
+    x = np.random.default_rng(0).standard_normal((samples, *config.input_shape)).astype(np.float32)
+    return model.linear, model.linear.accumulate(model.quant(x))
+
+
+def _shape(text: str) -> tuple[int, int]:
+    k, _, n = text.partition("x")
+    return int(k), int(n)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=10, help="layers per shape and ReLU setting")
     ap.add_argument("--rows", type=int, default=1024, help="rows per calibration and evaluation batch")
+    ap.add_argument("--shapes", type=lambda t: [_shape(v) for v in t.split(",") if v], default=SHAPES,
+                    help="layer shapes K x N, comma-separated (default: %(default)s)")
+    ap.add_argument("--study", action="store_true", help="also the default study's layer (needs torch)")
+    ap.add_argument("--study-samples", type=int, default=100_000, help="inputs for --study")
     ap.add_argument("--json", type=Path, help="write the raw counts here")
     args = ap.parse_args(argv)
 
     results = []
-    for k, n in SHAPES:
+    if args.study:
+        ql, raw = _study_layer(args.study_samples)
+        r = _study(ql, raw)
+        r["shape"] = "study 3x3"
+        results.append(r)
+    for k, n in args.shapes:
         total: dict = {}
         for seed in range(args.seeds):
             for relu in (False, True):

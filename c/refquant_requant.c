@@ -305,6 +305,69 @@ int32_t rq_requantize_float_per_tensor(int32_t raw, float bias, float bias_recip
     return rq_clamp((int64_t)rq_cvtps2dq(y) + zero_point, quant_min, quant_max);
 }
 
+/* ---- qnnpack and onednn (refquant/engines.py) ----------------------------------------------------------- */
+
+static int64_t rq_clamp64(int64_t v, int64_t lo, int64_t hi)
+{
+    return v < lo ? lo : (v > hi ? hi : v);
+}
+
+/* refquant.engines.qnnpack_requantize_element */
+int32_t rq_requantize_qnnpack(int32_t raw, int32_t bias_i32, float requantization_scale, int32_t zero_point,
+                              int32_t output_min, int32_t output_max)
+{
+    int32_t acc = rq_wrap_i32((int64_t)raw + bias_i32);
+    float y = (float)acc * requantization_scale;
+    int64_t r = rq_clamp64(rq_cvtps2dq(y), -32768, 32767);   /* _mm_packs_epi32 */
+    int64_t v = rq_clamp64(r + zero_point, -32768, 32767);   /* _mm_adds_epi16 */
+    int64_t q = rq_clamp64(v, 0, 255);                       /* _mm_packus_epi16 */
+    if (q > output_max) {
+        q = output_max;                                      /* _mm_min_epu8 */
+    }
+    if (q < output_min) {
+        q = output_min;                                      /* _mm_max_epu8 */
+    }
+    return (int32_t)q;
+}
+
+/* refquant.engines.onednn_requantize_element */
+int32_t rq_requantize_onednn(int32_t raw, int kernel, int32_t compensation, float input_scale_onednn,
+                             float weight_scale_onednn, float output_scale, int has_bias, float bias, int relu,
+                             float dst_multiplier, float zero_point_f32)
+{
+    float t, v;
+    if (kernel == RQ_ONEDNN_BRGEMM_AMX) {
+        int32_t acc = rq_wrap_i32((int64_t)raw - compensation);
+        t = (float)acc + (float)compensation;                /* DN4b: the compensation added in float32 */
+    } else {
+        t = (float)raw;                                      /* DN4a */
+    }
+    if (kernel == RQ_ONEDNN_BRGEMM) {
+        float u = t * input_scale_onednn;                    /* DN5a: the src scale, then the weight scale */
+        v = u * weight_scale_onednn;
+    } else {
+        v = t * output_scale;                                /* DN5b */
+    }
+    if (has_bias) {
+        v = v + bias;                                        /* DN5c */
+    }
+    if (relu && !(v > 0.0f)) {
+        v = 0.0f;                                            /* vmaxps(v, 0): NaN and -0.0 -> +0.0 */
+    }
+    v = v * dst_multiplier;                                  /* DN6 */
+    v = v + zero_point_f32;
+    if (v != v) {
+        return 255;                                          /* NaN -> INT32_MIN -> vpmovusdb saturates to 255 */
+    }
+    if (v < 0.0f) {                                          /* DN7: saturate in float, then RNE */
+        v = 0.0f;
+    }
+    if (v > 255.0f) {
+        v = 255.0f;
+    }
+    return (int32_t)rintf(v);
+}
+
 /* ---- QuantStub / DeQuantStub (refquant/quantize.py) ------------------------------------------------------ */
 
 float rq_inverse_scale(float scale)
@@ -324,4 +387,29 @@ int32_t rq_quantize_per_tensor(float x, float inverse_scale, int32_t zero_point,
 float rq_dequantize_per_tensor(int32_t q, int32_t zero_point, float scale)
 {
     return (float)rq_wrap_i32((int64_t)q - zero_point) * scale;
+}
+
+int32_t rq_quantize_nearbyint_then_add(float x, float inverse_scale, int32_t zero_point, int32_t quant_min,
+                                       int32_t quant_max)
+{
+    float t = rintf(x * inverse_scale);
+    float v = fminf(t + (float)zero_point, 2147483520.0f); /* fmin: NaN -> the constant */
+    return rq_clamp(rq_cvtps2dq(v), quant_min, quant_max);
+}
+
+int32_t rq_quantize_multiply_then_add(float x, float inverse_scale, int32_t zero_point, int32_t quant_min,
+                                      int32_t quant_max)
+{
+    float t = x * inverse_scale;
+    float v = t + (float)zero_point;
+    if (v != v) {
+        return quant_min;
+    }
+    if (v < (float)quant_min) {
+        v = (float)quant_min;
+    }
+    if (v > (float)quant_max) {
+        v = (float)quant_max;
+    }
+    return (int32_t)rintf(v);
 }

@@ -69,10 +69,31 @@ int32_t rq_requantize_float_per_channel(int32_t raw, float bias_term, float outp
 int32_t rq_requantize_float_per_tensor(int32_t raw, float bias, float bias_reciprocal, float output_multiplier,
                                        int32_t zero_point, int32_t quant_min, int32_t quant_max);  /* L8c-L11 */
 
+/* ---- qnnpack's and onednn's float paths (refquant/engines.py eqs. QN5, QN6 and DN4-DN7) ---------------- */
+/* QN5, QN6: acc = wrap32(raw + bias_i32); y = f32(f32(acc) * scale); cvtps2dq; int16 packs with the zero point
+ * (saturating); uint8 pack; then clamp to [output_min, output_max] */
+int32_t rq_requantize_qnnpack(int32_t raw, int32_t bias_i32, float requantization_scale, int32_t zero_point,
+                              int32_t output_min, int32_t output_max);
+/* DN4-DN7; kernel 0 brgemm (src then weight scale), 1 brgemm_amx (compensation added in float, product of the
+ * scales), 2 gemm (product of the scales) */
+#define RQ_ONEDNN_BRGEMM 0
+#define RQ_ONEDNN_BRGEMM_AMX 1
+#define RQ_ONEDNN_GEMM 2
+int32_t rq_requantize_onednn(int32_t raw, int kernel, int32_t compensation, float input_scale_onednn,
+                             float weight_scale_onednn, float output_scale, int has_bias, float bias, int relu,
+                             float dst_multiplier, float zero_point_f32);
+
 /* ---- QuantStub / DeQuantStub (refquant/quantize.py eqs. Q0, Q1, D1) --------------------------------------- */
 float rq_inverse_scale(float scale);                                          /* Q0: f32(1 / scale) */
 int32_t rq_quantize_per_tensor(float x, float inverse_scale, int32_t zero_point,
                                int32_t quant_min, int32_t quant_max);          /* Q1: fmaf, min, cvtps2dq, clamp */
+/* the later FBGEMM's rounding: clamp(cvtps2dq(fmin(f32(rint(f32(x * inv)) + zp), 2147483520.0f))) */
+int32_t rq_quantize_nearbyint_then_add(float x, float inverse_scale, int32_t zero_point,
+                                       int32_t quant_min, int32_t quant_max);
+/* oneDNN's reorder (Q1c): rint(clamp(f32(f32(x * inv) + zp), qmin, qmax)); NaN gives quant_min (refquant refuses
+ * NaN for this rounding) */
+int32_t rq_quantize_multiply_then_add(float x, float inverse_scale, int32_t zero_point,
+                                      int32_t quant_min, int32_t quant_max);
 float rq_dequantize_per_tensor(int32_t q, int32_t zero_point, float scale);  /* D1: f32(f32(q - zp) * scale) */
 
 #endif /* REFQUANT_REQUANT_H */

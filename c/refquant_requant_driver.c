@@ -40,7 +40,7 @@ static int32_t i32_of(const char *s)
     return (int32_t)strtoll(s, NULL, 10);
 }
 
-#define MAX_ARGS 8
+#define MAX_ARGS 12
 
 int main(void)
 {
@@ -129,6 +129,22 @@ int main(void)
         } else if (IS("dequant", 3)) { /* q zp scale */
             printf("0x%08" PRIx32 "\n", bits_of(rq_dequantize_per_tensor(i32_of(ARG(0)), i32_of(ARG(1)),
                                                                         f32_of(ARG(2)))));
+        } else if (IS("rq_qnnpack", 6)) { /* raw bias_i32 scale zp out_min out_max */
+            printf("%" PRId32 "\n", rq_requantize_qnnpack(i32_of(ARG(0)), i32_of(ARG(1)), f32_of(ARG(2)), i32_of(ARG(3)),
+                                                         i32_of(ARG(4)), i32_of(ARG(5))));
+        } else if (IS("rq_onednn", 11)) { /* raw kernel comp s_x' s_w' out_scale has_bias bias relu dst zp_f32 */
+            printf("%" PRId32 "\n", rq_requantize_onednn(i32_of(ARG(0)), (int)i32_of(ARG(1)), i32_of(ARG(2)),
+                                                        f32_of(ARG(3)), f32_of(ARG(4)), f32_of(ARG(5)),
+                                                        (int)i32_of(ARG(6)), f32_of(ARG(7)), (int)i32_of(ARG(8)),
+                                                        f32_of(ARG(9)), f32_of(ARG(10))));
+        } else if (IS("quant_nbta", 5)) { /* x scale zp qmin qmax: nearbyint_then_add */
+            float inv = rq_inverse_scale(f32_of(ARG(1)));
+            printf("%" PRId32 "\n", rq_quantize_nearbyint_then_add(f32_of(ARG(0)), inv, i32_of(ARG(2)),
+                                                                  i32_of(ARG(3)), i32_of(ARG(4))));
+        } else if (IS("quant_mta", 5)) { /* x scale zp qmin qmax: multiply_then_add */
+            float inv = rq_inverse_scale(f32_of(ARG(1)));
+            printf("%" PRId32 "\n", rq_quantize_multiply_then_add(f32_of(ARG(0)), inv, i32_of(ARG(2)),
+                                                                 i32_of(ARG(3)), i32_of(ARG(4))));
         } else {
             printf("error\n");
         }

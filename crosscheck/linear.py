@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true",
                    help="print only the result line (and the first mismatch of each differing row); no progress on "
                         "stderr")
+    p.add_argument("--dynamic", action="store_true",
+                   help="the dynamic study instead: quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8), one call "
+                        "per sample, every per-call value compared (its options: python -m crosscheck.linear "
+                        "--dynamic --help; crosscheck.dynamic)")
     return p
 
 
@@ -195,6 +199,11 @@ def parse_config(argv: Sequence[str] | None):
 
 def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None = None) -> int:
     """Run the CLI; returns the exit code. ``_perturb`` is a test hook (see crosscheck.study.run_study)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(len(a) > 4 and "--dynamic".startswith(a) for a in argv):  # also argparse's abbreviations (--dyn)
+        from .dynamic import main as dynamic_main
+
+        return dynamic_main(argv, _perturb=_perturb)
     config, args = parse_config(argv)
     from .report import json_document, quiet_report, text_report
     from .study import run_study

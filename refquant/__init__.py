@@ -13,7 +13,9 @@ The path a value takes, one module per step:
     refquant.pipeline    the whole QuantStub -> Linear -> DeQuantStub model, end to end
     refquant.functional  quantized add, add_relu, mul, cat, relu, flatten (QFunctional, nn.ReLU on codes)
     refquant.model       whole eager models: prepare, calibrate, convert, every layer by its torch path
-    refquant.export      a layer's integer program and test vectors for a C or HDL testbench
+    refquant.fixed_point integer-only requantization (FBGEMM's and TFLite's fixed point), requantization=<variant>
+    refquant.export      golden files: a layer's integer program and test vectors for a C or HDL testbench
+    refquant.program     a whole model as a golden integer program (steps, constants, vectors, C header), re-run
 
 refquant never imports torch; ``crosscheck`` compares it with torch value by value.
 """

@@ -1,4 +1,4 @@
-"""Export one quantized Linear as an integer program plus test vectors, for a C or HDL testbench.
+"""Export a quantized Linear (and, with refquant.program, a whole model) as an integer program plus test vectors.
 
 A hardware or runtime port needs exactly what fbgemm computes, in the order it computes it. ``export_linear``
 writes the layer's constants and a batch of input/output code vectors to ``<path>.npz`` (NumPy) and
@@ -63,8 +63,12 @@ then renamed over the final names, so a failed export leaves no half-written fil
 Reading (:func:`load_golden`) trusts nothing: a file that is not what the schema says -- truncated, corrupted,
 another format, a field missing, foreign or of the wrong type, shape or range, a decimal that disagrees with its
 bits, pickled objects (never unpickled) -- raises one :class:`GoldenFileError` (a ValueError) naming the file and
-the field. To add a format (a whole model, integer requantization variants), write its table of :class:`Field`\\ s
-and register it in ``SCHEMAS`` under its own versioned format string; both readers and the writer follow it.
+the field. To add a format, write its table of :class:`Field`\\ s (or a :class:`Schema` that derives the table
+from the file's header) and register it in ``SCHEMAS`` under its own versioned format string; both readers and the
+writer follow it. refquant.program registers the whole-model format "refquant-golden-model/1" (steps over tensors,
+any engine's float path or integer variant, float64 fields, a C header): :func:`export_model` writes it, and
+:func:`export_linear` writes it for every layer that is not fbgemm's float path; ``write_golden(..., header=True)``
+adds the C header ``<path>.h`` of any format.
 """
 
 from __future__ import annotations
@@ -95,12 +99,12 @@ class Field:
     """One entry of a golden file's schema.
 
     dtype: ``"str"``, ``"bool"``, ``"int"`` (a Python int) or a NumPy dtype name (``"int8"``, ``"uint8"``,
-        ``"int32"``, ``"float32"``: a scalar of that dtype when ``shape`` is empty, else an array).
+        ``"int32"``, ``"float32"``, ``"float64"``: a scalar of that dtype when ``shape`` is empty, else an array).
     shape: one entry per axis: a dimension name (``"N"``, ``"K"``, ``"B"``), bound by the first field that has it
         (or by an ``"int"`` field's ``dim``), or a fixed int.
     lo, hi: the smallest and largest value allowed (integers; bounds of the dtype if None).
     choices: the allowed strings.
-    positive: float32 values must be finite and > 0.
+    positive: float values must be finite and > 0.
     dim: an ``"int"`` field that gives the dimension of this name its size (``in_features`` -> ``"K"``).
     """
 
@@ -145,10 +149,27 @@ LINEAR_FIELDS: dict[str, Field] = {
     "y_u8": Field("uint8", ("B", "N")),
 }
 
-SCHEMAS: dict[str, dict[str, Field]] = {FORMAT: LINEAR_FIELDS, FORMAT_V1: LINEAR_FIELDS}
-"""Format string -> its fields. Every format string names a kind and a version ("refquant-golden-<kind>/<n>")."""
+@dataclass(frozen=True)
+class Schema:
+    """A format whose fields depend on its own header (a model program: which steps, which constants).
+
+    ``fields(peek, source)`` returns the field table of one file; ``peek(name, field)`` reads the value of a header
+    field from the file being read or written, typed and checked against ``field`` (a missing field is a
+    GoldenFileError). ``validate(values, source)``, if given, then checks what no single field can (e.g. that the
+    steps fit together), on the checked values, raising GoldenFileError naming the field.
+    """
+
+    fields: Callable[[Callable[[str, Field], object], Path], dict[str, Field]]
+    validate: Callable[[dict[str, object], Path], None] | None = None
+
+
+SCHEMAS: dict[str, dict[str, Field] | Schema] = {FORMAT: LINEAR_FIELDS, FORMAT_V1: LINEAR_FIELDS}
+"""Format string -> its fields (or a :class:`Schema` that derives them from the file's header). Every format string
+names a kind and a version ("refquant-golden-<kind>/<n>"); refquant.program registers "refquant-golden-model/1"."""
 
 BITS_SUFFIX = "_bits"
+FLOAT_DTYPES = {"float32": np.uint32, "float64": np.uint64}
+"""The float dtypes of a schema, with the unsigned type of their bit patterns (``<name>_bits``)."""
 
 
 class GoldenFileError(ValueError):
@@ -173,6 +194,10 @@ def golden_program(ql: QuantizedLinear, x_u8: np.ndarray) -> dict[str, object]:
         raise ValueError(f"x_u8 must be a (B, K) batch of input code rows, got shape {x_u8.shape}")
     if x_u8.shape[0] == 0:
         raise ValueError(f"x_u8 must hold at least one input row (B >= 1), got shape {x_u8.shape}")
+    if ql.requantization != "fbgemm":
+        raise ValueError(f"format {FORMAT!r} holds fbgemm's float path (requantization='fbgemm' on engine fbgemm or "
+                         f"x86); this layer runs engine={ql.engine!r} with requantization={ql.requantization!r}: "
+                         f"export it as refquant.program.MODEL_FORMAT (export_linear does so by default)")
     N = ql.out_features
     per_n = lambda a: np.broadcast_to(np.asarray(a), (N,)).copy()  # noqa: E731  (per-tensor values repeated)
     if ql.bias is None:
@@ -292,11 +317,35 @@ def _check_fields(fields: dict[str, Field], format_name: str, values: dict[str, 
             for name, field in fields.items()}
 
 
-def _schema_of(format_value: object, source: Path) -> dict[str, Field]:
+def _schema_of(format_value: object, source: Path) -> dict[str, Field] | Schema:
     if not isinstance(format_value, str) or format_value not in SCHEMAS:
         raise GoldenFileError(source, "format", f"not a refquant golden file format: got {format_value!r}, "
                                                 f"expected one of {sorted(SCHEMAS)}")
     return SCHEMAS[format_value]
+
+
+def _fields_of(format_name: str, values: dict[str, object], source: Path, typed: Callable) -> dict[str, Field]:
+    """The field table of one file: the format's table, or what its :class:`Schema` derives from the header."""
+    schema = _schema_of(format_name, source)
+    if isinstance(schema, dict):
+        return schema
+
+    def peek(name: str, field: Field):
+        if name not in values:
+            raise GoldenFileError(source, name, f"missing (a field of {format_name!r})")
+        return _check_value(name, field, typed(name, field, values[name]), {}, source)
+
+    return schema.fields(peek, source)
+
+
+def _checked(format_name: str, fields: dict[str, Field], values: dict[str, object], source: Path,
+             typed: Callable) -> dict:
+    """:func:`_check_fields`, then the format's own cross-field checks (``Schema.validate``)."""
+    checked = _check_fields(fields, format_name, values, source, typed)
+    schema = SCHEMAS[format_name]
+    if isinstance(schema, Schema) and schema.validate is not None:
+        schema.validate(checked, source)
+    return checked
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -352,7 +401,8 @@ def _read_npz(path: Path) -> dict[str, object]:
         raise GoldenFileError(path, "format", "missing: not a refquant golden file")
     typed = _npz_typed(path)
     format_name = typed("format", LINEAR_FIELDS["format"], values["format"])
-    return _check_fields(_schema_of(format_name, path), format_name, values, path, typed)
+    _schema_of(format_name, path)
+    return _checked(format_name, _fields_of(format_name, values, path, typed), values, path, typed)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -401,15 +451,19 @@ def _json_typed(doc: dict, source: Path) -> Callable:
             _json_integers(name, [value], *_integer_bounds(field), source, "an integer")
             return value
         shape, leaves = _nested_leaves(value, len(field.shape), name, source)
-        if field.dtype != "float32":
+        if field.dtype not in FLOAT_DTYPES:
             _json_integers(name, leaves, *_integer_bounds(field), source)  # before NumPy could overflow
             return np.array(leaves, np.dtype(field.dtype)).reshape(shape)
         bits_name = name + BITS_SUFFIX
+        if bits_name not in doc:
+            raise GoldenFileError(source, bits_name, "missing (every float field carries its bits)")
         bits_shape, bits = _nested_leaves(doc[bits_name], len(field.shape), bits_name, source)
-        _json_integers(bits_name, bits, 0, 2**32 - 1, source, "IEEE-754 bit patterns (unsigned 32-bit integers)")
+        width = np.dtype(FLOAT_DTYPES[field.dtype]).itemsize * 8
+        _json_integers(bits_name, bits, 0, 2**width - 1, source,
+                       f"IEEE-754 bit patterns (unsigned {width}-bit integers)")
         if bits_shape != shape:
             raise GoldenFileError(source, bits_name, f"shape {bits_shape} differs from {name}'s {shape}")
-        f32 = np.array(bits, np.uint32).view(np.float32)
+        f32 = np.array(bits, FLOAT_DTYPES[field.dtype]).view(np.dtype(field.dtype))
         for i, (decimal, exact) in enumerate(zip(leaves, f32)):
             if not _decimal_is(decimal, exact):
                 raise GoldenFileError(source, name, f"decimal {decimal!r} at flat index {i} disagrees with "
@@ -419,25 +473,28 @@ def _json_typed(doc: dict, source: Path) -> Callable:
     return typed
 
 
-def _decimal_is(decimal: object, exact: np.float32) -> bool:
-    """True if a JSON decimal stands for the float32 ``exact``: a number that rounds to exactly its bits (a finite
+def _decimal_is(decimal: object, exact: np.floating) -> bool:
+    """True if a JSON decimal stands for the float ``exact`` (float32 or float64): a number that rounds to exactly
+    its bits (a finite
     number never stands for an infinity), or "nan" / "inf" / "-inf" (and NaN / Infinity, as version 1 wrote)."""
     if isinstance(decimal, str):
         if decimal not in _NON_FINITE:
             return False
         expected = _NON_FINITE[decimal]
-        return bool(np.isnan(exact)) if decimal == "nan" else exact == expected
+        return bool(np.isnan(exact)) if decimal == "nan" else bool(exact == expected)
     if isinstance(decimal, bool) or not isinstance(decimal, (int, float)):
         return False
     if isinstance(decimal, float) and math.isnan(decimal):
         return bool(np.isnan(exact))
-    if isinstance(decimal, int) and abs(decimal) > 2**128:
+    kind = type(exact)
+    if isinstance(decimal, int) and abs(decimal) > (2**128 if kind is np.float32 else 2**1023):
         return False
     with np.errstate(over="ignore"):
-        rounded = np.float32(decimal)
+        rounded = kind(float(decimal)) if kind is np.float64 else kind(decimal)
     if np.isinf(rounded) and not math.isinf(decimal):
         return False
-    return rounded.view(np.uint32) == exact.view(np.uint32)
+    bits = FLOAT_DTYPES[np.dtype(kind).name]
+    return rounded.view(bits) == exact.view(bits)
 
 
 def _no_duplicate_keys(source: Path) -> Callable:
@@ -468,13 +525,15 @@ def _read_json(path: Path) -> dict[str, object]:
         raise GoldenFileError(path, None, f"must hold a JSON object, got {type(doc).__name__}")
     if "format" not in doc:
         raise GoldenFileError(path, "format", "missing: not a refquant golden file")
-    schema = _schema_of(doc["format"], path)
+    _schema_of(doc["format"], path)
     format_name = doc["format"]
-    bit_fields = {name + BITS_SUFFIX for name, field in schema.items() if field.dtype == "float32"}
+    typed = _json_typed(doc, path)
+    schema = _fields_of(format_name, doc, path, typed)
+    bit_fields = {name + BITS_SUFFIX for name, field in schema.items() if field.dtype in FLOAT_DTYPES}
     for bits_name in sorted(bit_fields - set(doc)):
-        raise GoldenFileError(path, bits_name, "missing (every float32 field carries its bits)")
+        raise GoldenFileError(path, bits_name, "missing (every float field carries its bits)")
     values = {name: value for name, value in doc.items() if name not in bit_fields}
-    return _check_fields(schema, format_name, values, path, _json_typed(doc, path))
+    return _checked(format_name, schema, values, path, typed)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -496,7 +555,7 @@ def _json_value(field: Field, value: object) -> object:
     if not field.is_array:
         return value
     arr = np.asarray(value)
-    if field.dtype != "float32":
+    if field.dtype not in FLOAT_DTYPES:
         return arr.tolist()
     as_list = np.vectorize(lambda v: v if math.isfinite(v) else ("nan" if math.isnan(v) else
                                                                  ("inf" if v > 0 else "-inf")),
@@ -541,22 +600,43 @@ def _write_atomically(files: dict[Path, Callable[[BinaryIO], None]]) -> None:
         raise
 
 
-def write_golden(program: dict[str, object], path: str | Path) -> tuple[Path, Path]:
+def check_program(program: dict[str, object]) -> dict[str, object]:
+    """``program`` (a dict of a golden format's fields) checked against the schema of its format, as the writer
+    checks it: the typed values, or one GoldenFileError naming the field."""
+    source = Path("<program>")
+    _schema_of(program.get("format"), source)
+    typed = _program_typed(source)
+    fields = _fields_of(program["format"], program, source, typed)
+    return _checked(program["format"], fields, program, source, typed)
+
+
+def write_golden(program: dict[str, object], path: str | Path, *, header: bool = False) -> tuple[Path, ...]:
     """Check ``program`` against the schema of its format and write it to ``<path>.npz`` and ``<path>.json``
-    (see :func:`golden_paths`; the directory must exist), atomically. Returns the two paths."""
+    (see :func:`golden_paths`; the directory must exist), and with ``header=True`` also the C header
+    ``<path>.h`` (refquant.program.c_header), atomically: all files or none. Returns the paths written."""
     npz_path, json_path = golden_paths(path)
     source = Path("<program>")
-    schema = _schema_of(program.get("format"), source)
-    _check_fields(schema, program["format"], program, source, _program_typed(source))
+    _schema_of(program.get("format"), source)
+    typed = _program_typed(source)
+    schema = _fields_of(program["format"], program, source, typed)
+    checked = _checked(program["format"], schema, program, source, typed)
     doc: dict[str, object] = {}
     for name, field in schema.items():
         doc[name] = _json_value(field, program[name])
-        if field.dtype == "float32":
-            doc[name + BITS_SUFFIX] = np.asarray(program[name], np.float32).view(np.uint32).tolist()
+        if field.dtype in FLOAT_DTYPES:
+            bits = FLOAT_DTYPES[field.dtype]
+            doc[name + BITS_SUFFIX] = np.asarray(program[name], np.dtype(field.dtype)).view(bits).tolist()
     text = (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode("utf-8")
     arrays = {name: _npz_value(field, program[name]) for name, field in schema.items()}
-    _write_atomically({npz_path: lambda f: _write_npz(f, arrays), json_path: lambda f: f.write(text)})
-    return npz_path, json_path
+    files: dict[Path, Callable[[BinaryIO], None]] = {npz_path: lambda f: _write_npz(f, arrays),
+                                                      json_path: lambda f: f.write(text)}
+    if header:
+        from .program import c_header, header_path
+
+        header_text = c_header(checked, schema).encode("utf-8")
+        files[header_path(path)] = lambda f: f.write(header_text)
+    _write_atomically(files)
+    return tuple(files)
 
 
 def _write_npz(f: BinaryIO, arrays: dict[str, np.ndarray]) -> None:
@@ -583,20 +663,49 @@ def _program_typed(source: Path) -> Callable:
     return typed
 
 
-def export_linear(ql: QuantizedLinear, x_u8: np.ndarray, path: str | Path) -> dict[str, object]:
-    """Write ``golden_program(ql, x_u8)`` to ``<path>.npz`` and ``<path>.json`` (see :func:`write_golden`);
-    return the program dict.
+def export_linear(ql: QuantizedLinear, x_u8: np.ndarray, path: str | Path, *, format: str | None = None,
+                  header: bool = False) -> dict[str, object]:
+    """Write the integer program of ``ql`` and its outputs for the input rows ``x_u8`` to ``<path>.npz`` and
+    ``<path>.json`` (see :func:`write_golden`; ``header=True`` adds the C header ``<path>.h``); return the program
+    dict.
 
-    ``path`` is a file name without extension, kept whole (``"net.fc1"`` -> ``net.fc1.npz``, ``net.fc1.json``);
-    its directory must exist.
+    ``format``: None picks :data:`FORMAT` ("refquant-golden-linear/2", :func:`golden_program`) for fbgemm's float
+    path (``requantization="fbgemm"``, engines fbgemm and x86) and refquant.program.MODEL_FORMAT (one "linear" step
+    on input codes, :func:`refquant.program.linear_program`) for every other engine and requantization variant;
+    give MODEL_FORMAT to write any layer in it. ``path`` is a file name without extension, kept whole
+    (``"net.fc1"`` -> ``net.fc1.npz``, ``net.fc1.json``); its directory must exist.
     """
-    program = golden_program(ql, x_u8)
-    write_golden(program, path)
+    from .program import MODEL_FORMAT, linear_program
+
+    if format is None:
+        format = FORMAT if ql.requantization == "fbgemm" else MODEL_FORMAT
+    if format == FORMAT:
+        program = golden_program(ql, x_u8)
+    elif format == MODEL_FORMAT:
+        program = linear_program(ql, x_u8)
+    else:
+        raise ValueError(f"format must be None, {FORMAT!r} or {MODEL_FORMAT!r}, got {format!r}")
+    write_golden(program, path, header=header)
+    return program
+
+
+def export_model(model: object, x_f32: np.ndarray, path: str | Path, *, requantization: str | None = None,
+                 header: bool = True) -> dict[str, object]:
+    """Write the integer program of a whole converted model (refquant.pipeline.QuantizedLinearModel or
+    refquant.model.QuantizedModel) and its test vectors for the float32 inputs ``x_f32`` to ``<path>.npz``,
+    ``<path>.json`` and (``header=True``) the C header ``<path>.h``, in refquant.program.MODEL_FORMAT; return the
+    program dict. ``requantization``: None (each Linear's own) or a scheme for every Linear (an integer variant of
+    refquant.fixed_point, or the engine's float path by name). See :func:`refquant.program.model_program`."""
+    from .program import model_program
+
+    program = model_program(model, x_f32, requantization=requantization)
+    write_golden(program, path, header=header)
     return program
 
 
 def load_golden(path: str | Path) -> dict[str, object]:
-    """Read a program written by :func:`export_linear` from its ``.npz`` or ``.json`` file, checked against the
+    """Read a program written by :func:`export_linear` or :func:`export_model` from its ``.npz`` or ``.json`` file
+    (any format of ``SCHEMAS``; refquant.program.load_program makes a runnable program of it), checked against the
     schema of its format (see the module docstring): the same dict from either file. str, bool and int fields are
     Python values; float32 and int32 scalars NumPy scalars; arrays have the schema's dtype. From JSON, float32
     values are rebuilt from their ``_bits`` (exact). Any deviation raises :class:`GoldenFileError` (a ValueError)
@@ -607,3 +716,6 @@ def load_golden(path: str | Path) -> dict[str, object]:
     if path.suffix == ".json":
         return _read_json(path)
     raise ValueError(f"path must end in .npz or .json, got {str(path)!r}")
+
+
+from . import program as _program  # noqa: E402,F401  registers refquant.program.MODEL_FORMAT in SCHEMAS

@@ -60,6 +60,14 @@ int64 arithmetic and are exact; the Numba per-element functions (``*_scalar``, `
 fused kernels, and the tests prove the two equal, and equal to exact rational models, and to the C99 reference in
 ``c/refquant_requant.c``.
 
+As a layer's requantization: ``QuantizedLinear(..., requantization=<variant>)`` on any engine builds an
+:class:`IntegerRequantizer` (registered with refquant.engines.register_requantization), which exposes per output
+channel ``bias_i32``, ``requant_multiplier_i32``, ``requant_shift`` and the rules that made them
+(:data:`BIAS_RULE_DEFINITIONS`, :data:`MULTIPLIER_RULE_DEFINITIONS`, :data:`SHIFT_CONVENTION_DEFINITIONS`: formula
+and source). :func:`compare_with_float_path` gives, for a layer and its inputs, a variant's codes against torch's
+float path and the ingredient (:data:`CAUSES`: int32 bias rounding, exact rounding, Q31 multiplier, second
+rounding) that moved each differing code.
+
 Overflow, as the sources do it: the int32 bias add is ``_mm256_add_epi32`` in FBGEMM (wraps) and a plain C++
 ``int32_t +=`` in DNNLOWP and TFLite's reference kernels (undefined behaviour in C++, two's-complement wrap on the
 compilers and CPUs they run on); refquant wraps. TFLite's ``x * (1 << left_shift)`` and the final ``acc +=
@@ -100,6 +108,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
+
+from . import engines as _engines_module  # the Requantizer seam (refquant.engines does not import this module)
 
 VARIANTS: tuple[str, ...] = ("fbgemm_fixed_point", "tflite", "tflite_single_rounding", "float_int32_bias")
 """The integer requantization variants, by the names issue 11 gives them."""
@@ -726,3 +736,247 @@ def requantize_integer(raw_i32: np.ndarray, rq: IntegerRequantization) -> np.nda
     _requantize_integer_kernel(raw_2d, _VARIANT_CODE[rq.variant], bias, mult, shift, rq.output_multiplier_f32,
                                np.int64(rq.output_zero_point), np.int64(rq.quant_min), np.int64(rq.quant_max), out)
     return out.reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The variants as requantizations of refquant.linear.QuantizedLinear (``requantization=<variant>``)
+# ----------------------------------------------------------------------------------------------------------------
+
+BIAS_RULE_DEFINITIONS: dict[str, str] = {
+    "fbgemm": "eq. I1a: clamp(RNE(f32(bias·f32(1/atws))), −2^31, 2^31 − 1), atws = f32(f32(s_x)·s_w[n]); NaN -> "
+              "INT32_MIN. Matches: pytorch/FBGEMM include/fbgemm/QuantUtils.h (Quantize<int32_t>(bias, 0, atws, 32)), "
+              "as pytorch/pytorch caffe2/quantization/server/fully_connected_dnnlowp_op.cc calls it",
+    "tflite_legacy": "eq. I1b: clamp(round_half_away(f32(bias·f32(1/f64(f32(f32(s_x)·s_w[n]))))), −(2^31 − 1), "
+                     "2^31 − 1). Matches: tensorflow/tensorflow tensorflow/lite/tools/optimize/quantization_utils.cc "
+                     "(SymmetricPerChannelBiasQuantize), reached through QuantizeLegacy (legacy_float_scale)",
+    "tflite_mlir": "eq. I1c: clamp(round_half_away(f64(bias) / (f64(f32(s_x))·f64(s_w[n]))), −2^31, 2^31 − 1). "
+                   "Matches: tensorflow/tensorflow tensorflow/compiler/mlir/quantization/common/ir/UniformSupport.h "
+                   "(UniformQuantizedValueConverter)",
+}
+"""What each bias rule (:data:`BIAS_RULES`) computes, and the source it mirrors."""
+
+MULTIPLIER_RULE: dict[str, str] = {"fbgemm_fixed_point": "fbgemm_choose_requantization_multiplier",
+                                   "tflite": "tflite_quantize_multiplier",
+                                   "tflite_single_rounding": "tflite_quantize_multiplier_single_rounding",
+                                   "float_int32_bias": "torch_float32_multiplier"}
+"""The rule that produced each variant's multiplier."""
+
+MULTIPLIER_RULE_DEFINITIONS: dict[str, str] = {
+    "fbgemm_choose_requantization_multiplier":
+        "eq. I2a: (M, s) from real = mult[n] = f32(atws[n] / f32(s_y)) (float32): normalise into [1/2, 1] by ×2 / ÷2 "
+        "in float32, M = nearbyint(m·2^31), M = 2^31 -> (2^30, s − 1); real = M·2^−s exactly. Matches: "
+        "pytorch/FBGEMM src/QuantUtils.cc (ChooseRequantizationMultiplier)",
+    "tflite_quantize_multiplier":
+        "eq. I2b: (M, shift) from real = f64(f32(s_x))·f64(s_w[n]) / f64(f32(s_y)): (q, e) = frexp(real), "
+        "M = round_half_away(q·2^31), M = 2^31 -> (2^30, e + 1), e < −31 -> (0, 0). Matches: tensorflow/tensorflow "
+        "tensorflow/lite/kernels/internal/quantization_util.cc (QuantizeMultiplier), "
+        "tensorflow/lite/kernels/kernel_util.cc (PopulateConvolutionQuantizationParams)",
+    "tflite_quantize_multiplier_single_rounding":
+        "eq. I2b with TFLITE_SINGLE_ROUNDING: as tflite_quantize_multiplier, and shift > 30 -> (2^31 − 1, 30). "
+        "Matches: tensorflow/tensorflow tensorflow/lite/kernels/internal/quantization_util.cc (QuantizeMultiplier)",
+    "torch_float32_multiplier":
+        "eq. L7: mult[n] = f32(f32(f32(s_x)·s_w[n]) / f32(s_y)), kept as a float32 (no fixed point). Matches: "
+        "pytorch/FBGEMM src/QuantUtilsAvx2.cc (requantizeOutputProcessingAvx2, BIAS_TYPE = int32_t)",
+}
+"""What each multiplier rule computes, and the source it mirrors."""
+
+SHIFT_CONVENTION_DEFINITIONS: dict[str, str] = {
+    "right": "FBGEMM's right_shift: a RIGHT shift, real = M·2^−s, 1 <= s <= 63 (pytorch/FBGEMM "
+             "include/fbgemm/QuantUtils.h RequantizationParams::right_shift)",
+    "left": "TFLite's shift: positive = LEFT, real ≈ M·2^(shift − 31), −31 <= shift <= 30 (tensorflow/tensorflow "
+            "tensorflow/lite/kernels/internal/common.cc MultiplyByQuantizedMultiplier)",
+}
+"""The two sign conventions of ``requant_shift``."""
+
+
+@dataclass(frozen=True, eq=False)
+class IntegerRequantizer(_engines_module.Requantizer):
+    """A variant of :data:`VARIANTS` as the requantizer of a :class:`refquant.linear.QuantizedLinear`
+    (``requantization=variant``): eqs. I1-I7 on the layer's int32 ``raw`` (eq. L5).
+
+    Per output channel n (per-tensor constants repeated N times): ``bias_i32`` (N,) int32 (zeros without a bias,
+    ``bias_rule`` None), ``requant_multiplier_i32`` (N,) int32 and ``requant_shift`` (N,) int32 in the convention
+    ``shift_convention`` ("right": FBGEMM, "left": TFLite; both None for "float_int32_bias"), ``output_multiplier``
+    (N,) float32 (torch's eq. L7; the multiplier of "float_int32_bias"), ``real_multiplier`` (N,) float64 (what
+    the multiplier rule started from), ``output_zero_point``, ``quant_min`` (z_y with ReLU), ``quant_max``.
+    ``bias_rule`` / ``multiplier_rule`` name the rules that produced the constants; ``*_definition`` give each
+    rule's formula and the source it mirrors. ``constants`` is the :class:`IntegerRequantization` itself.
+
+    The variants are no torch engine's arithmetic: they take only s_x, s_w (float32), s_y, the float32 bias, z_y and
+    ``raw``, which every engine computes alike, so they are registered on every engine; the engine still decides
+    the weight packing's refusals (onednn: symmetric weights only) and the input rank rules.
+    """
+
+    variant: str
+    constants: IntegerRequantization
+    bias_i32: np.ndarray
+    requant_multiplier_i32: np.ndarray | None
+    requant_shift: np.ndarray | None
+    output_multiplier: np.ndarray
+    real_multiplier: np.ndarray
+    bias_rule: str | None
+    multiplier_rule: str
+    shift_convention: str | None
+    output_zero_point: int
+    quant_min: int
+    quant_max: int
+
+    @property
+    def name(self) -> str:  # type: ignore[override]  (the scheme's name is the variant)
+        return self.variant
+
+    @property
+    def bias_rule_definition(self) -> str | None:
+        return None if self.bias_rule is None else BIAS_RULE_DEFINITIONS[self.bias_rule]
+
+    @property
+    def multiplier_rule_definition(self) -> str:
+        return MULTIPLIER_RULE_DEFINITIONS[self.multiplier_rule]
+
+    @property
+    def shift_convention_definition(self) -> str | None:
+        return None if self.shift_convention is None else SHIFT_CONVENTION_DEFINITIONS[self.shift_convention]
+
+    @classmethod
+    def build(cls, variant: str, params, prepacked: object = None, options: object = None,
+              *, bias_rule: str | None = None) -> "IntegerRequantizer":
+        """The constants of ``variant`` (eqs. I1, I2) for a layer's :class:`refquant.engines.LinearQParams`,
+        with torch's quint8 output range [0, 255]."""
+        try:
+            rq = integer_requantization(variant, params.input_scale, params.weight_scales, params.output_scale,
+                                        params.bias, params.output_zero_point, relu=params.relu, bias_rule=bias_rule)
+        except ValueError as e:
+            raise ValueError(f"requantization={variant!r} cannot represent this layer: {e}") from None
+        return cls.from_constants(rq, params.out_features)
+
+    @classmethod
+    def from_constants(cls, rq: IntegerRequantization, out_features: int) -> "IntegerRequantizer":
+        """The requantizer of the constants ``rq`` for a layer with ``out_features`` outputs."""
+        n = int(out_features)
+
+        def per_n(a, dtype):
+            return None if a is None else np.ascontiguousarray(np.broadcast_to(np.asarray(a, dtype), (n,)))
+
+        bias_i32 = np.zeros(n, np.int32) if rq.bias_i32 is None else per_n(rq.bias_i32, np.int32)
+        return cls(rq.variant, rq, bias_i32, per_n(rq.requant_multiplier_i32, np.int32),
+                   per_n(rq.requant_shift, np.int32), per_n(rq.output_multiplier_f32, np.float32),
+                   per_n(rq.real_multiplier, np.float64), rq.bias_rule, MULTIPLIER_RULE[rq.variant],
+                   rq.shift_convention, rq.output_zero_point, rq.quant_min, rq.quant_max)
+
+    def _readable(self, raw_2d_i32: np.ndarray) -> np.ndarray:
+        return requantize_integer_readable(raw_2d_i32, self.constants)
+
+    def _fast(self, raw_2d_i32: np.ndarray) -> np.ndarray:
+        return requantize_integer(raw_2d_i32, self.constants)
+
+
+def _builder(variant: str):
+    def build(params, prepacked=None, options=None) -> IntegerRequantizer:
+        return IntegerRequantizer.build(variant, params, prepacked, options)
+
+    build.__name__ = build.__qualname__ = f"build_{variant}"
+    build.__doc__ = f"IntegerRequantizer.build({variant!r}, ...)"
+    return build
+
+
+for _variant in VARIANTS:
+    _engines_module.register_requantization(_variant, _builder(_variant), _engines_module.ENGINES)
+del _variant
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where a variant's codes leave torch's float path, and why
+# ----------------------------------------------------------------------------------------------------------------
+
+CAUSES: tuple[str, ...] = ("bias_i32", "exact_rounding", "q31_multiplier", "second_rounding")
+"""The ingredients a variant changes, in the order :func:`compare_with_float_path` changes them:
+
+    bias_i32         the bias rounded to int32 by the variant's rule and added in int32; float32 multiply kept
+                     (= "float_int32_bias" with that bias, eq. I7)
+    exact_rounding   acc·mult rounded ONCE, exactly, half up, instead of f32(f32(acc)·mult) then RNE
+                     (= "fbgemm_fixed_point": FBGEMM's fixed point carries mult exactly, eq. I4)
+    q31_multiplier   TFLite's Q31 multiplier of the double real multiplier instead of the float32 one
+                     (= "tflite_single_rounding", eq. I6)
+    second_rounding  TFLite's two roundings, SRDHM then RoundingDivideByPOT (= "tflite", eq. I5)
+"""
+
+_CHAIN_LENGTH = {"float_int32_bias": 1, "fbgemm_fixed_point": 2, "tflite_single_rounding": 3, "tflite": 4}
+
+
+@dataclass(frozen=True)
+class FloatPathComparison:
+    """A variant's output codes against torch's float path (fbgemm, eqs. L8-L11) on the same int32 ``raw``.
+
+    ``stages``: the codes after each ingredient of :data:`CAUSES` the variant changes, in order, starting from
+    ``"float"`` (torch's codes); the last is the variant's. ``cause``: int8 (..., N), −1 where the variant's code
+    equals torch's, else the index into :data:`CAUSES` of the FIRST ingredient that moved the code away from
+    torch's. ``changes[c]``: bool (..., N), where ingredient c changed the code (a code can move twice).
+    """
+
+    variant: str
+    bias_rule: str | None
+    float_codes: np.ndarray
+    variant_codes: np.ndarray
+    stages: dict[str, np.ndarray]
+    changes: dict[str, np.ndarray]
+    cause: np.ndarray
+
+    @property
+    def differing(self) -> int:
+        """How many codes differ from torch's float path."""
+        return int((self.cause >= 0).sum())
+
+    def counts(self) -> dict[str, int]:
+        """Differing codes by first cause (every cause of the variant listed, zeros included)."""
+        return {c: int((self.cause == i).sum()) for i, c in enumerate(CAUSES) if c in self.changes}
+
+    def max_abs_difference(self) -> int:
+        d = np.abs(self.variant_codes.astype(np.int64) - self.float_codes.astype(np.int64))
+        return int(d.max()) if d.size else 0
+
+
+def compare_with_float_path(layer, variant: str, *, raw_i32: np.ndarray | None = None,
+                            x_u8: np.ndarray | None = None, bias_rule: str | None = None) -> FloatPathComparison:
+    """For a :class:`refquant.linear.QuantizedLinear` and its int32 ``raw`` (or input codes ``x_u8``), the codes of
+    ``variant`` against torch's fbgemm float path (eqs. L8-L11, what torch runs on fbgemm/x86), with the cause
+    of each difference: changing one ingredient of :data:`CAUSES` at a time, from torch's codes to the variant's.
+
+    The float path is fbgemm's whatever the layer's engine (the ingredients are defined against it); the variant's
+    constants come from the layer's s_x, s_w, s_y, bias and z_y (:func:`integer_requantization_of`), with its own
+    bias rule unless ``bias_rule`` is given.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if (raw_i32 is None) == (x_u8 is None):
+        raise ValueError("give exactly one of raw_i32 (the int32 accumulators of eq. L5) and x_u8 (input codes)")
+    raw = layer.accumulate(x_u8) if x_u8 is not None else raw_i32
+    if not isinstance(raw, np.ndarray) or raw.dtype != np.int32 or raw.ndim < 1 or raw.shape[-1] != layer.out_features:
+        raise ValueError(f"raw_i32 must be an int32 array (..., N = {layer.out_features}), got "
+                         f"{getattr(raw, 'dtype', type(raw).__name__)} {getattr(raw, 'shape', '')}")
+    eng = _engines_module
+    float_rq = eng.FbgemmRequantizer.build(layer.qparams())
+    float_codes = float_rq.requantize(raw)
+    if bias_rule is None:
+        bias_rule = DEFAULT_BIAS_RULE[variant]
+    tflite = variant.startswith("tflite")
+    base = integer_requantization_of(layer, "float_int32_bias", bias_rule=bias_rule)
+    stages = {"float": float_codes, "bias_i32": requantize_integer(raw, base)}
+    n_stages = _CHAIN_LENGTH[variant]
+    if n_stages >= 2:
+        exact = integer_requantization_of(layer, "fbgemm_fixed_point", bias_rule=bias_rule)
+        stages["exact_rounding"] = requantize_integer(raw, exact)
+    if n_stages >= 3:
+        assert tflite
+        q31 = integer_requantization_of(layer, "tflite_single_rounding", bias_rule=bias_rule)
+        stages["q31_multiplier"] = requantize_integer(raw, q31)
+    if n_stages >= 4:
+        stages["second_rounding"] = requantize_integer(raw, integer_requantization_of(layer, "tflite",
+                                                                                      bias_rule=bias_rule))
+    names = list(stages)
+    changes = {names[i]: stages[names[i]] != stages[names[i - 1]] for i in range(1, len(names))}
+    variant_codes = stages[names[-1]]
+    cause = np.full(raw.shape, -1, np.int8)
+    differs = variant_codes != float_codes
+    for c in reversed(list(changes)):  # the first ingredient that moved the code wins
+        cause = np.where(differs & changes[c], np.int8(CAUSES.index(c)), cause)
+    return FloatPathComparison(variant, base.bias_rule, float_codes, variant_codes, stages, changes, cause)

@@ -64,6 +64,7 @@ from refquant.engines import (
     fbgemm_requantize_fast,
     fbgemm_requantize_readable,
 )
+from refquant import fixed_point as _fixed_point  # noqa: F401  registers the integer variants (requantization=)
 from refquant.matmul import PackedWeightS8, matmul_u8s8_acc32, pack_weight_s8
 from refquant.observers import MinMaxObserver, PerChannelMinMaxObserver
 from refquant.qconfig import _DEFAULT_QCONFIGS
@@ -286,7 +287,10 @@ class QuantizedLinear:
         ``weight_scales`` / ``weight_zero_points``: N values for a per-channel ``weight_qscheme``, one for per-tensor.
         Scales are kept as float32 (``q_per_channel_scales()[i].item<float>()`` / ``(float)q_scale()``) and as the
         float64 values given (torch's quantized weight holds doubles), zero points as int32.
-        ``requantization``: None (the engine's own float path) or a scheme registered in refquant.engines.
+        ``requantization``: None (the engine's own float path) or a scheme registered in refquant.engines: the
+        engine's float path by name ("fbgemm" on fbgemm and x86, "qnnpack", "onednn"), or an integer-only variant
+        of refquant.fixed_point ("fbgemm_fixed_point", "tflite", "tflite_single_rounding", "float_int32_bias"; on
+        every engine, see refquant.fixed_point.IntegerRequantizer).
         ``onednn_kernel`` / ``qnnpack_cached_output_scale``: see refquant.engines.EngineOptions.
         """
         spec = check_engine(engine)
@@ -358,6 +362,18 @@ class QuantizedLinear:
             warnings.warn(f"in_features K = {K} > 65,793: K·255·128 exceeds int32, so the int32 accumulators can "
                           f"wrap (modulo 2^32) exactly as {engine}'s do; outputs are then not the real-number result",
                           RuntimeWarning, stacklevel=2)
+
+    def with_requantization(self, requantization: str | None) -> "QuantizedLinear":
+        """The same layer (weights, scales, zero points, bias, engine and its switches) with another requantization
+        scheme (None: the engine's own float path)."""
+        scales = self.weight_scales_f64 if self.per_channel else self.weight_scales_f64[:1]
+        zps = self.weight_zero_points if self.per_channel else self.weight_zero_points[:1]
+        return QuantizedLinear(self.weight_int8, scales, zps, self.bias, self.input_scale, self.input_zero_point,
+                               self.output_scale, self.output_zero_point, relu=self.relu,
+                               weight_qscheme=self.weight_qscheme, saturate_int16_pairs=self.saturate_int16_pairs,
+                               engine=self.engine, requantization=requantization,
+                               onednn_kernel=self.engine_options.onednn_kernel,
+                               qnnpack_cached_output_scale=self.engine_options.qnnpack_cached_output_scale)
 
     def qparams(self) -> LinearQParams:
         """The layer's quantization parameters as refquant.engines' weight packing and requantizers take them."""

@@ -344,3 +344,64 @@ def test_c_float_path_per_tensor_fma(driver, rng):
             cols[key] += v
     got = _run(driver, "lin_pt", *(cols[k] for k in ("raw", "bias", "atws", "mult", "zp", "qmin", "qmax")))
     assert_same(_ints(got), np.concatenate(expected), "C float path, per-tensor FMA")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# qnnpack's and onednn's float paths, the other QuantStub roundings (what c/refquant_program.c runs)
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_c_qnnpack_requantize(driver, rng):
+    from refquant.engines import qnnpack_requantize_readable
+
+    got, expected = [], []
+    for _ in range(20):
+        n = 500
+        raw, bias = _int32_mix(rng, n), _int32_mix(rng, n) >> rng.integers(0, 31, n)
+        scale = (10.0 ** rng.uniform(-9, 1, n)).astype(np.float32)
+        scale[:3] = [2.0**-20, 1.0, 0.5]
+        zp, relu = int(rng.integers(0, 256)), bool(rng.integers(0, 2))
+        lo = zp if relu else 0
+        expected.append(qnnpack_requantize_readable(raw[None, :], bias.astype(np.int32), scale, zp, lo, 255)
+                        .astype(np.int64).ravel())
+        got.append(_ints(_run(driver, "rq_qnnpack", _i(raw), _i(bias), _f32(scale), [str(zp)] * n, [str(lo)] * n,
+                              ["255"] * n)))
+    assert_same(np.concatenate(got), np.concatenate(expected), "C qnnpack requantization")
+
+
+@pytest.mark.parametrize("kernel", ["brgemm", "brgemm_amx", "gemm"])
+def test_c_onednn_requantize(driver, rng, kernel):
+    from refquant.engines import onednn_requantize_readable
+
+    code = {"brgemm": 0, "brgemm_amx": 1, "gemm": 2}[kernel]
+    got, expected = [], []
+    for trial in range(20):
+        n = 400
+        raw, comp = _int32_mix(rng, n), _int32_mix(rng, n) >> rng.integers(0, 31, n)
+        s_x = np.float32(10.0 ** rng.uniform(-4, 0))
+        s_w = (10.0 ** rng.uniform(-5, 0, n)).astype(np.float32)
+        out_scales = (s_x * s_w).astype(np.float32)
+        has_bias = trial % 3 != 0
+        bias = (rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3)).astype(np.float32)
+        bias[:2] = [np.inf, -np.inf] if trial == 1 else bias[:2]   # inf - inf -> NaN -> 255
+        relu, zp = bool(rng.integers(0, 2)), int(rng.integers(0, 256))
+        dst = np.float32(10.0 ** rng.uniform(-2, 6))
+        expected.append(onednn_requantize_readable(raw[None, :], kernel, comp.astype(np.int32), s_x, s_w, out_scales,
+                                                   bias if has_bias else None, relu, dst, zp).astype(np.int64).ravel())
+        got.append(_ints(_run(driver, "rq_onednn", _i(raw), [str(code)] * n, _i(comp), _f32([s_x] * n), _f32(s_w),
+                              _f32(out_scales), [str(int(has_bias))] * n, _f32(bias), [str(int(relu))] * n,
+                              _f32([dst] * n), _f32([np.float32(zp)] * n))))
+    assert_same(np.concatenate(got), np.concatenate(expected), f"C onednn requantization ({kernel})")
+
+
+@pytest.mark.parametrize("rounding, op", [("nearbyint_then_add", "quant_nbta"), ("multiply_then_add", "quant_mta")])
+def test_c_other_quantstub_roundings(driver, rng, rounding, op):
+    for _ in range(10):
+        scale = float(10.0 ** rng.uniform(-4, 1))
+        zp = int(rng.integers(0, 256))
+        x = _float32_mix(rng, 2000)
+        x[12:1000] = (rng.integers(-400, 400, 988) * np.float32(scale) / 2).astype(np.float32)  # near ties
+        if rounding == "multiply_then_add":
+            x = x[~np.isnan(x)]   # refquant refuses NaN for oneDNN's reorder
+        got = _ints(_run(driver, op, _f32(x), _f32([scale] * x.size), [str(zp)] * x.size, ["0"] * x.size,
+                         ["255"] * x.size), np.uint8)
+        assert_same(got, quantize_per_tensor(x, scale, zp, "quint8", rounding=rounding), f"C QuantStub {rounding}")

@@ -9,8 +9,7 @@ compared too.
 Two facts of the machine are asked of torch itself rather than assumed:
 * which matmul kernel oneDNN runs (its verbose output names it): ``onednn_kernel_in_torch``;
 * whether fbgemm sums products in int16-saturated pairs (no VNNI), which matters only with full 8-bit codes
-  (``reduce_range=False``): ``fbgemm_saturates_in_torch``. This is a local stand-in for crosscheck/isa.py's
-  ``torch_fbgemm_kernel_family()`` (being written by another helper); replace it once that lands.
+  (``reduce_range=False``): ``fbgemm_saturates_in_torch``, from crosscheck.isa's probe (conftest's ``fbgemm_kernel``).
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from parity import assert_same  # noqa: E402
 
 import refquant  # noqa: E402
 from refquant import dynamic as dq  # noqa: E402
+from refquant.matmul import matmul_u8s8_acc32_sat16_ref  # noqa: E402
 from refquant.quantize import _quantize_mul_add_kernel, _quantize_mul_add_readable  # noqa: E402
 
 F32 = np.float32
@@ -177,22 +177,9 @@ def onednn_kernel_in_torch() -> str:
 
 
 @pytest.fixture(scope="module")
-def fbgemm_saturates_in_torch() -> bool:
-    """Local probe (stand-in for crosscheck/isa.py): does torch's fbgemm saturate int16 pairs on this CPU?
-
-    Codes 255, 255 against weights -128, -128 (reduce_range=False): VNNI gives -65280, the pre-VNNI kernel -32768."""
-    weight = np.array([[-1.0, -1.0]], F32)
-    module = torch_dynamic_linear(weight, None, "fbgemm", "per_tensor_symmetric")
-    x = np.array([[1.0, 1.0]], F32)
-    y = run_torch_op(module._packed_params._packed_params, x, "fbgemm", reduce_range=False)
-    results = {}
-    for saturate in (False, True):
-        layer = dq.DynamicQuantizedLinear.from_float(weight, None, engine="fbgemm", reduce_range=False,
-                                                     saturate_int16_pairs=saturate)
-        assert layer.stages(x)["input_codes"].tolist() == [[255, 255]]
-        results[saturate] = np.array_equal(layer(x).view(np.uint32), y.view(np.uint32))
-    assert results[False] != results[True], f"the probe did not tell the kernels apart: {y}"
-    return results[True]
+def fbgemm_saturates_in_torch(fbgemm_kernel) -> bool:
+    """Does torch's fbgemm saturate int16 pairs here (crosscheck.isa's probe, the conftest fixture ``fbgemm_kernel``)?"""
+    return fbgemm_kernel == "avx2"
 
 
 def layer_kwargs(engine: str, onednn_kernel: str | None, saturate: bool = False) -> dict:
@@ -309,7 +296,14 @@ def check_stages_against_torch(layer: dq.DynamicQuantizedLinear, st: dict, x: np
     K = x.shape[-1]
     x_i64 = q_t.reshape(-1, K).astype(np.int64) - zp_t
     w_i64 = w_i8.astype(np.int64) - np.broadcast_to(w_zp.astype(np.int64), (w_i8.shape[0],))[:, None]
-    raw = (x_i64 @ w_i64.T).astype(np.int32).reshape(x.shape[:-1] + (w_i8.shape[0],))   # mod 2^32 as int32
+    if getattr(layer, "saturate_int16_pairs", False):  # pre-VNNI fbgemm: Σ of int16-saturated pairs (eq. M2)
+        acc = matmul_u8s8_acc32_sat16_ref(q_t.reshape(-1, K), w_i8).astype(np.int64)
+        w_zp_n = np.broadcast_to(w_zp.astype(np.int64), (w_i8.shape[0],))
+        col = w_i8.astype(np.int64).sum(axis=1) - w_zp_n * K
+        raw_i64 = acc - zp_t * col[None, :] - q_t.reshape(-1, K).astype(np.int64).sum(axis=1)[:, None] * w_zp_n
+    else:
+        raw_i64 = x_i64 @ w_i64.T
+    raw = raw_i64.astype(np.int32).reshape(x.shape[:-1] + (w_i8.shape[0],))   # mod 2^32 as int32
     assert_same(st["accumulators"], raw, f"{what}: int32 accumulators")
 
 
@@ -392,6 +386,7 @@ def test_large_k(rng, engine, onednn_kernel_in_torch):
 # parity: the op, with given weight codes (affine weights, reduce_range both ways)
 # ----------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.isa
 @pytest.mark.parametrize("engine", dq.ENGINES)
 def test_from_quantized_parity(rng, engine, onednn_kernel_in_torch, fbgemm_saturates_in_torch):
     """linear_prepack + linear_dynamic(reduce_range=True/False) vs DynamicQuantizedLinear.from_quantized, with

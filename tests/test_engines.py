@@ -27,6 +27,10 @@ from torch_engines import (
     torch_threads,
 )
 
+# fbgemm/x86 results follow the kernel family crosscheck.isa probes; .ci/run reruns these under
+# FBGEMM_ENABLE_INSTRUCTIONS=AVX2
+pytestmark = pytest.mark.isa
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():

@@ -17,6 +17,10 @@ from parity import assert_same
 from refquant.pipeline import ObservedLinear
 from torch_engines import onednn_family_from_verbose, quantized_engine, torch_fbgemm_kernel_family, torch_threads
 
+# fbgemm/x86 results follow the kernel family crosscheck.isa probes; .ci/run reruns these under
+# FBGEMM_ENABLE_INSTRUCTIONS=AVX2
+pytestmark = pytest.mark.isa
+
 
 class Model(nn.Module):
     def __init__(self, K: int, N: int, bias: bool, relu: bool):

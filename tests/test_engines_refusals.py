@@ -382,7 +382,7 @@ def test_strictness_empty_weight_torch_crashes(engine, n, k):
     (lambda: layer("fbgemm", qnnpack_cached_output_scale=0.1), ValueError, "applies to engine='qnnpack'"),
     (lambda: layer("qnnpack", qnnpack_cached_output_scale=-0.1), ValueError, "qnnpack_cached_output_scale must"),
     (lambda: layer("fbgemm", requantization="qnnpack"), ValueError, "applies to engine"),
-    (lambda: layer("fbgemm", requantization="tflite"), ValueError, "requantization must be None"),
+    (lambda: layer("fbgemm", requantization="gemmlowp"), ValueError, "requantization must be None"),
     (lambda: layer()([[7, 8, 9]]), TypeError, "x_u8 must be a numpy array"),
     (lambda: layer().requantize(np.zeros((2, 2), np.int64)), TypeError, "acc_i32 must hold int32"),
     (lambda: layer().requantize(np.zeros((2, 3), np.int32)), ValueError, "out_features N = 2"),
