@@ -7,8 +7,12 @@ layer-by-layer parity, the accuracy of the float model, of torch's quantized mod
 and how many predictions quantization flipped. ``--builtin residual`` does the same with a residual MLP
 (FloatFunctional.add, an unfused ReLU). ``--model MODULE:FUNCTION`` studies the user's own model.
 
+``--export DIR`` writes the converted model's whole integer program (refquant.export.export_model) with test
+vectors that torch reproduces bit for bit.
+
 Exit codes: 0 every compared row equal; 1 any mismatch (the first divergence is printed: layer, field, index, both
-values); 2 bad arguments, files or models (one line saying what and where); 3 the torch side failed (its traceback).
+values); 2 bad arguments, files or models (one line saying what and where), or a model --export cannot write; 3 the
+torch side failed (its traceback).
 """
 
 from __future__ import annotations
@@ -77,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "python -m crosscheck.linear; default auto)")
     p.add_argument("--seed", type=_seed, default=0,
                    help="the built-in models' training seed and data split (default 0)")
+    p.add_argument("--export", metavar="DIR", default=None,
+                   help="write the converted model's integer program (refquant.export.export_model: every step's "
+                        "constants, int8 weights, multipliers, and test vectors of the first evaluation batch, each "
+                        "Linear with the kernel torch's call ran) to DIR/model.npz, model.json and the C header "
+                        "model.h; models with FloatFunctional add, mul or cat are not exported (refquant.program)")
     p.add_argument("--json", metavar="PATH", default=None,
                    help="write the full comparison as JSON to PATH ('-' for stdout, which then replaces the text "
                         "report)")
@@ -157,6 +166,12 @@ def parse_config(argv: Sequence[str] | None):
         if not cpu_has_avx512_vnni():
             parser.error("--isa vnni: this CPU has no AVX-512 VNNI, so torch's fbgemm cannot run its VNNI kernels "
                          "here (FBGEMM_ENABLE_INSTRUCTIONS can only lower the ISA); use --isa auto or avx2")
+    if args.export is not None:
+        if os.path.exists(args.export) and not os.path.isdir(args.export):
+            parser.error(f"--export {args.export!r} exists and is not a directory")
+        problem = _unwritable_dir(args.export, create=True)
+        if problem:
+            parser.error(f"--export {args.export!r}: cannot write there ({problem})")
     if args.json not in (None, "-"):
         parent = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(parent):
@@ -190,6 +205,12 @@ def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None 
         print(f"{PROG}: the study could not run: {e}", file=sys.stderr)
         return EXIT_FAILED
     code = EXIT_EQUAL if result.equal else EXIT_MISMATCH
+    export_error = None
+    if args.export is not None:
+        try:
+            result.exported = result.comparison.export(args.export)
+        except ValueError as e:  # refquant.program does not export this model (QFunctional add, mul, cat)
+            export_error = f"{PROG}: error: --export {args.export}: {e}"
     if args.json not in (None, "-"):
         with open(args.json, "w") as f:
             json.dump(json_document(result), f, indent=1, allow_nan=False)
@@ -203,6 +224,9 @@ def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None 
         sys.stdout.flush()
     except BrokenPipeError:  # the reader stopped early: say nothing more, keep the exit code
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if export_error is not None:
+        print(export_error, file=sys.stderr)
+        return EXIT_USAGE
     return code
 
 

@@ -25,6 +25,7 @@ JSON_SCHEMA = """\
   "model":     what the model source reported ("name", "description", "data", training for the built-in ones),
                "qconfig", "printed": print(converted model)
   "data":      {"calibration", "evaluation": {"batches", "inputs"}}
+  "export":    null, or the files --export wrote (model.npz, model.json, model.h)
 }
 """
 
@@ -93,6 +94,10 @@ def text_report(res: ModelStudyResult) -> str:
                  f"model against the float model)")
         L.append("")
 
+    if res.exported:
+        L.append(f"integer program (refquant.export.export_model): {', '.join(res.exported)}")
+        L.append("")
+
     parity = res.parity_fields
     values = sum(f.size for f in parity)
     bad = [f for f in parity if not f.equal]
@@ -132,6 +137,7 @@ def json_document(res: ModelStudyResult) -> dict:
         "model": {**_json_floats(res.record.info), "qconfig": res.record.qconfig,
                   "printed": res.record.printed_model},
         "data": res.batches,
+        "export": res.exported,
         "environment": res.environment,
         "torch_warnings": res.record.warnings,
     }

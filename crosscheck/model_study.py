@@ -212,6 +212,7 @@ class ModelComparison:
         self.predictions: dict[str, list[np.ndarray]] = {"float": [], "torch": [], "refquant": []}
         self.labels: list[np.ndarray] = []
         self.kernels_seen: dict[str, set] = {}
+        self.export_batch: tuple[str, np.ndarray, dict] | None = None
 
     # -- rows ----------------------------------------------------------------------------------------------------
 
@@ -321,7 +322,22 @@ class ModelComparison:
             compare("model", "output", "", C.PARITY, b.output, y)
         if b.set == "evaluation":
             self._predictions(b, y)
+        if self.export_batch is None or (b.set == "evaluation" and self.export_batch[0] == "calibration"):
+            self.export_batch = (b.set, b.x, kernels)  # the first evaluation batch (else the first calibration one)
         return y, traces
+
+    def export(self, directory: str) -> list[str]:
+        """Write the converted model's integer program (refquant.export.export_model) with the test vectors of the
+        first evaluation batch (or, without one, the first calibration batch) to ``directory/model.npz``,
+        ``.json`` and ``.h``, each Linear step bound to the kernel torch's call ran on that batch; returns the
+        paths. refquant.program refuses what it does not export (QFunctional add, mul, cat) with a ValueError."""
+        from refquant.export import export_model
+
+        os.makedirs(directory, exist_ok=True)
+        _, x, kernels = self.export_batch
+        path = os.path.join(directory, "model")
+        export_model(self.model.with_linear_kernels(kernels), x, path)
+        return [path + suffix for suffix in (".npz", ".json", ".h")]
 
     def _predictions(self, b, y: np.ndarray) -> None:
         if b.labels is None or y.ndim != 2:
@@ -473,6 +489,7 @@ class ModelStudyResult:
     layers: list[dict]
     accuracy: dict | None
     batches: dict = field(default_factory=dict)  # set -> number of batches, inputs
+    exported: list[str] | None = None  # the files of --export
 
     @property
     def parity_fields(self) -> list[C.Field]:

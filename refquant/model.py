@@ -52,6 +52,8 @@ default is ``saturate_int16_pairs`` / ``onednn_kernel`` of :meth:`ObservedModel.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Union
@@ -710,6 +712,15 @@ class QuantizedModel:
         traces: dict[str, LayerTrace] = {}
         self._forward(xs, traces, linear_kernels)
         return traces
+
+    def with_linear_kernels(self, linear_kernels: dict[str, LinearKernel]) -> "QuantizedModel":
+        """A copy of this model whose Linear calls are bound for ``linear_kernels`` (call name -> kernel; the other
+        calls keep the model's default), e.g. to export the kernels torch's calls ran (refquant.export.export_model
+        reads each step's bound layer)."""
+        new = copy.copy(self)
+        new.steps = [dataclasses.replace(step, op=self._op(step, linear_kernels)) for step in self.steps]
+        new._variants = self._variants
+        return new
 
     def forward_traced(self, *xs: np.ndarray, linear_kernels: dict[str, LinearKernel] | None = None
                        ) -> tuple[np.ndarray, dict[str, LayerTrace]]:

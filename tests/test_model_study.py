@@ -93,10 +93,25 @@ def test_random_models_are_exact_layer_by_layer_on_every_engine_many(rng, engine
 
 
 @pytest.mark.isa
-def test_the_digits_model_prints_its_accuracies_from_real_data_and_exits_0():
-    proc = subprocess.run([sys.executable, "-m", "crosscheck.model"], capture_output=True, text=True, cwd=ROOT,
+def test_the_digits_model_prints_its_accuracies_from_real_data_and_exits_0(tmp_path):
+    """... and --export writes its integer program, whose test vectors are torch's outputs, bit for bit."""
+    import hashlib
+
+    from refquant.program import load_program, run_program
+
+    proc = subprocess.run([sys.executable, "-m", "crosscheck.model", "--export", str(tmp_path / "golden"),
+                           "--json", str(tmp_path / "out.json")], capture_output=True, text=True, cwd=ROOT,
                           env=env_with_repo(), timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    program = load_program(tmp_path / "golden" / "model.json")
+    assert [st.kind for st in program.steps if st.kind != "identity"] == ["quantize", "linear", "linear",
+                                                                            "linear", "dequantize"]
+    assert all(d.differing == 0 for d in run_program(program).differences())  # the program reproduces itself
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert doc["export"] == [str(tmp_path / "golden" / f"model{s}") for s in (".npz", ".json", ".h")]
+    torch_output = next(f for f in doc["fields"] if f["name"] == "model output (evaluation)")["torch"]
+    y = np.ascontiguousarray(program.tensors[program.output])
+    assert y.shape == (360, 10) and hashlib.sha256(y.tobytes()).hexdigest() == torch_output["sha256"]
     out = proc.stdout
     assert "accuracy on 360 held-out images" in out
     lines = {line.split("%")[0].rsplit(None, 1)[0].strip(): float(line.split("%")[0].split()[-1])
@@ -199,6 +214,17 @@ def test_a_pickled_module_is_refused_without_trust_pickle(user_dir, monkeypatch,
     monkeypatch.syspath_prepend(str(user_dir))  # the pickle names mymodel.Net
     assert main(["--pickled-model", "whole.pt", "--trust-pickle", "--calib", "calib.npy", "--quiet"]) == 0
     assert capsys.readouterr().out.startswith("result: all 7 layers equal")
+
+
+def test_export_refuses_a_model_with_an_add_after_the_study(user_dir, monkeypatch, capsys):
+    from crosscheck.model import main
+
+    monkeypatch.chdir(user_dir)
+    assert main(["--model", "mymodel:make", "--state-dict", "weights.pt", "--calib", "calib.npy", "--quiet",
+                 "--export", "golden"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith("result: all 7 layers equal")
+    assert "--export golden: skip (QFunctional.add): refquant-golden-model/1 has no 'add' step" in captured.err
 
 
 def test_a_state_dict_that_holds_a_whole_module_is_refused_with_a_hint(user_dir, monkeypatch, capsys):
