@@ -1,15 +1,20 @@
 """crosscheck: runs torch's eager fbgemm quantization and refquant side by side and compares every value.
 
-The only package besides the tests that imports torch, and only in ``torch_study`` and ``isa``'s probe (both run
-in the torch worker process, or wherever torch is already loaded):
+The only package besides the tests that imports torch, and only in ``torch_model``, ``torch_study``, ``models``
+and ``isa``'s probe (all run in the torch worker process, or wherever torch is already loaded):
 
     linear       ``python -m crosscheck.linear``: options, exit codes, output
-    study        the study: torch's record in, refquant's run, one comparison row per field
-    torch_study  the torch side: QuantStub -> Linear -> DeQuantStub, prepare, calibrate, convert, recorded
+    model        ``python -m crosscheck.model``: a whole model (built-in digits MLPs, or the user's), layer by layer
+    model_study  the model study: torch's record in, refquant.model's mirror, one comparison row per field and layer
+    study        the one-layer study (crosscheck.linear): the model study with its own row names and error study
+    torch_model  the torch side of every study: fuse, prepare, calibrate, convert, every layer recorded
+    torch_study  crosscheck.linear's model and data: QuantStub -> Linear -> DeQuantStub
+    models       crosscheck.model's models and data: the digits MLP and residual MLP, the user's model
     worker       runs the torch side in a worker process (only NumPy arrays come back)
     isa          which int8 kernel family torch's fbgemm runs (a probe), and the environment of --isa
     compare      exact, bitwise comparison of two values; first difference; JSON encoding
     report       the printed report and the JSON document (schema in ``report.JSON_SCHEMA``)
+    model_report crosscheck.model's report and JSON (``model_report.JSON_SCHEMA``)
     plots        the figures of ``--plots DIR`` (matplotlib)
 """
 

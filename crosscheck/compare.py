@@ -118,6 +118,7 @@ class Field:
     shape: tuple | None = None
     torch_sha256: str | None = None
     refquant_sha256: str | None = None
+    layer: str | None = None  # the torch module path of the layer the row belongs to (model studies)
 
     @property
     def counted(self) -> bool:
@@ -138,6 +139,8 @@ class Field:
             "refquant": array_to_json(self.refquant) if self.refquant is not None else self.refquant_summary(),
             "note": self.note,
         }
+        if self.layer is not None:
+            out["layer"] = self.layer
         return out
 
     def torch_summary(self) -> Any:

@@ -297,7 +297,8 @@ def from_torch(model: nn.Module, engine: str | None = None, *, saturate_int16_pa
     Args:
         model: the torch model (``nn.Module``).
         engine: for a converted model, the engine its quantized ops run on; None: ``torch.backends.quantized.engine``
-            now. refquant models "fbgemm" and "x86".
+            now. refquant models "fbgemm", "x86", "qnnpack" and "onednn" (oneDNN's matmul kernel can change per
+            call: see refquant.model.QuantizedModel.trace's ``linear_kernels``).
         saturate_int16_pairs: model a CPU without VNNI in the quantized Linears (refquant.matmul eq. M2).
 
     The converted model's ``num_threads`` is ``torch.get_num_threads()`` (quantized add / mul of >= 32,768

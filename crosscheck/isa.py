@@ -35,12 +35,20 @@ Why the probe is reliable:
 
 ``--isa`` of ``python -m crosscheck.linear`` starts the torch worker with the environment of a target CPU
 (:func:`worker_environment`) and checks with the probe, in the worker, that torch really runs that family.
+
+The onednn engine has no fixed family: oneDNN picks a matmul kernel for every call (``brg_matmul:<isa>``,
+``brg_matmul:<isa>_amx`` for larger M on CPUs with AMX, ``gemm:jit`` on AVX2 CPUs), and says which in its verbose
+output (``ONEDNN_VERBOSE``, or ``torch.backends.mkldnn.verbose``): :func:`onednn_family_from_verbose` reads it and
+:class:`OnednnVerboseCapture` collects it from the process's stdout, call by call.
+Matches: oneapi-src/oneDNN src/common/verbose.cpp (the ``onednn_verbose,...,exec,cpu,matmul,<impl>,...`` line).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
+import tempfile
 
 FAMILIES = ("vnni", "avx2")
 """The two kernel families of fbgemm's u8 x s8 GEMM: exact int32 sums, or int16-saturated pairs."""
@@ -152,3 +160,87 @@ def apply_environment(changes: dict[str, str | None]) -> None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# oneDNN: the matmul kernel of each call, from its verbose output
+# ----------------------------------------------------------------------------------------------------------------
+
+ONEDNN_FAMILIES = ("brgemm", "brgemm+pairs", "brgemm_amx", "gemm", "gemm+pairs")
+"""What a oneDNN matmul call ran: the kernel (refquant.engines.ONEDNN_KERNELS) and "+pairs" when it sums u8·s8
+products in int16-saturated pairs (no VNNI: ``brg_matmul:avx512_core``, ``gemm:jit`` on AVX2)."""
+
+_ONEDNN_CPU_ISA: list[str] = []  # oneDNN prints its "isa:" line once per process, the first time verbose is on
+
+
+def onednn_family_from_verbose(text: str, cpu_isa: str | None = None) -> str | None:
+    """The kernel family of the last matmul in oneDNN verbose output (one of :data:`ONEDNN_FAMILIES`; None: no
+    matmul ran). ``cpu_isa``: oneDNN's "isa:" line of another process (a child's); by default the one this process
+    printed (recorded when first seen)."""
+    impl = None
+    for line in text.splitlines():
+        if ",info,cpu,isa:" in line:
+            if cpu_isa is None:
+                _ONEDNN_CPU_ISA.append(line.split("isa:", 1)[1])
+            else:
+                cpu_isa = line.split("isa:", 1)[1]
+        if ",exec,cpu,matmul," in line:
+            impl = line.split(",")[6]
+    if impl is None:
+        return None
+    if impl.startswith("brg_matmul:") and "amx" in impl:
+        return "brgemm_amx"
+    if impl.startswith("brg_matmul:"):
+        isa = impl.split(":", 1)[1]
+        vnni = "vnni" in isa or isa.startswith("avx10") or isa in ("avx512_core_bf16", "avx512_core_fp16")
+        return "brgemm" if vnni else "brgemm+pairs"
+    if impl.startswith("gemm:"):  # the ISA is not in the name: take oneDNN's CPU line
+        isa_line = cpu_isa if cpu_isa is not None else (_ONEDNN_CPU_ISA[-1] if _ONEDNN_CPU_ISA else None)
+        if isa_line is None:
+            raise RuntimeError(f"oneDNN ran {impl!r} but printed no ISA line to tell its kernel family")
+        return "gemm" if ("DL Boost" in isa_line or "AMX" in isa_line or "AVX10" in isa_line) else "gemm+pairs"
+    raise RuntimeError(f"unknown oneDNN matmul implementation {impl!r}: refquant does not model it (extend "
+                       f"crosscheck.isa.onednn_family_from_verbose)")
+
+
+def onednn_kernel_options(family: str) -> tuple[bool, str]:
+    """(saturate_int16_pairs, onednn_kernel) that model a oneDNN family (refquant.model.LinearKernel's fields)."""
+    if family not in ONEDNN_FAMILIES:
+        raise ValueError(f"family must be one of {ONEDNN_FAMILIES}, got {family!r}")
+    kernel, _, pairs = family.partition("+")
+    return pairs == "pairs", kernel
+
+
+class OnednnVerboseCapture:
+    """``with OnednnVerboseCapture() as cap: ...; text = cap.read()``: oneDNN's verbose mode on, and this process's
+    stdout (file descriptor 1, where oneDNN prints) sent to a temporary file for the block; :meth:`read` returns
+    what was printed since the previous read. Imports torch. Python's own ``sys.stdout`` is flushed first and
+    restored afterwards, so a report printed later is unaffected."""
+
+    def __enter__(self) -> "OnednnVerboseCapture":
+        import torch
+
+        sys.stdout.flush()
+        self._file = tempfile.TemporaryFile(mode="w+b")
+        self._saved_fd = os.dup(1)
+        os.dup2(self._file.fileno(), 1)
+        self._pos = 0
+        self._verbose = torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON)
+        self._verbose.__enter__()
+        return self
+
+    def read(self) -> str:
+        self._file.flush()
+        self._file.seek(self._pos)
+        data = self._file.read()
+        self._pos += len(data)
+        return data.decode(errors="replace")
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._verbose.__exit__(*exc)
+        finally:
+            sys.stdout.flush()
+            os.dup2(self._saved_fd, 1)
+            os.close(self._saved_fd)
+            self._file.close()

@@ -31,7 +31,7 @@ from typing import Sequence
 
 EXIT_EQUAL, EXIT_MISMATCH, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 DISTRIBUTIONS = ("normal", "uniform", "laplace", "outliers", "relu")  # crosscheck.torch_study.draw
-ENGINES = ("fbgemm", "x86")
+ENGINES = ("fbgemm", "x86", "qnnpack", "onednn")  # refquant.engines.ENGINES: every static engine
 ISAS = ("auto", "vnni", "avx2")  # crosscheck.isa.ISAS
 MAX_ELEMENTS = 1 << 28  # refuse shapes whose single input or weight would not fit comfortably in memory
 
@@ -121,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "gives the same weight, calibration data and samples with and without --no-bias")
     p.add_argument("--engine", choices=ENGINES, default="fbgemm",
                    help="torch.backends.quantized.engine and get_default_qconfig(engine) (default fbgemm; x86 runs "
-                        "the same fbgemm kernels for a Linear)")
+                        "the same fbgemm kernels for a Linear; qnnpack: per-tensor symmetric weights and "
+                        "reduce_range=False; onednn: reduce_range=False, oneDNN's kernel read per call from its "
+                        "verbose output)")
     p.add_argument("--isa", choices=ISAS, default="auto",
                    help="the int8 kernel family torch's fbgemm is to run: auto (what this machine runs), vnni "
                         "(AVX-512 VNNI vpdpbusd, exact int32 sums; needs a CPU with AVX-512 VNNI) or avx2 (the "

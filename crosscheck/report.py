@@ -60,6 +60,18 @@ JSON_SCHEMA = """\
                 "refquant_saturate_int16_pairs" (true for "avx2": how refquant modelled it),
                 "torch_side" (the process torch ran in)}
   "torch_warnings": the distinct warnings torch raised (deprecations), first lines
+  "layers": [  one object per module that computes (the model study's layers), in call order:
+    {"path":      its torch module path ("quant", "fc"; "body.0.fc" in a model)
+     "torch_type", "converted_type": its type before and after convert, as torch prints them ("LinearReLU",
+                  "QuantizedLinearReLU"); "refquant_type": refquant.model's ("ConvertedLinear")
+     "calls":     its calls in order ("fc", "fc#2" for a module called twice)
+     "kernels":   Linear calls only: call -> the kernel families torch ran ("vnni", "avx2", "exact", oneDNN's
+                  "brgemm", "brgemm_amx", "gemm", "+pairs" when they saturate int16 pairs)
+     "scale", "zero_point": its output qparams (null for DeQuantStub and ReLU)
+     "fields":    indices into "fields" of its rows (each such row also carries "layer": the path)
+     "equal", "values" (elements compared), "mismatches",
+     "first_mismatch": null, or {"field", "index", "torch", "refquant", ...} of its first differing row}
+  ]
 }
 """
 
@@ -105,6 +117,20 @@ def fmt_value(a: Any, limit: int = 4) -> str:
     return f"{a.dtype} {tuple(a.shape)}"
 
 
+def kernel_line(env: dict, layers: list[dict]) -> str:
+    """The report's ``kernel`` line: which int8 kernel the engine's Linears ran, and how refquant modelled it."""
+    engine = env["engine"]
+    if engine == "qnnpack":
+        return "  kernel   qnnpack runs its SSE2 kernel (exact int16 products, never saturated); refquant models it"
+    if engine == "onednn":
+        seen = sorted({k for entry in layers for ks in entry.get("kernels", {}).values() for k in ks})
+        return (f"  kernel   oneDNN picks its matmul kernel per call, read from its verbose output: "
+                f"{', '.join(seen) or 'none ran'}; refquant models each call's")
+    family = env["fbgemm_kernel"]
+    return (f"  kernel   fbgemm runs {family} ({INSTRUCTIONS[family]}; probed), refquant "
+            f"saturate_int16_pairs={env['refquant_saturate_int16_pairs']}")
+
+
 def _field_line(f: C.Field, width: int) -> str:
     name = f.name + (" *" if f.kind == C.DERIVED else "")
     if f.kind == C.REFQUANT_ONLY:
@@ -148,12 +174,11 @@ def text_report(res: StudyResult) -> str:
         if env["fbgemm_enable_instructions"] else ""
     L.append(f"  machine  torch's CPU capability {env['cpu_isa']}, AVX-512 VNNI {'yes' if env['vnni'] else 'no'}"
              f"{forced}")
-    family = env["fbgemm_kernel"]
-    L.append(f"  kernel   fbgemm runs {family} ({INSTRUCTIONS[family]}; probed), refquant "
-             f"saturate_int16_pairs={env['refquant_saturate_int16_pairs']}")
+    L.append(kernel_line(env, res.layers))
     L.append("")
 
-    L.append("calibration: HistogramObserver(reduce_range=True) picks a range, then scale and zero point")
+    reduce_range = bool(ts.input_observer["reduce_range"])
+    L.append(f"calibration: HistogramObserver(reduce_range={reduce_range}) picks a range, then scale and zero point")
     L.append(f"  {'':<8} {'min_val':>11} {'max_val':>11}   {'calibrated range':<25} {'scale':>22} {'zero_point':>10}")
     for label, obs, scale, zp in (("input", ts.input_observer, ts.input_scale[0], ts.input_zero_point[0]),
                                   ("output", ts.output_observer, np.float32(ts.output_scale),
@@ -161,22 +186,33 @@ def text_report(res: StudyResult) -> str:
         clip = f"[{_fmt_scalar(obs['clip_min'])}, {_fmt_scalar(obs['clip_max'])}]"
         L.append(f"  {label:<8} {_fmt_scalar(obs['min_val']):>11} {_fmt_scalar(obs['max_val']):>11}   {clip:<25} "
                  f"{_fmt_scalar(scale):>22} {int(zp):>10}")
-    L.append(f"  reduce_range maps the calibrated range onto codes {ts.input_observer['quant_min']}.."
-             f"{ts.input_observer['quant_max']} (7 bits); quantize still clamps to 0..255:")
-    L.append("  headroom above the calibrated range (codes 128..255), none below it (code 0 is its minimum)")
+    if reduce_range:
+        L.append(f"  reduce_range maps the calibrated range onto codes {ts.input_observer['quant_min']}.."
+                 f"{ts.input_observer['quant_max']} (7 bits); quantize still clamps to 0..255:")
+        L.append("  headroom above the calibrated range (codes 128..255), none below it (code 0 is its minimum)")
+    else:
+        L.append(f"  the calibrated range maps onto codes {ts.input_observer['quant_min']}.."
+                 f"{ts.input_observer['quant_max']} (8 bits, no reduce_range): no headroom above it")
     L.append("")
 
     N, K = ts.weight_int8.shape
+    per_channel = np.asarray(ts.weight_scales).size == N and res.environment["engine"] != "qnnpack"
     if N * K <= 64:
-        L.append("weight: PerChannelMinMaxObserver(qint8, per_channel_symmetric); scale = max|w[n]| / 127.5;")
-        L.append("  torch stores it as per_channel_affine, zero points 0 (quantize_per_channel has no symmetric kind)")
+        if per_channel:
+            L.append("weight: PerChannelMinMaxObserver(qint8, per_channel_symmetric); scale = max|w[n]| / 127.5;")
+            L.append("  torch stores it as per_channel_affine, zero points 0 (quantize_per_channel has no symmetric "
+                     "kind)")
+        else:
+            L.append("weight: MinMaxObserver(qint8, per_tensor_symmetric); one scale = max|w| / 127.5, zero point 0;")
+            L.append("  torch stores it as per_tensor_affine (every row below has the same scale)")
         L.append(f"  {'float weight':<{11 * K}}  {'int8 (int_repr)':<{6 * K}}  {'scale':<12}  "
                  f"{'bias (float32, not quantized)' if ts.bias is not None else ''}")
         for n in range(N):
             wrow = " ".join(f"{v: .6f}"[:10].rjust(10) for v in ts.weight[n])
             qrow = " ".join(f"{int(v):5d}" for v in ts.weight_int8[n])
             b = f"{ts.packed_bias[n]: .8f}" if ts.packed_bias is not None else ""
-            L.append(f"  {wrow:<{11 * K}}  {qrow:<{6 * K}}  {_fmt_scalar(np.float32(ts.weight_scales[n])):<12}  {b}")
+            w_scale = np.asarray(ts.weight_scales).reshape(-1)[n if per_channel else 0]
+            L.append(f"  {wrow:<{11 * K}}  {qrow:<{6 * K}}  {_fmt_scalar(np.float32(w_scale)):<12}  {b}")
         L.append("")
 
     if res.calibration is not None:
@@ -283,7 +319,14 @@ def json_document(res: StudyResult) -> dict:
         "float_forward": _json_floats(res.float_forward),
         "environment": res.environment,
         "torch_warnings": res.torch.warnings,
+        "layers": layers_to_json(res.layers),
     }
+
+
+def layers_to_json(layers: list[dict]) -> list[dict]:
+    """The model study's layers (crosscheck.model_study.ModelComparison.layers) as JSON values."""
+    return [{k: C.scalar_to_json(v) if not isinstance(v, (list, dict, type(None))) else v for k, v in entry.items()}
+            for entry in layers]
 
 
 def _json_floats(d: Any) -> Any:

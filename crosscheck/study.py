@@ -1,13 +1,16 @@
-"""The study, run twice from the same float weights and data: once by torch, once by refquant; every value compared.
+"""The one-layer study, run twice from the same float weights and data: once by torch, once by refquant; every value
+compared. It is the one-layer case of the model study (crosscheck.model_study): the same torch recording
+(crosscheck.torch_model), the same refquant mirror and the same comparison, with the rows named as this study
+names them ("input scale" for the QuantStub's scale, "output codes" for the Linear's).
 
 Order of events (``run_study``):
 
 1. torch: probe which int8 kernel family its fbgemm runs (crosscheck.isa), then build QuantStub -> Linear [ReLU] ->
-   DeQuantStub, prepare, calibrate, convert (crosscheck.torch_study), recording the float activations each observer
-   saw.
-2. refquant (``refquant.pipeline.ObservedLinear``): the same float weight and bias; its observers are fed exactly the
-   activations torch's observers saw; then ``convert``, with ``saturate_int16_pairs`` set to model the probed
-   family (True for fbgemm's pre-VNNI ``vpmaddubsw`` kernels).
+   DeQuantStub, prepare, calibrate, convert (crosscheck.torch_study, crosscheck.torch_model), recording the float
+   activations each observer saw and every layer's outputs.
+2. refquant (crosscheck.model_study.ModelComparison, over refquant.model): the same float weight and bias; its
+   observers are fed exactly the activations torch's observers saw; then ``convert``, modelling the kernel each
+   torch call ran (``saturate_int16_pairs`` for fbgemm's pre-VNNI ``vpmaddubsw`` kernels, oneDNN's kernel per call).
 3. refquant again, calibrated with its own NumPy float forward: a separate, reported row on whether the output
    qparams change (torch's MKL float Linear sums in a shape-dependent order, docs/numerics.md §8). Never part of
    parity.
@@ -15,8 +18,8 @@ Order of events (``run_study``):
    accumulators and float outputs are compared, and the error against torch's float model is measured for both
    with the same code.
 
-The torch side (crosscheck.torch_study) runs in a worker process (crosscheck.worker) and sends NumPy arrays as it
-goes, so this module never needs torch itself.
+The torch side runs in a worker process (crosscheck.worker) and sends NumPy arrays as it goes, so this module never
+needs torch itself.
 """
 
 from __future__ import annotations
@@ -28,8 +31,14 @@ from typing import Any
 import numpy as np
 
 from . import compare as C
-from .isa import expected_family, saturate_int16_pairs
+from .isa import saturate_int16_pairs
+from .model_study import ModelComparison, Perturber, _flip_lsb, receive_environment, start  # noqa: F401
+from .model_study import environment as model_environment
+from .model_study import refquant_observer_state, warm_up_refquant  # noqa: F401  (re-exported)
 from .progress import Progress
+from .torch_record import TorchStudy
+
+_Perturber = Perturber
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,7 @@ class StudyConfig:
     bias: bool = True
     engine: str = "fbgemm"
     isa: str = "auto"  # crosscheck.isa.ISAS: the kernel family torch's fbgemm is to run (auto: what this machine runs)
+    torch_side = "crosscheck.torch_study:torch_events"  # what the torch worker runs (crosscheck.worker)
 
     def torch_kwargs(self) -> dict:
         return dict(in_features=self.in_features, out_features=self.out_features, input_shape=self.input_shape,
@@ -166,38 +176,6 @@ class ErrorStats:
         return np.concatenate(self.kept), inside
 
 
-def _flip_lsb(value: Any, index: int) -> np.ndarray:
-    """A copy of ``value`` with the lowest bit of element ``index`` (flat) flipped: the smallest possible change."""
-    a = np.array(value, copy=True)
-    flat = a.reshape(-1)
-    if a.dtype.kind == "f":
-        u = {2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize]
-        flat.view(u)[index] ^= u(1)
-    elif a.dtype.kind in "iu":
-        flat[index] ^= a.dtype.type(1)
-    else:
-        raise TypeError(f"cannot perturb a {a.dtype} value")
-    return a
-
-
-class _Perturber:
-    """Test hook: flip one bit of one refquant value just before it is compared (never set by the CLI)."""
-
-    def __init__(self, spec: tuple[str, int] | None):
-        self.name, self.index = spec if spec is not None else (None, 0)
-        self.offset: dict[str, int] = {}
-
-    def __call__(self, name: str, value: Any) -> Any:
-        if name != self.name or value is None:
-            return value
-        a = np.asarray(value)
-        start = self.offset.get(name, 0)
-        self.offset[name] = start + a.size
-        if start <= self.index < start + a.size:
-            return _flip_lsb(a, self.index - start)
-        return value
-
-
 # Explanations printed beside the rows and written to the JSON.
 NOTES = {
     "observer": "refquant's HistogramObserver was fed the float32 activations torch's observer saw (recorded by a "
@@ -236,14 +214,16 @@ class StudyResult:
     config: StudyConfig
     environment: dict
     fields: list[C.Field]
-    torch: Any  # crosscheck.torch_study.TorchStudy
-    refquant: Any  # refquant.pipeline.QuantizedLinearModel
-    refquant_observed: Any  # refquant.pipeline.ObservedLinear (fed torch's activations)
-    refquant_own: Any  # refquant.pipeline.QuantizedLinearModel calibrated with refquant's own float forward
+    torch: Any  # crosscheck.torch_record.TorchStudy (a view of the model record)
+    refquant: Any  # refquant.pipeline.QuantizedLinearModel (its .model: the refquant.model.QuantizedModel)
+    refquant_observed: Any  # refquant.model.ObservedModel (fed torch's activations)
+    refquant_own: Any  # refquant.pipeline.ObservedLinear calibrated with refquant's own float forward
     calibration: dict  # first calibration batch: input, float output (torch), quantized output, codes
     error: dict
     float_forward: dict
     plot_data: dict = field(default_factory=dict)
+    layers: list = field(default_factory=list)  # the model study's layers (crosscheck.model_study)
+    record: Any = None  # crosscheck.torch_record.ModelRecord
 
     @property
     def parity_fields(self) -> list[C.Field]:
@@ -254,65 +234,76 @@ class StudyResult:
         return all(f.equal for f in self.parity_fields)
 
 
-def _observer_rows(add, prefix: str, t: dict, r: dict, note: str) -> None:
-    add(f"{prefix} observer min_val, max_val", np.array([t["min_val"], t["max_val"]], np.float32),
-        np.array([r["min_val"], r["max_val"]], np.float32), note=note)
-    add(f"{prefix} observer histogram", t["histogram"], r["histogram"], note=note)
-    add(f"{prefix} observer calibrated range", np.array([t["clip_min"], t["clip_max"]], np.float32),
-        np.array([r["clip_min"], r["clip_max"]], np.float32),
-        note="the calibrated range: the [min, max] HistogramObserver._non_linear_param_search chose (its clip "
-             "range, from which the qparams come); with reduce_range it maps onto codes 0..127")
+OBSERVER_RANGE_NOTE = ("the calibrated range: the [min, max] HistogramObserver._non_linear_param_search chose (its "
+                       "clip range, from which the qparams come); with reduce_range it maps onto codes 0..127")
 
 
-def refquant_observer_state(obs) -> dict:
-    """Histogram, range and chosen clip range of a refquant HistogramObserver, with torch's names.
-
-    The clip range is the one its last ``calculate_qparams()`` chose (``new_min``, ``new_max``)."""
-    if obs.new_min is None:
-        obs.calculate_qparams()
-    return {
-        "histogram": np.asarray(obs.histogram),
-        "min_val": np.asarray(obs.min_val),
-        "max_val": np.asarray(obs.max_val),
-        "clip_min": np.asarray(obs.new_min),
-        "clip_max": np.asarray(obs.new_max),
-        "quant_min": obs.quant_min,
-        "quant_max": obs.quant_max,
+def linear_describe(config: StudyConfig):
+    """The model study's rows under this study's names (None: a row this study does not print)."""
+    batches = f"{config.calib_batches} batch" + ("es" if config.calib_batches > 1 else "")
+    labels = {"calibration": f"calibration, {batches}", "evaluation": f"{config.samples} samples"}
+    out_note = NOTES["observer"] + ("; " + NOTES["observer_relu"] if config.relu else "")
+    static = {
+        ("quant", "observer min_val, max_val"): ("input observer min_val, max_val", NOTES["observer"]),
+        ("quant", "observer histogram"): ("input observer histogram", NOTES["observer"]),
+        ("quant", "observer calibrated range"): ("input observer calibrated range", OBSERVER_RANGE_NOTE),
+        ("quant", "scale"): ("input scale", NOTES["input_scale"]),
+        ("quant", "zero_point"): ("input zero_point", "torch: Quantize.zero_point buffer (int64); refquant: "
+                                                      "QuantizedLinearModel.input_zero_point"),
+        ("fc", "observer min_val, max_val"): ("output observer min_val, max_val", out_note),
+        ("fc", "observer histogram"): ("output observer histogram", out_note),
+        ("fc", "observer calibrated range"): ("output observer calibrated range", OBSERVER_RANGE_NOTE),
+        ("fc", "scale"): ("output scale", NOTES["output_scale"]),
+        ("fc", "zero_point"): ("output zero_point", "torch: quantized Linear's .zero_point; refquant: "
+                                                    "QuantizedLinear.output_zero_point"),
+        ("fc", "weight scales (per channel)"): ("weight scales (per channel)", NOTES["weight_scales"]),
+        ("fc", "weight scale (per tensor)"): ("weight scale (per tensor)", "torch keeps q_scale() as a double; "
+                                              "refquant's float32 scale is widened exactly and compared as float64 "
+                                              "bits"),
+        ("fc", "weight zero_points (per channel)"): ("weight zero_points (per channel)", "torch: "
+                                                     "q_per_channel_zero_points() (int64); refquant: int32, as "
+                                                     "fbgemm's prepack stores them"),
+        ("fc", "weight zero_point (per tensor)"): ("weight zero_point (per tensor)", "torch: q_zero_point(); "
+                                                   "refquant: int32"),
+        ("fc", "weight int8 (int_repr)"): ("weight int8 (int_repr)", NOTES["weight_int8"]),
+        ("fc", "bias (float32, not quantized)"): ("bias (float32, not quantized)", NOTES["bias"]),
+        ("fc", "no bias"): ("bias (float32, not quantized)", NOTES["no_bias"]),
+        ("fc", "col_offsets"): ("col_offsets", NOTES["col_offsets"]),
+    }
+    forward = {
+        ("quant", "output codes"): ("input codes", NOTES["input_codes"]),
+        ("fc", "int32 accumulators"): ("int32 accumulators", NOTES["accumulators"]),
+        ("fc", "output codes"): ("output codes", NOTES["output_codes"]),
+        ("dequant", "output"): ("dequantized output", NOTES["output"]),
     }
 
+    def describe(name: str, key: str, set_name: str | None):
+        if set_name is None:
+            return static.get((name, key))
+        row = forward.get((name, key))
+        return None if row is None else (f"{row[0]} ({labels[set_name]})", row[1])
 
-def warm_up_refquant(saturate: bool = False) -> None:
-    """Load refquant's Numba kernels from the cache (first calls) on tiny data, while the torch worker starts; on
-    the first run (or after an edit) Numba compiles them instead, which takes 10-40 s. ``saturate`` also loads the
-    int16-pair kernel (eq. M2)."""
-    from refquant.pipeline import ObservedLinear
+    return describe
 
-    w = np.array([[0.5, -0.25]], np.float32)
-    x = np.array([[1.0, -2.0], [0.5, 0.25]], np.float32)
-    observed = ObservedLinear(w, np.zeros(1, np.float32))
-    observed.observe_input(x)
-    observed.observe_input(x * np.float32(2))  # a growing range: the upscale/combine kernels
-    observed.calibrate(x)
-    model = observed.convert()
-    model.stages(x)
-    if saturate:
-        model.linear(model.quant(x), saturate_int16_pairs=True)
+
+def torch_study_view(record, calibration: list[np.ndarray], relu: bool) -> TorchStudy:
+    """The one-layer record in the shape this study's report and figures read (crosscheck.torch_record)."""
+    fc = record.float_model.modules["fc"]
+    q, lin = record.converted["quant"], record.converted["fc"]
+    return TorchStudy(
+        engine=record.engine, relu=relu, weight=fc.weight, bias=fc.bias, calibration=calibration,
+        input_observed=record.observed["quant"], output_observed=record.observed["fc"],
+        input_observer=record.observers["quant"], output_observer=record.observers["fc"],
+        input_scale=q["scale"], input_zero_point=q["zero_point"], output_scale=float(lin["scale"]),
+        output_zero_point=np.int64(lin["zero_point"]), weight_scales=lin["weight_scales"],
+        weight_zero_points=lin["weight_zero_points"], weight_int8=lin["weight_int8"], packed_bias=lin["bias"],
+        col_offsets=lin["col_offsets"], printed_model=record.printed_model, warnings=record.warnings)
 
 
 def environment(torch_env: dict, config: StudyConfig) -> dict:
     """Versions, CPU features and the kernel family that change the numbers (docs/numerics.md, 'What changes these
     numbers')."""
-    import numba
-
-    from .isa import cpu_has_avx512_vnni
-
-    family = torch_env["fbgemm_kernel"]
-    return {"torch": torch_env["torch"], "numpy": np.__version__, "numba": numba.__version__, "engine": config.engine,
-            "cpu_isa": torch_env["cpu_isa"], "vnni": cpu_has_avx512_vnni(), "torch_threads": torch_env["torch_threads"],
-            "isa": config.isa, "fbgemm_kernel": family,
-            "fbgemm_kernel_detected_by": torch_env["fbgemm_kernel_detected_by"],
-            "fbgemm_enable_instructions": torch_env["fbgemm_enable_instructions"],
-            "refquant_saturate_int16_pairs": saturate_int16_pairs(family), "torch_side": torch_env["torch_side"]}
+    return model_environment(torch_env, config.engine, config.isa)
 
 
 def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = False,
@@ -323,108 +314,41 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
     crosscheck.worker). ``_perturb`` is a test hook only: (field name, flat index) flips the lowest bit of that
     element of refquant's value right before it is compared, to prove a difference is caught and named.
     """
-    from .worker import UsageError, torch_events
+    from refquant.pipeline import ObservedLinear, QuantizedLinearModel, linear_float
 
-    events = torch_events(config, subprocess=torch_subprocess)  # a worker process starts on torch's side ...
-    with Progress("loading refquant's Numba kernels (the first run compiles them: 10-40 s, cached afterwards)",
-                  enabled=progress, delay_s=1.0):
-        warm_up_refquant(expected_family(config.isa) == "avx2")  # ... while refquant loads its kernels here
-    from refquant.pipeline import ObservedLinear, linear_float
-
-    perturb = _Perturber(_perturb)
-    fields: list[C.Field] = []
-
-    def add(name: str, t: Any, r: Any, *, kind: str = C.PARITY, note: str = "") -> None:
-        fields.append(C.compare(name, t, perturb(name, r), kind=kind, note=note))
+    perturb = Perturber(_perturb)
 
     # 1. torch
+    events = start(config, progress=progress, torch_subprocess=torch_subprocess,
+                   warm_up=lambda saturate: warm_up_refquant(saturate))
     with Progress("torch: import, prepare, calibrate, convert", enabled=progress):
-        kind, torch_env = next(events)
-        family = torch_env["fbgemm_kernel"]
-        if config.isa != "auto" and family != config.isa:
-            events.close()
-            raise UsageError(f"--isa {config.isa}: torch's fbgemm runs its {family} kernels in "
-                             f"{torch_env['torch_side']} and cannot switch ({torch_env['fbgemm_kernel_detected_by']})")
-        kind, ts = next(events)
-    assert kind == "study", kind
-    saturate = saturate_int16_pairs(family)
+        torch_env = receive_environment(events, config)
+        kind, record = next(events)
+    assert kind == "model", kind
 
-    # 2. refquant, observers fed what torch's observers saw
+    # 2. refquant, observers fed what torch's observers saw: the model study's mirror, under this study's names
     with Progress("refquant: observers, convert", enabled=progress):
-        observed = ObservedLinear(ts.weight, ts.bias, relu=config.relu)
-        for x in ts.input_observed:
-            observed.observe_input(x)
-        for y in ts.output_observed:
-            observed.observe_output(y)
-        model = observed.convert()
-        ql = model.linear
-        ql.saturate_int16_pairs = saturate  # the layer's default mode (QuantizedLinear's constructor argument)
+        comparison = ModelComparison(record, torch_env, describe=linear_describe(config), perturb=perturb,
+                                     batch_axis={"calibration": True}, model_output_row=False)
+        qm = comparison.model
+        ql = qm.layer("fc")
+        quant = qm.modules["quant"]
+        model = QuantizedLinearModel(np.float32(quant.scale), int(quant.zero_point), ql, qm)
+        fc = record.float_model.modules["fc"]
+        weight, bias = fc.weight, fc.bias
 
         # 3. refquant with its own float forward (separate, reported)
-        own = ObservedLinear(ts.weight, ts.bias, relu=config.relu)
-        own_outputs = [own.calibrate(x) for x in ts.calibration]
-        own_scale, own_zp = own.output_observer.calculate_qparams()
-        own_changed = not (C.compare("", ts.output_observer["scale"], own_scale).equal
-                           and C.compare("", ts.output_observer["zero_point"], own_zp).equal)
-        own_model = own.convert() if own_changed else None
-        if own_model is not None:
-            own_model.linear.saturate_int16_pairs = saturate
-    own_codes_differing = 0
-
-    # -- calibration and conversion rows
-    r_in = refquant_observer_state(observed.input_observer)
-    r_out = refquant_observer_state(observed.output_observer)
-    _observer_rows(add, "input", ts.input_observer, r_in, NOTES["observer"])
-    add("input scale", ts.input_scale, model.input_scale, note=NOTES["input_scale"])
-    add("input zero_point", ts.input_zero_point, np.int64(model.input_zero_point),
-        note="torch: Quantize.zero_point buffer (int64); refquant: QuantizedLinearModel.input_zero_point")
-    out_note = NOTES["observer"] + ("; " + NOTES["observer_relu"] if config.relu else "")
-    _observer_rows(add, "output", ts.output_observer, r_out, out_note)
-    add("output scale", np.float64(ts.output_scale), np.float64(model.output_scale), note=NOTES["output_scale"])
-    add("output zero_point", ts.output_zero_point, np.int64(model.output_zero_point),
-        note="torch: quantized Linear's .zero_point; refquant: QuantizedLinear.output_zero_point")
-    add("weight scales (per channel)", ts.weight_scales, ql.weight_scales, note=NOTES["weight_scales"])
-    add("weight zero_points (per channel)", ts.weight_zero_points, ql.weight_zero_points,
-        note="torch: q_per_channel_zero_points() (int64); refquant: int32, as fbgemm's prepack stores them")
-    add("weight int8 (int_repr)", ts.weight_int8, ql.weight_int8, note=NOTES["weight_int8"])
-    bias_name = "bias (float32, not quantized)"
-    if ts.packed_bias is None and ql.bias is None:
-        fields.append(C.Field(name=bias_name, kind=C.PARITY, equal=True, mismatches=0, first_mismatch=None,
-                              torch=None, refquant=None, note=NOTES["no_bias"]))
-    elif ts.packed_bias is None or ql.bias is None:
-        fields.append(C.Field(name=bias_name, kind=C.PARITY, equal=False, mismatches=1,
-                              first_mismatch={"index": None, "reason": "bias present on one side only",
-                                              "torch": None, "refquant": None},
-                              torch=ts.packed_bias, refquant=ql.bias, note=NOTES["bias"]))
-    else:
-        add(bias_name, ts.packed_bias, ql.bias, note=NOTES["bias"])
-    add("col_offsets", ts.col_offsets, ql.col_offsets, kind=C.DERIVED, note=NOTES["col_offsets"])
+        own = ObservedLinear(weight, bias, relu=config.relu, engine=config.engine)
+        calibration: list[np.ndarray] = []
+    fields: list[C.Field] = list(comparison.static)
+    ts = None
 
     # -- forward passes: calibration batches, then fresh samples (as the torch side sends them)
-    def comparisons(label: str) -> dict[str, C.ArrayComparison]:
-        return {
-            "input_codes": C.ArrayComparison(f"input codes ({label})", note=NOTES["input_codes"]),
-            "accumulators": C.ArrayComparison(f"int32 accumulators ({label})", C.DERIVED, NOTES["accumulators"]),
-            "output_codes": C.ArrayComparison(f"output codes ({label})", note=NOTES["output_codes"]),
-            "output": C.ArrayComparison(f"dequantized output ({label})", note=NOTES["output"]),
-        }
-
-    def compare_forward(t: dict, comps: dict[str, C.ArrayComparison], batch_axis: bool) -> dict:
-        r = model.stages(t["x"])
-        for key, comp in comps.items():
-            tv, rv = t[key], np.asarray(perturb(comp.name, r[key]))
-            if batch_axis:
-                tv, rv = tv[np.newaxis], rv[np.newaxis]
-            comp.update(tv, rv)
-        return r
-
     batches = f"{config.calib_batches} batch" + ("es" if config.calib_batches > 1 else "")
-    calib_comps = comparisons(f"calibration, {batches}")
-    sample_comps = comparisons(f"{config.samples} samples")
     in_range = (0, 255)  # quantize_per_tensor clamps to the full quint8 range even with reduce_range
-    t_in_q = (ts.input_scale[0], int(ts.input_zero_point[0]), *in_range)
+    t_in_q = (record.converted["quant"]["scale"][0], int(record.converted["quant"]["zero_point"][0]), *in_range)
     r_in_q = (model.input_scale, model.input_zero_point, *in_range)
-    t_out_q = (ts.output_scale, int(ts.output_zero_point), 0, 255)
+    t_out_q = (float(record.converted["fc"]["scale"]), int(record.converted["fc"]["zero_point"]), 0, 255)
     r_out_q = (model.output_scale, model.output_zero_point, 0, 255)
     keep = 200_000 if plot_data else 0
     err_t, err_r, err_own = ErrorStats(keep), ErrorStats(), ErrorStats()
@@ -433,37 +357,52 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
     scatter_inside: list[np.ndarray] = []
     scatter_n = 0
     first = None
+    own_model = None
+    own_outputs: list[np.ndarray] = []
+    own_codes_differing = 0
+    own_scale = own_zp = None
     with Progress(f"forward passes, both sides (calibration {batches}, then samples)", config.samples,
                   enabled=progress) as bar:
-        for kind, t in events:
-            if kind == "calibration":
-                compare_forward(t, calib_comps, batch_axis=True)
+        for kind, b in events:
+            if b.set == "calibration":
+                comparison.add_batch(b)
+                calibration.append(b.x)
+                own_outputs.append(own.calibrate(b.x))
                 if first is None:
-                    first = {"input": t["x"], "float_output": t["float_output"], "quantized_output": t["output"],
-                             "output_codes": t["output_codes"], "input_codes": t["input_codes"]}
+                    first = {"input": b.x, "float_output": b.float_output, "quantized_output": b.output,
+                             "output_codes": b.calls["fc"], "input_codes": b.calls["quant"]}
                 continue
-            r = compare_forward(t, sample_comps, batch_axis=False)
-            x, y_float = t["x"], t["float_output"]
+            if own_scale is None:  # the calibration batches are done: convert the own-calibrated model
+                own_model, own_scale, own_zp = _own_model(own, record, config, comparison)
+            y, traces = comparison.add_batch(b)
+            x, y_float = b.x, b.float_output
             t_inside = inside_ranges(x, y_float, t_in_q, t_out_q)
-            err_t.update(t["output"], y_float, t_inside)
-            err_r.update(r["output"], y_float, inside_ranges(x, y_float, r_in_q, r_out_q))
-            err_own.update(r["output"], linear_float(x, ts.weight, ts.bias, config.relu))
+            err_t.update(b.output, y_float, t_inside)
+            err_r.update(y, y_float, inside_ranges(x, y_float, r_in_q, r_out_q))
+            err_own.update(y, linear_float(x, weight, bias, config.relu))
             if own_model is not None:
-                own_codes_differing += int(np.count_nonzero(own_model.linear(r["input_codes"]) != t["output_codes"]))
+                own_codes_differing += int(np.count_nonzero(own_model.linear(traces["quant"].output)
+                                                            != b.calls["fc"]))
             if plot_data and scatter_n < 20_000:
                 scatter_float.append(y_float.reshape(-1)[:20_000])
-                scatter_quantized.append(t["output"].reshape(-1)[:20_000])
+                scatter_quantized.append(b.output.reshape(-1)[:20_000])
                 scatter_inside.append(np.broadcast_to(t_inside, y_float.shape).reshape(-1)[:20_000])
                 scatter_n += scatter_float[-1].size
             bar.advance(x.shape[0])
-    fields.extend(c.result() for c in calib_comps.values())
+    if own_scale is None:
+        own_model, own_scale, own_zp = _own_model(own, record, config, comparison)
+    ts = torch_study_view(record, calibration, config.relu)
+    fields.extend(comparison.fields()[len(comparison.static):])
     if config.samples:
-        fields.extend(c.result() for c in sample_comps.values())
-        add(f"error metrics ({config.samples} samples)", err_t.as_array(), err_r.as_array(), note=NOTES["error"])
+        name = f"error metrics ({config.samples} samples)"
+        f = C.compare(name, err_t.as_array(), perturb(name, err_r.as_array()), note=NOTES["error"])
+        f.layer = "dequant"
+        fields.append(f)
 
-    # -- refquant-only intermediates
-    fields.append(C.refquant_only("act_times_w_scale", ql.act_times_w_scale, NOTES["act_times_w_scale"]))
-    fields.append(C.refquant_only("output multiplier", ql.output_multiplier, NOTES["output_multiplier"]))
+    # -- refquant-only intermediates (fbgemm's constants; the other engines keep theirs in .requantizer)
+    if hasattr(ql.requantizer, "act_times_w_scale"):
+        fields.append(C.refquant_only("act_times_w_scale", ql.act_times_w_scale, NOTES["act_times_w_scale"]))
+        fields.append(C.refquant_only("output multiplier", ql.output_multiplier, NOTES["output_multiplier"]))
 
     # -- refquant's own float forward (reported, not parity)
     recorded = np.concatenate([y.reshape(-1) for y in ts.output_observed[:: 2 if config.relu else 1]])
@@ -500,8 +439,9 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
     }
 
     result = StudyResult(config=config, environment=environment(torch_env, config), fields=fields, torch=ts,
-                         refquant=model, refquant_observed=observed, refquant_own=own, calibration=first,
-                         error=error, float_forward=float_forward)
+                         refquant=model, refquant_observed=comparison.observed, refquant_own=own, calibration=first,
+                         error=error, float_forward=float_forward, layers=comparison.layers(fields),
+                         record=record)
     if plot_data:
         result.plot_data = {
             "errors": err_t.errors(),
@@ -510,3 +450,17 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
             "scatter_inside": np.concatenate(scatter_inside) if scatter_inside else np.zeros(0, bool),
         }
     return result
+
+
+def _own_model(own, record, config: StudyConfig, comparison: ModelComparison):
+    """The model calibrated on refquant's own float forward, if its output qparams differ from torch's (else None),
+    with its output (scale, zero_point)."""
+    own_scale, own_zp = own.output_observer.calculate_qparams()
+    t_obs = record.observers["fc"]
+    own_changed = not (C.compare("", t_obs["scale"], own_scale).equal
+                       and C.compare("", t_obs["zero_point"], own_zp).equal)
+    own_model = None
+    if own_changed:
+        k = comparison.default_kernel
+        own_model = own.convert(saturate_int16_pairs=k.saturate_int16_pairs, onednn_kernel=k.onednn_kernel)
+    return own_model, own_scale, own_zp

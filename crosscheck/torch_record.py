@@ -4,13 +4,15 @@ receive it from the torch worker without importing torch (see crosscheck.worker)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 
 @dataclass
 class TorchStudy:
-    """Everything torch's prepare/calibrate/convert produced, as NumPy arrays (crosscheck.torch_study fills it)."""
+    """crosscheck.linear's view of its one-layer ModelRecord (crosscheck.study.torch_study_view builds it): what
+    torch's prepare/calibrate/convert produced, under the names the report and the figures read."""
 
     engine: str
     relu: bool
@@ -32,3 +34,39 @@ class TorchStudy:
     col_offsets: np.ndarray  # derived: sum_k qw[n,k] - w_zp[n]*K from int_repr(), exact int64 torch ops -> int32
     printed_model: str = ""
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelRecord:
+    """A whole model as torch prepared, calibrated and converted it (crosscheck.torch_model fills it).
+
+    Paths are torch's module paths (``"fc1"``, ``"block.0.fc"``); a module's calls are named ``path``, ``path#2``, ...
+    as in refquant.model.
+    """
+
+    engine: str
+    float_model: Any  # refquant.model.FloatModel: crosscheck.from_torch of the (fused) float model
+    torch_types: dict[str, str]  # path -> the float module's type as torch prints it ("LinearReLU", "QuantStub")
+    converted_types: dict[str, str]  # path -> the converted module's type ("QuantizedLinearReLU", "Quantize")
+    observed: dict[str, list[np.ndarray]]  # observer owner path -> what its activation_post_process saw, in order
+    observers: dict[str, dict]  # path -> histogram, min_val, max_val, clip_min, clip_max, scale, zero_point, ...
+    converted: dict[str, dict]  # path -> the converted module's stored values (see torch_model.converted_values)
+    qconfig: str  # how the qconfig was made, e.g. "get_default_qconfig('fbgemm')"
+    printed_model: str = ""
+    warnings: list[str] = field(default_factory=list)
+    info: dict = field(default_factory=dict)  # what the model source reports (name, training, data)
+
+
+@dataclass
+class BatchRecord:
+    """One batch through torch's converted model (and its float model), every computing call recorded."""
+
+    set: str  # "calibration" or "evaluation"
+    x: np.ndarray  # the float32 input
+    calls: dict[str, np.ndarray]  # call name -> output: uint8 codes (int_repr) or float32
+    qparams: dict[str, tuple | None]  # call name -> (q_scale(), q_zero_point()) of its output, None for floats
+    accumulators: dict[str, np.ndarray]  # Linear call -> int32 raw, derived from torch's integers (exact int64 ops)
+    kernels: dict[str, str]  # Linear call -> the kernel family it ran ("vnni", "avx2", "exact", oneDNN's)
+    output: np.ndarray  # the converted model's output
+    float_output: np.ndarray  # the float model's output on x
+    labels: np.ndarray | None = None

@@ -9,13 +9,20 @@ when that is not the family asked for.
 If torch is already imported in this process (tests, notebooks), there is nothing to overlap: the events are
 produced in-process instead — unless ``--isa`` asks for a family this process does not run (fbgemm fixed it at the
 first quantized op); then a fresh worker is spawned with that environment.
+
+Which torch side runs is the config's ``torch_side`` ("module:function", a generator of events taking
+``(config, where)``): crosscheck.torch_study's for crosscheck.linear (the default), crosscheck.torch_model's for
+crosscheck.model. The config must be picklable (the spawn start method pickles it).
 """
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing as mp
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+DEFAULT_TORCH_SIDE = "crosscheck.torch_study:torch_events"
 
 
 class UsageError(ValueError):
@@ -26,21 +33,40 @@ class TorchSideError(RuntimeError):
     """The torch side failed unexpectedly; carries the worker's traceback."""
 
 
+def torch_side(config) -> Callable[..., Iterator[tuple[str, Any]]]:
+    """The events function ``config.torch_side`` names (imports its module, hence torch)."""
+    module, _, function = getattr(config, "torch_side", DEFAULT_TORCH_SIDE).partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def run_events(events: Callable[..., Iterator[tuple[str, Any]]], config, conn, where: str) -> None:
+    """Send every event of ``events(config, where)`` through ``conn``, then ("done", None); a UsageError as
+    ("usage_error", message), any other exception as ("error", traceback)."""
+    try:
+        for event in events(config, where):
+            conn.send(event)
+        conn.send(("done", None))
+    except UsageError as e:
+        conn.send(("usage_error", str(e)))
+    except BaseException:  # pragma: no cover - reported by the parent
+        import traceback
+
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
 def _entry(config, conn, start_method: str) -> None:
     from .isa import apply_environment, worker_environment
 
     where = f"worker process ({start_method}ed"
     where += ", torch already imported)" if "torch" in sys.modules else " before torch was imported)"
     apply_environment(worker_environment(config.isa))  # before torch is imported in this process
-    from .torch_study import _worker  # imports torch: in the worker only
-
-    _worker(config, conn, where)
+    run_events(torch_side(config), config, conn, where)  # imports torch: in the worker only
 
 
 def _in_process(config) -> Iterator[tuple[str, Any]]:
-    from .torch_study import torch_events
-
-    yield from torch_events(config, where="this process (torch already imported)")
+    yield from torch_side(config)(config, where="this process (torch already imported)")
 
 
 def _in_subprocess(config) -> Iterator[tuple[str, Any]]:

@@ -51,13 +51,33 @@ c < 8·floor(C_i / 8), F2's for the rest (eq. F7). Its output is channels-last i
 
 flatten keeps codes and (scale, zero_point); it only reshapes (eq. F8).
 
+Engines. fbgemm, x86 and onednn run all of the above (torch's quantized add, mul, cat and relu have no oneDNN
+path: BinaryOps.cpp, qmul.cpp, qrelu.cpp and TensorShape.cpp dispatch to the same qadd/qmul/qrelu/qcat kernels
+whatever ``torch.backends.quantized.engine`` says, except for qnnpack). On ``engine="qnnpack"`` ``add`` and
+``add_relu`` of same-shape quint8 tensors run QNNPACK's ``q8vadd`` (SSE2 on x86), an integer kernel with
+fixed-point multipliers (eqs. F9, F10); qnnpack's relu is QNNPACK's ``clamp`` with [z_x, 255], the same codes as
+eq. F5; mul and cat have no QNNPACK path::
+
+    r_a = f32(f32(s_a) / f32(s))   r_b = f32(f32(s_b) / f32(s))     each must lie in [2^-14, 2^8)
+    shift = 21 − exponent(max(r_a, r_b))                                in [13, 31]  (max(r_a, r_b) >= 2^-10)
+    m_a = lrintf(r_a · 2^shift)    m_b = lrintf(r_b · 2^shift)          round half to even; < 2^22     (F9)
+    acc = m_a·(q_a − z_a) + m_b·(q_b − z_b)                              exact in int32
+    q   = clamp(round_half_away(acc / 2^shift) + z, lo, 255)            lo = z with ReLU, else 0       (F10)
+
+where round_half_away is QNNPACK's remainder test ``(acc >> shift) + ((acc & mask) − (acc < 0) > mask >> 1)``. The
+vector loop (8 codes at a time) and the scalar loop compute the same integers, so neither the layout nor the thread
+count changes a code.
+
 Matches: pytorch/pytorch aten/src/ATen/native/quantized/cpu/BinaryOps.cpp (qadd -> qadd_stub),
 aten/src/ATen/native/quantized/cpu/kernels/QuantizedOpKernels.cpp (qadd_kernel, qmul_kernel, qrelu_kernel,
 qcat_nhwc_kernel), aten/src/ATen/cpu/vec/vec256/vec256_qint.h (Vectorized<c10::quint8>::dequantize with
 scale_zp_premul, ::quantize -> QuantizeAvx2, ::requantize_from_int -> RequantizeAvx2),
 aten/src/ATen/native/quantized/AffineQuantizerBase.cpp (dequantize_val, quantize_val, requantize_from_int),
 aten/src/ATen/native/quantized/cpu/TensorShape.cpp (quantized_cat_impl), aten/src/ATen/native/cpu/Loops.h
-(vectorized_loop), aten/src/ATen/TensorIterator.cpp (for_each) and aten/src/ATen/ParallelOpenMP.h (invoke_parallel).
+(vectorized_loop), aten/src/ATen/TensorIterator.cpp (for_each) and aten/src/ATen/ParallelOpenMP.h (invoke_parallel);
+for qnnpack: aten/src/ATen/native/quantized/cpu/BinaryOps.cpp (qnnpack_add), pytorch/QNNPACK src/add.c
+(qnnp_create_add_nc_q8), src/qnnpack/requantization.h (qnnp_compute_add_quantization_params) and
+src/q8vadd/sse2.c (q8vadd_ukernel__sse2), aten/src/ATen/native/quantized/cpu/qrelu.cpp (qnnpack_relu).
 torch 2.13's libtorch_cpu.so has these kernels for the DEFAULT and AVX2 capabilities only; an AVX-512 CPU runs the
 AVX2 ones (checked in the disassembly). A CPU without AVX2, or ``ATEN_CPU_CAPABILITY=default``, runs the DEFAULT
 kernels, which this module does not model.
@@ -85,6 +105,9 @@ NHWC_FLOAT_LANES = 8
 
 INT32_FLOAT_MAX = np.float32(2147483520.0)
 """The largest float32 below 2^31; aten's QuantizeAvx2 clamps with it before cvtps2dq."""
+
+ENGINES = ("fbgemm", "x86", "qnnpack", "onednn")
+"""``torch.backends.quantized.engine`` values whose add / add_relu / mul / cat / relu this module models."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -408,25 +431,114 @@ def _add(qa: QTensor, qb: QTensor, scale: float, zero_point: int, relu: bool, nu
     return _output(qa, out_u8, scale, zero_point)
 
 
-def add(qa: QTensor, qb: QTensor, scale: float, zero_point: int, *, num_threads: int = 1) -> QTensor:
-    """``torch.ops.quantized.add(qa, qb, scale, zero_point)``: eq. F1 on the vector elements, F2 on the rest (F0).
+def _check_engine(engine: object) -> str:
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES} (torch.backends.quantized.engine), got {engine!r}")
+    return engine
 
-    ``num_threads`` is torch's intra-op thread count; it matters only from 32,768 elements on.
+
+def add(qa: QTensor, qb: QTensor, scale: float, zero_point: int, *, num_threads: int = 1,
+        engine: str = "x86") -> QTensor:
+    """``torch.ops.quantized.add(qa, qb, scale, zero_point)``: eq. F1 on the vector elements, F2 on the rest (F0);
+    on ``engine="qnnpack"`` QNNPACK's q8vadd (eqs. F9, F10).
+
+    ``num_threads`` is torch's intra-op thread count; it matters only from 32,768 elements on (not on qnnpack).
     Matches: pytorch/pytorch aten/src/ATen/native/quantized/cpu/kernels/QuantizedOpKernels.cpp (qadd_kernel<false>).
     """
     qa, qb = _check_binary(qa, qb, "add")
     scale, zero_point = _check_output_qparams(scale, zero_point)
+    if _check_engine(engine) == "qnnpack":
+        return qnnpack_add(qa, qb, scale, zero_point, relu=False)
     return _add(qa, qb, scale, zero_point, False, _check_num_threads(num_threads))
 
 
-def add_relu(qa: QTensor, qb: QTensor, scale: float, zero_point: int, *, num_threads: int = 1) -> QTensor:
-    """``torch.ops.quantized.add_relu``: :func:`add` with ``c = max(c, 0)`` in float before quantizing (F1, F2).
+def add_relu(qa: QTensor, qb: QTensor, scale: float, zero_point: int, *, num_threads: int = 1,
+             engine: str = "x86") -> QTensor:
+    """``torch.ops.quantized.add_relu``: :func:`add` with ``c = max(c, 0)`` in float before quantizing (F1, F2);
+    on qnnpack q8vadd with output_min = z (F10).
 
     Matches: pytorch/pytorch aten/src/ATen/native/quantized/cpu/kernels/QuantizedOpKernels.cpp (qadd_kernel<true>).
     """
     qa, qb = _check_binary(qa, qb, "add_relu")
     scale, zero_point = _check_output_qparams(scale, zero_point)
+    if _check_engine(engine) == "qnnpack":
+        return qnnpack_add(qa, qb, scale, zero_point, relu=True)
     return _add(qa, qb, scale, zero_point, True, _check_num_threads(num_threads))
+
+
+@dataclass(frozen=True)
+class QnnpackAddParams:
+    """QNNPACK's add quantization parameters (eq. F9): the float32 scale ratios, the shift, the fixed-point
+    multipliers and the output range [output_min, output_max]."""
+
+    a_output_scale: np.float32
+    b_output_scale: np.float32
+    shift: int
+    a_multiplier: int
+    b_multiplier: int
+    output_min: int
+    output_max: int
+
+
+def qnnpack_add_params(a_scale: float, b_scale: float, scale: float, zero_point: int, relu: bool
+                       ) -> QnnpackAddParams:
+    """Eq. F9, with the refusals of ``pytorch_qnnp_create_add_nc_q8`` (torch then raises "failed to create QNNPACK
+    Add operator").
+
+    ``float`` arguments: torch passes its double scales to QNNPACK's float parameters (rounded to float32).
+    Matches: pytorch/QNNPACK src/add.c (qnnp_create_add_nc_q8), src/qnnpack/requantization.h
+    (qnnp_compute_add_quantization_params).
+    """
+    with np.errstate(over="ignore", under="ignore"):
+        s_a, s_b, s = np.float32(a_scale), np.float32(b_scale), np.float32(scale)
+    for name, v in (("qa's scale", s_a), ("qb's scale", s_b), ("the output scale", s)):
+        if not (v > 0 and np.isfinite(v) and v >= np.finfo(np.float32).tiny):  # isnormal
+            raise ValueError(f"qnnpack add: {name} must be a normal float32 > 0 (QNNPACK refuses the operator), got "
+                             f"{float(v)!r}")
+    output_min = zero_point if relu else 0  # activationLimits(RELU).first = zero_point
+    if output_min >= 255:
+        raise ValueError(f"qnnpack add_relu with output zero_point {zero_point}: QNNPACK refuses the output range "
+                         f"[{output_min}, 255] (range min must be below range max)")
+    with np.errstate(over="ignore", under="ignore"):
+        r_a = np.float32(s_a / s)
+        r_b = np.float32(s_b / s)
+    for name, r in (("qa", r_a), ("qb", r_b)):
+        if not np.float32(2.0**-14) <= r < np.float32(2.0**8):
+            raise ValueError(f"qnnpack add: {name}'s scale / output scale = {float(r)!r} is outside [2**-14, 2**8), "
+                             f"which QNNPACK refuses (torch raises 'failed to create QNNPACK Add operator')")
+    r_max = max(r_a, r_b)
+    exponent = int(np.array(r_max, np.float32).view(np.uint32) >> np.uint32(23)) - 127
+    shift = 21 - exponent
+    if shift > 31:  # QNNPACK asserts shift < 32; a release build shifts by shift mod 32
+        raise ValueError(f"qnnpack add: both scale ratios are below 2**-10 (largest {float(r_max)!r}), where QNNPACK's "
+                         f"shift {shift} leaves its documented range [13, 31]; refquant does not model this")
+    scale_multiplier = np.float32(2.0**shift)  # fp32_from_bits((21 - exponent + 127) << 23)
+    a_multiplier = int(np.rint(np.float32(r_a * scale_multiplier)))  # lrintf: round half to even
+    b_multiplier = int(np.rint(np.float32(r_b * scale_multiplier)))
+    return QnnpackAddParams(r_a, r_b, shift, a_multiplier, b_multiplier, output_min, 255)
+
+
+def qnnpack_add(qa: QTensor, qb: QTensor, scale: float, zero_point: int, *, relu: bool = False) -> QTensor:
+    """``quantized::add`` / ``add_relu`` on the qnnpack engine: QNNPACK's ``q8vadd`` (eq. F10) with eq. F9's
+    parameters; the output takes qa's layout (``qa.suggest_memory_format()``).
+
+    Matches: pytorch/pytorch aten/src/ATen/native/quantized/cpu/BinaryOps.cpp (qnnpack_add) and pytorch/QNNPACK
+    src/q8vadd/sse2.c (q8vadd_ukernel__sse2: the vector and the scalar loop give the same integers).
+    """
+    qa, qb = _check_binary(qa, qb, "add")
+    scale, zero_point = _check_output_qparams(scale, zero_point)
+    if len(qa.shape) == 0:
+        raise ValueError("qnnpack add of 0-d tensors: torch refuses them ('qnnpack_add(): Got empty input tensor.')")
+    p = qnnpack_add_params(qa.scale, qb.scale, scale, zero_point, relu)
+    a_i64 = qa.codes.astype(np.int64) - np.int64(qa.zero_point)
+    b_i64 = qb.codes.astype(np.int64) - np.int64(qb.zero_point)
+    acc_i64 = np.int64(p.a_multiplier) * a_i64 + np.int64(p.b_multiplier) * b_i64  # = the int32 acc (no overflow)
+    mask = (1 << p.shift) - 1
+    remainder_i64 = (acc_i64 & mask) - (acc_i64 < 0)  # (acc & remainder_mask) - (acc < 0)
+    q_i64 = (acc_i64 >> p.shift) + (remainder_i64 > (mask >> 1))  # asr, + 1 above the threshold: half away from 0
+    q_i64 = np.clip(q_i64 + np.int64(zero_point), p.output_min, p.output_max)  # + y_zero_point, clamp [min, max]
+    layout = "channels_last" if qa.suggests_channels_last() else "contiguous"
+    return QTensor(q_i64.astype(np.uint8), scale, zero_point, layout)
 
 
 def mul(qa: QTensor, qb: QTensor, scale: float, zero_point: int, *, num_threads: int = 1) -> QTensor:

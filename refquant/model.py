@@ -38,12 +38,22 @@ torch exactly, feed each observer what torch's observer saw (:meth:`ObservedMode
 forward (:meth:`ObservedModel.calibrate`) is an approximation of torch's, never a parity claim.
 
 The qconfig is a parameter: any object with ``activation()`` and ``weight()`` returning refquant observers (torch's
-``QConfig`` shape); by default ``get_default_qconfig("fbgemm")``'s observers: HistogramObserver(reduce_range=True)
-for activations, PerChannelMinMaxObserver(qint8, per_channel_symmetric) for weights.
+``QConfig`` shape), normally ``refquant.qconfig.get_default_qconfig(engine)``; by default fbgemm's:
+HistogramObserver(reduce_range=True) for activations, PerChannelMinMaxObserver(qint8, per_channel_symmetric) for
+weights (qnnpack's: reduce_range=False and per-tensor symmetric weights; onednn's: reduce_range=False).
+
+Engines (``convert(engine=...)``): fbgemm, x86, qnnpack and onednn. The Linears run the engine's arithmetic
+(refquant.engines); add / add_relu run QNNPACK's q8vadd on qnnpack and aten's kernels elsewhere; mul, cat and relu
+run aten's kernels on every engine (refquant.functional). Which CPU kernel a Linear call ran can change its integers
+(fbgemm without VNNI sums int16-saturated pairs; oneDNN picks brgemm, brgemm_amx or gemm per call): the model's
+default is ``saturate_int16_pairs`` / ``onednn_kernel`` of :meth:`ObservedModel.convert`, and
+:meth:`QuantizedModel.trace` takes a per-call override (``linear_kernels``), as oneDNN's verbose output reports it.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Union
@@ -52,14 +62,14 @@ import numpy as np
 
 from . import functional
 from .functional import QTensor
-from .histogram import HistogramObserver
-from .linear import QuantizedLinear
+from .engines import ONEDNN_KERNELS
+from .linear import QuantizedLinear, quantize_weight
 from .observers import MinMaxObserver, PerChannelMinMaxObserver
-from .pipeline import linear_float
+from .qconfig import get_default_qconfig
 from .quantize import quantize_per_tensor
 
-ENGINES = ("fbgemm", "x86")
-"""Engines whose arithmetic this module models (x86 runs fbgemm's kernels for these ops)."""
+ENGINES = functional.ENGINES
+"""Engines whose arithmetic this module models: fbgemm, x86 (fbgemm's kernels for these ops), qnnpack, onednn."""
 
 FUNCTIONAL_METHODS = ("add", "add_relu", "mul", "cat")
 """The FloatFunctional / QFunctional methods a call can use."""
@@ -157,13 +167,27 @@ class DeQuantize:
     """``torch.ao.nn.quantized.DeQuantize``: ``x.dequantize()`` (eq. D1); a float input passes unchanged."""
 
 
+@dataclass(frozen=True)
+class LinearKernel:
+    """The CPU kernel one quantized Linear call ran, where it changes the integers (refquant.engines):
+    ``saturate_int16_pairs`` (fbgemm/x86 or oneDNN without VNNI, eq. M2) and ``onednn_kernel`` ("brgemm",
+    "brgemm_amx", "gemm"; onednn only)."""
+
+    saturate_int16_pairs: bool = False
+    onednn_kernel: str = "brgemm"
+
+    def __post_init__(self) -> None:
+        if self.onednn_kernel not in ONEDNN_KERNELS:
+            raise ValueError(f"onednn_kernel must be one of {ONEDNN_KERNELS}, got {self.onednn_kernel!r}")
+
+
 @dataclass(frozen=True, eq=False)
 class ConvertedLinear:
     """What ``convert`` makes of a Linear (``torch.ao.nn.quantized.Linear`` / ``LinearReLU``): int8 weight codes
     with their per-channel (or per-tensor) scales and zero points, the float32 bias, the output (scale, zero_point).
 
     torch's quantized linear reads its input's (scale, zero_point) at run time; :meth:`bind` makes the
-    :class:`refquant.linear.QuantizedLinear` for one input's qparams (one per call site of the module).
+    :class:`refquant.linear.QuantizedLinear` for one input's qparams (one per call site of the module) on an engine.
     """
 
     weight_int8: np.ndarray
@@ -177,23 +201,45 @@ class ConvertedLinear:
 
     @classmethod
     def from_float(cls, linear: Linear, scale: float, zero_point: int,
-                   weight_qscheme: str = "per_channel_symmetric") -> "ConvertedLinear":
-        """torch's ``Linear.from_float``: observe and quantize the float weight (eqs. L1, L2), keep the bias.
+                   weight_qscheme: str = "per_channel_symmetric", *, weight_observer: Any = None
+                   ) -> "ConvertedLinear":
+        """torch's ``Linear.from_float``: the qconfig's weight observer sees the float weight, which is quantized
+        with its qparams (eqs. L1, L2: refquant.linear.quantize_weight); the bias stays float32.
 
-        The weight's quantization does not depend on the input's qparams; the placeholders (1.0, 0) passed to
-        :meth:`QuantizedLinear.from_float` are replaced by :meth:`bind`.
+        ``weight_observer``: a fresh ``qconfig.weight()`` (None: a PerChannelMinMaxObserver or MinMaxObserver of
+        qint8 with ``weight_qscheme``, as :meth:`QuantizedLinear.from_float` makes). The weight's quantization does
+        not depend on the input's qparams, which :meth:`bind` supplies.
         """
-        ql = QuantizedLinear.from_float(linear.weight, linear.bias, 1.0, 0, scale, zero_point, relu=linear.relu,
-                                        weight_qscheme=weight_qscheme)
-        return cls(ql.weight_int8, ql.weight_scales, ql.weight_zero_points, ql.bias, float(scale), int(zero_point),
-                   linear.relu, weight_qscheme)
+        if weight_observer is None:
+            if weight_qscheme.startswith("per_channel"):
+                weight_observer = PerChannelMinMaxObserver(ch_axis=0, dtype="qint8", qscheme=weight_qscheme)
+            else:
+                weight_observer = MinMaxObserver(dtype="qint8", qscheme=weight_qscheme)
+        weight_observer(linear.weight)
+        w_i8, scales, zero_points, qscheme = quantize_weight(linear.weight, weight_observer)
+        scales_f32 = np.asarray(scales, np.float32).reshape(-1)  # torch holds float32 values (as doubles)
+        return cls(w_i8, scales_f32, np.asarray(zero_points).reshape(-1).astype(np.int32), linear.bias,
+                   float(scale), int(zero_point), linear.relu, qscheme)
 
-    def bind(self, input_scale: float, input_zero_point: int, *, saturate_int16_pairs: bool = False
-             ) -> QuantizedLinear:
-        """The quantized Linear for inputs with (input_scale, input_zero_point): eqs. L3-L11 of refquant.linear."""
+    def bind(self, input_scale: float, input_zero_point: int, *, engine: str = "fbgemm",
+             kernel: LinearKernel = LinearKernel()) -> QuantizedLinear:
+        """The quantized Linear for inputs with (input_scale, input_zero_point) on ``engine``, modelling ``kernel``
+        (refquant.linear, refquant.engines)."""
         return QuantizedLinear(self.weight_int8, self.weight_scales, self.weight_zero_points, self.bias,
                                input_scale, input_zero_point, self.scale, self.zero_point, relu=self.relu,
-                               weight_qscheme=self.weight_qscheme, saturate_int16_pairs=saturate_int16_pairs)
+                               weight_qscheme=self.weight_qscheme, saturate_int16_pairs=kernel.saturate_int16_pairs,
+                               engine=engine, onednn_kernel=kernel.onednn_kernel)
+
+
+def stored_bias(linear: ConvertedLinear, engine: str) -> np.ndarray | None:
+    """What torch's converted Linear's ``bias()`` returns on ``engine``: the float32 bias, None without one -- except
+    on qnnpack, whose prepack stores a float32 zero bias for a layer without one (and unpacks it as such); the
+    arithmetic is the same (a quantized bias of 0).
+    Matches: pytorch/pytorch aten/src/ATen/native/quantized/cpu/qlinear_prepack.cpp (PackedLinearWeightsQnnp::prepack).
+    """
+    if linear.bias is None and engine == "qnnpack":
+        return np.zeros(linear.weight_int8.shape[0], np.float32)
+    return linear.bias
 
 
 @dataclass(frozen=True)
@@ -329,6 +375,22 @@ def _check_inputs(graph: Graph, xs: tuple) -> dict[str, np.ndarray]:
     return env
 
 
+def linear_float(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, relu: bool = False) -> np.ndarray:
+    """The float model's Linear [+ ReLU] in float32: ``y = x @ W.T + b``, then ``max(y, 0)`` with ReLU.
+
+    NumPy float32 (BLAS ``sgemm``, then one float32 add of the bias). torch's ``F.linear`` computes the same sum in
+    a shape-dependent order, so a few outputs can differ in the last bit (docs/numerics.md §8).
+    """
+    x_f32 = np.asarray(x, np.float32)
+    w_f32 = np.asarray(weight, np.float32)
+    y_f32 = np.matmul(x_f32, w_f32.T)  # float32 sums, BLAS order
+    if bias is not None:
+        y_f32 = y_f32 + np.asarray(bias, np.float32)  # float32 add
+    if relu:
+        y_f32 = np.maximum(y_f32, np.float32(0))
+    return y_f32.astype(np.float32, copy=False)
+
+
 def float_relu(x_f32: np.ndarray) -> np.ndarray:
     """torch's float ``relu`` (``clamp_min(x, 0)``): negative values become +0.0; -0.0 and NaN pass unchanged."""
     return np.where(x_f32 < 0, np.float32(0), x_f32).astype(np.float32)
@@ -418,23 +480,8 @@ def _float_forward(model: FloatModel, xs: tuple, observe: Callable[[str, np.ndar
 # prepare: observers where torch puts them
 # ----------------------------------------------------------------------------------------------------------------
 
-class _DefaultQConfig:
-    """``get_default_qconfig("fbgemm")`` (and ``"x86"``): HistogramObserver(reduce_range=True) for activations,
-    PerChannelMinMaxObserver(ch_axis=0, qint8, per_channel_symmetric) for weights."""
-
-    @staticmethod
-    def activation():
-        return HistogramObserver(dtype="quint8", qscheme="per_tensor_affine", reduce_range=True)
-
-    @staticmethod
-    def weight():
-        return PerChannelMinMaxObserver(ch_axis=0, dtype="qint8", qscheme="per_channel_symmetric")
-
-    def __repr__(self) -> str:
-        return "get_default_qconfig('fbgemm')"
-
-
-DEFAULT_QCONFIG = _DefaultQConfig()
+DEFAULT_QCONFIG = get_default_qconfig("fbgemm")
+"""``get_default_qconfig("fbgemm")`` (refquant.qconfig), what :func:`prepare` uses without a qconfig."""
 
 
 def _weight_qscheme(qconfig: Any) -> str:
@@ -504,10 +551,11 @@ class ObservedModel:
             out[path] = (float(np.asarray(scale).reshape(-1)[0]), int(np.asarray(zero_point).reshape(-1)[0]))
         return out
 
-    def convert(self, *, engine: str = "fbgemm", num_threads: int = 1,
-                saturate_int16_pairs: bool = False) -> "QuantizedModel":
+    def convert(self, *, engine: str = "fbgemm", num_threads: int = 1, saturate_int16_pairs: bool = False,
+                onednn_kernel: str = "brgemm") -> "QuantizedModel":
         """torch's ``convert``: each observed module becomes its quantized counterpart with the observer's qparams
-        (Quantize, ConvertedLinear with int8 weights, QFunctional); see :class:`QuantizedModel` for the options."""
+        (Quantize, ConvertedLinear with int8 weights from a fresh ``qconfig.weight()``, QFunctional); see
+        :class:`QuantizedModel` for the options."""
         qparams = self.qparams()
         converted: dict[str, QuantizedModule] = {}
         for path, mod in self.model.modules.items():
@@ -516,17 +564,19 @@ class ObservedModel:
             elif isinstance(mod, DeQuantStub):
                 converted[path] = DeQuantize()
             elif isinstance(mod, Linear):
-                converted[path] = ConvertedLinear.from_float(mod, *qparams[path], weight_qscheme=self.weight_qscheme)
+                converted[path] = ConvertedLinear.from_float(mod, *qparams[path],
+                                                             weight_observer=self.qconfig.weight())
             elif isinstance(mod, FloatFunctional):
                 converted[path] = QFunctional(*qparams[path])
             else:
                 converted[path] = mod
         return QuantizedModel(converted, self.model.graph, engine=engine, num_threads=num_threads,
-                              saturate_int16_pairs=saturate_int16_pairs)
+                              saturate_int16_pairs=saturate_int16_pairs, onednn_kernel=onednn_kernel)
 
 
 def prepare(model: FloatModel, qconfig: Any = None) -> ObservedModel:
-    """torch's ``prepare(model)`` with ``model.qconfig = qconfig`` (default: get_default_qconfig("fbgemm"))."""
+    """torch's ``prepare(model)`` with ``model.qconfig = qconfig`` (default: get_default_qconfig("fbgemm"); for
+    another engine pass ``refquant.qconfig.get_default_qconfig(engine)``)."""
     return ObservedModel(model, qconfig)
 
 
@@ -580,18 +630,19 @@ class QuantizedModel:
         modules: converted modules by torch path (:class:`Quantize`, :class:`DeQuantize`,
             :class:`ConvertedLinear`, :class:`QFunctional`, ReLU, Dropout, Identity, Flatten).
         graph: the forward.
-        engine: torch's ``torch.backends.quantized.engine``; "fbgemm" and "x86" (the same kernels here).
+        engine: torch's ``torch.backends.quantized.engine``: "fbgemm", "x86", "qnnpack" or "onednn".
         num_threads: torch's intra-op thread count (``torch.get_num_threads()``): quantized add / mul of 32,768
             or more elements round some elements differently depending on it (refquant.functional, eq. F0).
         saturate_int16_pairs: the Linears sum u8·s8 products in int16-saturated pairs, as fbgemm on a CPU
             without VNNI does (refquant.matmul, eq. M2).
+        onednn_kernel: the oneDNN matmul kernel the Linears model by default (engine "onednn"; refquant.engines).
 
     Every value's (scale, zero_point) is known before the first input arrives (they flow from the Quantize,
     ConvertedLinear and QFunctional modules), so each Linear call is bound once: ``steps``.
     """
 
     def __init__(self, modules: dict[str, QuantizedModule], graph: Graph, *, engine: str = "fbgemm",
-                 num_threads: int = 1, saturate_int16_pairs: bool = False) -> None:
+                 num_threads: int = 1, saturate_int16_pairs: bool = False, onednn_kernel: str = "brgemm") -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES} (refquant models their kernels), got {engine!r}")
         for path, mod in modules.items():
@@ -604,6 +655,8 @@ class QuantizedModel:
         self.engine = engine
         self.num_threads = int(num_threads)
         self.saturate_int16_pairs = bool(saturate_int16_pairs)
+        self.kernel = LinearKernel(self.saturate_int16_pairs, onednn_kernel)
+        self._variants: dict[tuple[str, LinearKernel], QuantizedLinear] = {}
         _check_graph(self.modules, graph)
         self.steps = self._bind()
 
@@ -620,7 +673,7 @@ class QuantizedModel:
             elif isinstance(mod, DeQuantize):
                 out = None
             elif isinstance(mod, ConvertedLinear):
-                op = mod.bind(*ins[0], saturate_int16_pairs=self.saturate_int16_pairs)
+                op = mod.bind(*ins[0], engine=self.engine, kernel=self.kernel)
                 out = (float(mod.scale), int(mod.zero_point))
             elif isinstance(mod, QFunctional):
                 out = (float(mod.scale), int(mod.zero_point))
@@ -643,24 +696,55 @@ class QuantizedModel:
                 return step.op
         raise KeyError(f"no call named {name!r}; calls: {[s.name for s in self.steps]}")
 
-    def __call__(self, *xs: np.ndarray) -> np.ndarray:
+    def __call__(self, *xs: np.ndarray, linear_kernels: dict[str, LinearKernel] | None = None) -> np.ndarray:
         """float32 input(s) -> float32 output, through the quantized forward.
 
         Inputs are taken in row-major order, as torch runs a contiguous tensor (``torch.from_numpy`` of a
         C-contiguous array); the layout of torch's tensors matters to the elementwise ops (refquant.functional).
+        ``linear_kernels``: per Linear call name, the kernel that call is to model instead of the model's default.
         """
-        return self._forward(xs, None)
+        return self._forward(xs, None, linear_kernels)
 
-    def trace(self, *xs: np.ndarray) -> dict[str, LayerTrace]:
-        """The forward with every call's inputs, outputs and accumulators, by call name, in execution order."""
+    def trace(self, *xs: np.ndarray, linear_kernels: dict[str, LinearKernel] | None = None
+              ) -> dict[str, LayerTrace]:
+        """The forward with every call's inputs, outputs and accumulators, by call name, in execution order
+        (``linear_kernels`` as in :meth:`__call__`)."""
         traces: dict[str, LayerTrace] = {}
-        self._forward(xs, traces)
+        self._forward(xs, traces, linear_kernels)
         return traces
 
-    def _forward(self, xs: tuple, traces: dict[str, LayerTrace] | None) -> np.ndarray:
+    def with_linear_kernels(self, linear_kernels: dict[str, LinearKernel]) -> "QuantizedModel":
+        """A copy of this model whose Linear calls are bound for ``linear_kernels`` (call name -> kernel; the other
+        calls keep the model's default), e.g. to export the kernels torch's calls ran (refquant.export.export_model
+        reads each step's bound layer)."""
+        new = copy.copy(self)
+        new.steps = [dataclasses.replace(step, op=self._op(step, linear_kernels)) for step in self.steps]
+        new._variants = self._variants
+        return new
+
+    def forward_traced(self, *xs: np.ndarray, linear_kernels: dict[str, LinearKernel] | None = None
+                       ) -> tuple[np.ndarray, dict[str, LayerTrace]]:
+        """The output and :meth:`trace`'s traces of one forward pass."""
+        traces: dict[str, LayerTrace] = {}
+        y = self._forward(xs, traces, linear_kernels)
+        return y, traces
+
+    def _op(self, step: Step, linear_kernels: dict[str, LinearKernel] | None) -> Any:
+        """The op of ``step``, bound for another kernel where ``linear_kernels`` says so (cached)."""
+        kernel = linear_kernels.get(step.name) if linear_kernels else None
+        if kernel is None or kernel == self.kernel or not isinstance(step.op, QuantizedLinear):
+            return step.op
+        key = (step.name, kernel)
+        if key not in self._variants:
+            mod = self.modules[step.call.module]
+            self._variants[key] = mod.bind(*step.input_qparams[0], engine=self.engine, kernel=kernel)
+        return self._variants[key]
+
+    def _forward(self, xs: tuple, traces: dict[str, LayerTrace] | None,
+                 linear_kernels: dict[str, LinearKernel] | None = None) -> np.ndarray:
         env: dict[str, Any] = _check_inputs(self.graph, xs)
         for step in self.steps:
-            call, op = step.call, step.op
+            call, op = step.call, self._op(step, linear_kernels)
             ins = [env[v] for v in call.inputs]
             try:
                 y, acc_i32 = self._run(call, op, ins)
@@ -700,8 +784,10 @@ class QuantizedModel:
     def _functional(self, call: Call, op: QFunctional, ins: list[QTensor]) -> QTensor:
         if call.method == "cat":
             return functional.cat(ins, call.dim, op.scale, op.zero_point)
-        fn = {"add": functional.add, "add_relu": functional.add_relu, "mul": functional.mul}[call.method]
-        return fn(ins[0], ins[1], op.scale, op.zero_point, num_threads=self.num_threads)
+        if call.method == "mul":  # aten's qmul kernel on every engine
+            return functional.mul(ins[0], ins[1], op.scale, op.zero_point, num_threads=self.num_threads)
+        fn = {"add": functional.add, "add_relu": functional.add_relu}[call.method]
+        return fn(ins[0], ins[1], op.scale, op.zero_point, num_threads=self.num_threads, engine=self.engine)
 
     def __repr__(self) -> str:
         return (f"QuantizedModel(engine={self.engine!r}, "

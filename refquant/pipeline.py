@@ -1,7 +1,9 @@
 """The whole eager model, float in and float out: QuantStub -> Linear [-> ReLU] -> DeQuantStub, prepared,
 calibrated and converted as ``torch.ao.quantization`` does it with ``get_default_qconfig(engine)`` and
-``torch.backends.quantized.engine = engine`` (default "fbgemm"; "x86", "qnnpack", "onednn"). It only strings together
-the modules that hold the arithmetic:
+``torch.backends.quantized.engine = engine`` (default "fbgemm"; "x86", "qnnpack", "onednn"). It is the one-layer case
+of refquant.model (``FloatModel.sequential({"quant": QuantStub(), "fc": Linear(weight, bias, relu), "dequant":
+DeQuantStub()})``, prepared, observed and converted there) with the names of the study; refquant.model strings
+together the modules that hold the arithmetic:
 
     prepare      input observer  = qconfig.activation()   HistogramObserver(reduce_range=True for fbgemm and x86,
                  output observer = qconfig.activation()   False for qnnpack and onednn)  (refquant.qconfig, .histogram)
@@ -43,29 +45,19 @@ Two things about calibration are not quantization arithmetic, and :class:`Observ
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
-from .linear import QuantizedLinear, quantize_weight
-from .qconfig import get_default_qconfig
+from . import model as rm
+from .histogram import HistogramObserver
+from .linear import QuantizedLinear
+from .model import linear_float
+from .qconfig import QConfig, get_default_qconfig
 from .quantize import dequantize, quantize_per_tensor
 
-
-def linear_float(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, relu: bool = False) -> np.ndarray:
-    """The float model's Linear [+ ReLU] in float32: ``y = x @ W.T + b``, then ``max(y, 0)`` with ReLU.
-
-    NumPy float32 (BLAS ``sgemm``, then one float32 add of the bias). torch's ``F.linear`` computes the same sum in
-    a shape-dependent order, so a few outputs can differ in the last bit (docs/numerics.md §8).
-    """
-    x_f32 = np.asarray(x, np.float32)
-    w_f32 = np.asarray(weight, np.float32)
-    y_f32 = np.matmul(x_f32, w_f32.T)  # float32 sums, BLAS order
-    if bias is not None:
-        y_f32 = y_f32 + np.asarray(bias, np.float32)  # float32 add
-    if relu:
-        y_f32 = np.maximum(y_f32, np.float32(0))
-    return y_f32.astype(np.float32, copy=False)
+__all__ = ["ObservedLinear", "QuantizedLinearModel", "linear_float"]
 
 
 @dataclass
@@ -75,11 +67,13 @@ class QuantizedLinearModel:
     Attributes:
         input_scale, input_zero_point: the QuantStub's (s_x, z_x) (torch's ``Quantize.scale``/``.zero_point``).
         linear: the :class:`refquant.linear.QuantizedLinear` (int8 weights, float32 bias, (s_y, z_y)).
+        model: the same model as a :class:`refquant.model.QuantizedModel` (calls "quant", "fc", "dequant"), or None.
     """
 
     input_scale: np.float32
     input_zero_point: int
     linear: QuantizedLinear
+    model: rm.QuantizedModel | None = None
 
     @property
     def output_scale(self) -> float:
@@ -120,12 +114,13 @@ class ObservedLinear:
             explicit choice for both activation observers (a custom qconfig).
         engine: "fbgemm", "x86", "qnnpack" or "onednn": the qconfig's observers (refquant.qconfig) and the layer
             ``convert`` builds (refquant.linear.QuantizedLinear with ``engine``).
+
+    ``observed`` is the :class:`refquant.model.ObservedModel` underneath; ``input_observer`` and
+    ``output_observer`` are its observers of "quant" and "fc".
     """
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None, relu: bool = False,
                  reduce_range: bool | None = None, engine: str = "fbgemm") -> None:
-        from .histogram import HistogramObserver
-
         if not isinstance(weight, np.ndarray) or weight.dtype != np.float32:
             got = weight.dtype if isinstance(weight, np.ndarray) else type(weight).__name__
             raise TypeError(f"weight must be a float32 NumPy array (out_features, in_features), got {got}")
@@ -142,53 +137,40 @@ class ObservedLinear:
         self.relu = bool(relu)
         self.engine = engine
         self.qconfig = get_default_qconfig(engine)  # refuses an unknown engine
-        if reduce_range is None:
-            self.input_observer = self.qconfig.activation()
-            self.output_observer = self.qconfig.activation()
-        else:
-            self.input_observer = HistogramObserver(dtype="quint8", qscheme="per_tensor_affine",
-                                                    reduce_range=reduce_range)
-            self.output_observer = HistogramObserver(dtype="quint8", qscheme="per_tensor_affine",
-                                                     reduce_range=reduce_range)
+        if reduce_range is not None:
+            self.qconfig = QConfig(activation=functools.partial(HistogramObserver, reduce_range=bool(reduce_range)),
+                                   weight=self.qconfig.weight)
+        float_model = rm.FloatModel.sequential({"quant": rm.QuantStub(), "fc": rm.Linear(weight, bias, self.relu),
+                                                "dequant": rm.DeQuantStub()})
+        self.observed = rm.prepare(float_model, self.qconfig)
+        self.input_observer = self.observed.observers["quant"]
+        self.output_observer = self.observed.observers["fc"]
 
     def observe_input(self, x: np.ndarray) -> None:
         """Record one batch of what the QuantStub's observer sees (the float input)."""
-        self.input_observer(x)
+        self.observed.observe("quant", x)
 
     def observe_output(self, y: np.ndarray) -> None:
         """Record one batch of what the Linear's output observer sees (the float Linear [+ ReLU] output)."""
-        self.output_observer(y)
+        self.observed.observe("fc", y)
 
     def calibrate(self, x: np.ndarray) -> np.ndarray:
         """One calibration batch through refquant's own float forward (:func:`linear_float`); returns its output.
 
-        With ReLU the output observer records the batch twice, as torch's prepared ``LinearReLU`` does.
+        With ReLU the output observer records the batch twice, as torch's prepared ``LinearReLU`` does
+        (refquant.model's float forward).
         """
-        self.observe_input(x)
-        y_f32 = linear_float(x, self.weight, self.bias, self.relu)
-        self.observe_output(y_f32)
-        if self.relu:
-            self.observe_output(y_f32)
-        return y_f32
+        return self.observed.calibrate(np.asarray(x, np.float32))
 
     def convert(self, *, saturate_int16_pairs: bool = False, onednn_kernel: str = "brgemm") -> QuantizedLinearModel:
         """The quantized model, with (s_x, z_x) and (s_y, z_y) from the observers (``calculate_qparams``) and the
-        weight quantized by the qconfig's weight observer, on this engine.
+        weight quantized by the qconfig's weight observer, on this engine (refquant.model.ObservedModel.convert).
 
         ``saturate_int16_pairs`` / ``onednn_kernel``: the CPU kernel to model (refquant.linear.QuantizedLinear).
         """
-        s_x, z_x = self.input_observer.calculate_qparams()
-        s_y, z_y = self.output_observer.calculate_qparams()
-        # torch: Quantize(float(scale), int(zero_point)); qlinear.scale = float(s_y); qlinear.zero_point = int(z_y)
-        input_scale = np.float32(np.asarray(s_x).reshape(-1)[0])
-        input_zero_point = int(np.asarray(z_x).reshape(-1)[0])
-        output_scale = float(np.asarray(s_y).reshape(-1)[0])
-        output_zero_point = int(np.asarray(z_y).reshape(-1)[0])
-        weight_observer = self.qconfig.weight()
-        weight_observer(self.weight)
-        w_i8, w_scales, w_zero_points, w_qscheme = quantize_weight(self.weight, weight_observer)
-        linear = QuantizedLinear(w_i8, w_scales, w_zero_points, self.bias, float(input_scale), input_zero_point,
-                                 output_scale, output_zero_point, relu=self.relu, weight_qscheme=w_qscheme,
-                                 saturate_int16_pairs=saturate_int16_pairs, engine=self.engine,
-                                 onednn_kernel=onednn_kernel)
-        return QuantizedLinearModel(input_scale=input_scale, input_zero_point=input_zero_point, linear=linear)
+        qm = self.observed.convert(engine=self.engine, saturate_int16_pairs=saturate_int16_pairs,
+                                   onednn_kernel=onednn_kernel)
+        quant = qm.modules["quant"]
+        # torch: Quantize(float(scale), int(zero_point)) holds a float32 buffer; the Linear keeps float(s_y)
+        return QuantizedLinearModel(input_scale=np.float32(quant.scale), input_zero_point=int(quant.zero_point),
+                                    linear=qm.layer("fc"), model=qm)

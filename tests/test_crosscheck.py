@@ -104,7 +104,10 @@ def test_default_study_json_matches_an_independent_torch_run():
     doc = json.loads(proc.stdout)
     assert_all_equal(doc, "default study")
     assert set(doc) == {"equal", "exit_code", "study", "fields", "calibration", "error", "float_forward",
-                        "environment", "torch_warnings"}  # as crosscheck.report.JSON_SCHEMA documents
+                        "environment", "torch_warnings", "layers"}  # as crosscheck.report.JSON_SCHEMA documents
+    assert [(e["path"], e["torch_type"], e["calls"]) for e in doc["layers"]] == [
+        ("quant", "QuantStub", ["quant"]), ("fc", "Linear", ["fc"]), ("dequant", "DeQuantStub", ["dequant"])]
+    assert all(doc["fields"][i]["layer"] == e["path"] for e in doc["layers"] for i in e["fields"])
     assert set(doc["error"]["torch"]) == {"n", "mean_abs", "max_abs", "sqnr_db", "inside_ranges", "clipped"}
     assert doc["study"] == {"in_features": 3, "out_features": 3, "input_shape": [1, 2, 3, 3], "calib_batches": 1,
                             "calib_dist": "normal", "samples": 1000, "seed": 0, "relu": False, "bias": True,
@@ -307,7 +310,7 @@ def test_bad_argument_exits_2_with_a_message_cli():
     (["--samples", "-1"], "--samples must be an integer >= 0, got -1"),
     (["--seed", "-3"], "--seed must be in [0, 2**63)"),
     (["--calib-dist", "cauchy"], "invalid choice: 'cauchy'"),
-    (["--engine", "qnnpack"], "invalid choice: 'qnnpack'"),
+    (["--engine", "tensorrt"], "invalid choice: 'tensorrt'"),
     (["--json", "/nonexistent-dir/out.json"], "directory '/nonexistent-dir' does not exist"),
     (["--in-features", "100000", "--out-features", "100000"], "is too large"),
     (["--no-such-option"], "unrecognized arguments: --no-such-option"),

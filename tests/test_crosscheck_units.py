@@ -255,13 +255,16 @@ def test_no_bias_keeps_the_weight_calibration_data_and_samples_of_the_seed():
         config = StudyConfig(in_features=5, out_features=4, input_shape=(64, 5), calib_batches=2, samples=500,
                              seed=1234, bias=bias)  # 204 samples per chunk: 3 chunks
         events = list(torch_events(config))
-        study = next(p for k, p in events if k == "study")
-        return study, [p["x"] for k, p in events if k == "calibration"], [p["x"] for k, p in events if k == "samples"]
+        record = next(p for k, p in events if k == "model")
+        batches = [p for k, p in events if k == "batch"]
+        return (record, [b.x for b in batches if b.set == "calibration"],
+                [b.x for b in batches if b.set == "evaluation"])
 
     with_bias, calib_b, samples_b = drawn(True)
     without, calib_n, samples_n = drawn(False)
-    assert with_bias.bias is not None and without.bias is None and without.packed_bias is None
-    np.testing.assert_array_equal(without.weight, with_bias.weight, strict=True)
+    fc_b, fc_n = with_bias.float_model.modules["fc"], without.float_model.modules["fc"]
+    assert fc_b.bias is not None and fc_n.bias is None and without.converted["fc"]["bias"] is None
+    np.testing.assert_array_equal(fc_n.weight, fc_b.weight, strict=True)
     assert len(calib_n) == len(calib_b) == 2 and len(samples_n) == len(samples_b) > 1  # several sample chunks
     for a, b in zip(calib_n + samples_n, calib_b + samples_b):
         np.testing.assert_array_equal(a, b, strict=True)

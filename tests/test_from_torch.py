@@ -130,7 +130,7 @@ def test_engine_defaults_to_torchs_and_can_be_given(rng):
         assert from_torch(q).engine == "fbgemm"
     assert from_torch(q, engine="x86").engine == "x86"
     with pytest.raises(ValueError, match="engine"):
-        from_torch(q, engine="qnnpack")
+        from_torch(q, engine="tensorrt")
     with pytest.raises(ValueError, match="engine"):
         from_torch(Residual(), engine="fbgemm")  # a float model has no engine yet
 

@@ -366,4 +366,4 @@ def test_bad_arguments():
     with pytest.raises(KeyError, match="no activation observer"):
         rm.prepare(model).observe("dequant", np.ones(2, np.float32))
     with pytest.raises(ValueError, match="engine"):
-        rm.prepare(model).convert(engine="qnnpack")
+        rm.prepare(model).convert(engine="tensorrt")

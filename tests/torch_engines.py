@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 import torch
 
+from crosscheck.isa import onednn_family_from_verbose  # noqa: F401  (moved there; the engine tests import it here)
 from refquant.engines import ONEDNN_KERNELS
 from refquant.linear import QuantizedLinear
 
@@ -55,38 +56,6 @@ def torch_fbgemm_kernel_family() -> str:
     from crosscheck.isa import torch_fbgemm_kernel_family as probe
 
     return probe()
-
-
-_ONEDNN_CPU_ISA: list[str] = []  # oneDNN prints its ISA line once per process, the first time verbose is on
-
-
-def onednn_family_from_verbose(text: str, cpu_isa: str | None = None) -> str | None:
-    """The kernel family of the last matmul in oneDNN verbose output: "brgemm", "brgemm+pairs", "brgemm_amx",
-    "gemm", "gemm+pairs" (None: no matmul ran). ``cpu_isa``: oneDNN's "isa:" line of another process (a child's);
-    by default the one this process printed (recorded when first seen)."""
-    impl = None
-    for line in text.splitlines():
-        if ",info,cpu,isa:" in line:
-            if cpu_isa is None:
-                _ONEDNN_CPU_ISA.append(line.split("isa:", 1)[1])
-            else:
-                cpu_isa = line.split("isa:", 1)[1]
-        if ",exec,cpu,matmul," in line:
-            impl = line.split(",")[6]
-    if impl is None:
-        return None
-    if impl.startswith("brg_matmul:") and "amx" in impl:
-        return "brgemm_amx"
-    if impl.startswith("brg_matmul:"):
-        isa = impl.split(":", 1)[1]
-        vnni = "vnni" in isa or isa.startswith("avx10") or isa in ("avx512_core_bf16", "avx512_core_fp16")
-        return "brgemm" if vnni else "brgemm+pairs"
-    if impl.startswith("gemm:"):  # the ISA is not in the name: take oneDNN's CPU line
-        isa_line = cpu_isa if cpu_isa is not None else (_ONEDNN_CPU_ISA[-1] if _ONEDNN_CPU_ISA else None)
-        if isa_line is None:
-            raise AssertionError(f"oneDNN ran {impl!r} but printed no ISA line to tell its kernel family")
-        return "gemm" if ("DL Boost" in isa_line or "AMX" in isa_line or "AVX10" in isa_line) else "gemm+pairs"
-    raise AssertionError(f"unknown oneDNN matmul implementation {impl!r}: extend onednn_family_from_verbose")
 
 
 # ----------------------------------------------------------------------------------------------------------------

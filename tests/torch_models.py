@@ -307,20 +307,10 @@ def torch_accumulators(linear, input_codes_u8: np.ndarray, input_zero_point: int
 
 
 def torch_saturates_int16_pairs() -> bool:
-    """Probe what torch's quantized Linear really runs: codes 255, 255 times weights −128, −128 sum to −65,280 with
-    VNNI and to −32,768 where u8·s8 pairs saturate to int16 (a CPU without VNNI, FBGEMM_ENABLE_INSTRUCTIONS=AVX2).
+    """True where torch's fbgemm sums u8·s8 products in int16-saturated pairs (crosscheck.isa's probe)."""
+    from crosscheck.isa import saturate_int16_pairs, torch_fbgemm_kernel_family
 
-    (The rel-cli helper's crosscheck/isa.py is to provide this probe; switch to it when it lands.)
-    """
-    w = torch.quantize_per_channel(torch.full((1, 2), -128.0), torch.tensor([1.0], dtype=torch.float64),
-                                   torch.tensor([0]), 0, torch.qint8)
-    lin = torch.ao.nn.quantized.Linear(2, 1)
-    lin.set_weight_bias(w, None)
-    lin.scale, lin.zero_point = 512.0, 200
-    x = torch._make_per_tensor_quantized_tensor(torch.tensor([[255, 255]], dtype=torch.uint8), 1.0, 0)
-    code = int(lin(x).int_repr()[0, 0])  # exact: rint(−127.5) + 200 = 72; saturated: −64 + 200 = 136
-    assert code in (72, 136), code
-    return code == 136
+    return saturate_int16_pairs(torch_fbgemm_kernel_family())
 
 
 def power_of_two_qparams(converted: nn.Module, rng: np.random.Generator) -> None:
