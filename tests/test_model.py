@@ -47,7 +47,7 @@ def compare_with_torch(qm: rm.QuantizedModel, converted: torch.nn.Module, x: np.
         COUNTS["values"] += tr.output.size
         if tr.accumulators is not None:
             linear = converted.get_submodule(tr.module)
-            expected = torch_accumulators(linear, theirs.input_codes, tr.input_qparams[0][1])
+            expected = torch_accumulators(linear, theirs.input_codes, tr.input_qparams[0][1], SATURATES)
             assert_same(tr.accumulators, expected, f"{what}: {name} int32 accumulators")
             COUNTS["values"] += tr.accumulators.size
     assert [len(v) for v in calls.values()] and sum(index.values()) == len(traces)
@@ -124,12 +124,14 @@ def run_random_model(rng: np.random.Generator, engine: str = "fbgemm") -> None:
     COUNTS["calls"] += len(read.steps)
 
 
+@pytest.mark.isa
 @needs_avx2_kernels
 @pytest.mark.parametrize("i", range(12))
 def test_random_model_matches_torch(rng, i):
     run_random_model(rng, engine="x86" if i % 3 == 2 else "fbgemm")
 
 
+@pytest.mark.isa
 @needs_avx2_kernels
 @pytest.mark.slow
 @pytest.mark.parametrize("i", range(300))
@@ -149,12 +151,14 @@ def run_tie_prone_model(rng: np.random.Generator) -> None:
     COUNTS["tie-prone models"] += 1
 
 
+@pytest.mark.isa
 @needs_avx2_kernels
 @pytest.mark.parametrize("i", range(12))
 def test_tie_prone_converted_model_matches_torch(rng, i):
     run_tie_prone_model(rng)
 
 
+@pytest.mark.isa
 @needs_avx2_kernels
 @pytest.mark.slow
 @pytest.mark.parametrize("i", range(300))
@@ -188,6 +192,7 @@ REFQUANT_MINMAX_PER_TENSOR = types.SimpleNamespace(
     weight=lambda: MinMaxObserver(dtype="qint8", qscheme="per_tensor_symmetric"))
 
 
+@pytest.mark.isa
 @needs_avx2_kernels
 @pytest.mark.parametrize("i", range(4))
 def test_other_qconfig_matches_torch(rng, i):

@@ -294,16 +294,16 @@ def torch_calls(converted: nn.Module, x: np.ndarray) -> tuple[np.ndarray, dict[s
     return y, calls
 
 
-def torch_accumulators(linear, input_codes_u8: np.ndarray, input_zero_point: int) -> np.ndarray:
-    """The int32 ``raw`` fbgemm requantizes: Σ_k (q_x − z_x)(q_w − z_w), from torch's integers, exact int64."""
+def torch_accumulators(linear, input_codes_u8: np.ndarray, input_zero_point: int, saturate_int16_pairs: bool) -> np.ndarray:
+    """The int32 ``raw`` torch's kernel requantizes, from torch's own integers (crosscheck's exact int64 derivation,
+    int16-saturated pairs where fbgemm runs its pre-VNNI kernels)."""
+    from crosscheck.torch_model import derived_accumulators
+
     w = linear.weight()
-    K = w.shape[1]
-    qw = w.int_repr().to(torch.int64)
     per_channel = w.qscheme() == torch.per_channel_affine
-    zw = w.q_per_channel_zero_points().to(torch.int64) if per_channel else torch.tensor([w.q_zero_point()])
-    qx = torch.from_numpy(np.ascontiguousarray(input_codes_u8)).reshape(-1, K).to(torch.int64)
-    raw = (qx - input_zero_point) @ (qw - zw[:, None]).T
-    return raw.to(torch.int32).numpy().reshape(*input_codes_u8.shape[:-1], w.shape[0])
+    zw = w.q_per_channel_zero_points().numpy() if per_channel else np.array([w.q_zero_point()])
+    return derived_accumulators(input_codes_u8, w.int_repr().numpy(), input_zero_point, zw,
+                                saturate_int16_pairs=saturate_int16_pairs)
 
 
 def torch_saturates_int16_pairs() -> bool:
