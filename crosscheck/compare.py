@@ -29,6 +29,7 @@ PARITY = "parity"  # torch's value read from torch's model/observers/outputs
 DERIVED = "derived"  # torch's value computed from torch's own integer tensors with exact integer torch ops
 REFQUANT_ONLY = "refquant_only"  # an intermediate torch does not expose (torch value null, equal null)
 FLOAT_FORWARD = "float_forward"  # refquant's own float forward vs torch's: reported, never part of parity
+REQUANTIZATION = "requantization"  # an integer-only variant's codes vs torch's (crosscheck.requantization): reported
 
 COUNTED_KINDS = (PARITY, DERIVED)
 
@@ -119,6 +120,7 @@ class Field:
     torch_sha256: str | None = None
     refquant_sha256: str | None = None
     layer: str | None = None  # the torch module path of the layer the row belongs to (model studies)
+    distance: dict | None = None  # requantization rows: how far the variant's codes are, and why (JSON "distance")
 
     @property
     def counted(self) -> bool:
@@ -141,6 +143,8 @@ class Field:
         }
         if self.layer is not None:
             out["layer"] = self.layer
+        if self.distance is not None:
+            out["distance"] = self.distance
         return out
 
     def torch_summary(self) -> Any:

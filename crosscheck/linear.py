@@ -35,6 +35,8 @@ ENGINES = ("fbgemm", "x86", "qnnpack", "onednn")  # refquant.engines.ENGINES: ev
 ISAS = ("auto", "vnni", "avx2")  # crosscheck.isa.ISAS
 MAX_ELEMENTS = 1 << 28  # refuse shapes whose single input or weight would not fit comfortably in memory
 
+from .requantization import VARIANTS, parse_variants  # noqa: E402  (no refquant import: --help stays fast)
+
 
 def _int_at_least(lowest: int, name: str):
     """argparse type: an int >= lowest, or a message naming the option, what it got and what it expects."""
@@ -130,6 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "pre-VNNI vpmaddubsw kernels, which saturate pairs of products to int16; the torch worker "
                         "starts with FBGEMM_ENABLE_INSTRUCTIONS=AVX2). A probe checks what torch really runs, and "
                         "refquant models it (saturate_int16_pairs). Default auto")
+    p.add_argument("--requantization", type=parse_variants, default=(), metavar="VARIANT[,VARIANT...]|all",
+                   help="also measure how far integer-only requantizations are from torch: " + ", ".join(VARIANTS) +
+                        " (refquant.fixed_point; 'all' for every one). Per variant, on the calibration batches and "
+                        "on the samples, reported rows (never parity rows: the exit code stays parity's) say how "
+                        "many output codes differ from torch's, the histogram of the differences and the cause of "
+                        "each (the int32 bias rounding, FBGEMM's exact rounding, TFLite's Q31 multiplier, TFLite's "
+                        "second rounding; crosscheck.requantization). With --export: the variant of the program "
+                        "(one variant only)")
+    p.add_argument("--export", metavar="DIR", default=None,
+                   help="write the converted model end to end as an integer program (refquant.export.export_model, "
+                        "as python -m crosscheck.model --export): the QuantStub (scale, zero point, the exact float "
+                        "-> code formula), the Linear with every constant of its requantization (the engine's "
+                        "float path, or the --requantization variant: bias_i32, requant_multiplier_i32, "
+                        "requant_shift), the DeQuantStub, and test vectors of the first batch of samples (of the "
+                        "calibration batch with --samples 0): float inputs, input codes, int32 accumulators, "
+                        "output codes, float outputs; to DIR/model.npz, model.json and the C header model.h, which "
+                        "c/refquant_program.c runs")
     p.add_argument("--json", metavar="PATH", default=None,
                    help="write the full comparison as JSON to PATH ('-' for stdout, which then replaces the "
                         "text report)")
@@ -182,19 +201,41 @@ def parse_config(argv: Sequence[str] | None):
         problem = _unwritable_dir(args.plots, create=True)
         if problem:
             parser.error(f"--plots {args.plots!r}: cannot write figures there ({problem})")
-    if args.json not in (None, "-"):
-        parent = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(parent):
-            parser.error(f"--json {args.json!r}: directory {parent!r} does not exist")
-        if os.path.isdir(args.json):
-            parser.error(f"--json {args.json!r} is a directory; give a file path")
-        problem = _unwritable_dir(parent, create=False)
-        if problem:
-            parser.error(f"--json {args.json!r}: cannot write to directory {parent!r} ({problem})")
+    if args.export is not None and len(args.requantization) > 1:
+        parser.error(f"--export writes one program: give one --requantization variant with it, got "
+                     f"{','.join(args.requantization)}")
+    check_export_dir(parser, args.export)
+    check_json_path(parser, args.json)
     config = StudyConfig(in_features=args.in_features, out_features=args.out_features, input_shape=tuple(shape),
                          calib_batches=args.calib_batches, calib_dist=args.calib_dist, samples=args.samples,
-                         seed=args.seed, relu=args.relu, bias=not args.no_bias, engine=args.engine, isa=args.isa)
+                         seed=args.seed, relu=args.relu, bias=not args.no_bias, engine=args.engine, isa=args.isa,
+                         requantization=tuple(args.requantization))
     return config, args
+
+
+def check_export_dir(parser: argparse.ArgumentParser, path: str | None) -> None:
+    """--export DIR (crosscheck.linear, crosscheck.model): a directory that can be created and written, or exit 2."""
+    if path is None:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        parser.error(f"--export {path!r} exists and is not a directory")
+    problem = _unwritable_dir(path, create=True)
+    if problem:
+        parser.error(f"--export {path!r}: cannot write there ({problem})")
+
+
+def check_json_path(parser: argparse.ArgumentParser, path: str | None) -> None:
+    """--json PATH (crosscheck.linear, crosscheck.model): None, '-', or a file in a writable directory, or exit 2."""
+    if path in (None, "-"):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        parser.error(f"--json {path!r}: directory {parent!r} does not exist")
+    if os.path.isdir(path):
+        parser.error(f"--json {path!r} is a directory; give a file path")
+    problem = _unwritable_dir(parent, create=False)
+    if problem:
+        parser.error(f"--json {path!r}: cannot write to directory {parent!r} ({problem})")
 
 
 def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None = None) -> int:
@@ -221,6 +262,16 @@ def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None 
     code = EXIT_EQUAL if result.equal else EXIT_MISMATCH
 
     # files first, so that a closed stdout (piped into `head`) cannot lose them
+    if args.export is not None:
+        from .progress import Progress
+
+        try:
+            with Progress("writing the integer program (--export)", enabled=not args.quiet):
+                result.exported = result.comparison.export(
+                    args.export, requantization=args.requantization[0] if args.requantization else None)
+        except ValueError as e:  # a constant the program's schema refuses (refquant.program): say which, exit 2
+            print(f"python -m crosscheck.linear: error: --export {args.export}: {e}", file=sys.stderr)
+            return EXIT_USAGE
     if args.json not in (None, "-"):
         with open(args.json, "w") as f:
             json.dump(json_document(result), f, indent=1, allow_nan=False)

@@ -9,6 +9,7 @@ import numpy as np
 
 from . import compare as C
 from .model_study import ModelStudyResult
+from .requantization import distance_lines
 from .report import _first_mismatch_line, _fmt_scalar, _json_floats, kernel_line, layers_to_json
 
 JSON_SCHEMA = """\
@@ -16,7 +17,7 @@ JSON_SCHEMA = """\
   "equal", "exit_code", "fields", "environment", "torch_warnings": as in crosscheck.linear's JSON (crosscheck.report),
                each row of "fields" with "layer": the torch module path it belongs to ("model" rows: "")
   "study":     the options: model, engine, isa, seed, factory, state_dict, pickled, trust_pickle, calib, inputs,
-               batch_size
+               batch_size, requantization
   "layers":    as in crosscheck.linear's JSON: one object per module that computes, in call order
   "first_divergence": null, or {"layer", "field", "index", "torch", "refquant", ...} of the first differing row
   "accuracy":  null (no labels), or {"n", "float", "torch", "refquant": {"correct", "accuracy"},
@@ -94,6 +95,7 @@ def text_report(res: ModelStudyResult) -> str:
                  f"model against the float model)")
         L.append("")
 
+    L += distance_lines(res.fields)
     if res.exported:
         L.append(f"integer program (refquant.export.export_model): {', '.join(res.exported)}")
         L.append("")

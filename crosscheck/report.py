@@ -10,6 +10,7 @@ import numpy as np
 
 from . import compare as C
 from .isa import INSTRUCTIONS
+from .requantization import distance_lines
 from .study import StudyResult
 
 JSON_SCHEMA = """\
@@ -17,7 +18,7 @@ JSON_SCHEMA = """\
   "equal":     true when every parity and derived row is equal (exit code 0), else false (exit code 1)
   "exit_code": 0 or 1
   "study":     the options: in_features, out_features, input_shape, calib_batches, calib_dist, samples, seed,
-               relu, bias, engine, isa
+               relu, bias, engine, isa, requantization (the --requantization variants, a list)
   "fields": [  one object per compared value, in the printed order:
     {"name":       e.g. "input scale", "weight int8 (int_repr)", "output codes (1000 samples)"
      "kind":       "parity"        torch's value read from torch's model, observers or outputs;
@@ -26,6 +27,8 @@ JSON_SCHEMA = """\
                    "refquant_only" an intermediate torch does not expose (torch null, equal null);
                    "float_forward" refquant's own NumPy float forward vs torch's F.linear: reported, never
                                    part of "equal"
+                   "requantization" --requantization: an integer-only variant's output codes (from the same
+                                   int32 accumulators) vs torch's: reported, never part of "equal"
      "equal":      true/false (null for refquant_only): integers equal by value, floats by bit pattern
      "mismatches": number of differing elements
      "first_mismatch": null, or {"index": [...] (index into the value), "torch": v, "refquant": v,
@@ -34,7 +37,11 @@ JSON_SCHEMA = """\
      "torch", "refquant": the value (a number or nested lists) when it has <= 256 elements, else
                    {"shape", "dtype", "first": [first 8 values], "sha256": of the raw bytes}; floats are exact
                    (JSON numbers round-trip float64), non-finite floats are the strings "nan", "inf", "-inf"
-     "note":       where each side's value comes from, and what to know about it}
+     "note":       where each side's value comes from, and what to know about it
+     "distance":   "requantization" rows only: {"variant", "bias_rule", "codes", "differing", "share",
+                   "max_abs_difference", "histogram": [[variant - torch, count], ...] of the differing codes,
+                   "causes": {ingredient: count}, the first ingredient that moved each differing code:
+                   "engine_float_path", "bias_i32", "exact_rounding", "q31_multiplier", "second_rounding"}}
   ]
   "calibration": the first calibration batch: "input", "float_output" (torch's float model),
                  "quantized_output" (torch's quantized model), "output_codes", "input_codes"
@@ -72,6 +79,7 @@ JSON_SCHEMA = """\
      "equal", "values" (elements compared), "mismatches",
      "first_mismatch": null, or {"field", "index", "torch", "refquant", ...} of its first differing row}
   ]
+  "export":    null, or the files --export wrote (model.npz, model.json, model.h)
 }
 """
 
@@ -267,6 +275,11 @@ def text_report(res: StudyResult) -> str:
             L.append(_field_line(f, width))
         L.append("")
 
+    L += distance_lines(res.fields)
+    if res.exported:
+        L.append(f"integer program (refquant.export.export_model): {', '.join(res.exported)}")
+        L.append("")
+
     ff = res.float_forward
     L.append("refquant's own float forward (reported, not a parity row)")
     L.append(f"  calibrating with NumPy's float32 x @ W.T + b instead of torch's recorded F.linear outputs: "
@@ -320,6 +333,7 @@ def json_document(res: StudyResult) -> dict:
         "environment": res.environment,
         "torch_warnings": res.torch.warnings,
         "layers": layers_to_json(res.layers),
+        "export": res.exported,
     }
 
 

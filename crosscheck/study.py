@@ -56,6 +56,7 @@ class StudyConfig:
     bias: bool = True
     engine: str = "fbgemm"
     isa: str = "auto"  # crosscheck.isa.ISAS: the kernel family torch's fbgemm is to run (auto: what this machine runs)
+    requantization: tuple[str, ...] = ()  # integer variants to measure (crosscheck.requantization; refquant only)
     torch_side = "crosscheck.torch_study:torch_events"  # what the torch worker runs (crosscheck.worker)
 
     def torch_kwargs(self) -> dict:
@@ -66,6 +67,7 @@ class StudyConfig:
     def to_json(self) -> dict:
         d = dict(self.__dict__)
         d["input_shape"] = list(self.input_shape)
+        d["requantization"] = list(self.requantization)
         return d
 
 
@@ -224,6 +226,8 @@ class StudyResult:
     plot_data: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)  # the model study's layers (crosscheck.model_study)
     record: Any = None  # crosscheck.torch_record.ModelRecord
+    comparison: Any = None  # crosscheck.model_study.ModelComparison (its .export writes --export's program)
+    exported: list[str] | None = None  # the files of --export
 
     @property
     def parity_fields(self) -> list[C.Field]:
@@ -280,6 +284,8 @@ def linear_describe(config: StudyConfig):
     def describe(name: str, key: str, set_name: str | None):
         if set_name is None:
             return static.get((name, key))
+        if name == "fc" and key.startswith("output codes, requantization="):  # crosscheck.requantization's rows
+            return f"{key} ({labels[set_name]})", ""
         row = forward.get((name, key))
         return None if row is None else (f"{row[0]} ({labels[set_name]})", row[1])
 
@@ -329,7 +335,8 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
     # 2. refquant, observers fed what torch's observers saw: the model study's mirror, under this study's names
     with Progress("refquant: observers, convert", enabled=progress):
         comparison = ModelComparison(record, torch_env, describe=linear_describe(config), perturb=perturb,
-                                     batch_axis={"calibration": True}, model_output_row=False)
+                                     batch_axis={"calibration": True}, model_output_row=False,
+                                     requantizations=config.requantization)
         qm = comparison.model
         ql = qm.layer("fc")
         quant = qm.modules["quant"]
@@ -441,7 +448,7 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
     result = StudyResult(config=config, environment=environment(torch_env, config), fields=fields, torch=ts,
                          refquant=model, refquant_observed=comparison.observed, refquant_own=own, calibration=first,
                          error=error, float_forward=float_forward, layers=comparison.layers(fields),
-                         record=record)
+                         record=record, comparison=comparison)
     if plot_data:
         result.plot_data = {
             "errors": err_t.errors(),
