@@ -241,12 +241,16 @@ def test_readme_distances_are_what_the_default_study_measures(tmp_path):
     path = tmp_path / "out.json"
     assert main(["--requantization", "all", "--quiet", "--json", str(path)]) == 0
     doc = json.loads(path.read_text())
-    rows = [f["distance"] for f in doc["fields"] if f["kind"] == "requantization" and "samples" in f["name"]]
-    lines = ["| variant | differing codes (of 18,000) | share | differences | causes |", "|---|---:|---:|---|---|"]
-    for d in rows:
+    rows = [f for f in doc["fields"] if f["kind"] == "requantization"]
+    lines = ["| variant | inputs | codes | differing | share | differences (variant − torch) | causes |",
+             "|---|---|---:|---:|---:|---|---|"]
+    for f in rows:
+        d = f["distance"]
         hist = ", ".join(f"{v:+d}: {n}" for v, n in d["histogram"]) or "-"
         causes = ", ".join(f"{c} {n}" for c, n in d["causes"].items() if n) or "-"
-        lines.append(f"| {d['variant']} | {d['differing']} | {d['share']:.2e} | {hist} | {causes} |")
+        inputs = f["name"].rsplit("(", 1)[1].rstrip(")")
+        lines.append(f"| {d['variant']} | {inputs} | {d['codes']:,} | {d['differing']} | {d['share']:.2e} | {hist} "
+                     f"| {causes} |")
     assert block.group(1) == "\n".join(lines), "README.md's distances drifted; paste:\n" + "\n".join(lines)
 
 
