@@ -15,6 +15,11 @@ long (Numba compiling refquant's kernels on the first run, torch's calibration, 
 so on stderr, one line each when stderr is not a terminal; stdout carries only the report (or the JSON of
 ``--json -``).
 
+``--requantization VARIANT`` (refquant.fixed_point's integer-only variants, a list, or ``all``) adds reported rows:
+how many output codes each variant changes, by how much, and why (crosscheck.requantization); never parity rows.
+``--export DIR`` writes the converted model end to end as an integer program with test vectors (the same
+``ModelComparison.export`` as ``python -m crosscheck.model --export``), with the variant of ``--requantization``.
+
 Exit codes: 0 every parity row equal; 1 any mismatch (the first differing element and both values are printed);
 2 bad arguments (a message says what was wrong); 3 the study could not run (the torch side failed; its traceback is
 printed).

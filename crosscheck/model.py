@@ -8,7 +8,8 @@ and how many predictions quantization flipped. ``--builtin residual`` does the s
 (FloatFunctional.add, an unfused ReLU). ``--model MODULE:FUNCTION`` studies the user's own model.
 
 ``--export DIR`` writes the converted model's whole integer program (refquant.export.export_model) with test
-vectors that torch reproduces bit for bit.
+vectors that torch reproduces bit for bit (``--requantization VARIANT``: every Linear with that integer variant);
+``--requantization`` alone adds reported rows per Linear call (crosscheck.requantization).
 
 Exit codes: 0 every compared row equal; 1 any mismatch (the first divergence is printed: layer, field, index, both
 values); 2 bad arguments, files or models (one line saying what and where), or a model --export cannot write; 3 the
