@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from typing import Sequence
 
 EXIT_EQUAL, EXIT_MISMATCH, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
@@ -41,6 +40,7 @@ ISAS = ("auto", "vnni", "avx2")  # crosscheck.isa.ISAS
 MAX_ELEMENTS = 1 << 28  # refuse shapes whose single input or weight would not fit comfortably in memory
 
 from .requantization import VARIANTS, parse_variants  # noqa: E402  (no refquant import: --help stays fast)
+from .runner import unwritable_dir, check_export_dir, check_isa, check_json_path, check_shape  # noqa: E402
 
 
 def _int_at_least(lowest: int, name: str):
@@ -77,20 +77,6 @@ def _seed(text: str) -> int:
     if not 0 <= v < 2**63:
         raise argparse.ArgumentTypeError(f"--seed must be in [0, 2**63), got {v}")
     return v
-
-
-def _unwritable_dir(path: str, *, create: bool) -> str | None:
-    """None if a file can be created in directory ``path`` (made first when ``create``), else the reason: checked
-    before the study runs, so that a bad --plots or --json path costs nothing. (A real test write, not os.access,
-    which says yes to root on a read-only file system.)"""
-    try:
-        if create:
-            os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        return e.strerror or str(e)
-    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,25 +162,8 @@ def parse_config(argv: Sequence[str] | None):
     parser = build_parser()
     args = parser.parse_args(argv)
     shape = args.input_shape if args.input_shape is not None else (1, 2, 3, args.in_features)
-    if len(shape) < 2:
-        parser.error(f"--input-shape {','.join(map(str, shape))}: give at least 2 dimensions, e.g. 1,{shape[0]} "
-                     f"(torch's quantized::linear refuses 1-D input: 'The dimension of input tensor should be larger "
-                     f"than or equal to 2')")
-    if shape[-1] != args.in_features:
-        parser.error(f"--input-shape {','.join(map(str, shape))}: the last dimension ({shape[-1]}) must equal "
-                     f"--in-features ({args.in_features})")
-    n_input = 1
-    for d in shape:
-        n_input *= d
-    if n_input > MAX_ELEMENTS or args.in_features * args.out_features > MAX_ELEMENTS:
-        parser.error(f"--input-shape {shape} with --out-features {args.out_features} is too large "
-                     f"(more than {MAX_ELEMENTS} elements in one tensor)")
-    if args.isa == "vnni":
-        from .isa import cpu_has_avx512_vnni
-
-        if not cpu_has_avx512_vnni():
-            parser.error("--isa vnni: this CPU has no AVX-512 VNNI, so torch's fbgemm cannot run its VNNI kernels "
-                         "here (FBGEMM_ENABLE_INSTRUCTIONS can only lower the ISA); use --isa auto or avx2")
+    check_shape(parser, tuple(shape), args.in_features, args.out_features)
+    check_isa(parser, args.isa)
     if args.plots is not None:
         try:
             import matplotlib  # noqa: F401
@@ -203,7 +172,7 @@ def parse_config(argv: Sequence[str] | None):
                          "(or pip install matplotlib)")
         if os.path.exists(args.plots) and not os.path.isdir(args.plots):
             parser.error(f"--plots {args.plots!r} exists and is not a directory")
-        problem = _unwritable_dir(args.plots, create=True)
+        problem = unwritable_dir(args.plots, create=True)
         if problem:
             parser.error(f"--plots {args.plots!r}: cannot write figures there ({problem})")
     if args.export is not None and len(args.requantization) > 1:
@@ -216,31 +185,6 @@ def parse_config(argv: Sequence[str] | None):
                          seed=args.seed, relu=args.relu, bias=not args.no_bias, engine=args.engine, isa=args.isa,
                          requantization=tuple(args.requantization))
     return config, args
-
-
-def check_export_dir(parser: argparse.ArgumentParser, path: str | None) -> None:
-    """--export DIR (crosscheck.linear, crosscheck.model): a directory that can be created and written, or exit 2."""
-    if path is None:
-        return
-    if os.path.exists(path) and not os.path.isdir(path):
-        parser.error(f"--export {path!r} exists and is not a directory")
-    problem = _unwritable_dir(path, create=True)
-    if problem:
-        parser.error(f"--export {path!r}: cannot write there ({problem})")
-
-
-def check_json_path(parser: argparse.ArgumentParser, path: str | None) -> None:
-    """--json PATH (crosscheck.linear, crosscheck.model): None, '-', or a file in a writable directory, or exit 2."""
-    if path in (None, "-"):
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        parser.error(f"--json {path!r}: directory {parent!r} does not exist")
-    if os.path.isdir(path):
-        parser.error(f"--json {path!r} is a directory; give a file path")
-    problem = _unwritable_dir(parent, create=False)
-    if problem:
-        parser.error(f"--json {path!r}: cannot write to directory {parent!r} ({problem})")
 
 
 def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None = None) -> int:

@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from .linear import EXIT_EQUAL, EXIT_FAILED, EXIT_MISMATCH, EXIT_USAGE, ENGINES, ISAS, _int_at_least, _seed
-from .linear import check_export_dir, check_json_path
+from .runner import check_export_dir, check_isa, check_json_path
 from .requantization import VARIANTS, parse_variants
 from .model_study import BUILTIN_MODELS
 
@@ -169,12 +169,7 @@ def parse_config(argv: Sequence[str] | None):
         if inputs.shape[1:] != calib.shape[1:]:
             parser.error(f"--inputs {args.inputs}: samples of shape {inputs.shape[1:]}, but --calib's are "
                          f"{calib.shape[1:]}")
-    if args.isa == "vnni":
-        from .isa import cpu_has_avx512_vnni
-
-        if not cpu_has_avx512_vnni():
-            parser.error("--isa vnni: this CPU has no AVX-512 VNNI, so torch's fbgemm cannot run its VNNI kernels "
-                         "here (FBGEMM_ENABLE_INSTRUCTIONS can only lower the ISA); use --isa auto or avx2")
+    check_isa(parser, args.isa)
     if args.export is not None and len(args.requantization) > 1:
         parser.error(f"--export writes one program: give one --requantization variant with it, got "
                      f"{','.join(args.requantization)}")

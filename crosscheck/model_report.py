@@ -10,7 +10,8 @@ import numpy as np
 from . import compare as C
 from .model_study import ModelStudyResult
 from .requantization import distance_lines
-from .report import _first_mismatch_line, _fmt_scalar, _json_floats, kernel_line, layers_to_json
+from .report import _json_floats, kernel_line, layers_to_json
+from .runner import fmt_scalar, first_mismatch_line
 
 JSON_SCHEMA = """\
 {
@@ -70,7 +71,7 @@ def text_report(res: ModelStudyResult) -> str:
     L.append(f"  {'layer':<{width}}  {'type':<{twidth}}  {'scale':>14}  {'zero_point':>10}  {'rows':>4}  "
              f"{'values':>10}  equal")
     for e in res.layers:
-        scale = "-" if e["scale"] is None else _fmt_scalar(np.float32(e["scale"]))  # float32 values
+        scale = "-" if e["scale"] is None else fmt_scalar(np.float32(e["scale"]))  # float32 values
         zp = "-" if e["zero_point"] is None else str(e["zero_point"])
         rows = sum(1 for i in e["fields"] if res.fields[i].counted)
         L.append(f"  {e['path']:<{width}}  {e['torch_type'] or '':<{twidth}}  {scale:>14}  {zp:>10}  {rows:>4}  "
@@ -113,7 +114,7 @@ def text_report(res: ModelStudyResult) -> str:
         L.append(f"MISMATCH: {len(bad)} of {len(parity)} rows differ; first divergence at {where}, field "
                  f"{d['field']!r}{index}{values_text}")
         for f in bad:
-            L.append(_first_mismatch_line(f))
+            L.append(first_mismatch_line(f))
     else:
         L.append(f"result: all {len(res.layers)} layers equal, bit for bit ({len(parity)} rows, "
                  f"{_count(values)} values)")

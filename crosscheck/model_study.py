@@ -32,6 +32,7 @@ import numpy as np
 from . import compare as C
 from .isa import expected_family, saturate_int16_pairs
 from .progress import Progress
+from .runner import Perturber, _flip_lsb  # noqa: F401  (the test hook; _flip_lsb re-exported)
 
 COMPUTING_KINDS = ("Quantize", "DeQuantize", "ConvertedLinear", "ReLU", "QFunctional")
 """refquant.model's converted modules that compute (Flatten, Identity and Dropout pass their input on)."""
@@ -104,38 +105,6 @@ def refquant_observer_state(obs) -> dict:
         "quant_min": obs.quant_min,
         "quant_max": obs.quant_max,
     }
-
-
-def _flip_lsb(value: Any, index: int) -> np.ndarray:
-    """A copy of ``value`` with the lowest bit of element ``index`` (flat) flipped: the smallest possible change."""
-    a = np.array(value, copy=True)
-    flat = a.reshape(-1)
-    if a.dtype.kind == "f":
-        u = {2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize]
-        flat.view(u)[index] ^= u(1)
-    elif a.dtype.kind in "iu":
-        flat[index] ^= a.dtype.type(1)
-    else:
-        raise TypeError(f"cannot perturb a {a.dtype} value")
-    return a
-
-
-class Perturber:
-    """Test hook: flip one bit of one refquant value just before it is compared (never set by the CLI)."""
-
-    def __init__(self, spec: tuple[str, int] | None):
-        self.name, self.index = spec if spec is not None else (None, 0)
-        self.offset: dict[str, int] = {}
-
-    def __call__(self, name: str, value: Any) -> Any:
-        if name != self.name or value is None:
-            return value
-        a = np.asarray(value)
-        start = self.offset.get(name, 0)
-        self.offset[name] = start + a.size
-        if start <= self.index < start + a.size:
-            return _flip_lsb(a, self.index - start)
-        return value
 
 
 Describe = Callable[[str, str, str | None], "tuple[str, str] | None"]
