@@ -260,3 +260,18 @@ def refquant_only(name: str, value: Any, note: str) -> Field:
     return Field(name=name, kind=REFQUANT_ONLY, equal=None, mismatches=None, first_mismatch=None, torch=None,
                  refquant=v, note=note, size=int(v.size), torch_dtype=None, refquant_dtype=str(v.dtype),
                  shape=tuple(v.shape))
+
+
+class CountedRows:
+    """The studies' results (crosscheck.study, model_study, dynamic_study, engines_study) hold their rows in
+    ``fields``; the counted ones (parity, derived) decide ``equal`` and so the exit code."""
+
+    fields: list[Field]
+
+    @property
+    def parity_fields(self) -> list[Field]:
+        return [f for f in self.fields if f.counted]
+
+    @property
+    def equal(self) -> bool:
+        return all(f.equal for f in self.parity_fields)

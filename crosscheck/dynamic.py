@@ -26,9 +26,9 @@ import numpy as np
 
 from .dynamic_study import ENGINES, QCONFIG_NAMES, WEIGHT_QSCHEMES, DynamicConfig, DynamicResult
 from .isa import INSTRUCTIONS
-from .linear import (DISTRIBUTIONS, EXIT_EQUAL, EXIT_FAILED, EXIT_MISMATCH, EXIT_USAGE, ISAS, _int_at_least, _seed,
+from .linear import (DISTRIBUTIONS, EXIT_EQUAL, EXIT_MISMATCH, ISAS, _int_at_least, _seed,
                      _shape)
-from .runner import check_isa, check_json_path, check_shape, emit, json_floats, parity_table, result_line
+from .runner import check_isa, check_json_path, check_shape, json_floats, parity_table, result_line, run_main
 
 PROG = "python -m crosscheck.linear --dynamic"
 
@@ -230,20 +230,9 @@ def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None 
     """Run the CLI; returns the exit code. ``_perturb`` is the test hook of crosscheck.runner.Perturber."""
     config, args = parse_config(argv)
     from .dynamic_study import run_dynamic_study
-    from .runner import TorchSideError, UsageError
 
-    try:
-        result = run_dynamic_study(config, progress=not args.quiet, _perturb=_perturb)
-    except UsageError as e:
-        build_parser().print_usage(sys.stderr)
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (TorchSideError, NotImplementedError) as e:
-        print(f"{PROG}: the study could not run: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    emit(args.json, lambda: json_document(result),
-         lambda: result_line(result.fields) if args.quiet else text_report(result))
-    return EXIT_EQUAL if result.equal else EXIT_MISMATCH
+    return run_main(PROG, build_parser, lambda: run_dynamic_study(config, progress=not args.quiet, _perturb=_perturb),
+                    args.json, json_document, lambda r: result_line(r.fields) if args.quiet else text_report(r))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ printed).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Sequence
@@ -40,7 +39,7 @@ ISAS = ("auto", "vnni", "avx2")  # crosscheck.isa.ISAS
 MAX_ELEMENTS = 1 << 28  # refuse shapes whose single input or weight would not fit comfortably in memory
 
 from .requantization import VARIANTS, parse_variants  # noqa: E402  (no refquant import: --help stays fast)
-from .runner import unwritable_dir, check_export_dir, check_isa, check_json_path, check_shape  # noqa: E402
+from .runner import check_export_dir, check_isa, check_json_path, check_shape, emit, unwritable_dir  # noqa: E402
 
 
 def _int_at_least(lowest: int, name: str):
@@ -221,10 +220,6 @@ def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None 
         except ValueError as e:  # a constant the program's schema refuses (refquant.program): say which, exit 2
             print(f"python -m crosscheck.linear: error: --export {args.export}: {e}", file=sys.stderr)
             return EXIT_USAGE
-    if args.json not in (None, "-"):
-        with open(args.json, "w") as f:
-            json.dump(json_document(result), f, indent=1, allow_nan=False)
-            f.write("\n")
     figures = []
     if args.plots is not None:
         from .plots import draw_all
@@ -232,17 +227,9 @@ def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None 
 
         with Progress("drawing the figures", enabled=not args.quiet):
             figures = draw_all(result, args.plots)
-    try:
-        if args.json == "-":
-            json.dump(json_document(result), sys.stdout, indent=1, allow_nan=False)
-            sys.stdout.write("\n")
-        else:
-            print(quiet_report(result) if args.quiet else text_report(result))
-            if figures:
-                print("figures: " + ", ".join(figures))
-        sys.stdout.flush()
-    except BrokenPipeError:  # the reader stopped early: say nothing more, keep the exit code
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    shown = f"\nfigures: {', '.join(figures)}" if figures else ""
+    emit(args.json, lambda: json_document(result),
+         lambda: (quiet_report(result) if args.quiet else text_report(result)) + shown)
     return code
 
 

@@ -19,7 +19,6 @@ torch side failed (its traceback).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -28,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from .linear import EXIT_EQUAL, EXIT_FAILED, EXIT_MISMATCH, EXIT_USAGE, ENGINES, ISAS, _int_at_least, _seed
-from .runner import check_export_dir, check_isa, check_json_path
+from .runner import check_export_dir, check_isa, check_json_path, emit
 from .requantization import VARIANTS, parse_variants
 from .model_study import BUILTIN_MODELS
 
@@ -207,19 +206,7 @@ def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None 
                 args.export, requantization=args.requantization[0] if args.requantization else None)
         except ValueError as e:  # refquant.program does not export this model (QFunctional add, mul, cat)
             export_error = f"{PROG}: error: --export {args.export}: {e}"
-    if args.json not in (None, "-"):
-        with open(args.json, "w") as f:
-            json.dump(json_document(result), f, indent=1, allow_nan=False)
-            f.write("\n")
-    try:
-        if args.json == "-":
-            json.dump(json_document(result), sys.stdout, indent=1, allow_nan=False)
-            sys.stdout.write("\n")
-        else:
-            print(quiet_report(result) if args.quiet else text_report(result))
-        sys.stdout.flush()
-    except BrokenPipeError:  # the reader stopped early: say nothing more, keep the exit code
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    emit(args.json, lambda: json_document(result), lambda: quiet_report(result) if args.quiet else text_report(result))
     if export_error is not None:
         print(export_error, file=sys.stderr)
         return EXIT_USAGE

@@ -475,7 +475,7 @@ def receive_environment(events, config) -> dict:
 
 
 @dataclass
-class ModelStudyResult:
+class ModelStudyResult(C.CountedRows):
     config: ModelConfig
     environment: dict
     record: Any  # crosscheck.torch_record.ModelRecord
@@ -485,14 +485,6 @@ class ModelStudyResult:
     accuracy: dict | None
     batches: dict = field(default_factory=dict)  # set -> number of batches, inputs
     exported: list[str] | None = None  # the files of --export
-
-    @property
-    def parity_fields(self) -> list[C.Field]:
-        return [f for f in self.fields if f.counted]
-
-    @property
-    def equal(self) -> bool:
-        return all(f.equal for f in self.parity_fields)
 
     @property
     def first_divergence(self) -> dict | None:

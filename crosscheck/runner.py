@@ -161,13 +161,18 @@ class ErrorSums:
         self.n, self.sum_abs, self.max_abs, self.sum_sq_err, self.sum_sq_ref = 0, 0.0, 0.0, 0.0, 0.0
 
     def update(self, y: np.ndarray, y_float: np.ndarray) -> None:
+        """Add outputs ``y`` and their float reference ``y_float`` (any shapes of as many elements)."""
         yf = np.asarray(y_float, np.float64).reshape(-1)
-        e = np.asarray(y, np.float64).reshape(-1) - yf
+        self.add(np.asarray(y, np.float64).reshape(-1) - yf, yf)
+
+    def add(self, e: np.ndarray, yf: np.ndarray) -> None:
+        """Add errors ``e`` and the reference values ``yf`` they are errors of (float64 arrays of one shape)."""
         if e.size == 0:
             return
+        abs_e = np.abs(e)
         self.n += e.size
-        self.sum_abs += float(np.abs(e).sum())
-        self.max_abs = max(self.max_abs, float(np.abs(e).max()))
+        self.sum_abs += float(abs_e.sum())
+        self.max_abs = max(self.max_abs, float(abs_e.max()))
         self.sum_sq_err += float((e * e).sum())
         self.sum_sq_ref += float((yf * yf).sum())
 
@@ -269,6 +274,26 @@ def result_line(fields: list[C.Field]) -> str:
         return f"result: all {len(counted)} parity rows equal, bit for bit"
     return "\n".join([f"MISMATCH: {len(bad)} of {len(counted)} parity rows differ"] +
                      [first_mismatch_line(f) for f in bad])
+
+
+def run_main(prog: str, build_parser: Callable, study: Callable[[], Any], json_path: str | None,
+             document: Callable[[Any], dict], text: Callable[[Any], str]) -> int:
+    """The end of a CLI's ``main``: run ``study()``, then :func:`emit` its JSON ``document(result)`` and report
+    ``text(result)``; returns the exit code (crosscheck.linear's: 0 equal, 1 mismatch, 2 the torch side refused the
+    options, 3 the torch side failed or the study is not modelled)."""
+    from .linear import EXIT_EQUAL, EXIT_FAILED, EXIT_MISMATCH, EXIT_USAGE
+
+    try:
+        result = study()
+    except UsageError as e:
+        build_parser().print_usage(sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (TorchSideError, NotImplementedError) as e:
+        print(f"{prog}: the study could not run: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    emit(json_path, lambda: document(result), lambda: text(result))
+    return EXIT_EQUAL if result.equal else EXIT_MISMATCH
 
 
 def emit(json_path: str | None, document: Callable[[], dict], text: Callable[[], str]) -> None:

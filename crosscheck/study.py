@@ -24,7 +24,6 @@ needs torch itself.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +35,7 @@ from .model_study import ModelComparison, Perturber, _flip_lsb, receive_environm
 from .model_study import environment as model_environment
 from .model_study import refquant_observer_state, warm_up_refquant  # noqa: F401  (re-exported)
 from .progress import Progress
+from .runner import ErrorSums
 from .torch_record import TorchStudy
 
 _Perturber = Perturber
@@ -71,36 +71,6 @@ class StudyConfig:
         return d
 
 
-class _ErrorSums:
-    def __init__(self) -> None:
-        self.n = 0
-        self.sum_abs = 0.0
-        self.max_abs = 0.0
-        self.sum_sq_err = 0.0
-        self.sum_sq_ref = 0.0
-
-    def update(self, e: np.ndarray, yf: np.ndarray) -> None:
-        if e.size == 0:
-            return
-        abs_e = np.abs(e)
-        self.n += e.size
-        self.sum_abs += float(abs_e.sum())
-        self.max_abs = max(self.max_abs, float(abs_e.max()))
-        self.sum_sq_err += float((e * e).sum())
-        self.sum_sq_ref += float((yf * yf).sum())
-
-    def result(self) -> dict[str, float]:
-        if self.n == 0:
-            return {"n": 0, "mean_abs": math.nan, "max_abs": math.nan, "sqnr_db": math.nan}
-        if self.sum_sq_err == 0:
-            sqnr = math.inf
-        elif self.sum_sq_ref == 0:
-            sqnr = -math.inf
-        else:
-            sqnr = 10.0 * math.log10(self.sum_sq_ref / self.sum_sq_err)
-        return {"n": self.n, "mean_abs": self.sum_abs / self.n, "max_abs": self.max_abs, "sqnr_db": sqnr}
-
-
 def inside_ranges(x: np.ndarray, y_float: np.ndarray, input_qparams: tuple, output_qparams: tuple) -> np.ndarray:
     """True for outputs whose inputs and float value all lie inside the quantized ranges; False for the clipped.
 
@@ -134,7 +104,7 @@ class ErrorStats:
     """
 
     def __init__(self, keep_errors: int = 0):
-        self.all, self.inside, self.clipped = _ErrorSums(), _ErrorSums(), _ErrorSums()
+        self.all, self.inside, self.clipped = ErrorSums(), ErrorSums(), ErrorSums()
         self.keep_errors = keep_errors
         self.kept: list[np.ndarray] = []
         self.kept_inside: list[np.ndarray] = []
@@ -144,11 +114,11 @@ class ErrorStats:
         yq = np.asarray(y_quantized, np.float64)
         yf = np.asarray(y_float, np.float64)
         e = yq - yf
-        self.all.update(e, yf)
+        self.all.add(e, yf)
         if inside is not None:
             inside = np.broadcast_to(inside, e.shape)
-            self.inside.update(e[inside], yf[inside])
-            self.clipped.update(e[~inside], yf[~inside])
+            self.inside.add(e[inside], yf[inside])
+            self.clipped.add(e[~inside], yf[~inside])
         if self.kept_n < self.keep_errors:
             take = e.reshape(-1)[: self.keep_errors - self.kept_n]
             self.kept.append(take.copy())
@@ -212,7 +182,7 @@ NOTES = {
 
 
 @dataclass
-class StudyResult:
+class StudyResult(C.CountedRows):
     config: StudyConfig
     environment: dict
     fields: list[C.Field]
@@ -228,14 +198,6 @@ class StudyResult:
     record: Any = None  # crosscheck.torch_record.ModelRecord
     comparison: Any = None  # crosscheck.model_study.ModelComparison (its .export writes --export's program)
     exported: list[str] | None = None  # the files of --export
-
-    @property
-    def parity_fields(self) -> list[C.Field]:
-        return [f for f in self.fields if f.counted]
-
-    @property
-    def equal(self) -> bool:
-        return all(f.equal for f in self.parity_fields)
 
 
 OBSERVER_RANGE_NOTE = ("the calibrated range: the [min, max] HistogramObserver._non_linear_param_search chose (its "
