@@ -57,6 +57,19 @@ def _int_at_least(lowest: int, name: str):
     return parse
 
 
+EXIT_CODES_EPILOG = ("Exit codes: 0 every parity row equal, 1 any mismatch (first differing element printed), "
+                     "2 bad arguments, 3 the study could not run (torch side failed).")
+"""The --help epilog of the one-layer CLIs (crosscheck.linear, its --dynamic study, crosscheck.engines)."""
+
+
+def add_feature_options(p: argparse.ArgumentParser, *, in_features: int, out_features: int) -> None:
+    """--in-features K and --out-features N with these defaults (the one-layer CLIs)."""
+    p.add_argument("--in-features", type=_int_at_least(1, "--in-features"), default=in_features, metavar="K",
+                   help=f"nn.Linear in_features K (default {in_features})")
+    p.add_argument("--out-features", type=_int_at_least(1, "--out-features"), default=out_features, metavar="N",
+                   help=f"nn.Linear out_features N (default {out_features})")
+
+
 def _shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(p) for p in text.replace(" ", "").split(","))
@@ -86,13 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "refquant from the same float weights and calibration data; compare every value bit for bit. "
                     "With no options: the seed study, nn.Linear(3, 3), calibration on one torch.randn(1, 2, 3, 3) "
                     "batch, seed 0, engine fbgemm.",
-        epilog="Exit codes: 0 every parity row equal, 1 any mismatch (first differing element printed), "
-               "2 bad arguments, 3 the study could not run (torch side failed).",
+        epilog=EXIT_CODES_EPILOG,
     )
-    p.add_argument("--in-features", type=_int_at_least(1, "--in-features"), default=3, metavar="K",
-                   help="nn.Linear in_features K (default 3)")
-    p.add_argument("--out-features", type=_int_at_least(1, "--out-features"), default=3, metavar="N",
-                   help="nn.Linear out_features N (default 3)")
+    add_feature_options(p, in_features=3, out_features=3)
     p.add_argument("--input-shape", type=_shape, default=None, metavar="D1,...,K",
                    help="shape of one input tensor, comma-separated; the last dimension must equal --in-features "
                         "(default 1,2,3,K)")

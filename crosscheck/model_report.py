@@ -9,7 +9,7 @@ import numpy as np
 
 from . import compare as C
 from .model_study import ModelStudyResult
-from .requantization import distance_lines
+from .requantization import distance_lines, exported_lines
 from .report import _json_floats, kernel_line, layers_to_json
 from .runner import fmt_scalar, first_mismatch_line
 
@@ -96,10 +96,7 @@ def text_report(res: ModelStudyResult) -> str:
                  f"model against the float model)")
         L.append("")
 
-    L += distance_lines(res.fields)
-    if res.exported:
-        L.append(f"integer program (refquant.export.export_model): {', '.join(res.exported)}")
-        L.append("")
+    L += distance_lines(res.fields) + exported_lines(res.exported)
 
     parity = res.parity_fields
     values = sum(f.size for f in parity)

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import compare as C
 from .isa import INSTRUCTIONS
-from .requantization import distance_lines
+from .requantization import distance_lines, exported_lines
 from .runner import fmt_scalar, field_line, first_mismatch_line  # the parity table's layout, shared by the CLIs
 from .study import StudyResult
 
@@ -227,10 +227,7 @@ def text_report(res: StudyResult) -> str:
             L.append(field_line(f, width))
         L.append("")
 
-    L += distance_lines(res.fields)
-    if res.exported:
-        L.append(f"integer program (refquant.export.export_model): {', '.join(res.exported)}")
-        L.append("")
+    L += distance_lines(res.fields) + exported_lines(res.exported)
 
     ff = res.float_forward
     L.append("refquant's own float forward (reported, not a parity row)")

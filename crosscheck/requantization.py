@@ -135,3 +135,8 @@ def distance_lines(fields: list[C.Field]) -> list[str]:
         causes = ", ".join(f"{c} {n:,}" for c, n in d["causes"].items() if n) or "-"
         L.append(f"  {f.name:<{width}}  {count:>17}  {d['share']:8.2e}  {hist:<16}  {causes}")
     return L + [""]
+
+
+def exported_lines(exported: list[str] | None) -> list[str]:
+    """The text report's line naming the files of --export (empty without them)."""
+    return [f"integer program (refquant.export.export_model): {', '.join(exported)}", ""] if exported else []
