@@ -13,6 +13,7 @@ and ``isa``'s probe (all run in the torch worker process, or wherever torch is a
     worker       runs the torch side in a worker process (only NumPy arrays come back)
     isa          which int8 kernel family torch's fbgemm runs (a probe), and the environment of --isa
     compare      exact, bitwise comparison of two values; first difference; JSON encoding
+    requantization  --requantization: integer-only variants' codes vs torch's, the differences and their causes
     report       the printed report and the JSON document (schema in ``report.JSON_SCHEMA``)
     model_report crosscheck.model's report and JSON (``model_report.JSON_SCHEMA``)
     plots        the figures of ``--plots DIR`` (matplotlib)

@@ -29,6 +29,7 @@ PARITY = "parity"  # torch's value read from torch's model/observers/outputs
 DERIVED = "derived"  # torch's value computed from torch's own integer tensors with exact integer torch ops
 REFQUANT_ONLY = "refquant_only"  # an intermediate torch does not expose (torch value null, equal null)
 FLOAT_FORWARD = "float_forward"  # refquant's own float forward vs torch's: reported, never part of parity
+REQUANTIZATION = "requantization"  # an integer-only variant's codes vs torch's (crosscheck.requantization): reported
 
 COUNTED_KINDS = (PARITY, DERIVED)
 
@@ -119,6 +120,7 @@ class Field:
     torch_sha256: str | None = None
     refquant_sha256: str | None = None
     layer: str | None = None  # the torch module path of the layer the row belongs to (model studies)
+    distance: dict | None = None  # requantization rows: how far the variant's codes are, and why (JSON "distance")
 
     @property
     def counted(self) -> bool:
@@ -141,6 +143,8 @@ class Field:
         }
         if self.layer is not None:
             out["layer"] = self.layer
+        if self.distance is not None:
+            out["distance"] = self.distance
         return out
 
     def torch_summary(self) -> Any:
@@ -256,3 +260,18 @@ def refquant_only(name: str, value: Any, note: str) -> Field:
     return Field(name=name, kind=REFQUANT_ONLY, equal=None, mismatches=None, first_mismatch=None, torch=None,
                  refquant=v, note=note, size=int(v.size), torch_dtype=None, refquant_dtype=str(v.dtype),
                  shape=tuple(v.shape))
+
+
+class CountedRows:
+    """The studies' results (crosscheck.study, model_study, dynamic_study, engines_study) hold their rows in
+    ``fields``; the counted ones (parity, derived) decide ``equal`` and so the exit code."""
+
+    fields: list[Field]
+
+    @property
+    def parity_fields(self) -> list[Field]:
+        return [f for f in self.fields if f.counted]
+
+    @property
+    def equal(self) -> bool:
+        return all(f.equal for f in self.parity_fields)

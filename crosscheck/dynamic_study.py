@@ -101,7 +101,7 @@ NOTES = {
 
 
 @dataclass
-class DynamicResult:
+class DynamicResult(C.CountedRows):
     config: DynamicConfig
     environment: dict
     fields: list[C.Field]
@@ -111,14 +111,6 @@ class DynamicResult:
     first_sample: dict | None  # x, float output, torch's output
     error: dict
     torch_warnings: list[str] = field(default_factory=list)
-
-    @property
-    def parity_fields(self) -> list[C.Field]:
-        return [f for f in self.fields if f.counted]
-
-    @property
-    def equal(self) -> bool:
-        return all(f.equal for f in self.parity_fields)
 
 
 def warm_up_refquant(engine: str) -> None:

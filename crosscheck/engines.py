@@ -26,9 +26,9 @@ import numpy as np
 from . import compare as C
 from .engines_study import ENGINES, EnginesConfig, EnginesResult
 from .isa import INSTRUCTIONS
-from .linear import (DISTRIBUTIONS, EXIT_EQUAL, EXIT_FAILED, EXIT_MISMATCH, EXIT_USAGE, ISAS, _int_at_least, _seed,
-                     _shape)
-from .runner import check_isa, check_json_path, check_shape, emit, json_floats, result_line
+from .linear import (DISTRIBUTIONS, EXIT_CODES_EPILOG, EXIT_EQUAL, EXIT_MISMATCH, ISAS, add_feature_options,
+                     _int_at_least, _seed, _shape)
+from .runner import check_isa, check_json_path, check_shape, json_floats, result_line, run_main
 
 PROG = "python -m crosscheck.engines"
 
@@ -58,13 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "compared; (b) all with fbgemm's qparams and int8 weights; (c) each engine's dynamic Linear; "
                     "(d) how many outputs differ between engines and why, attributed by swapping one ingredient at "
                     "a time in refquant.",
-        epilog="Exit codes: 0 every parity row equal, 1 any mismatch (first differing element printed), "
-               "2 bad arguments, 3 the study could not run (torch side failed).",
+        epilog=EXIT_CODES_EPILOG,
     )
-    p.add_argument("--in-features", type=_int_at_least(1, "--in-features"), default=64, metavar="K",
-                   help="nn.Linear in_features K (default 64)")
-    p.add_argument("--out-features", type=_int_at_least(1, "--out-features"), default=32, metavar="N",
-                   help="nn.Linear out_features N (default 32)")
+    add_feature_options(p, in_features=64, out_features=32)
     p.add_argument("--input-shape", type=_shape, default=None, metavar="D1,...,K",
                    help="shape of one input tensor, comma-separated; the last dimension must equal --in-features "
                         "(default 4,K)")
@@ -221,20 +217,9 @@ def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None 
     """Run the CLI; returns the exit code. ``_perturb`` is the test hook of crosscheck.runner.Perturber."""
     config, args = parse_config(argv)
     from .engines_study import run_engines_study
-    from .runner import TorchSideError, UsageError
 
-    try:
-        result = run_engines_study(config, progress=not args.quiet, _perturb=_perturb)
-    except UsageError as e:
-        build_parser().print_usage(sys.stderr)
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (TorchSideError, NotImplementedError) as e:
-        print(f"{PROG}: the study could not run: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    emit(args.json, lambda: json_document(result),
-         lambda: result_line(result.fields) if args.quiet else text_report(result))
-    return EXIT_EQUAL if result.equal else EXIT_MISMATCH
+    return run_main(PROG, build_parser, lambda: run_engines_study(config, progress=not args.quiet, _perturb=_perturb),
+                    args.json, json_document, lambda r: result_line(r.fields) if args.quiet else text_report(r))
 
 
 if __name__ == "__main__":

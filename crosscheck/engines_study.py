@@ -580,21 +580,13 @@ NOTES = {
 
 
 @dataclass
-class EnginesResult:
+class EnginesResult(C.CountedRows):
     config: EnginesConfig
     environment: dict
     fields: list[C.Field]
     engines: dict  # engine -> summary (qconfig, qparams, equal, rows, error)
     chains: list[ChainAttribution]
     torch_warnings: list[str] = field(default_factory=list)
-
-    @property
-    def parity_fields(self) -> list[C.Field]:
-        return [f for f in self.fields if f.counted]
-
-    @property
-    def equal(self) -> bool:
-        return all(f.equal for f in self.parity_fields)
 
 
 def _scalar(v) -> Any:

@@ -15,6 +15,11 @@ long (Numba compiling refquant's kernels on the first run, torch's calibration, 
 so on stderr, one line each when stderr is not a terminal; stdout carries only the report (or the JSON of
 ``--json -``).
 
+``--requantization VARIANT`` (refquant.fixed_point's integer-only variants, a list, or ``all``) adds reported rows:
+how many output codes each variant changes, by how much, and why (crosscheck.requantization); never parity rows.
+``--export DIR`` writes the converted model end to end as an integer program with test vectors (the same
+``ModelComparison.export`` as ``python -m crosscheck.model --export``), with the variant of ``--requantization``.
+
 Exit codes: 0 every parity row equal; 1 any mismatch (the first differing element and both values are printed);
 2 bad arguments (a message says what was wrong); 3 the study could not run (the torch side failed; its traceback is
 printed).
@@ -23,10 +28,8 @@ printed).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 from typing import Sequence
 
 EXIT_EQUAL, EXIT_MISMATCH, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
@@ -34,6 +37,9 @@ DISTRIBUTIONS = ("normal", "uniform", "laplace", "outliers", "relu")  # crossche
 ENGINES = ("fbgemm", "x86", "qnnpack", "onednn")  # refquant.engines.ENGINES: every static engine
 ISAS = ("auto", "vnni", "avx2")  # crosscheck.isa.ISAS
 MAX_ELEMENTS = 1 << 28  # refuse shapes whose single input or weight would not fit comfortably in memory
+
+from .requantization import VARIANTS, parse_variants  # noqa: E402  (no refquant import: --help stays fast)
+from .runner import check_export_dir, check_isa, check_json_path, check_shape, emit, unwritable_dir  # noqa: E402
 
 
 def _int_at_least(lowest: int, name: str):
@@ -49,6 +55,19 @@ def _int_at_least(lowest: int, name: str):
             raise argparse.ArgumentTypeError(f"{name} must be {expects}, got {v}")
         return v
     return parse
+
+
+EXIT_CODES_EPILOG = ("Exit codes: 0 every parity row equal, 1 any mismatch (first differing element printed), "
+                     "2 bad arguments, 3 the study could not run (torch side failed).")
+"""The --help epilog of the one-layer CLIs (crosscheck.linear, its --dynamic study, crosscheck.engines)."""
+
+
+def add_feature_options(p: argparse.ArgumentParser, *, in_features: int, out_features: int) -> None:
+    """--in-features K and --out-features N with these defaults (the one-layer CLIs)."""
+    p.add_argument("--in-features", type=_int_at_least(1, "--in-features"), default=in_features, metavar="K",
+                   help=f"nn.Linear in_features K (default {in_features})")
+    p.add_argument("--out-features", type=_int_at_least(1, "--out-features"), default=out_features, metavar="N",
+                   help=f"nn.Linear out_features N (default {out_features})")
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -72,20 +91,6 @@ def _seed(text: str) -> int:
     return v
 
 
-def _unwritable_dir(path: str, *, create: bool) -> str | None:
-    """None if a file can be created in directory ``path`` (made first when ``create``), else the reason: checked
-    before the study runs, so that a bad --plots or --json path costs nothing. (A real test write, not os.access,
-    which says yes to root on a read-only file system.)"""
-    try:
-        if create:
-            os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        return e.strerror or str(e)
-    return None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m crosscheck.linear",
@@ -94,13 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "refquant from the same float weights and calibration data; compare every value bit for bit. "
                     "With no options: the seed study, nn.Linear(3, 3), calibration on one torch.randn(1, 2, 3, 3) "
                     "batch, seed 0, engine fbgemm.",
-        epilog="Exit codes: 0 every parity row equal, 1 any mismatch (first differing element printed), "
-               "2 bad arguments, 3 the study could not run (torch side failed).",
+        epilog=EXIT_CODES_EPILOG,
     )
-    p.add_argument("--in-features", type=_int_at_least(1, "--in-features"), default=3, metavar="K",
-                   help="nn.Linear in_features K (default 3)")
-    p.add_argument("--out-features", type=_int_at_least(1, "--out-features"), default=3, metavar="N",
-                   help="nn.Linear out_features N (default 3)")
+    add_feature_options(p, in_features=3, out_features=3)
     p.add_argument("--input-shape", type=_shape, default=None, metavar="D1,...,K",
                    help="shape of one input tensor, comma-separated; the last dimension must equal --in-features "
                         "(default 1,2,3,K)")
@@ -130,6 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "pre-VNNI vpmaddubsw kernels, which saturate pairs of products to int16; the torch worker "
                         "starts with FBGEMM_ENABLE_INSTRUCTIONS=AVX2). A probe checks what torch really runs, and "
                         "refquant models it (saturate_int16_pairs). Default auto")
+    p.add_argument("--requantization", type=parse_variants, default=(), metavar="VARIANT[,VARIANT...]|all",
+                   help="also measure how far integer-only requantizations are from torch: " + ", ".join(VARIANTS) +
+                        " (refquant.fixed_point; 'all' for every one). Per variant, on the calibration batches and "
+                        "on the samples, reported rows (never parity rows: the exit code stays parity's) say how "
+                        "many output codes differ from torch's, the histogram of the differences and the cause of "
+                        "each (the int32 bias rounding, FBGEMM's exact rounding, TFLite's Q31 multiplier, TFLite's "
+                        "second rounding; crosscheck.requantization). With --export: the variant of the program "
+                        "(one variant only)")
+    p.add_argument("--export", metavar="DIR", default=None,
+                   help="write the converted model end to end as an integer program (refquant.export.export_model, "
+                        "as python -m crosscheck.model --export): the QuantStub (scale, zero point, the exact float "
+                        "-> code formula), the Linear with every constant of its requantization (the engine's "
+                        "float path, or the --requantization variant: bias_i32, requant_multiplier_i32, "
+                        "requant_shift), the DeQuantStub, and test vectors of the first batch of samples (of the "
+                        "calibration batch with --samples 0): float inputs, input codes, int32 accumulators, "
+                        "output codes, float outputs; to DIR/model.npz, model.json and the C header model.h, which "
+                        "c/refquant_program.c runs")
     p.add_argument("--json", metavar="PATH", default=None,
                    help="write the full comparison as JSON to PATH ('-' for stdout, which then replaces the "
                         "text report)")
@@ -152,25 +170,8 @@ def parse_config(argv: Sequence[str] | None):
     parser = build_parser()
     args = parser.parse_args(argv)
     shape = args.input_shape if args.input_shape is not None else (1, 2, 3, args.in_features)
-    if len(shape) < 2:
-        parser.error(f"--input-shape {','.join(map(str, shape))}: give at least 2 dimensions, e.g. 1,{shape[0]} "
-                     f"(torch's quantized::linear refuses 1-D input: 'The dimension of input tensor should be larger "
-                     f"than or equal to 2')")
-    if shape[-1] != args.in_features:
-        parser.error(f"--input-shape {','.join(map(str, shape))}: the last dimension ({shape[-1]}) must equal "
-                     f"--in-features ({args.in_features})")
-    n_input = 1
-    for d in shape:
-        n_input *= d
-    if n_input > MAX_ELEMENTS or args.in_features * args.out_features > MAX_ELEMENTS:
-        parser.error(f"--input-shape {shape} with --out-features {args.out_features} is too large "
-                     f"(more than {MAX_ELEMENTS} elements in one tensor)")
-    if args.isa == "vnni":
-        from .isa import cpu_has_avx512_vnni
-
-        if not cpu_has_avx512_vnni():
-            parser.error("--isa vnni: this CPU has no AVX-512 VNNI, so torch's fbgemm cannot run its VNNI kernels "
-                         "here (FBGEMM_ENABLE_INSTRUCTIONS can only lower the ISA); use --isa auto or avx2")
+    check_shape(parser, tuple(shape), args.in_features, args.out_features)
+    check_isa(parser, args.isa)
     if args.plots is not None:
         try:
             import matplotlib  # noqa: F401
@@ -179,21 +180,18 @@ def parse_config(argv: Sequence[str] | None):
                          "(or pip install matplotlib)")
         if os.path.exists(args.plots) and not os.path.isdir(args.plots):
             parser.error(f"--plots {args.plots!r} exists and is not a directory")
-        problem = _unwritable_dir(args.plots, create=True)
+        problem = unwritable_dir(args.plots, create=True)
         if problem:
             parser.error(f"--plots {args.plots!r}: cannot write figures there ({problem})")
-    if args.json not in (None, "-"):
-        parent = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(parent):
-            parser.error(f"--json {args.json!r}: directory {parent!r} does not exist")
-        if os.path.isdir(args.json):
-            parser.error(f"--json {args.json!r} is a directory; give a file path")
-        problem = _unwritable_dir(parent, create=False)
-        if problem:
-            parser.error(f"--json {args.json!r}: cannot write to directory {parent!r} ({problem})")
+    if args.export is not None and len(args.requantization) > 1:
+        parser.error(f"--export writes one program: give one --requantization variant with it, got "
+                     f"{','.join(args.requantization)}")
+    check_export_dir(parser, args.export)
+    check_json_path(parser, args.json)
     config = StudyConfig(in_features=args.in_features, out_features=args.out_features, input_shape=tuple(shape),
                          calib_batches=args.calib_batches, calib_dist=args.calib_dist, samples=args.samples,
-                         seed=args.seed, relu=args.relu, bias=not args.no_bias, engine=args.engine, isa=args.isa)
+                         seed=args.seed, relu=args.relu, bias=not args.no_bias, engine=args.engine, isa=args.isa,
+                         requantization=tuple(args.requantization))
     return config, args
 
 
@@ -221,10 +219,16 @@ def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None 
     code = EXIT_EQUAL if result.equal else EXIT_MISMATCH
 
     # files first, so that a closed stdout (piped into `head`) cannot lose them
-    if args.json not in (None, "-"):
-        with open(args.json, "w") as f:
-            json.dump(json_document(result), f, indent=1, allow_nan=False)
-            f.write("\n")
+    if args.export is not None:
+        from .progress import Progress
+
+        try:
+            with Progress("writing the integer program (--export)", enabled=not args.quiet):
+                result.exported = result.comparison.export(
+                    args.export, requantization=args.requantization[0] if args.requantization else None)
+        except ValueError as e:  # a constant the program's schema refuses (refquant.program): say which, exit 2
+            print(f"python -m crosscheck.linear: error: --export {args.export}: {e}", file=sys.stderr)
+            return EXIT_USAGE
     figures = []
     if args.plots is not None:
         from .plots import draw_all
@@ -232,17 +236,9 @@ def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None 
 
         with Progress("drawing the figures", enabled=not args.quiet):
             figures = draw_all(result, args.plots)
-    try:
-        if args.json == "-":
-            json.dump(json_document(result), sys.stdout, indent=1, allow_nan=False)
-            sys.stdout.write("\n")
-        else:
-            print(quiet_report(result) if args.quiet else text_report(result))
-            if figures:
-                print("figures: " + ", ".join(figures))
-        sys.stdout.flush()
-    except BrokenPipeError:  # the reader stopped early: say nothing more, keep the exit code
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    shown = f"\nfigures: {', '.join(figures)}" if figures else ""
+    emit(args.json, lambda: json_document(result),
+         lambda: (quiet_report(result) if args.quiet else text_report(result)) + shown)
     return code
 
 

@@ -8,7 +8,8 @@ and how many predictions quantization flipped. ``--builtin residual`` does the s
 (FloatFunctional.add, an unfused ReLU). ``--model MODULE:FUNCTION`` studies the user's own model.
 
 ``--export DIR`` writes the converted model's whole integer program (refquant.export.export_model) with test
-vectors that torch reproduces bit for bit.
+vectors that torch reproduces bit for bit (``--requantization VARIANT``: every Linear with that integer variant);
+``--requantization`` alone adds reported rows per Linear call (crosscheck.requantization).
 
 Exit codes: 0 every compared row equal; 1 any mismatch (the first divergence is printed: layer, field, index, both
 values); 2 bad arguments, files or models (one line saying what and where), or a model --export cannot write; 3 the
@@ -18,7 +19,6 @@ torch side failed (its traceback).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -27,7 +27,8 @@ from typing import Sequence
 import numpy as np
 
 from .linear import EXIT_EQUAL, EXIT_FAILED, EXIT_MISMATCH, EXIT_USAGE, ENGINES, ISAS, _int_at_least, _seed
-from .linear import _unwritable_dir
+from .runner import check_export_dir, check_isa, check_json_path, emit
+from .requantization import VARIANTS, parse_variants
 from .model_study import BUILTIN_MODELS
 
 PROG = "python -m crosscheck.model"
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "constants, int8 weights, multipliers, and test vectors of the first evaluation batch, each "
                         "Linear with the kernel torch's call ran) to DIR/model.npz, model.json and the C header "
                         "model.h; models with FloatFunctional add, mul or cat are not exported (refquant.program)")
+    p.add_argument("--requantization", type=parse_variants, default=(), metavar="VARIANT[,VARIANT...]|all",
+                   help="also measure, per Linear call, how far integer-only requantizations are from torch: "
+                        + ", ".join(VARIANTS) + " ('all' for every one). Reported rows (never parity rows), on "
+                        "the calibration and evaluation batches: output codes differing from torch's when the "
+                        "call's int32 accumulators (torch's inputs) are requantized by the variant, the histogram "
+                        "of the differences and the cause of each (crosscheck.requantization). With --export: "
+                        "every Linear of the program runs the variant (one variant only)")
     p.add_argument("--json", metavar="PATH", default=None,
                    help="write the full comparison as JSON to PATH ('-' for stdout, which then replaces the text "
                         "report)")
@@ -160,32 +168,18 @@ def parse_config(argv: Sequence[str] | None):
         if inputs.shape[1:] != calib.shape[1:]:
             parser.error(f"--inputs {args.inputs}: samples of shape {inputs.shape[1:]}, but --calib's are "
                          f"{calib.shape[1:]}")
-    if args.isa == "vnni":
-        from .isa import cpu_has_avx512_vnni
-
-        if not cpu_has_avx512_vnni():
-            parser.error("--isa vnni: this CPU has no AVX-512 VNNI, so torch's fbgemm cannot run its VNNI kernels "
-                         "here (FBGEMM_ENABLE_INSTRUCTIONS can only lower the ISA); use --isa auto or avx2")
-    if args.export is not None:
-        if os.path.exists(args.export) and not os.path.isdir(args.export):
-            parser.error(f"--export {args.export!r} exists and is not a directory")
-        problem = _unwritable_dir(args.export, create=True)
-        if problem:
-            parser.error(f"--export {args.export!r}: cannot write there ({problem})")
-    if args.json not in (None, "-"):
-        parent = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(parent):
-            parser.error(f"--json {args.json!r}: directory {parent!r} does not exist")
-        if os.path.isdir(args.json):
-            parser.error(f"--json {args.json!r} is a directory; give a file path")
-        problem = _unwritable_dir(parent, create=False)
-        if problem:
-            parser.error(f"--json {args.json!r}: cannot write to directory {parent!r} ({problem})")
+    check_isa(parser, args.isa)
+    if args.export is not None and len(args.requantization) > 1:
+        parser.error(f"--export writes one program: give one --requantization variant with it, got "
+                     f"{','.join(args.requantization)}")
+    check_export_dir(parser, args.export)
+    check_json_path(parser, args.json)
     config = ModelConfig(model="user" if user else (args.builtin or "digits"), engine=args.engine, isa=args.isa,
                          seed=args.seed, factory=args.model,
                          state_dict=args.state_dict, pickled=args.pickled_model,
                          trust_pickle=args.trust_pickle, calib=calib, inputs=inputs, calib_path=args.calib,
-                         inputs_path=args.inputs, batch_size=args.batch_size)
+                         inputs_path=args.inputs, batch_size=args.batch_size,
+                         requantization=tuple(args.requantization))
     return config, args
 
 
@@ -208,22 +202,11 @@ def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None 
     export_error = None
     if args.export is not None:
         try:
-            result.exported = result.comparison.export(args.export)
+            result.exported = result.comparison.export(
+                args.export, requantization=args.requantization[0] if args.requantization else None)
         except ValueError as e:  # refquant.program does not export this model (QFunctional add, mul, cat)
             export_error = f"{PROG}: error: --export {args.export}: {e}"
-    if args.json not in (None, "-"):
-        with open(args.json, "w") as f:
-            json.dump(json_document(result), f, indent=1, allow_nan=False)
-            f.write("\n")
-    try:
-        if args.json == "-":
-            json.dump(json_document(result), sys.stdout, indent=1, allow_nan=False)
-            sys.stdout.write("\n")
-        else:
-            print(quiet_report(result) if args.quiet else text_report(result))
-        sys.stdout.flush()
-    except BrokenPipeError:  # the reader stopped early: say nothing more, keep the exit code
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    emit(args.json, lambda: json_document(result), lambda: quiet_report(result) if args.quiet else text_report(result))
     if export_error is not None:
         print(export_error, file=sys.stderr)
         return EXIT_USAGE

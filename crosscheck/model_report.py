@@ -9,14 +9,16 @@ import numpy as np
 
 from . import compare as C
 from .model_study import ModelStudyResult
-from .report import _first_mismatch_line, _fmt_scalar, _json_floats, kernel_line, layers_to_json
+from .requantization import distance_lines, exported_lines
+from .report import _json_floats, kernel_line, layers_to_json
+from .runner import fmt_scalar, first_mismatch_line
 
 JSON_SCHEMA = """\
 {
   "equal", "exit_code", "fields", "environment", "torch_warnings": as in crosscheck.linear's JSON (crosscheck.report),
                each row of "fields" with "layer": the torch module path it belongs to ("model" rows: "")
   "study":     the options: model, engine, isa, seed, factory, state_dict, pickled, trust_pickle, calib, inputs,
-               batch_size
+               batch_size, requantization
   "layers":    as in crosscheck.linear's JSON: one object per module that computes, in call order
   "first_divergence": null, or {"layer", "field", "index", "torch", "refquant", ...} of the first differing row
   "accuracy":  null (no labels), or {"n", "float", "torch", "refquant": {"correct", "accuracy"},
@@ -69,7 +71,7 @@ def text_report(res: ModelStudyResult) -> str:
     L.append(f"  {'layer':<{width}}  {'type':<{twidth}}  {'scale':>14}  {'zero_point':>10}  {'rows':>4}  "
              f"{'values':>10}  equal")
     for e in res.layers:
-        scale = "-" if e["scale"] is None else _fmt_scalar(np.float32(e["scale"]))  # float32 values
+        scale = "-" if e["scale"] is None else fmt_scalar(np.float32(e["scale"]))  # float32 values
         zp = "-" if e["zero_point"] is None else str(e["zero_point"])
         rows = sum(1 for i in e["fields"] if res.fields[i].counted)
         L.append(f"  {e['path']:<{width}}  {e['torch_type'] or '':<{twidth}}  {scale:>14}  {zp:>10}  {rows:>4}  "
@@ -94,9 +96,7 @@ def text_report(res: ModelStudyResult) -> str:
                  f"model against the float model)")
         L.append("")
 
-    if res.exported:
-        L.append(f"integer program (refquant.export.export_model): {', '.join(res.exported)}")
-        L.append("")
+    L += distance_lines(res.fields) + exported_lines(res.exported)
 
     parity = res.parity_fields
     values = sum(f.size for f in parity)
@@ -111,7 +111,7 @@ def text_report(res: ModelStudyResult) -> str:
         L.append(f"MISMATCH: {len(bad)} of {len(parity)} rows differ; first divergence at {where}, field "
                  f"{d['field']!r}{index}{values_text}")
         for f in bad:
-            L.append(_first_mismatch_line(f))
+            L.append(first_mismatch_line(f))
     else:
         L.append(f"result: all {len(res.layers)} layers equal, bit for bit ({len(parity)} rows, "
                  f"{_count(values)} values)")

@@ -32,6 +32,7 @@ import numpy as np
 from . import compare as C
 from .isa import expected_family, saturate_int16_pairs
 from .progress import Progress
+from .runner import Perturber, _flip_lsb  # noqa: F401  (the test hook; _flip_lsb re-exported)
 
 COMPUTING_KINDS = ("Quantize", "DeQuantize", "ConvertedLinear", "ReLU", "QFunctional")
 """refquant.model's converted modules that compute (Flatten, Identity and Dropout pass their input on)."""
@@ -64,6 +65,7 @@ class ModelConfig:
     calib_path: str | None = None
     inputs_path: str | None = None
     batch_size: int = 512
+    requantization: tuple[str, ...] = ()  # integer variants to measure per Linear call (crosscheck.requantization)
     cwd: str = field(default_factory=os.getcwd)  # where MODULE of --model is imported from
     torch_side: str = "crosscheck.torch_model:torch_events"
 
@@ -71,7 +73,7 @@ class ModelConfig:
         return {"model": self.model, "engine": self.engine, "isa": self.isa, "seed": self.seed,
                 "factory": self.factory, "state_dict": self.state_dict, "pickled": self.pickled,
                 "trust_pickle": self.trust_pickle, "calib": self.calib_path, "inputs": self.inputs_path,
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "requantization": list(self.requantization)}
 
 
 def linear_kernel(engine: str, family: str):
@@ -103,38 +105,6 @@ def refquant_observer_state(obs) -> dict:
         "quant_min": obs.quant_min,
         "quant_max": obs.quant_max,
     }
-
-
-def _flip_lsb(value: Any, index: int) -> np.ndarray:
-    """A copy of ``value`` with the lowest bit of element ``index`` (flat) flipped: the smallest possible change."""
-    a = np.array(value, copy=True)
-    flat = a.reshape(-1)
-    if a.dtype.kind == "f":
-        u = {2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize]
-        flat.view(u)[index] ^= u(1)
-    elif a.dtype.kind in "iu":
-        flat[index] ^= a.dtype.type(1)
-    else:
-        raise TypeError(f"cannot perturb a {a.dtype} value")
-    return a
-
-
-class Perturber:
-    """Test hook: flip one bit of one refquant value just before it is compared (never set by the CLI)."""
-
-    def __init__(self, spec: tuple[str, int] | None):
-        self.name, self.index = spec if spec is not None else (None, 0)
-        self.offset: dict[str, int] = {}
-
-    def __call__(self, name: str, value: Any) -> Any:
-        if name != self.name or value is None:
-            return value
-        a = np.asarray(value)
-        start = self.offset.get(name, 0)
-        self.offset[name] = start + a.size
-        if start <= self.index < start + a.size:
-            return _flip_lsb(a, self.index - start)
-        return value
 
 
 Describe = Callable[[str, str, str | None], "tuple[str, str] | None"]
@@ -182,7 +152,7 @@ class ModelComparison:
 
     def __init__(self, record, environment: dict, *, describe: Describe = generic_describe,
                  perturb: Perturber | None = None, batch_axis: dict[str, bool] | None = None,
-                 model_output_row: bool = True) -> None:
+                 model_output_row: bool = True, requantizations: tuple[str, ...] = ()) -> None:
         from refquant import model as rm
         from refquant.qconfig import get_default_qconfig
 
@@ -192,6 +162,8 @@ class ModelComparison:
         self.perturb = perturb or Perturber(None)
         self.batch_axis = batch_axis or {}
         self.model_output_row = model_output_row
+        self.requantizations = tuple(requantizations)  # crosscheck.requantization: reported rows per variant
+        self.distances: dict[str, dict[tuple[str, str], Any]] = {s: {} for s in SETS}
         self.static: list[C.Field] = []
         self.forward: dict[str, dict[tuple[str, str], C.ArrayComparison]] = {s: {} for s in SETS}
         self.layer_of: dict[str, str] = {}  # row name -> layer path
@@ -318,6 +290,8 @@ class ModelComparison:
                 compare(name, "int32 accumulators", tr.module, C.DERIVED, b.accumulators.get(name), tr.accumulators)
             key = "output" if tr.output_qparams is None else "output codes"
             compare(name, key, tr.module, C.PARITY, b.calls.get(name), tr.output)
+            if tr.accumulators is not None and name in b.calls:
+                self._distances(b.set, name, tr, b.calls[name])
         if self.model_output_row:
             compare("model", "output", "", C.PARITY, b.output, y)
         if b.set == "evaluation":
@@ -326,17 +300,34 @@ class ModelComparison:
             self.export_batch = (b.set, b.x, kernels)  # the first evaluation batch (else the first calibration one)
         return y, traces
 
-    def export(self, directory: str) -> list[str]:
+    def _distances(self, set_name: str, name: str, trace, torch_codes: np.ndarray) -> None:
+        """Each ``requantizations`` variant's codes from this Linear call's int32 accumulators against torch's
+        (crosscheck.requantization.Distance), accumulated per batch set and call."""
+        from .requantization import Distance
+
+        for variant in self.requantizations:
+            key = (name, variant)
+            if key not in self.distances[set_name]:
+                described = self.describe(name, f"output codes, requantization={variant}", set_name)
+                self.distances[set_name][key] = None if described is None else (described[0], trace.module,
+                                                                                Distance(variant))
+            entry = self.distances[set_name][key]
+            if entry is not None:
+                entry[2].update(self.model.layer(name), trace.accumulators, torch_codes)
+
+    def export(self, directory: str, *, requantization: str | None = None) -> list[str]:
         """Write the converted model's integer program (refquant.export.export_model) with the test vectors of the
         first evaluation batch (or, without one, the first calibration batch) to ``directory/model.npz``,
-        ``.json`` and ``.h``, each Linear step bound to the kernel torch's call ran on that batch; returns the
-        paths. refquant.program refuses what it does not export (QFunctional add, mul, cat) with a ValueError."""
+        ``.json`` and ``.h``, each Linear step bound to the kernel torch's call ran on that batch, and with
+        ``requantization`` (None: each Linear's engine float path; else an integer variant of
+        refquant.fixed_point for every Linear); returns the paths. refquant.program refuses what it does not
+        export (QFunctional add, mul, cat) with a ValueError."""
         from refquant.export import export_model
 
         os.makedirs(directory, exist_ok=True)
         _, x, kernels = self.export_batch
         path = os.path.join(directory, "model")
-        export_model(self.model.with_linear_kernels(kernels), x, path)
+        export_model(self.model.with_linear_kernels(kernels), x, path, requantization=requantization)
         return [path + suffix for suffix in (".npz", ".json", ".h")]
 
     def _predictions(self, b, y: np.ndarray) -> None:
@@ -358,6 +349,10 @@ class ModelComparison:
                     f = comp.result()
                     f.layer = self.layer_of.get(comp.name)
                     out.append(f)
+        for s in SETS:  # the reported requantization rows last (kind "requantization", never counted)
+            for entry in self.distances[s].values():
+                if entry is not None:
+                    out.append(entry[2].result(entry[0], entry[1]))
         return out
 
     def layers(self, fields: list[C.Field]) -> list[dict]:
@@ -480,7 +475,7 @@ def receive_environment(events, config) -> dict:
 
 
 @dataclass
-class ModelStudyResult:
+class ModelStudyResult(C.CountedRows):
     config: ModelConfig
     environment: dict
     record: Any  # crosscheck.torch_record.ModelRecord
@@ -490,14 +485,6 @@ class ModelStudyResult:
     accuracy: dict | None
     batches: dict = field(default_factory=dict)  # set -> number of batches, inputs
     exported: list[str] | None = None  # the files of --export
-
-    @property
-    def parity_fields(self) -> list[C.Field]:
-        return [f for f in self.fields if f.counted]
-
-    @property
-    def equal(self) -> bool:
-        return all(f.equal for f in self.parity_fields)
 
     @property
     def first_divergence(self) -> dict | None:
@@ -518,7 +505,8 @@ def run_model_study(config: ModelConfig, *, progress: bool = False, torch_subpro
     assert kind == "model", kind
     env = environment(torch_env, config.engine, config.isa)
     with Progress("refquant: observers, convert", enabled=progress):
-        comparison = ModelComparison(record, torch_env, perturb=Perturber(_perturb))
+        comparison = ModelComparison(record, torch_env, perturb=Perturber(_perturb),
+                                     requantizations=config.requantization)
     batches = {s: [0, 0] for s in SETS}
     with Progress("forward passes, both sides, layer by layer", enabled=progress):
         for kind, b in events:

@@ -10,6 +10,8 @@ import numpy as np
 
 from . import compare as C
 from .isa import INSTRUCTIONS
+from .requantization import distance_lines, exported_lines
+from .runner import fmt_scalar, field_line, first_mismatch_line  # the parity table's layout, shared by the CLIs
 from .study import StudyResult
 
 JSON_SCHEMA = """\
@@ -17,7 +19,7 @@ JSON_SCHEMA = """\
   "equal":     true when every parity and derived row is equal (exit code 0), else false (exit code 1)
   "exit_code": 0 or 1
   "study":     the options: in_features, out_features, input_shape, calib_batches, calib_dist, samples, seed,
-               relu, bias, engine, isa
+               relu, bias, engine, isa, requantization (the --requantization variants, a list)
   "fields": [  one object per compared value, in the printed order:
     {"name":       e.g. "input scale", "weight int8 (int_repr)", "output codes (1000 samples)"
      "kind":       "parity"        torch's value read from torch's model, observers or outputs;
@@ -26,6 +28,8 @@ JSON_SCHEMA = """\
                    "refquant_only" an intermediate torch does not expose (torch null, equal null);
                    "float_forward" refquant's own NumPy float forward vs torch's F.linear: reported, never
                                    part of "equal"
+                   "requantization" --requantization: an integer-only variant's output codes (from the same
+                                   int32 accumulators) vs torch's: reported, never part of "equal"
      "equal":      true/false (null for refquant_only): integers equal by value, floats by bit pattern
      "mismatches": number of differing elements
      "first_mismatch": null, or {"index": [...] (index into the value), "torch": v, "refquant": v,
@@ -34,7 +38,11 @@ JSON_SCHEMA = """\
      "torch", "refquant": the value (a number or nested lists) when it has <= 256 elements, else
                    {"shape", "dtype", "first": [first 8 values], "sha256": of the raw bytes}; floats are exact
                    (JSON numbers round-trip float64), non-finite floats are the strings "nan", "inf", "-inf"
-     "note":       where each side's value comes from, and what to know about it}
+     "note":       where each side's value comes from, and what to know about it
+     "distance":   "requantization" rows only: {"variant", "bias_rule", "codes", "differing", "share",
+                   "max_abs_difference", "histogram": [[variant - torch, count], ...] of the differing codes,
+                   "causes": {ingredient: count}, the first ingredient that moved each differing code:
+                   "engine_float_path", "bias_i32", "exact_rounding", "q31_multiplier", "second_rounding"}}
   ]
   "calibration": the first calibration batch: "input", "float_output" (torch's float model),
                  "quantized_output" (torch's quantized model), "output_codes", "input_codes"
@@ -72,6 +80,7 @@ JSON_SCHEMA = """\
      "equal", "values" (elements compared), "mismatches",
      "first_mismatch": null, or {"field", "index", "torch", "refquant", ...} of its first differing row}
   ]
+  "export":    null, or the files --export wrote (model.npz, model.json, model.h)
 }
 """
 
@@ -95,28 +104,6 @@ def mask_machine_dependent(text: str) -> str:
     return text
 
 
-def _fmt_scalar(v: Any) -> str:
-    """float32 as its shortest float32 repr (0.036346395), float64 as Python's, integers as integers."""
-    v = v[()] if isinstance(v, np.ndarray) else v
-    if isinstance(v, np.float32):
-        return str(v)
-    if isinstance(v, (np.floating, float)):
-        return repr(float(v))
-    return str(v)
-
-
-def fmt_value(a: Any, limit: int = 4) -> str:
-    """A short rendering: small arrays inline, larger ones as dtype and shape."""
-    if a is None:
-        return "None"
-    a = np.asarray(a)
-    if a.size == 1:
-        return _fmt_scalar(a.reshape(-1)[0])
-    if a.size <= limit:
-        return "[" + " ".join(_fmt_scalar(v) for v in a.reshape(-1)) + "]"
-    return f"{a.dtype} {tuple(a.shape)}"
-
-
 def kernel_line(env: dict, layers: list[dict]) -> str:
     """The report's ``kernel`` line: which int8 kernel the engine's Linears ran, and how refquant modelled it."""
     engine = env["engine"]
@@ -129,33 +116,6 @@ def kernel_line(env: dict, layers: list[dict]) -> str:
     family = env["fbgemm_kernel"]
     return (f"  kernel   fbgemm runs {family} ({INSTRUCTIONS[family]}; probed), refquant "
             f"saturate_int16_pairs={env['refquant_saturate_int16_pairs']}")
-
-
-def _field_line(f: C.Field, width: int) -> str:
-    name = f.name + (" *" if f.kind == C.DERIVED else "")
-    if f.kind == C.REFQUANT_ONLY:
-        return f"  {name:<{width}}  {'-':<5}  {'':>11}  refquant {fmt_value(f.refquant, 3)}"
-    eq = "yes" if f.equal else "NO"
-    count = f"{f.mismatches}/{f.size}"
-    summary = f"{f.torch_dtype}" + ("" if f.torch_dtype == f.refquant_dtype else f" / {f.refquant_dtype}") + \
-        f" {tuple(f.shape) if f.shape is not None else ''}"
-    shown = summary
-    if f.size <= 4 and f.torch is not None:
-        inline = f"torch {fmt_value(f.torch)}" + ("" if f.equal else f"  refquant {fmt_value(f.refquant)}")
-        if len(inline) <= 60:
-            shown = inline
-    return f"  {name:<{width}}  {eq:<5}  {count:>11}  {shown}"
-
-
-def _first_mismatch_line(f: C.Field) -> str:
-    m = f.first_mismatch or {}
-    if m.get("index") is None:
-        return f"    {f.name}: {m.get('reason', 'differs')}"
-    bits = ""
-    if m.get("torch_bits"):
-        bits = f" (bits {m['torch_bits']} vs {m['refquant_bits']})"
-    return (f"    {f.name}: {f.mismatches} of {f.size} differ; first at index {tuple(m['index'])}: "
-            f"torch {m['torch']!r}, refquant {m['refquant']!r}{bits}")
 
 
 def text_report(res: StudyResult) -> str:
@@ -183,9 +143,9 @@ def text_report(res: StudyResult) -> str:
     for label, obs, scale, zp in (("input", ts.input_observer, ts.input_scale[0], ts.input_zero_point[0]),
                                   ("output", ts.output_observer, np.float32(ts.output_scale),
                                    ts.output_zero_point)):
-        clip = f"[{_fmt_scalar(obs['clip_min'])}, {_fmt_scalar(obs['clip_max'])}]"
-        L.append(f"  {label:<8} {_fmt_scalar(obs['min_val']):>11} {_fmt_scalar(obs['max_val']):>11}   {clip:<25} "
-                 f"{_fmt_scalar(scale):>22} {int(zp):>10}")
+        clip = f"[{fmt_scalar(obs['clip_min'])}, {fmt_scalar(obs['clip_max'])}]"
+        L.append(f"  {label:<8} {fmt_scalar(obs['min_val']):>11} {fmt_scalar(obs['max_val']):>11}   {clip:<25} "
+                 f"{fmt_scalar(scale):>22} {int(zp):>10}")
     if reduce_range:
         L.append(f"  reduce_range maps the calibrated range onto codes {ts.input_observer['quant_min']}.."
                  f"{ts.input_observer['quant_max']} (7 bits); quantize still clamps to 0..255:")
@@ -212,7 +172,7 @@ def text_report(res: StudyResult) -> str:
             qrow = " ".join(f"{int(v):5d}" for v in ts.weight_int8[n])
             b = f"{ts.packed_bias[n]: .8f}" if ts.packed_bias is not None else ""
             w_scale = np.asarray(ts.weight_scales).reshape(-1)[n if per_channel else 0]
-            L.append(f"  {wrow:<{11 * K}}  {qrow:<{6 * K}}  {_fmt_scalar(np.float32(w_scale)):<12}  {b}")
+            L.append(f"  {wrow:<{11 * K}}  {qrow:<{6 * K}}  {fmt_scalar(np.float32(w_scale)):<12}  {b}")
         L.append("")
 
     if res.calibration is not None:
@@ -256,7 +216,7 @@ def text_report(res: StudyResult) -> str:
     L.append("parity: torch vs refquant, bit for bit (floats compared as raw bits)")
     L.append(f"  {'field':<{width}}  {'equal':<5}  {'mismatches':>11}  value")
     for f in parity:
-        L.append(_field_line(f, width))
+        L.append(field_line(f, width))
     L.append("  * torch's side derived from torch's own integer tensors with exact int64 ops (fbgemm keeps these inside)")
     L.append("")
 
@@ -264,8 +224,10 @@ def text_report(res: StudyResult) -> str:
     if only:
         L.append("refquant only (torch computes these inside quantized::linear and does not expose them)")
         for f in only:
-            L.append(_field_line(f, width))
+            L.append(field_line(f, width))
         L.append("")
+
+    L += distance_lines(res.fields) + exported_lines(res.exported)
 
     ff = res.float_forward
     L.append("refquant's own float forward (reported, not a parity row)")
@@ -288,7 +250,7 @@ def text_report(res: StudyResult) -> str:
     if bad:
         L.append(f"MISMATCH: {len(bad)} of {len(parity)} parity rows differ")
         for f in bad:
-            L.append(_first_mismatch_line(f))
+            L.append(first_mismatch_line(f))
     else:
         L.append(f"result: all {len(parity)} parity rows equal, bit for bit")
     return "\n".join(line.rstrip() for line in L)
@@ -301,7 +263,7 @@ def quiet_report(res: StudyResult) -> str:
     if not bad:
         return f"result: all {len(parity)} parity rows equal, bit for bit"
     return "\n".join([f"MISMATCH: {len(bad)} of {len(parity)} parity rows differ"] +
-                     [_first_mismatch_line(f) for f in bad])
+                     [first_mismatch_line(f) for f in bad])
 
 
 def json_document(res: StudyResult) -> dict:
@@ -320,6 +282,7 @@ def json_document(res: StudyResult) -> dict:
         "environment": res.environment,
         "torch_warnings": res.torch.warnings,
         "layers": layers_to_json(res.layers),
+        "export": res.exported,
     }
 
 

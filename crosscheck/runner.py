@@ -2,9 +2,8 @@
 used by ``python -m crosscheck.linear --dynamic`` (crosscheck.dynamic) and ``python -m crosscheck.engines``.
 
 * :func:`torch_events`: the torch side of a study in a worker process forked before this process imports torch
-  (crosscheck.worker's scheme, for any torch-side module that defines ``torch_events(config, where)``); only NumPy
-  arrays and plain values cross the pipe. crosscheck.worker itself is tied to crosscheck.torch_study; this is the
-  same ten lines with the module as an argument (to be merged into crosscheck.worker later).
+  (crosscheck.worker.torch_events, for any torch-side module that defines ``torch_events(config, where)``); only
+  NumPy arrays and plain values cross the pipe.
 * :class:`Perturber`: the test hook ``_perturb=(field name, flat index)`` that flips the lowest bit of one refquant
   value right before it is compared (crosscheck.study has the same hook for crosscheck.linear).
 * :func:`capture_fd` and :func:`onednn_matmul_impls`: oneDNN's verbose lines (C ``printf`` on file
@@ -17,15 +16,15 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import os
 import sys
+import tempfile
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from . import compare as C
-from .worker import TorchSideError, UsageError, _receive
+from .worker import TorchSideError, UsageError
 
 __all__ = ["torch_events", "Perturber", "capture_fd", "cpp_warnings", "onednn_matmul_impls", "onednn_impl_kind",
            "ErrorSums", "parity_table", "first_mismatch_line", "result_line", "emit", "UsageError",
@@ -36,53 +35,13 @@ __all__ = ["torch_events", "Perturber", "capture_fd", "cpp_warnings", "onednn_ma
 # the torch worker, for any torch-side module
 # ----------------------------------------------------------------------------------------------------------------
 
-def _entry(module_name: str, config, conn, start_method: str) -> None:
-    import importlib
-
-    from .isa import apply_environment, worker_environment
-
-    where = f"worker process ({start_method}ed"
-    where += ", torch already imported)" if "torch" in sys.modules else " before torch was imported)"
-    apply_environment(worker_environment(config.isa))  # before torch is imported in this process
-    side = importlib.import_module(module_name)  # imports torch: in the worker only
-    try:
-        for event in side.torch_events(config, where):
-            conn.send(event)
-        conn.send(("done", None))
-    except UsageError as e:
-        conn.send(("usage_error", str(e)))
-    except BaseException:  # pragma: no cover - reported by the parent
-        import traceback
-
-        conn.send(("error", traceback.format_exc()))
-    finally:
-        conn.close()
-
-
 def torch_events(module_name: str, config, *, subprocess: bool | None = None) -> Iterator[tuple[str, Any]]:
-    """The events of ``module_name.torch_events(config, where)``: from a worker process started now (forked while
-    this process has not imported torch, so ``config.isa``'s environment reaches torch's first import), or in this
-    process when torch is already loaded and runs the fbgemm kernel family ``config.isa`` asks for
-    (``subprocess=None``; as crosscheck.worker.torch_events decides)."""
-    if subprocess is None:
-        subprocess = "torch" not in sys.modules
-        if not subprocess and config.isa != "auto":
-            from .isa import torch_fbgemm_kernel_family
+    """The events of ``module_name.torch_events(config, where)``: crosscheck.worker.torch_events with that torch
+    side (a worker process forked while this process has not imported torch, or this process when torch is
+    already loaded and runs the kernel family ``config.isa`` asks for)."""
+    from .worker import torch_events as worker_events
 
-            subprocess = torch_fbgemm_kernel_family() != config.isa
-    if not subprocess:
-        import importlib
-
-        return importlib.import_module(module_name).torch_events(config, "this process (torch already imported)")
-    fork_ok = "fork" in mp.get_all_start_methods() and "torch" not in sys.modules
-    method = "fork" if fork_ok else "spawn"
-    ctx = mp.get_context(method)
-    receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_entry, args=(module_name, config, sender, method), daemon=True,
-                       name="crosscheck-torch")
-    proc.start()
-    sender.close()
-    return _receive(proc, receiver)
+    return worker_events(config, subprocess=subprocess, side=f"{module_name}:torch_events")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -139,8 +98,6 @@ def capture_fd(fn: Callable[[], Any], fd: int = 1) -> tuple[Any, str]:
     seen by ``sys.stdout``/``warnings``. Redirecting the descriptor keeps them out of the report (the worker shares
     the parent's stdout and stderr) and lets the study read them."""
     import ctypes
-    import tempfile
-
     libc = ctypes.CDLL(None)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -204,13 +161,18 @@ class ErrorSums:
         self.n, self.sum_abs, self.max_abs, self.sum_sq_err, self.sum_sq_ref = 0, 0.0, 0.0, 0.0, 0.0
 
     def update(self, y: np.ndarray, y_float: np.ndarray) -> None:
+        """Add outputs ``y`` and their float reference ``y_float`` (any shapes of as many elements)."""
         yf = np.asarray(y_float, np.float64).reshape(-1)
-        e = np.asarray(y, np.float64).reshape(-1) - yf
+        self.add(np.asarray(y, np.float64).reshape(-1) - yf, yf)
+
+    def add(self, e: np.ndarray, yf: np.ndarray) -> None:
+        """Add errors ``e`` and the reference values ``yf`` they are errors of (float64 arrays of one shape)."""
         if e.size == 0:
             return
+        abs_e = np.abs(e)
         self.n += e.size
-        self.sum_abs += float(np.abs(e).sum())
-        self.max_abs = max(self.max_abs, float(np.abs(e).max()))
+        self.sum_abs += float(abs_e.sum())
+        self.max_abs = max(self.max_abs, float(abs_e.max()))
         self.sum_sq_err += float((e * e).sum())
         self.sum_sq_ref += float((yf * yf).sum())
 
@@ -245,7 +207,7 @@ def json_floats(d: Any) -> Any:
 # the text report's parity table and result line (crosscheck.report's layout)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _fmt_scalar(v: Any) -> str:
+def fmt_scalar(v: Any) -> str:
     v = v[()] if isinstance(v, np.ndarray) else v
     if isinstance(v, np.float32):
         return str(v)
@@ -260,9 +222,9 @@ def fmt_value(a: Any, limit: int = 4) -> str:
         return "None"
     a = np.asarray(a)
     if a.size == 1:
-        return _fmt_scalar(a.reshape(-1)[0])
+        return fmt_scalar(a.reshape(-1)[0])
     if a.size <= limit:
-        return "[" + " ".join(_fmt_scalar(v) for v in a.reshape(-1)) + "]"
+        return "[" + " ".join(fmt_scalar(v) for v in a.reshape(-1)) + "]"
     return f"{a.dtype} {tuple(a.shape)}"
 
 
@@ -314,6 +276,26 @@ def result_line(fields: list[C.Field]) -> str:
                      [first_mismatch_line(f) for f in bad])
 
 
+def run_main(prog: str, build_parser: Callable, study: Callable[[], Any], json_path: str | None,
+             document: Callable[[Any], dict], text: Callable[[Any], str]) -> int:
+    """The end of a CLI's ``main``: run ``study()``, then :func:`emit` its JSON ``document(result)`` and report
+    ``text(result)``; returns the exit code (crosscheck.linear's: 0 equal, 1 mismatch, 2 the torch side refused the
+    options, 3 the torch side failed or the study is not modelled)."""
+    from .linear import EXIT_EQUAL, EXIT_FAILED, EXIT_MISMATCH, EXIT_USAGE
+
+    try:
+        result = study()
+    except UsageError as e:
+        build_parser().print_usage(sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (TorchSideError, NotImplementedError) as e:
+        print(f"{prog}: the study could not run: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    emit(json_path, lambda: document(result), lambda: text(result))
+    return EXIT_EQUAL if result.equal else EXIT_MISMATCH
+
+
 def emit(json_path: str | None, document: Callable[[], dict], text: Callable[[], str]) -> None:
     """Write the JSON to ``json_path`` (a file first, so that a closed stdout cannot lose it; ``-``: stdout instead
     of the text report), then the text report; a reader that stops early (``| head``) ends it quietly."""
@@ -333,14 +315,26 @@ def emit(json_path: str | None, document: Callable[[], dict], text: Callable[[],
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# argument checks shared with crosscheck.linear
+# argument checks shared by the CLIs (crosscheck.linear, crosscheck.model, crosscheck.dynamic, crosscheck.engines)
 # ----------------------------------------------------------------------------------------------------------------
 
-def check_json_path(parser, path: str | None) -> None:
-    """parser.error (exit code 2) unless ``--json path`` can be written: checked before the study runs, as
-    crosscheck.linear does."""
-    from .linear import _unwritable_dir
+def unwritable_dir(path: str, *, create: bool) -> str | None:
+    """None if a file can be created in directory ``path`` (made first when ``create``), else the reason: checked
+    before the study runs, so that a bad --plots or --json path costs nothing. (A real test write, not os.access,
+    which says yes to root on a read-only file system.)"""
+    try:
+        if create:
+            os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
+
+def check_json_path(parser, path: str | None) -> None:
+    """parser.error (exit code 2) unless ``--json path`` can be written (None and '-' pass): checked before the
+    study runs (every crosscheck CLI)."""
     if path in (None, "-"):
         return
     parent = os.path.dirname(os.path.abspath(path))
@@ -348,9 +342,21 @@ def check_json_path(parser, path: str | None) -> None:
         parser.error(f"--json {path!r}: directory {parent!r} does not exist")
     if os.path.isdir(path):
         parser.error(f"--json {path!r} is a directory; give a file path")
-    problem = _unwritable_dir(parent, create=False)
+    problem = unwritable_dir(parent, create=False)
     if problem:
         parser.error(f"--json {path!r}: cannot write to directory {parent!r} ({problem})")
+
+
+def check_export_dir(parser, path: str | None) -> None:
+    """parser.error unless ``--export DIR`` (crosscheck.linear, crosscheck.model) is a directory that can be made and
+    written (None passes)."""
+    if path is None:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        parser.error(f"--export {path!r} exists and is not a directory")
+    problem = unwritable_dir(path, create=True)
+    if problem:
+        parser.error(f"--export {path!r}: cannot write there ({problem})")
 
 
 def check_shape(parser, shape: tuple[int, ...], in_features: int, out_features: int) -> None:
@@ -359,7 +365,7 @@ def check_shape(parser, shape: tuple[int, ...], in_features: int, out_features: 
 
     text = ",".join(map(str, shape))
     if len(shape) < 2:
-        parser.error(f"--input-shape {text}: give at least 2 dimensions, e.g. 1,{shape[0]} (torch's quantized "
+        parser.error(f"--input-shape {text}: give at least 2 dimensions, e.g. 1,{shape[0]} (torch's quantized::"
                      f"linear refuses 1-D input: 'The dimension of input tensor should be larger than or equal to 2')")
     if shape[-1] != in_features:
         parser.error(f"--input-shape {text}: the last dimension ({shape[-1]}) must equal --in-features "

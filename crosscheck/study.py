@@ -24,7 +24,6 @@ needs torch itself.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +35,7 @@ from .model_study import ModelComparison, Perturber, _flip_lsb, receive_environm
 from .model_study import environment as model_environment
 from .model_study import refquant_observer_state, warm_up_refquant  # noqa: F401  (re-exported)
 from .progress import Progress
+from .runner import ErrorSums
 from .torch_record import TorchStudy
 
 _Perturber = Perturber
@@ -56,6 +56,7 @@ class StudyConfig:
     bias: bool = True
     engine: str = "fbgemm"
     isa: str = "auto"  # crosscheck.isa.ISAS: the kernel family torch's fbgemm is to run (auto: what this machine runs)
+    requantization: tuple[str, ...] = ()  # integer variants to measure (crosscheck.requantization; refquant only)
     torch_side = "crosscheck.torch_study:torch_events"  # what the torch worker runs (crosscheck.worker)
 
     def torch_kwargs(self) -> dict:
@@ -66,37 +67,8 @@ class StudyConfig:
     def to_json(self) -> dict:
         d = dict(self.__dict__)
         d["input_shape"] = list(self.input_shape)
+        d["requantization"] = list(self.requantization)
         return d
-
-
-class _ErrorSums:
-    def __init__(self) -> None:
-        self.n = 0
-        self.sum_abs = 0.0
-        self.max_abs = 0.0
-        self.sum_sq_err = 0.0
-        self.sum_sq_ref = 0.0
-
-    def update(self, e: np.ndarray, yf: np.ndarray) -> None:
-        if e.size == 0:
-            return
-        abs_e = np.abs(e)
-        self.n += e.size
-        self.sum_abs += float(abs_e.sum())
-        self.max_abs = max(self.max_abs, float(abs_e.max()))
-        self.sum_sq_err += float((e * e).sum())
-        self.sum_sq_ref += float((yf * yf).sum())
-
-    def result(self) -> dict[str, float]:
-        if self.n == 0:
-            return {"n": 0, "mean_abs": math.nan, "max_abs": math.nan, "sqnr_db": math.nan}
-        if self.sum_sq_err == 0:
-            sqnr = math.inf
-        elif self.sum_sq_ref == 0:
-            sqnr = -math.inf
-        else:
-            sqnr = 10.0 * math.log10(self.sum_sq_ref / self.sum_sq_err)
-        return {"n": self.n, "mean_abs": self.sum_abs / self.n, "max_abs": self.max_abs, "sqnr_db": sqnr}
 
 
 def inside_ranges(x: np.ndarray, y_float: np.ndarray, input_qparams: tuple, output_qparams: tuple) -> np.ndarray:
@@ -132,7 +104,7 @@ class ErrorStats:
     """
 
     def __init__(self, keep_errors: int = 0):
-        self.all, self.inside, self.clipped = _ErrorSums(), _ErrorSums(), _ErrorSums()
+        self.all, self.inside, self.clipped = ErrorSums(), ErrorSums(), ErrorSums()
         self.keep_errors = keep_errors
         self.kept: list[np.ndarray] = []
         self.kept_inside: list[np.ndarray] = []
@@ -142,11 +114,11 @@ class ErrorStats:
         yq = np.asarray(y_quantized, np.float64)
         yf = np.asarray(y_float, np.float64)
         e = yq - yf
-        self.all.update(e, yf)
+        self.all.add(e, yf)
         if inside is not None:
             inside = np.broadcast_to(inside, e.shape)
-            self.inside.update(e[inside], yf[inside])
-            self.clipped.update(e[~inside], yf[~inside])
+            self.inside.add(e[inside], yf[inside])
+            self.clipped.add(e[~inside], yf[~inside])
         if self.kept_n < self.keep_errors:
             take = e.reshape(-1)[: self.keep_errors - self.kept_n]
             self.kept.append(take.copy())
@@ -210,7 +182,7 @@ NOTES = {
 
 
 @dataclass
-class StudyResult:
+class StudyResult(C.CountedRows):
     config: StudyConfig
     environment: dict
     fields: list[C.Field]
@@ -224,14 +196,8 @@ class StudyResult:
     plot_data: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)  # the model study's layers (crosscheck.model_study)
     record: Any = None  # crosscheck.torch_record.ModelRecord
-
-    @property
-    def parity_fields(self) -> list[C.Field]:
-        return [f for f in self.fields if f.counted]
-
-    @property
-    def equal(self) -> bool:
-        return all(f.equal for f in self.parity_fields)
+    comparison: Any = None  # crosscheck.model_study.ModelComparison (its .export writes --export's program)
+    exported: list[str] | None = None  # the files of --export
 
 
 OBSERVER_RANGE_NOTE = ("the calibrated range: the [min, max] HistogramObserver._non_linear_param_search chose (its "
@@ -280,6 +246,8 @@ def linear_describe(config: StudyConfig):
     def describe(name: str, key: str, set_name: str | None):
         if set_name is None:
             return static.get((name, key))
+        if name == "fc" and key.startswith("output codes, requantization="):  # crosscheck.requantization's rows
+            return f"{key} ({labels[set_name]})", ""
         row = forward.get((name, key))
         return None if row is None else (f"{row[0]} ({labels[set_name]})", row[1])
 
@@ -329,7 +297,8 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
     # 2. refquant, observers fed what torch's observers saw: the model study's mirror, under this study's names
     with Progress("refquant: observers, convert", enabled=progress):
         comparison = ModelComparison(record, torch_env, describe=linear_describe(config), perturb=perturb,
-                                     batch_axis={"calibration": True}, model_output_row=False)
+                                     batch_axis={"calibration": True}, model_output_row=False,
+                                     requantizations=config.requantization)
         qm = comparison.model
         ql = qm.layer("fc")
         quant = qm.modules["quant"]
@@ -441,7 +410,7 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
     result = StudyResult(config=config, environment=environment(torch_env, config), fields=fields, torch=ts,
                          refquant=model, refquant_observed=comparison.observed, refquant_own=own, calibration=first,
                          error=error, float_forward=float_forward, layers=comparison.layers(fields),
-                         record=record)
+                         record=record, comparison=comparison)
     if plot_data:
         result.plot_data = {
             "errors": err_t.errors(),

@@ -33,9 +33,10 @@ class TorchSideError(RuntimeError):
     """The torch side failed unexpectedly; carries the worker's traceback."""
 
 
-def torch_side(config) -> Callable[..., Iterator[tuple[str, Any]]]:
-    """The events function ``config.torch_side`` names (imports its module, hence torch)."""
-    module, _, function = getattr(config, "torch_side", DEFAULT_TORCH_SIDE).partition(":")
+def torch_side(config, side: str | None = None) -> Callable[..., Iterator[tuple[str, Any]]]:
+    """The events function ``side`` ("module:function"; None: ``config.torch_side``) names (imports its module,
+    hence torch)."""
+    module, _, function = (side or getattr(config, "torch_side", DEFAULT_TORCH_SIDE)).partition(":")
     return getattr(importlib.import_module(module), function)
 
 
@@ -56,27 +57,27 @@ def run_events(events: Callable[..., Iterator[tuple[str, Any]]], config, conn, w
         conn.close()
 
 
-def _entry(config, conn, start_method: str) -> None:
+def _entry(config, conn, start_method: str, side: str | None = None) -> None:
     from .isa import apply_environment, worker_environment
 
     where = f"worker process ({start_method}ed"
     where += ", torch already imported)" if "torch" in sys.modules else " before torch was imported)"
     apply_environment(worker_environment(config.isa))  # before torch is imported in this process
-    run_events(torch_side(config), config, conn, where)  # imports torch: in the worker only
+    run_events(torch_side(config, side), config, conn, where)  # imports torch: in the worker only
 
 
-def _in_process(config) -> Iterator[tuple[str, Any]]:
-    yield from torch_side(config)(config, where="this process (torch already imported)")
+def _in_process(config, side: str | None = None) -> Iterator[tuple[str, Any]]:
+    yield from torch_side(config, side)(config, where="this process (torch already imported)")
 
 
-def _in_subprocess(config) -> Iterator[tuple[str, Any]]:
+def _in_subprocess(config, side: str | None = None) -> Iterator[tuple[str, Any]]:
     """Start the worker now; return the iterator over its events."""
     # fork is quick, and safe while this process has not loaded torch (its thread pools do not survive a fork)
     fork_ok = "fork" in mp.get_all_start_methods() and "torch" not in sys.modules
     method = "fork" if fork_ok else "spawn"
     ctx = mp.get_context(method)
     receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_entry, args=(config, sender, method), daemon=True, name="crosscheck-torch")
+    proc = ctx.Process(target=_entry, args=(config, sender, method, side), daemon=True, name="crosscheck-torch")
     proc.start()
     sender.close()
     return _receive(proc, receiver)
@@ -105,14 +106,15 @@ def _receive(proc, receiver) -> Iterator[tuple[str, Any]]:
             proc.join()
 
 
-def torch_events(config, *, subprocess: bool | None = None) -> Iterator[tuple[str, Any]]:
-    """The events of crosscheck.torch_study.torch_events, from a worker process (started at once) unless torch is
-    already loaded and runs the kernel family ``config.isa`` asks for (``subprocess=None``), or as forced by
-    ``subprocess`` (run_study then refuses a family the in-process torch cannot honour)."""
+def torch_events(config, *, subprocess: bool | None = None, side: str | None = None) -> Iterator[tuple[str, Any]]:
+    """The events of the torch side ``side`` ("module:function"; None: ``config.torch_side``, by default
+    crosscheck.torch_study.torch_events), from a worker process (started at once) unless torch is already loaded
+    and runs the kernel family ``config.isa`` asks for (``subprocess=None``), or as forced by ``subprocess``
+    (run_study then refuses a family the in-process torch cannot honour)."""
     if subprocess is None:
         subprocess = "torch" not in sys.modules
         if not subprocess and config.isa != "auto":
             from .isa import torch_fbgemm_kernel_family
 
             subprocess = torch_fbgemm_kernel_family() != config.isa  # this process cannot switch: a fresh one can
-    return _in_subprocess(config) if subprocess else _in_process(config)
+    return _in_subprocess(config, side) if subprocess else _in_process(config, side)

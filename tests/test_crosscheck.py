@@ -104,14 +104,15 @@ def test_default_study_json_matches_an_independent_torch_run():
     doc = json.loads(proc.stdout)
     assert_all_equal(doc, "default study")
     assert set(doc) == {"equal", "exit_code", "study", "fields", "calibration", "error", "float_forward",
-                        "environment", "torch_warnings", "layers"}  # as crosscheck.report.JSON_SCHEMA documents
+                        "environment", "torch_warnings", "layers", "export"}  # as crosscheck.report.JSON_SCHEMA
+    assert doc["export"] is None
     assert [(e["path"], e["torch_type"], e["calls"]) for e in doc["layers"]] == [
         ("quant", "QuantStub", ["quant"]), ("fc", "Linear", ["fc"]), ("dequant", "DeQuantStub", ["dequant"])]
     assert all(doc["fields"][i]["layer"] == e["path"] for e in doc["layers"] for i in e["fields"])
     assert set(doc["error"]["torch"]) == {"n", "mean_abs", "max_abs", "sqnr_db", "inside_ranges", "clipped"}
     assert doc["study"] == {"in_features": 3, "out_features": 3, "input_shape": [1, 2, 3, 3], "calib_batches": 1,
                             "calib_dist": "normal", "samples": 1000, "seed": 0, "relu": False, "bias": True,
-                            "engine": "fbgemm", "isa": "auto"}
+                            "engine": "fbgemm", "isa": "auto", "requantization": []}
     assert set(doc["environment"]) >= {"torch", "numpy", "numba", "engine", "cpu_isa", "vnni", "fbgemm_kernel",
                                        "fbgemm_kernel_detected_by", "refquant_saturate_int16_pairs"}
     assert doc["environment"]["engine"] == "fbgemm"
