@@ -108,7 +108,7 @@ from .export import Field, GoldenFileError, Schema, SCHEMAS, load_golden
 from .functional import flatten_shape
 from .linear import QuantizedLinear
 from .matmul import matmul_u8s8_acc32
-from .quantize import ROUNDINGS, dequantize, quantize_per_tensor
+from .quantize import PORT_ROUNDINGS, ROUNDINGS, dequantize, quantize_per_tensor, quantize_per_tensor_port
 
 MODEL_FORMAT = "refquant-golden-model/1"
 """The format string (kind "model", version 1) of a program of steps."""
@@ -665,6 +665,8 @@ def _run_step(step: ProgramStep, x: np.ndarray, layer: QuantizedLinear | None, *
     """One step on its input values: (output, acc_i32, raw_i32) -- the last two only for a linear step."""
     c = step.constants
     if step.kind == "quantize":
+        if rounding in PORT_ROUNDINGS:  # another implementation's rounding (refquant.explain)
+            return quantize_per_tensor_port(x, float(c["scale"]), int(c["zero_point"]), "quint8", rounding), None, None
         return quantize_per_tensor(x, float(c["scale"]), int(c["zero_point"]), "quint8",
                                    rounding=c["rounding"] if rounding is None else rounding), None, None
     if step.kind == "dequantize":
@@ -826,7 +828,8 @@ def run_program(program: Program, *, requantization: str | None = None, engine: 
         engine: None keeps each step's engine.
         bias_rule: with an integer variant, the int32 bias rule (refquant.fixed_point.BIAS_RULES) instead of the
             variant's own.
-        rounding: the QuantStub rounding (refquant.quantize.ROUNDINGS) instead of the file's.
+        rounding: the QuantStub rounding (refquant.quantize.ROUNDINGS, or another implementation's of
+            refquant.quantize.PORT_ROUNDINGS) instead of the file's.
         saturate_int16_pairs, onednn_kernel: the CPU kernel to model instead of the file's.
         chained: True runs the program end to end from tensor 0 (every step on what the previous computed);
             False runs each step on the program's own input tensor, so a difference stays in the step that made it.
@@ -840,8 +843,8 @@ def run_program(program: Program, *, requantization: str | None = None, engine: 
         raise ValueError(f"requantization must be None or one of {REQUANTIZATION_NAMES}, got {requantization!r}")
     if bias_rule is not None and bias_rule not in fp.BIAS_RULES:
         raise ValueError(f"bias_rule must be None or one of {fp.BIAS_RULES}, got {bias_rule!r}")
-    if rounding is not None and rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be None or one of {ROUNDINGS}, got {rounding!r}")
+    if rounding is not None and rounding not in ROUNDINGS and rounding not in PORT_ROUNDINGS:
+        raise ValueError(f"rounding must be None or one of {ROUNDINGS + tuple(PORT_ROUNDINGS)}, got {rounding!r}")
     run = ProgramRun(program, chained, [program.tensors[0]])
     for s in program.steps:
         x = run.tensors[s.input] if chained else program.tensors[s.input]
