@@ -37,7 +37,8 @@ differing element is *explained* when a consistent variant reproduces it; its ca
 that reproduces all their codes if one does, else the consistent one that explains most) and what it changes. An
 element no consistent variant reproduces is reported as unexplained, with its intermediates, and no cause. So
 random ±1 noise stays unexplained: a variant that would move exactly the noisy codes, in their direction, and no
-other, is the only way noise can be explained away.
+other, is the only way noise can be explained away; and a variant that does not reproduce all their codes must
+change at least :data:`MIN_SUPPORT` codes to explain any.
 
 For each differing element, both codes and the golden's intermediates at the step that wrote it (the linear step,
 through any ReLU / Identity / Flatten after it): the int32 accumulator, ``raw`` (after the zero-point corrections),
@@ -71,6 +72,11 @@ from .program import Program, ProgramRun, load_program, program_from_fields, run
 from .quantize import PORT_ROUNDINGS, ROUNDINGS
 
 AXES: tuple[str, ...] = ("requantization", "engine", "kernel", "input_rounding", "zero_point")
+
+MIN_SUPPORT = 3
+"""A variant that does not reproduce all their codes explains elements only if it changes at least this many codes
+(all of them to their codes): one or two changed codes that happen to match would let random ±1 noise pass for a
+cause (a chance of about (p/2)^m for noise at rate p on m changed codes)."""
 
 VARIANT_WHAT: dict[str, str] = {
     "fbgemm_fixed_point": "int32 bias and FBGEMM's fixed-point multiplier, one rounding half up (eqs. I1a, I2a, I4)",
@@ -611,8 +617,8 @@ def explain(golden_or_program: object, their_codes: object, *, their_input_codes
             useful = [singles[r.name] for r in results if r.name in singles and r.changes
                       and (r.explains or (runs[r.name].tensors[T] == theirs)[differs].any())]
             tried = 0
-            for a, b in itertools.combinations([singles[r.name] for r in results if r.name in singles
-                                                and r.changes], 2):
+            # a member may change nothing alone and still matter with the other (tflite's ties after saturation)
+            for a, b in itertools.combinations([singles[r.name] for r in results if r.name in singles], 2):
                 if a not in useful and b not in useful:
                     continue
                 ab = a.combined(b)
@@ -633,7 +639,8 @@ def explain(golden_or_program: object, their_codes: object, *, their_input_codes
 
     elements = []
     explained_mask = np.zeros(golden.shape, bool)
-    by_strength = sorted((r for r in results if r.consistent and r.explains),
+    by_strength = sorted((r for r in results if r.consistent and r.explains
+                          and (r.name in reproducing or r.changes >= MIN_SUPPORT)),
                          key=lambda r: (r.name != best, -r.explains))
     layers: dict = {}
     shown = program if reference_run is None else base
