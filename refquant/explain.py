@@ -20,6 +20,7 @@ layers -- and compares each run's codes with theirs::
                      textbook_float64_half_away, textbook_float32  float32)
     zero_point       <step>.zero_point_plus_one / _minus_one       one tensor's zero point off by one, wherever that
                                                                    tensor is written and read
+    zero_point_sign  input_zero_point_negated                      the sign of z_x flipped in eq. L5 (every linear)
 
 Only variants that differ from the file's own arithmetic are listed (a golden on x86 lists fbgemm, qnnpack, onednn),
 and only where they apply (oneDNN refuses asymmetric weights: that variant is skipped, with the reason). When no
@@ -27,8 +28,9 @@ single variant reproduces all their codes, every **combination of two** variants
 (named ``a+b``; only pairs where one member reproduces at least one of their differing codes).
 
 Slips not modelled, because they cannot be recomputed exactly from a golden file: ``reduce_range`` (it changes the
-scale the observer computed from the calibration range, which the file does not hold), and a zero point taken
-with the wrong sign (refquant's layers hold zero points in [0, 255]; it is not one of the rebuilt programs).
+scale the observer computed from the calibration range, which the file does not hold); an output or QuantStub
+zero point taken with the wrong sign (the code before the clamp is not kept by the requantizers; only the linear
+input zero point's sign slip is modelled, on raw).
 
 **Verified or unexplained, nothing in between.** A variant is *consistent* with their codes when every code it
 changes (against the reference run: the file's vectors, or the file's arithmetic on their input codes) is their
@@ -71,7 +73,7 @@ from .matmul import matmul_u8s8_acc32
 from .program import Program, ProgramRun, load_program, program_from_fields, run_program
 from .quantize import PORT_ROUNDINGS, ROUNDINGS
 
-AXES: tuple[str, ...] = ("requantization", "engine", "kernel", "input_rounding", "zero_point")
+AXES: tuple[str, ...] = ("requantization", "engine", "kernel", "input_rounding", "zero_point", "zero_point_sign")
 
 MIN_SUPPORT = 3
 """A variant that does not reproduce all their codes explains elements only if it changes at least this many codes
@@ -93,6 +95,8 @@ VARIANT_WHAT: dict[str, str] = {
     "int16_saturation": "pairs of u8·s8 products saturated to int16 before the int32 sum (vpmaddubsw, pre-VNNI CPUs; "
                         "eq. M2)",
     "no_int16_saturation": "exact int32 sums of the products (VNNI vpdpbusd), where the golden saturated int16 pairs",
+    "input_zero_point_negated": "every linear's input zero point with the wrong sign: raw = acc + z_x·col_offsets "
+                                "instead of acc − z_x·col_offsets (eq. L5)",
     "fbgemm_legacy_fma": "QuantStub: fmaf(x, 1/scale, zero_point), one rounding, half to even (eq. Q1)",
     "nearbyint_then_add": "QuantStub: rint(x·(1/scale)) + zero_point, the later FBGEMM's rounding",
     "multiply_then_add": "QuantStub without FMA: f32(f32(x·(1/scale)) + zero_point), two roundings (eq. Q1c)",
@@ -196,8 +200,9 @@ def variants_of(program: Program) -> list[Variant]:
     for v in fp.VARIANTS:
         for rule in fp.BIAS_RULES:
             if rule != fp.DEFAULT_BIAS_RULE[v] and any(s.constants["has_bias"] for s in linear):
+                eq = fp.BIAS_RULE_DEFINITIONS[rule][:9]  # "eq. I1b: ..."
                 out.append(Variant(f"{v}[bias={rule}]", "requantization",
-                                   f"{VARIANT_WHAT[v]}, the bias by rule {rule!r} ({fp.BIAS_RULE_DEFINITIONS[rule][:9]})",
+                                   f"{VARIANT_WHAT[v]}, the bias by rule {rule!r} ({eq})",
                                    (("requantization", v), ("bias_rule", rule))))
     for e in ENGINES:
         if linear and engines != {e}:
@@ -218,6 +223,9 @@ def variants_of(program: Program) -> list[Variant]:
         for k in ONEDNN_KERNELS:
             if kernels != {k}:
                 out.append(Variant(f"onednn_{k}", "kernel", VARIANT_WHAT[f"onednn_{k}"], (("onednn_kernel", k),)))
+    if any(int(s.constants["input_zero_point"]) for s in linear):
+        out.append(Variant("input_zero_point_negated", "zero_point_sign", VARIANT_WHAT["input_zero_point_negated"],
+                           (("negate_input_zero_point", True),)))
     roundings = {s.constants["rounding"] for s in program.steps if s.kind == "quantize"}
     if roundings:
         for r in (*ROUNDINGS, *PORT_ROUNDINGS):

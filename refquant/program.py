@@ -661,7 +661,8 @@ def _model_steps(model: object, requantization: str | None) -> tuple[list[Progra
 
 
 def _run_step(step: ProgramStep, x: np.ndarray, layer: QuantizedLinear | None, *, rounding: str | None = None,
-              requantizer=None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+              requantizer=None, negate_input_zero_point: bool = False
+              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """One step on its input values: (output, acc_i32, raw_i32) -- the last two only for a linear step."""
     c = step.constants
     if step.kind == "quantize":
@@ -683,6 +684,9 @@ def _run_step(step: ProgramStep, x: np.ndarray, layer: QuantizedLinear | None, *
     x2d = np.ascontiguousarray(x.reshape(-1, layer.in_features))
     acc = matmul_u8s8_acc32(x2d, layer.weight_int8, saturate_int16_pairs=layer.saturate_int16_pairs)
     raw = layer.accumulate(x)
+    if negate_input_zero_point:  # a port's sign slip: acc + z_x·col_offsets, i.e. raw + 2·z_x·col_offsets (int32)
+        raw = (raw.astype(np.int64) + 2 * int(layer.input_zero_point) * layer.col_offsets.astype(np.int64)
+               ).astype(np.int32)  # astype keeps the low 32 bits: int32's wrap
     y = layer.requantize(raw) if requantizer is None else requantizer.requantize(raw)
     return y, acc.reshape(lead + (layer.out_features,)), raw
 
@@ -817,7 +821,7 @@ class ProgramRun:
 def run_program(program: Program, *, requantization: str | None = None, engine: str | None = None,
                 bias_rule: str | None = None, rounding: str | None = None,
                 saturate_int16_pairs: bool | None = None, onednn_kernel: str | None = None,
-                chained: bool = True) -> ProgramRun:
+                negate_input_zero_point: bool = False, chained: bool = True) -> ProgramRun:
     """Run a program again with refquant: every step, from its primary quantities (weights, scales, zero points,
     bias: :meth:`ProgramStep.layer`), optionally with another requantization, engine or bias rule for every linear
     step and another QuantStub rounding.
@@ -831,6 +835,9 @@ def run_program(program: Program, *, requantization: str | None = None, engine: 
         rounding: the QuantStub rounding (refquant.quantize.ROUNDINGS, or another implementation's of
             refquant.quantize.PORT_ROUNDINGS) instead of the file's.
         saturate_int16_pairs, onednn_kernel: the CPU kernel to model instead of the file's.
+        negate_input_zero_point: model a port that takes every linear step's input zero point with the wrong sign,
+            acc + z_x·col_offsets[n] instead of eq. L5's acc − z_x·col_offsets[n] (the weight zero-point term kept),
+            in int32 (refquant.explain's "input_zero_point_negated").
         chained: True runs the program end to end from tensor 0 (every step on what the previous computed);
             False runs each step on the program's own input tensor, so a difference stays in the step that made it.
 
@@ -861,7 +868,8 @@ def run_program(program: Program, *, requantization: str | None = None, engine: 
                                      f"{layer.requantization!r}")
                 requantizer = fp.IntegerRequantizer.build(layer.requantization, layer.qparams(), bias_rule=bias_rule)
             run.layers[s.index] = layer
-        y, acc, raw = _run_step(s, x, layer, rounding=rounding, requantizer=requantizer)
+        y, acc, raw = _run_step(s, x, layer, rounding=rounding, requantizer=requantizer,
+                                negate_input_zero_point=negate_input_zero_point)
         run.tensors.append(y)
         if s.kind == "linear":
             run.acc_i32[s.index], run.raw_i32[s.index] = acc, raw

@@ -317,6 +317,18 @@ def test_zero_point_off_by_one(rng):
         assert rep.differing > 0
 
 
+def test_input_zero_point_sign(rng):
+    """A port that folds the input zero point with the wrong sign: Σ (x + z_x)·w."""
+    named = 0
+    for _ in range(8):
+        p = layer_golden(rng, M=16)
+        c = p.steps[0].constants
+        raw = port_raw(p.tensors[0], c["weight_int8"], -int(c["input_zero_point"]))
+        rep = assert_explains(p, port_torch_float(raw, c), "input_zero_point_negated")
+        named += rep.differing > 0
+    assert named >= 6
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # two known differences, models of several layers
 # ----------------------------------------------------------------------------------------------------------------
