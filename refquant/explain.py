@@ -621,7 +621,7 @@ def explain(golden_or_program: object, their_codes: object, *, their_input_codes
         for v in variants:
             singles[v.name] = v
             attempt(v)
-        if not any(r.differing == 0 for r in results):
+        if not any(r.differing == 0 and not r.accumulators_differing for r in results):
             useful = [singles[r.name] for r in results if r.name in singles and r.changes
                       and (r.explains or (runs[r.name].tensors[T] == theirs)[differs].any())]
             tried = 0
@@ -638,7 +638,7 @@ def explain(golden_or_program: object, their_codes: object, *, their_input_codes
                 tried += 1
                 attempt(ab)
 
-    reproducing = [r.name for r in results if r.differing == 0 and differs.any()]
+    reproducing = [r.name for r in results if r.differing == 0 and not r.accumulators_differing and differs.any()]
     best = reproducing[0] if reproducing else None
     acc_differing = None
     if their_acc is not None:

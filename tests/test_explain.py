@@ -268,7 +268,7 @@ def test_requantization_ports_on_random_layers(rng, port, intended, least):
 def test_qnnpack_formula(rng):
     named = 0
     for _ in range(20):
-        p = layer_golden(rng, qscheme="per_tensor_symmetric", M=48)
+        p = layer_golden(rng, qscheme="per_tensor_symmetric", M=256)
         c = p.steps[0].constants
         theirs = port_qnnpack(port_raw(p.tensors[0], c["weight_int8"], int(c["input_zero_point"])), c)
         rep = assert_explains(p, theirs, "qnnpack")
@@ -434,9 +434,9 @@ def test_bad_arguments():
 # torch's own goldens
 # ----------------------------------------------------------------------------------------------------------------
 
-def test_torch_golden(rng, tmp_path):
+def torch_golden(rng, tmp_path):
     """A torch eager model (QuantStub, Linear, ReLU, Linear, DeQuantStub) converted by torch on fbgemm, read by
-    crosscheck.from_torch and exported: the golden's codes are torch's; a TFLite port of it is explained."""
+    crosscheck.from_torch and exported by refquant.export.export_model; its output codes checked to be torch's."""
     import torch
     from torch import nn
 
@@ -461,7 +461,7 @@ def test_torch_golden(rng, tmp_path):
         for _ in range(3):
             prepared(torch.randn(32, net.fc1.in_features) * 1.5)
         converted = torch.ao.quantization.convert(prepared)
-        x = (torch.randn(48, net.fc1.in_features) * 1.5)
+        x = (torch.randn(64, net.fc1.in_features) * 1.5)
         with torch.no_grad():
             q = converted.quant(x)
             h = converted.relu(converted.fc1(q))
@@ -470,10 +470,40 @@ def test_torch_golden(rng, tmp_path):
     export_model(model, x.numpy(), tmp_path / "torch_net", header=False)
     p = pg.load_program(tmp_path / "torch_net.npz")
     assert np.array_equal(p.tensors[p.steps[-1].input], out_codes), "the golden is not torch's"
-    theirs = port_model(p, linear=port_tflite)
-    rep = assert_explains(p, theirs, "tflite")
     COUNTS["torch golden codes"] += out_codes.size
+    return p, out_codes
+
+
+def test_torch_golden(rng, tmp_path):
+    """On torch's golden, a TFLite port of both Linears is explained, and torch's own codes are equal."""
+    p, out_codes = torch_golden(rng, tmp_path)
+    assert_explains(p, port_model(p, linear=port_tflite), "tflite")
     assert explain(p, out_codes).differing == 0
+
+
+def test_cli_on_torch_golden(rng, tmp_path, capsys):
+    """The command line on torch's golden: a TFLite port explained (exit 0, JSON); one code changed more stays
+    unexplained, alone, with its intermediates and no cause (exit 1)."""
+    p, _ = torch_golden(rng, tmp_path)
+    theirs = port_model(p, linear=port_tflite)
+    np.save(tmp_path / "port.npy", theirs.astype(np.int16))
+    rc = cli.main([str(tmp_path / "torch_net.json"), str(tmp_path / "port.npy"), "--json", str(tmp_path / "r.json")])
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert rc == 0 and doc["explained"] == doc["differing"]
+    assert doc["differing"] == 0 or "tflite" in doc["reproducing"]
+    golden = p.tensors[p.steps[-1].input]
+    same = np.flatnonzero((theirs == golden).reshape(-1))
+    noisy = theirs.astype(np.int64).reshape(-1)
+    k = same[len(same) // 2]
+    noisy[k] = noisy[k] + 1 if noisy[k] < 255 else 254
+    np.savetxt(tmp_path / "noisy.txt", noisy.reshape(theirs.shape), fmt="%d")
+    rc = cli.main([str(tmp_path / "torch_net.npz"), str(tmp_path / "noisy.txt"), "--json", str(tmp_path / "n.json")])
+    doc = json.loads((tmp_path / "n.json").read_text())
+    unexplained = [e for e in doc["elements"] if not e["explained"]]
+    assert rc == 1 and [e["index"] for e in unexplained] == [[int(i) for i in np.unravel_index(k, theirs.shape)]]
+    assert unexplained[0]["cause"] is None and "value_exact" in unexplained[0]["golden_intermediates"]
+    assert doc["explained"] == doc["differing"] - 1
+    assert "UNEXPLAINED" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------------------
