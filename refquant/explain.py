@@ -327,8 +327,27 @@ def before_rounding(layer, raw: int, n: int) -> dict[str, Any]:
                 facts |= _rounding_facts(Fraction(h, 2 ** max(-s, 0)), "half_away")
         r = facts["rounded"]
         return facts | _clamp_facts(r, rq.output_zero_point, rq.quant_min, rq.quant_max)
-    if isinstance(rq, OnednnRequantizer):
-        return {"formula": "oneDNN's epilogue (eqs. DN4-DN7): its value before rounding is not decomposed here"}
+    if isinstance(rq, OnednnRequantizer):  # eqs. DN4-DN7
+        if rq.kernel == "brgemm_amx":
+            acc = int(fp.wrap_int32(np.int64(raw) - np.int64(rq.compensation[n])))
+            t = np.float32(np.float32(acc) + np.float32(rq.compensation[n]))  # eq. DN4b
+        else:
+            t = np.float32(raw)  # eq. DN4a
+        if rq.kernel == "brgemm":
+            v = np.float32(np.float32(t * rq.input_scale_onednn) * rq.weight_scales_onednn[n])  # eq. DN5a
+        else:
+            v = np.float32(t * rq.output_scales[n])  # eq. DN5b
+        if rq.bias is not None:
+            v = np.float32(v + rq.bias[n])  # eq. DN5c
+        if rq.relu:
+            v = v if v > 0 else np.float32(0)
+        v = np.float32(np.float32(v * rq.dst_multiplier) + np.float32(rq.output_zero_point))  # eq. DN6
+        clamp = "low" if v < 0 else "high" if v > 255 else None
+        v = np.float32(min(max(v, np.float32(0)), np.float32(255)))  # eq. DN7: saturate in float32, then RNE
+        facts = {"formula": "v = clamp(f32(f32(scaled raw + bias)·dst_multiplier) + z_y, 0, 255), the zero point "
+                            "added before rounding (eqs. DN4-DN7)"} | _rounding_facts(Fraction(float(v)), "half_even")
+        return facts | {"output_zero_point": rq.output_zero_point, "clamp": clamp, "clamp_range": [0, 255],
+                        "code": facts["rounded"]}
     return {"formula": f"{type(rq).__name__}: not decomposed"}
 
 

@@ -152,6 +152,8 @@ def port_quantize(x, c, how):
         r = np.rint(((x * inv).astype(F32) + F32(z)).astype(F32))
     elif how == "textbook64":
         r = np.round(x.astype(np.float64) / float(c["scale"]) + z)
+    elif how == "textbook32":  # torch's test reference, common_quantized._quantize, on a float32 x
+        r = np.round(x / float(c["scale"]) + z)
     else:
         v = np.array([float(_round_f32(Fraction(float(xi)) * Fraction(float(inv)) + z)) for xi in x.reshape(-1)])
         r = _half_away(v).reshape(x.shape)
@@ -291,7 +293,7 @@ def test_int16_saturation(rng):
 
 
 @pytest.mark.parametrize("how, intended", [("fma_half_away", "half_away"), ("no_fma", "multiply_then_add"),
-                                           ("textbook64", "textbook_float64")])
+                                           ("textbook64", "textbook_float64"), ("textbook32", "textbook_float32")])
 def test_quantstub_roundings(rng, how, intended):
     named = 0
     for _ in range(8):
@@ -315,6 +317,54 @@ def test_zero_point_off_by_one(rng):
         theirs = port_model(p, linear=lambda raw, c: port_torch_float(raw, c, zy_delta=1))
         rep = assert_explains(p, theirs, f"{lin.name}.zero_point_plus_one")
         assert rep.differing > 0
+
+
+@pytest.mark.parametrize("engine", ["qnnpack"])
+def test_golden_of_another_engine(rng, engine):
+    """A golden from qnnpack's layer; the port runs torch's fbgemm float path (per-channel weights)."""
+    named = 0
+    for _ in range(30):  # until 3 layers gave differing codes
+        if named == 3:
+            break
+        ql = _layer(rng, int(rng.integers(4, 48)), int(rng.integers(2, 24)), qscheme="per_channel_symmetric")
+        ql = QuantizedLinear(ql.weight_int8, ql.weight_scales_f64, ql.weight_zero_points, ql.bias, ql.input_scale,
+                             ql.input_zero_point, ql.output_scale, ql.output_zero_point, relu=ql.relu,
+                             weight_qscheme=ql.weight_qscheme, engine=engine)
+        p = pg.program_from_fields(pg.linear_program(ql, rng.integers(0, 256, (512, ql.in_features), np.uint8)))
+        c = p.steps[0].constants
+        rep = assert_explains(p, port_torch_float(port_raw(p.tensors[0], c["weight_int8"],
+                                                           int(c["input_zero_point"])), c), "fbgemm")
+        named += rep.differing > 0
+        for e in rep.elements:  # the golden's own decomposition rounds to the golden's code
+            assert e.golden_intermediates["code"] == e.golden, e.golden_intermediates
+    assert named >= 3
+
+
+@pytest.mark.parametrize("engine", ["fbgemm", "qnnpack", "onednn"])
+def test_decomposition_rounds_to_the_code(rng, engine):
+    """refquant.explain.before_rounding, the value each requantization rounds last, rounds and clamps to the code
+    the layer computes, for every element (the engines' float paths and the integer variants, every oneDNN kernel;
+    ties included: power-of-two scales)."""
+    from refquant import fixed_point as fp
+    from refquant.explain import before_rounding
+
+    kernels = ["brgemm", "brgemm_amx", "gemm"] if engine == "onednn" else ["brgemm"]
+    for trial in range(6):
+        ql0 = _layer(rng, int(rng.integers(2, 24)), int(rng.integers(1, 12)),
+                     qscheme="per_channel_symmetric" if trial % 2 else "per_tensor_symmetric")
+        sy = 2.0 ** int(rng.integers(-8, -3)) if trial % 3 == 0 else ql0.output_scale
+        for requantization in (None, *fp.VARIANTS):
+            c = slice(None) if ql0.per_channel else slice(0, 1)
+            ql = QuantizedLinear(ql0.weight_int8, ql0.weight_scales_f64[c], ql0.weight_zero_points[c], ql0.bias,
+                                 ql0.input_scale, ql0.input_zero_point, sy, ql0.output_zero_point, relu=ql0.relu,
+                                 weight_qscheme=ql0.weight_qscheme, engine=engine, requantization=requantization,
+                                 onednn_kernel=kernels[trial % len(kernels)])
+            x = rng.integers(0, 256, (8, ql.in_features), dtype=np.uint8)
+            raw, y = ql.accumulate(x), ql(x)
+            for (m, n), code in np.ndenumerate(y):
+                d = before_rounding(ql, int(raw[m, n]), n)
+                assert d["code"] == code, (engine, ql.requantization, d)
+                COUNTS["decomposed codes"] += 1
 
 
 def test_input_zero_point_sign(rng):
@@ -379,7 +429,8 @@ def test_noise_is_never_explained(rng):
         theirs = golden.astype(np.int64)
         hit = rng.random(theirs.shape) < 0.02
         hit.reshape(-1)[0] = True
-        theirs = np.clip(theirs + np.where(hit, rng.choice([-1, 1], theirs.shape), 0), 0, 255)
+        sign = np.where(theirs == 0, 1, np.where(theirs == 255, -1, rng.choice([-1, 1], theirs.shape)))
+        theirs = theirs + np.where(hit, sign, 0)  # every hit changes its code
         rep = explain(p, theirs)
         assert rep.explained == 0 and rep.best_variant is None, rep.render()
         assert all(not e.explained and e.cause is None for e in rep.elements)
@@ -499,10 +550,13 @@ def test_cli_on_torch_golden(rng, tmp_path, capsys):
     np.savetxt(tmp_path / "noisy.txt", noisy.reshape(theirs.shape), fmt="%d")
     rc = cli.main([str(tmp_path / "torch_net.npz"), str(tmp_path / "noisy.txt"), "--json", str(tmp_path / "n.json")])
     doc = json.loads((tmp_path / "n.json").read_text())
-    unexplained = [e for e in doc["elements"] if not e["explained"]]
-    assert rc == 1 and [e["index"] for e in unexplained] == [[int(i) for i in np.unravel_index(k, theirs.shape)]]
-    assert unexplained[0]["cause"] is None and "value_exact" in unexplained[0]["golden_intermediates"]
-    assert doc["explained"] == doc["differing"] - 1
+    unexplained = {tuple(e["index"]): e for e in doc["elements"] if not e["explained"]}
+    noisy_index = tuple(int(i) for i in np.unravel_index(k, theirs.shape))
+    assert rc == 1 and noisy_index in unexplained
+    assert all(e["cause"] is None and "value_exact" in e["golden_intermediates"] for e in unexplained.values())
+    tflite = next(v for v in doc["variants"] if v["name"] == "tflite")
+    if tflite["changes"] >= MIN_SUPPORT:  # else tflite's few codes are too little evidence once it is not complete
+        assert list(unexplained) == [noisy_index] and doc["explained"] == doc["differing"] - 1
     assert "UNEXPLAINED" in capsys.readouterr().out
 
 
