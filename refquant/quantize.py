@@ -31,6 +31,11 @@ A third rounding is oneDNN's f32 -> u8 reorder (its dynamic quantized Linear qua
 refquant.dynamic), two roundings and no FMA:
 
     v = f32(f32(x * inv) + f32(zero_point));  q = clamp(RNE(v), quant_min, quant_max)      (eq. Q1c)
+
+Other implementations round in ways no torch path does (half away from zero; the textbook
+``np.round(x / scale + zero_point)`` of torch's own test reference, in double or in float32):
+:data:`PORT_ROUNDINGS` names them with their formulas and :func:`quantize_per_tensor_port` computes them exactly, for
+refquant.explain (refquant.program.run_program(rounding=...) runs a golden program with them).
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ from crosscheck import explain as cli
 from refquant.explain import MIN_SUPPORT, explain
 from refquant.export import export_linear, export_model
 from refquant.linear import QuantizedLinear
-from refquant.pipeline import ObservedLinear, QuantizedLinearModel
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS: Counter = Counter()
@@ -306,6 +305,27 @@ def test_quantstub_roundings(rng, how, intended):
         assert rep2.input.explained == rep2.input.differing and rep2.explained == rep2.differing
         assert rep2.input.differing == 0 or intended in [v.name for v in rep2.input.variants if v.differing == 0]
     assert named >= 4
+
+
+def test_port_roundings_equal_the_ports(rng):
+    """refquant.quantize.quantize_per_tensor_port (what run_program runs for the explainer) equals the ports above,
+    on near-ties, exact ties (a power-of-two scale), the range's ends and infinities; NaN is refused."""
+    from refquant.quantize import quantize_per_tensor_port
+
+    for scale in (float(10.0 ** rng.uniform(-3, 0)), 2.0 ** -5):
+        z = int(rng.integers(0, 256))
+        k = rng.integers(-20, 280, 4000)
+        x = ((k + 0.5 - z) * scale).astype(F32)
+        x[:4] = [np.inf, -np.inf, 1e30, -1e30]
+        c = {"scale": scale, "zero_point": z}
+        for how, name in [("fma_half_away", "half_away"), ("textbook64", "textbook_float64"),
+                          ("textbook32", "textbook_float32")]:
+            with np.errstate(invalid="ignore", over="ignore"):
+                expected = port_quantize(x[4:], c, how)
+            assert np.array_equal(quantize_per_tensor_port(x[4:], scale, z, "quint8", name), expected), name
+            assert quantize_per_tensor_port(x[:4], scale, z, "quint8", name).tolist() == [255, 0, 255, 0]
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_per_tensor_port(np.float32([np.nan]), 0.1, 0, "quint8", "half_away")
 
 
 def test_zero_point_off_by_one(rng):
