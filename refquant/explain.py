@@ -543,12 +543,15 @@ def _subprogram_from_input_codes(program: Program, codes: np.ndarray) -> Program
     return Program(program.format, steps, [codes, *program.tensors[2:]], program.output - 1, program.source)
 
 
-def _score(name, axis, what, codes, reference, theirs, acc=None, their_acc=None) -> tuple[VariantResult, np.ndarray]:
+def _score(name, axis, what, codes, reference, theirs, golden, acc=None, their_acc=None
+           ) -> tuple[VariantResult, np.ndarray]:
+    """A variant's codes against theirs: consistent when every code it changes from the ``reference`` run is
+    theirs; then it explains their codes that differ from the ``golden`` file's and that it reproduces."""
     changes = codes != reference
     reproduces = codes == theirs
     acc_diff = None if their_acc is None or acc is None else int((acc != their_acc).sum())
     consistent = bool(changes.any()) and bool(reproduces[changes].all()) and not acc_diff
-    explains = consistent & reproduces & (theirs != reference)  # (against the reference run)
+    explains = consistent & reproduces & (theirs != golden)
     return (VariantResult(name, axis, what, int((~reproduces).sum()), int(changes.sum()), consistent,
                           int(explains.sum()), acc_diff), explains)
 
@@ -631,7 +634,7 @@ def explain(golden_or_program: object, their_codes: object, *, their_input_codes
         except ValueError as err:
             skipped[v.name] = str(err)
             return
-        r, e = _score(v.name, v.axis, v.what, run.tensors[T], reference, theirs, acc_of(run), their_acc)
+        r, e = _score(v.name, v.axis, v.what, run.tensors[T], reference, theirs, golden, acc_of(run), their_acc)
         r.explains = int((e & differs).sum())
         results.append(r)
         runs[v.name], explains[v.name] = run, e & differs
@@ -670,11 +673,11 @@ def explain(golden_or_program: object, their_codes: object, *, their_input_codes
                           and (r.name in reproducing or r.changes >= MIN_SUPPORT)),
                          key=lambda r: (r.name != best, -r.explains))
     layers: dict = {}
-    shown = program if reference_run is None else base
+    T_file = T + (1 if reference_run is not None else 0)  # the codes tensor in the file's own numbering
     for idx in zip(*np.nonzero(differs)):
         idx = tuple(int(i) for i in idx)
         names = [r.name for r in by_strength if explains[r.name][idx]]
-        inter = _intermediates(shown, reference_run, T, idx, their_acc, layers)
+        inter = _intermediates(program, None, T_file, idx, their_acc, layers)  # the file's own vectors
         el = Element(idx, int(golden[idx]), int(theirs[idx]), bool(names), None, names, inter)
         if names:
             explained_mask[idx] = True
@@ -682,6 +685,8 @@ def explain(golden_or_program: object, their_codes: object, *, their_input_codes
             vi = _intermediates(base, runs[cause], T, idx, None, layers)
             what = next(r.what for r in results if r.name == cause)
             el.cause = f"{cause}: {what}; gives {int(theirs[idx])} where the golden gives {int(golden[idx])}"
+            if reference_run is not None and cause != "their_input_codes" and reference[idx] == theirs[idx]:
+                el.cause += " (their input codes alone give it)"
             if "_row" in vi and "_row" in inter and not np.array_equal(vi["_row"], inter["_row"]):
                 el.cause += " (this layer's input codes differ already: an earlier step changed them)"
             elif "raw_i32" in vi and "raw_i32" in inter and vi["raw_i32"] != inter["raw_i32"]:
@@ -743,7 +748,7 @@ def _explain_input(program: Program, their_in: np.ndarray, variants: list[Varian
             run = run_variant(Program(program.format, program.steps[:1], program.tensors[:2], 1), v)
         except ValueError:
             continue
-        r, e = _score(v.name, v.axis, v.what, run.tensors[1], golden, their_in)
+        r, e = _score(v.name, v.axis, v.what, run.tensors[1], golden, their_in, golden)
         r.explains = int((e & differs).sum())
         results.append(r)
         explains[v.name] = e & differs
