@@ -594,6 +594,31 @@ def test_cli_on_torch_golden(rng, tmp_path, capsys):
     assert "UNEXPLAINED" in capsys.readouterr().out
 
 
+def test_their_accumulators(rng):
+    """Their int32 accumulators must be reproduced too: the int16-saturating port's accumulators make
+    int16_saturation consistent; exact accumulators given with the same codes make it inconsistent."""
+    checked = 0
+    for _ in range(30):  # until 5 layers gave differing codes
+        if checked >= 5:
+            break
+        p = layer_golden(rng, high=True)
+        c = p.steps[0].constants
+        x, w = p.tensors[0], c["weight_int8"]
+        acc_sat = port_raw(x, w, 0, saturate_pairs=True)
+        raw = acc_sat - int(c["input_zero_point"]) * w.astype(np.int64).sum(axis=1)
+        theirs = port_torch_float(raw, c)
+        if (theirs == p.tensors[1]).all():
+            continue
+        rep = explain(p, theirs, their_accumulators=acc_sat)
+        assert rep.best_variant == "int16_saturation" and rep.explained == rep.differing
+        assert rep.accumulators_differing == int((acc_sat != p.steps[0].acc_i32).sum()) > 0
+        assert all("their_acc_i32" in e.golden_intermediates for e in rep.elements)
+        wrong = explain(p, theirs, their_accumulators=p.steps[0].acc_i32)
+        assert wrong.best_variant is None and wrong.explained == 0
+        checked += 1
+    assert checked >= 5
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the command line
 # ----------------------------------------------------------------------------------------------------------------
