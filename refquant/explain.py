@@ -25,7 +25,8 @@ layers -- and compares each run's codes with theirs::
 Only variants that differ from the file's own arithmetic are listed (a golden on x86 lists fbgemm, qnnpack, onednn),
 and only where they apply (oneDNN refuses asymmetric weights: that variant is skipped, with the reason). When no
 single variant reproduces all their codes, every **combination of two** variants on different axes is tried
-(named ``a+b``; only pairs where one member reproduces at least one of their differing codes).
+(named ``a+b``; pairs where at least one member reproduces one of their differing codes -- the other may change
+nothing alone, as TFLite's second rounding on codes that only int16 saturation moved to a tie).
 
 Slips not modelled, because they cannot be recomputed exactly from a golden file: ``reduce_range`` (it changes the
 scale the observer computed from the calibration range, which the file does not hold); an output or QuantStub
@@ -51,7 +52,13 @@ for an explained element the same at the variant's run.
 ``their_input_codes`` (the codes their QuantStub computed, for a golden whose first step quantizes the float input)
 separates their input rounding from the rest: the input codes are explained by the input_rounding and zero-point
 variants, and every other variant runs from their input codes. ``their_accumulators`` (the int32 accumulators of
-the last linear step) must be reproduced as well by a variant for it to count as consistent.
+the last linear step) must be reproduced as well by a variant for it to count as consistent or to reproduce their
+codes.
+
+``refquant.explain`` is the function :func:`explain` (the package exports it under the module's name); the report
+classes are imported from the module: ``from refquant.explain import Explanation``. Each variant's arithmetic is
+defined, with the upstream source it mirrors, where refquant computes it (refquant.fixed_point, refquant.engines,
+refquant.matmul, refquant.quantize); this module only re-runs programs and compares codes.
 """
 
 from __future__ import annotations
