@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -36,13 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Explain, element by element, how another implementation's output codes differ from a "
                     "refquant golden file: every modelled variant (integer requantizations and their int32-bias "
                     "rules, the other engines' formulas, int16-saturating pre-VNNI kernels, QuantStub roundings, a "
-                    "zero point off by one, and combinations of two) is run on the golden program and scored "
-                    "against their codes. An element is explained only by a variant verified to reproduce it; "
+                    "zero point off by one or the input zero point's sign flipped, and combinations of two) is "
+                    "run on the golden program and scored against their codes. An element is explained only by a variant verified to reproduce it; "
                     "everything else is reported as unexplained with its intermediates.",
         epilog="exit codes: 0 equal or fully explained, 1 something unexplained, 2 bad input (one line naming the "
                "file). Example: python -m crosscheck.model --export out && python -m crosscheck.explain "
                "out/model.json my_port_codes.txt --json why.json",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+)
     p.add_argument("golden", metavar="GOLDEN", help="the golden file (.json or .npz) written by --export / "
                                                     "refquant.export: a layer or a model with its test vectors")
     p.add_argument("theirs", metavar="THEIRS", help="their output codes for the golden's test vectors: .npy of "
@@ -146,13 +147,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     document = report.to_json()
     document["exit_code"] = EXIT_EXPLAINED if report.unexplained == 0 else EXIT_UNEXPLAINED
-    if args.json == "-":
-        json.dump(document, sys.stdout, indent=1, allow_nan=False)
-        sys.stdout.write("\n")
-    else:
-        if args.json is not None:
-            _write_json(args.json, document)
-        print(report.render(max_elements=max(args.elements, 0)))
+    if args.json not in (None, "-"):
+        _write_json(args.json, document)  # before the text: a closed stdout cannot lose it
+    try:
+        if args.json == "-":
+            json.dump(document, sys.stdout, indent=1, allow_nan=False)
+            sys.stdout.write("\n")
+        else:
+            print(report.render(max_elements=max(args.elements, 0)))
+        sys.stdout.flush()
+    except BrokenPipeError:  # a reader that stops early (| head): end quietly, as crosscheck.runner.emit does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return document["exit_code"]
 
 
