@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "refquant golden file: every modelled variant (integer requantizations and their int32-bias "
                     "rules, the other engines' formulas, int16-saturating pre-VNNI kernels, QuantStub roundings, a "
                     "zero point off by one or the input zero point's sign flipped, and combinations of two) is "
-                    "run on the golden program and scored against their codes. An element is explained only by a variant verified to reproduce it; "
-                    "everything else is reported as unexplained with its intermediates.",
+                    "run on the golden program and scored against their codes. An element is explained only by a "
+                    "variant verified to reproduce it; everything else is reported as unexplained with its "
+                    "intermediates.",
         epilog="exit codes: 0 equal or fully explained, 1 something unexplained, 2 bad input (one line naming the "
                "file). Example: python -m crosscheck.model --export out && python -m crosscheck.explain "
                "out/model.json my_port_codes.txt --json why.json",
