@@ -16,6 +16,7 @@ The path a value takes, one module per step:
     refquant.fixed_point integer-only requantization (FBGEMM's and TFLite's fixed point), requantization=<variant>
     refquant.export      golden files: a layer's integer program and test vectors for a C or HDL testbench
     refquant.program     a whole model as a golden integer program (steps, constants, vectors, C header), re-run
+    refquant.explain     which arithmetic another implementation's codes follow, element by element (explain())
 
 refquant never imports torch; ``crosscheck`` compares it with torch value by value.
 """
@@ -26,6 +27,7 @@ _numba_cache.install()  # before any kernel is defined: without a writable Numba
 
 from .dtypes import QDTYPES, qdtype_range
 from .dynamic import DynamicQuantizedLinear
+from .explain import explain  # the function; the module stays importable as `from refquant.explain import ...`
 from .histogram import HistogramObserver
 from .linear import QuantizedLinear, int32_accumulator_can_overflow
 from .pipeline import ObservedLinear, QuantizedLinearModel, linear_float
@@ -58,4 +60,5 @@ __all__ = [
     "linear_float",
     "QConfig",
     "get_default_qconfig",
+    "explain",
 ]

@@ -108,7 +108,7 @@ from .export import Field, GoldenFileError, Schema, SCHEMAS, load_golden
 from .functional import flatten_shape
 from .linear import QuantizedLinear
 from .matmul import matmul_u8s8_acc32
-from .quantize import ROUNDINGS, dequantize, quantize_per_tensor
+from .quantize import PORT_ROUNDINGS, ROUNDINGS, dequantize, quantize_per_tensor, quantize_per_tensor_port
 
 MODEL_FORMAT = "refquant-golden-model/1"
 """The format string (kind "model", version 1) of a program of steps."""
@@ -661,10 +661,13 @@ def _model_steps(model: object, requantization: str | None) -> tuple[list[Progra
 
 
 def _run_step(step: ProgramStep, x: np.ndarray, layer: QuantizedLinear | None, *, rounding: str | None = None,
-              requantizer=None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+              requantizer=None, negate_input_zero_point: bool = False
+              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """One step on its input values: (output, acc_i32, raw_i32) -- the last two only for a linear step."""
     c = step.constants
     if step.kind == "quantize":
+        if rounding in PORT_ROUNDINGS:  # another implementation's rounding (refquant.explain)
+            return quantize_per_tensor_port(x, float(c["scale"]), int(c["zero_point"]), "quint8", rounding), None, None
         return quantize_per_tensor(x, float(c["scale"]), int(c["zero_point"]), "quint8",
                                    rounding=c["rounding"] if rounding is None else rounding), None, None
     if step.kind == "dequantize":
@@ -681,6 +684,9 @@ def _run_step(step: ProgramStep, x: np.ndarray, layer: QuantizedLinear | None, *
     x2d = np.ascontiguousarray(x.reshape(-1, layer.in_features))
     acc = matmul_u8s8_acc32(x2d, layer.weight_int8, saturate_int16_pairs=layer.saturate_int16_pairs)
     raw = layer.accumulate(x)
+    if negate_input_zero_point:  # a port's sign slip: acc + z_x·col_offsets, i.e. raw + 2·z_x·col_offsets (int32)
+        raw = (raw.astype(np.int64) + 2 * int(layer.input_zero_point) * layer.col_offsets.astype(np.int64)
+               ).astype(np.int32)  # astype keeps the low 32 bits: int32's wrap
     y = layer.requantize(raw) if requantizer is None else requantizer.requantize(raw)
     return y, acc.reshape(lead + (layer.out_features,)), raw
 
@@ -815,7 +821,7 @@ class ProgramRun:
 def run_program(program: Program, *, requantization: str | None = None, engine: str | None = None,
                 bias_rule: str | None = None, rounding: str | None = None,
                 saturate_int16_pairs: bool | None = None, onednn_kernel: str | None = None,
-                chained: bool = True) -> ProgramRun:
+                negate_input_zero_point: bool = False, chained: bool = True) -> ProgramRun:
     """Run a program again with refquant: every step, from its primary quantities (weights, scales, zero points,
     bias: :meth:`ProgramStep.layer`), optionally with another requantization, engine or bias rule for every linear
     step and another QuantStub rounding.
@@ -826,8 +832,12 @@ def run_program(program: Program, *, requantization: str | None = None, engine: 
         engine: None keeps each step's engine.
         bias_rule: with an integer variant, the int32 bias rule (refquant.fixed_point.BIAS_RULES) instead of the
             variant's own.
-        rounding: the QuantStub rounding (refquant.quantize.ROUNDINGS) instead of the file's.
+        rounding: the QuantStub rounding (refquant.quantize.ROUNDINGS, or another implementation's of
+            refquant.quantize.PORT_ROUNDINGS) instead of the file's.
         saturate_int16_pairs, onednn_kernel: the CPU kernel to model instead of the file's.
+        negate_input_zero_point: model a port that takes every linear step's input zero point with the wrong sign,
+            acc + z_x·col_offsets[n] instead of eq. L5's acc − z_x·col_offsets[n] (the weight zero-point term kept),
+            in int32 (refquant.explain's "input_zero_point_negated").
         chained: True runs the program end to end from tensor 0 (every step on what the previous computed);
             False runs each step on the program's own input tensor, so a difference stays in the step that made it.
 
@@ -840,8 +850,8 @@ def run_program(program: Program, *, requantization: str | None = None, engine: 
         raise ValueError(f"requantization must be None or one of {REQUANTIZATION_NAMES}, got {requantization!r}")
     if bias_rule is not None and bias_rule not in fp.BIAS_RULES:
         raise ValueError(f"bias_rule must be None or one of {fp.BIAS_RULES}, got {bias_rule!r}")
-    if rounding is not None and rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be None or one of {ROUNDINGS}, got {rounding!r}")
+    if rounding is not None and rounding not in ROUNDINGS and rounding not in PORT_ROUNDINGS:
+        raise ValueError(f"rounding must be None or one of {ROUNDINGS + tuple(PORT_ROUNDINGS)}, got {rounding!r}")
     run = ProgramRun(program, chained, [program.tensors[0]])
     for s in program.steps:
         x = run.tensors[s.input] if chained else program.tensors[s.input]
@@ -858,7 +868,8 @@ def run_program(program: Program, *, requantization: str | None = None, engine: 
                                      f"{layer.requantization!r}")
                 requantizer = fp.IntegerRequantizer.build(layer.requantization, layer.qparams(), bias_rule=bias_rule)
             run.layers[s.index] = layer
-        y, acc, raw = _run_step(s, x, layer, rounding=rounding, requantizer=requantizer)
+        y, acc, raw = _run_step(s, x, layer, rounding=rounding, requantizer=requantizer,
+                                negate_input_zero_point=negate_input_zero_point)
         run.tensors.append(y)
         if s.kind == "linear":
             run.acc_i32[s.index], run.raw_i32[s.index] = acc, raw

@@ -31,6 +31,11 @@ A third rounding is oneDNN's f32 -> u8 reorder (its dynamic quantized Linear qua
 refquant.dynamic), two roundings and no FMA:
 
     v = f32(f32(x * inv) + f32(zero_point));  q = clamp(RNE(v), quant_min, quant_max)      (eq. Q1c)
+
+Other implementations round in ways no torch path does (half away from zero; the textbook
+``np.round(x / scale + zero_point)`` of torch's own test reference, in double or in float32):
+:data:`PORT_ROUNDINGS` names them with their formulas and :func:`quantize_per_tensor_port` computes them exactly, for
+refquant.explain (refquant.program.run_program(rounding=...) runs a golden program with them).
 """
 
 from __future__ import annotations
@@ -303,6 +308,70 @@ def _quantize_scalar_path(x_f32: np.ndarray, inv_f32: np.float32 | np.ndarray, z
     r_f64 = np.clip(r_f32.astype(np.float64), qmin, qmax)   # std::min/max in double
     r_f64[nan] = -(2.0**31)                                  # NaN: the int conversion gives INT32_MIN
     return r_f64.astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# roundings other implementations use (no torch path takes them; refquant.explain models them)
+
+PORT_ROUNDINGS: dict[str, str] = {
+    "half_away": "q = clamp(round_half_away(fmaf(x, inv, f32(zero_point))), quant_min, quant_max)   "
+                 "(eq. Q1 with C's round() for cvtps2dq's half-to-even)",
+    "textbook_float64": "q = clamp(RNE(f64(x) / f64(scale) + zero_point), quant_min, quant_max)   "
+                        "(np.round on doubles: torch's test reference _quantize fed float64 inputs)",
+    "textbook_float64_half_away": "q = clamp(round_half_away(f64(x) / f64(scale) + zero_point), quant_min, "
+                                  "quant_max)   (C's round() on doubles)",
+    "textbook_float32": "q = clamp(RNE(f32(f32(x / f32(scale)) + f32(zero_point))), quant_min, quant_max)   "
+                        "(np.round(x / scale + zero_point) on a float32 x: NumPy computes it in float32, a "
+                        "division, no reciprocal)",
+}
+"""Float -> code roundings of other implementations, by name, each with its formula (``inv = f32(1 / f32(scale))``
+as in eq. Q0; ``scale`` the double torch stores). torch's own test reference is
+torch/testing/_internal/common_quantized.py ``_quantize``: ``np.round(x / scale + zero_point)``, then clip, which is
+"textbook_float64" on float64 inputs and "textbook_float32" on float32 ones (NumPy keeps float32 against a Python
+float scale). None of these is what torch computes (eq. Q1); :func:`quantize_per_tensor_port` computes them exactly."""
+
+
+def _round_half_away(v_f64: np.ndarray) -> np.ndarray:
+    """C's round(): floor(|v| + frac >= 0.5) with the sign put back; exact on doubles (and on float32 values)."""
+    a = np.abs(v_f64)
+    fl = np.floor(a)
+    return np.copysign(fl + (a - fl >= 0.5), v_f64)
+
+
+def quantize_per_tensor_port(x: object, scale: object, zero_point: object, dtype: str, rounding: str) -> np.ndarray:
+    """Quantize float32 ``x`` as another implementation would, by one of :data:`PORT_ROUNDINGS` (quint8 / qint8).
+
+    ``scale`` is used as given (a double) by the textbook formulas, as f32(scale) by the others. NaN is refused
+    (these formulas give no defined code for it). Each formula is one NumPy statement per rounding, exact: float32
+    operations are float32 NumPy operations (one rounding each), fmaf is refquant._float32.fmaf, and the double
+    formulas are float64 NumPy operations.
+    """
+    x_f32 = _as_float32_input(x)
+    dtype = check_qdtype(dtype)
+    if dtype == "qint32":
+        raise ValueError("quantize_per_tensor_port models 8-bit codes (quint8, qint8), got dtype 'qint32'")
+    if rounding not in PORT_ROUNDINGS:
+        raise ValueError(f"rounding must be one of {tuple(PORT_ROUNDINGS)}, got {rounding!r}")
+    if np.isnan(x_f32).any():
+        raise ValueError(f"x contains {int(np.isnan(x_f32).sum())} NaN value(s); the port roundings give no code "
+                         f"for NaN")
+    scale_f32 = check_scale(scale)
+    scale_f64 = float(_scalar(scale, "scale", float))
+    zp = check_zero_point(zero_point, dtype)
+    qmin, qmax = qdtype_range(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if rounding == "half_away":
+            inv_f32 = np.float32(1) / scale_f32                                      # eq. Q0
+            v = fmaf(x_f32, inv_f32, np.float32(zp)).astype(np.float64)              # one rounding, as eq. Q1
+            r = _round_half_away(v)
+        elif rounding == "textbook_float64":
+            r = np.round(x_f32.astype(np.float64) / scale_f64 + zp)                  # np.round: half to even
+        elif rounding == "textbook_float64_half_away":
+            r = _round_half_away(x_f32.astype(np.float64) / scale_f64 + zp)
+        else:  # textbook_float32
+            t_f32 = (x_f32 / scale_f32).astype(np.float32)                           # float32 division
+            r = np.round((t_f32 + np.float32(zp)).astype(np.float32)).astype(np.float64)
+    return np.clip(r, qmin, qmax).astype(QDTYPES[dtype])
 
 
 def quantize_per_channel(x: object, scales: object, zero_points: object, axis: int, dtype: str) -> np.ndarray:
