@@ -1,4 +1,5 @@
-"""crosscheck: runs torch's eager quantization (every CPU engine, static and dynamic) and refquant side by side and compares every value.
+"""crosscheck: runs torch's eager quantization (every CPU engine, static and dynamic) and refquant side by side
+and compares every value.
 
 The only package besides the tests that imports torch, and only in ``torch_model``, ``torch_study``,
 ``torch_dynamic``, ``torch_engines_study``, ``models``, ``from_torch`` (when called) and ``isa``'s probe (all run in
