@@ -122,6 +122,13 @@ class Requantizer:
     """
 
     name: ClassVar[str]
+    epilogue: ClassVar[str | None] = None
+    """The name of this scheme's ``<name>_requantize_channel(raw_i32, n, constants)`` in refquant.fused_linear's
+    registry: the product's epilogue in QuantizedLinear's call (None: the call runs accumulate, then requantize)."""
+
+    def epilogue_constants(self) -> tuple:
+        """The constants the epilogue function takes (per-channel arrays of length N, scalars)."""
+        raise NotImplementedError
 
     def requantize(self, raw_i32: np.ndarray, *, readable: bool = False) -> np.ndarray:
         """(..., N) int32 -> (..., N) uint8; ``readable=True`` runs the NumPy statements, else the Numba kernel."""
@@ -227,15 +234,14 @@ def fbgemm_requantize_element(raw_i32, bias_mode, bias_f32, bias_term_f32, rcp_f
         t_f32 = fma_f32(bias_f32, rcp_f32, raw_f32)  # eq. L8c, one rounding
     y_f32 = np.float32(t_f32 * mult_f32)  # eq. L9
     if y_f32 >= np.float32(-2147483648.0) and y_f32 < np.float32(2147483648.0):  # false for NaN
-        r = np.int64(np.rint(y_f32))  # cvtps2dq: RNE
+        r = np.int32(np.rint(y_f32))  # cvtps2dq: RNE
     else:
-        r = np.int64(-2147483648)  # cvtps2dq's "integer indefinite" INT32_MIN, eq. L10
-    q = r + np.int64(output_zero_point)  # eq. L11
-    if q < lo:
-        q = np.int64(lo)
-    if q > 255:
-        q = np.int64(255)
-    return np.uint8(q)
+        r = np.int32(-2147483648)  # cvtps2dq's "integer indefinite" INT32_MIN, eq. L10
+    # eq. L11, clamp(r + z_y, lo, 255): r is first clamped to [-256, 511], which changes no result (z_y and lo are in
+    # [0, 255]) and keeps r + z_y inside int32, so the compiler can use 16 int32 lanes (a vector kernel's epilogue)
+    r = min(max(r, np.int32(-256)), np.int32(511))
+    q = np.int32(r + np.int32(output_zero_point))
+    return np.uint8(min(max(q, np.int32(lo)), np.int32(255)))
 
 
 @njit(cache=True)
@@ -248,6 +254,15 @@ def _fbgemm_requantize_rows(raw_i32, bias_mode, bias_f32, bias_term_f32, rcp_f32
                                                      rcp_f32, mult_f32[n], output_zero_point, lo)
 
 
+@njit(cache=True, inline="always")
+def fbgemm_requantize_channel(raw_i32, n, constants):
+    """:func:`fbgemm_requantize_element` of raw[m, n] with channel n's constants taken from ``constants`` =
+    FbgemmRequantizer.epilogue_constants() (the fused kernel's epilogue, refquant.fused_linear)."""
+    bias_mode, bias_f32, bias_term_f32, rcp_f32, mult_f32, output_zero_point, lo = constants
+    return fbgemm_requantize_element(raw_i32, bias_mode, bias_f32[n], bias_term_f32[n], rcp_f32, mult_f32[n],
+                                     output_zero_point, lo)
+
+
 @dataclass(frozen=True, eq=False)
 class FbgemmRequantizer(Requantizer):
     """fbgemm's (and x86's) requantization, eqs. L6-L11, with its intermediates.
@@ -257,6 +272,7 @@ class FbgemmRequantizer(Requantizer):
     """
 
     name: ClassVar[str] = "fbgemm"
+    epilogue: ClassVar[str] = "fbgemm"
     per_channel: bool
     bias: np.ndarray | None
     act_times_w_scale: np.ndarray
@@ -306,6 +322,9 @@ class FbgemmRequantizer(Requantizer):
         out_u8 = np.empty(raw_2d_i32.shape, np.uint8)
         _fbgemm_requantize_rows(raw_2d_i32, *self._kernel_args, out_u8)
         return out_u8
+
+    def epilogue_constants(self) -> tuple:
+        return self._kernel_args
 
 
 def fbgemm_requantize_fast(raw_i32: np.ndarray, bias_f32: np.ndarray | None, act_times_w_scale_f32: np.ndarray,
@@ -406,6 +425,15 @@ def qnnpack_requantize_element(raw_i32, bias_i32, requantization_scale_f32, outp
     return np.uint8(q)
 
 
+@njit(cache=True, inline="always")
+def qnnpack_requantize_channel(raw_i32, n, constants):
+    """:func:`qnnpack_requantize_element` of raw[m, n] with channel n's constants from ``constants`` =
+    QnnpackRequantizer.epilogue_constants() (refquant.fused_linear)."""
+    bias_i32, requantization_scales_f32, output_zero_point, output_min, output_max = constants
+    return qnnpack_requantize_element(raw_i32, bias_i32[n], requantization_scales_f32[n], output_zero_point,
+                                      output_min, output_max)
+
+
 @njit(cache=True)
 def _qnnpack_requantize_rows(raw_i32, bias_i32, requantization_scales_f32, output_zero_point, output_min,
                              output_max, out_u8):
@@ -443,6 +471,7 @@ class QnnpackRequantizer(Requantizer):
     """
 
     name: ClassVar[str] = "qnnpack"
+    epilogue: ClassVar[str] = "qnnpack"
     bias_i32: np.ndarray
     requantization_scales: np.ndarray
     requantization_output_scale: float
@@ -485,10 +514,12 @@ class QnnpackRequantizer(Requantizer):
 
     def _fast(self, raw_2d_i32: np.ndarray) -> np.ndarray:
         out_u8 = np.empty(raw_2d_i32.shape, np.uint8)
-        _qnnpack_requantize_rows(raw_2d_i32, self.bias_i32, self.requantization_scales,
-                                 np.int64(self.output_zero_point), np.int64(self.output_min),
-                                 np.int64(self.output_max), out_u8)
+        _qnnpack_requantize_rows(raw_2d_i32, *self.epilogue_constants(), out_u8)
         return out_u8
+
+    def epilogue_constants(self) -> tuple:
+        return (self.bias_i32, self.requantization_scales, np.int64(self.output_zero_point),
+                np.int64(self.output_min), np.int64(self.output_max))
 
 
 # ================================================================================================================
@@ -616,6 +647,17 @@ def onednn_requantize_element(raw_i32, kernel_code, compensation_i32, input_scal
     return np.uint8(np.rint(v))
 
 
+@njit(cache=True, inline="always")
+def onednn_requantize_channel(raw_i32, n, constants):
+    """:func:`onednn_requantize_element` of raw[m, n] with channel n's constants from ``constants`` =
+    OnednnRequantizer.epilogue_constants() (refquant.fused_linear)."""
+    (kernel_code, compensation_i32, input_scale_onednn_f32, weight_scales_onednn_f32, output_scales_f32, has_bias,
+     bias_f32, relu, dst_multiplier_f32, zero_point_f32) = constants
+    return onednn_requantize_element(raw_i32, kernel_code, compensation_i32[n], input_scale_onednn_f32,
+                                     weight_scales_onednn_f32[n], output_scales_f32[n], has_bias, bias_f32[n],
+                                     relu, dst_multiplier_f32, zero_point_f32)
+
+
 @njit(cache=True)
 def _onednn_requantize_rows(raw_i32, kernel_code, compensation_i32, input_scale_onednn_f32,
                             weight_scales_onednn_f32, output_scales_f32, has_bias, bias_f32, relu,
@@ -639,6 +681,7 @@ class OnednnRequantizer(Requantizer):
     """
 
     name: ClassVar[str] = "onednn"
+    epilogue: ClassVar[str] = "onednn"
     kernel: str
     input_scale_reciprocal: np.float32
     weight_scales_reciprocal: np.ndarray
@@ -678,15 +721,16 @@ class OnednnRequantizer(Requantizer):
                                           self.dst_multiplier, self.output_zero_point)
 
     def _fast(self, raw_2d_i32: np.ndarray) -> np.ndarray:
-        N = raw_2d_i32.shape[1]
         out_u8 = np.empty(raw_2d_i32.shape, np.uint8)
-        has_bias = self.bias is not None
-        bias_f32 = self.bias if has_bias else np.zeros(N, np.float32)
-        _onednn_requantize_rows(raw_2d_i32, np.int64(_ONEDNN_KERNEL_CODES[self.kernel]), self.compensation,
-                                self.input_scale_onednn, self.weight_scales_onednn, self.output_scales, has_bias,
-                                bias_f32, self.relu, self.dst_multiplier, np.float32(self.output_zero_point),
-                                out_u8)
+        _onednn_requantize_rows(raw_2d_i32, *self.epilogue_constants(), out_u8)
         return out_u8
+
+    def epilogue_constants(self) -> tuple:
+        has_bias = self.bias is not None
+        bias_f32 = self.bias if has_bias else np.zeros(len(self.compensation), np.float32)
+        return (np.int64(_ONEDNN_KERNEL_CODES[self.kernel]), self.compensation, self.input_scale_onednn,
+                self.weight_scales_onednn, self.output_scales, has_bias, bias_f32, self.relu, self.dst_multiplier,
+                np.float32(self.output_zero_point))
 
 
 # ================================================================================================================
