@@ -36,6 +36,7 @@ from numba import njit
 from numba.core import types
 from numba.extending import NativeValue, models, overload, register_model, typeof_impl, unbox
 
+from refquant.fixed_point import EPILOGUE_FUNCTIONS as INTEGER_EPILOGUE_FUNCTIONS
 from refquant.engines import fbgemm_requantize_channel, onednn_requantize_channel, qnnpack_requantize_channel
 from refquant.matmul import (
     _DOT4,
@@ -114,6 +115,9 @@ def _requantize_channel_numba(epilogue, raw_i32, n, constants):
 register_epilogue("fbgemm", fbgemm_requantize_channel)
 register_epilogue("qnnpack", qnnpack_requantize_channel)
 register_epilogue("onednn", onednn_requantize_channel)
+for _variant, _fn in INTEGER_EPILOGUE_FUNCTIONS.items():  # requantization="tflite" etc. (refquant.fixed_point)
+    register_epilogue(f"integer_{_variant}", _fn)
+del _variant, _fn
 
 
 # --------------------------------------------------------------------------------------------------------------

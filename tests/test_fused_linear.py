@@ -10,6 +10,7 @@ import pytest
 
 import refquant.matmul as mm
 from refquant.engines import ENGINES, ONEDNN_KERNELS
+from refquant.fixed_point import VARIANTS
 from refquant.fused_linear import fused_kernel_serves, linear_fused, zero_point_corrected
 from refquant.linear import QuantizedLinear
 from refquant.matmul import KERNEL_ENV_VAR
@@ -133,3 +134,13 @@ def test_zero_point_correction_wraps_as_accumulate_raw(rng):
                            dtype=np.int32)
     got = np.array([zero_point_corrected(a, b, c, d) for a, b, c, d in zip(acc, zx_col, zw, row_off)], np.int32)
     assert_same(got, expected, "zero_point_corrected vs NumPy int32")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_call_integer_variants(rng, variant):
+    """requantization=<integer variant> (refquant.fixed_point) through the same fused kernel, on every engine."""
+    for i, (M, K, N) in enumerate(SHAPES):
+        for engine in ENGINES:
+            ql, x_u8 = random_problem(rng, engine, M, K, N, i + 1, requantization=variant)
+            assert ql.requantizer.epilogue == f"integer_{variant}"
+            check_fused_equals_readable(ql, x_u8, f"{variant} {engine} case {i}")
