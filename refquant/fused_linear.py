@@ -34,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 from numba.core import types
+from numba.core.typing.typeof import Purpose
 from numba.extending import NativeValue, models, overload, register_model, typeof_impl, unbox
 
 from refquant.fixed_point import EPILOGUE_FUNCTIONS as INTEGER_EPILOGUE_FUNCTIONS
@@ -221,7 +222,7 @@ def _fused_tasks_serial(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, zx_col_
 # --------------------------------------------------------------------------------------------------------------
 
 def fused_kernel_serves(requantizer, *, saturate_int16_pairs: bool = False, kernel: str | None = None) -> bool:
-    """True when :func:`linear_fused` runs this requantizer: it names a registered epilogue and the product runs a
+    """True when :class:`FusedLinear` runs this requantizer: it names a registered epilogue and the product runs a
     Numba kernel (not ``kernel="reference"``, not under NUMBA_DISABLE_JIT=1)."""
     name = getattr(requantizer, "epilogue", None)
     if name is None or name not in _EPILOGUE_FUNCTIONS:
@@ -229,27 +230,75 @@ def fused_kernel_serves(requantizer, *, saturate_int16_pairs: bool = False, kern
     return kernel_for(saturate_int16_pairs=saturate_int16_pairs, kernel=kernel) != "reference"
 
 
+class FusedLinear:
+    """One layer's fused call: (M, K) uint8 codes -> (M, N) uint8 codes with the bits of
+    ``requantizer.requantize(accumulate_raw(x2d_u8, packed, col_offsets_i32, input_zero_point,
+    weight_zero_points_i32, saturate_int16_pairs=...))``.
+
+    Holds what does not change between calls: the per-channel vectors of eq. L5 and, per kernel, the compiled
+    function to call. Numba's dispatcher types every argument at every call, which costs ~15 us here with the
+    markers and the constants tuple (more than the whole product at M = 1); the compiled function for this layer's
+    argument types is looked up once (``Dispatcher.overloads[signature].entry_point``) and then called directly.
+    """
+
+    def __init__(self, packed: PackedWeightS8, col_offsets_i32: np.ndarray, input_zero_point: int,
+                 weight_zero_points_i32: np.ndarray, requantizer):
+        self.packed = packed
+        self.requantizer = requantizer
+        N = packed.shape[0]
+        self.zx_col_i32, self.zw_i32, _ = zero_point_corrections(np.zeros((0, packed.shape[1]), np.uint8),
+                                                                 col_offsets_i32, input_zero_point,
+                                                                 weight_zero_points_i32, N)
+        self.affine = bool((weight_zero_points_i32 != 0).any())
+        self._compiled: dict = {}
+
+    def __call__(self, x2d_u8: np.ndarray, *, saturate_int16_pairs: bool = False,
+                 kernel: str | None = None) -> np.ndarray:
+        chosen = kernel_for(saturate_int16_pairs=saturate_int16_pairs, kernel=kernel)
+        name = getattr(self.requantizer, "epilogue", None)
+        if chosen == "reference" or name not in _EPILOGUE_FUNCTIONS:
+            raise ValueError(f"the fused kernel does not serve requantization "
+                             f"{getattr(self.requantizer, 'name', None)!r} with the {chosen!r} matmul kernel; use "
+                             f"QuantizedLinear.accumulate then requantize")
+        packed = self.packed
+        M, K = x2d_u8.shape
+        N = packed.shape[0]
+        out_u8 = np.empty((M, N), np.uint8)
+        if M == 0:
+            return out_u8
+        dot4 = _DOT4[chosen, bool(saturate_int16_pairs)]
+        if self.affine:
+            row_offsets_i32 = x2d_u8.sum(axis=1, dtype=np.int64).astype(np.int32)  # PackAWithRowOffset
+        else:
+            row_offsets_i32 = np.zeros(M, np.int32)  # every z_w is 0: the term vanishes
+        x_u8, lda = padded_rows(x2d_u8, packed)
+        args = (dot4, dot4.rows_per_tile, x_u8, lda, M, packed.panels_i8, N, self.zx_col_i32, self.zw_i32,
+                row_offsets_i32, Epilogue(name), self.requantizer.epilogue_constants(), out_u8)
+        key = (dot4.name, bool(x_u8.flags.writeable))
+        kernels = self._compiled.get(key)
+        if kernels is None:
+            kernels = self._compiled[key] = (_compiled_for(_fused_tasks_serial, args),
+                                             _compiled_for(_fused_tasks_shared, (np.zeros(1, np.int64), 0, 1) + args))
+        run_tasks(kernels[0], kernels[1], M, K, packed, args)
+        return out_u8
+
+
+def _compiled_for(dispatcher, args: tuple):
+    """The compiled function of ``dispatcher`` for the Numba types of ``args`` (compiled, or loaded from the cache,
+    now), callable without type dispatch."""
+    from numba import typeof
+
+    signature = tuple(typeof(a, Purpose.argument) for a in args)
+    if signature not in dispatcher.overloads:
+        dispatcher.compile(signature)
+    return dispatcher.overloads[signature].entry_point
+
+
 def linear_fused(x2d_u8: np.ndarray, packed: PackedWeightS8, col_offsets_i32: np.ndarray, input_zero_point: int,
                  weight_zero_points_i32: np.ndarray, requantizer, *, saturate_int16_pairs: bool = False,
                  kernel: str | None = None) -> np.ndarray:
-    """(M, K) uint8 codes -> (M, N) uint8 codes, in one pass: the bits of
+    """:class:`FusedLinear` for one call (QuantizedLinear keeps its own): the bits of
     ``requantizer.requantize(accumulate_raw(x2d_u8, packed, col_offsets_i32, input_zero_point,
     weight_zero_points_i32, saturate_int16_pairs=...))``. Needs :func:`fused_kernel_serves` (else a ValueError)."""
-    chosen = kernel_for(saturate_int16_pairs=saturate_int16_pairs, kernel=kernel)
-    name = getattr(requantizer, "epilogue", None)
-    if chosen == "reference" or name not in _EPILOGUE_FUNCTIONS:
-        raise ValueError(f"the fused kernel does not serve requantization {getattr(requantizer, 'name', None)!r} "
-                         f"with the {chosen!r} matmul kernel; use QuantizedLinear.accumulate then requantize")
-    M, K = x2d_u8.shape
-    N = packed.shape[0]
-    out_u8 = np.empty((M, N), np.uint8)
-    if M == 0:
-        return out_u8
-    dot4 = _DOT4[chosen, bool(saturate_int16_pairs)]
-    zx_col_i32, zw_i32, row_offsets_i32 = zero_point_corrections(x2d_u8, col_offsets_i32, input_zero_point,
-                                                                 weight_zero_points_i32, N)
-    x_u8, lda = padded_rows(x2d_u8, packed)
-    args = (dot4, dot4.rows_per_tile, x_u8, lda, M, packed.panels_i8, N, zx_col_i32, zw_i32, row_offsets_i32,
-            Epilogue(name), requantizer.epilogue_constants(), out_u8)
-    run_tasks(_fused_tasks_serial, _fused_tasks_shared, M, K, packed, args)
-    return out_u8
+    return FusedLinear(packed, col_offsets_i32, input_zero_point, weight_zero_points_i32, requantizer)(
+        x2d_u8, saturate_int16_pairs=saturate_int16_pairs, kernel=kernel)

@@ -65,7 +65,7 @@ from refquant.engines import (
     fbgemm_requantize_readable,
 )
 from refquant import fixed_point as _fixed_point  # noqa: F401  registers the integer variants (requantization=)
-from refquant.fused_linear import fused_kernel_serves, linear_fused
+from refquant.fused_linear import FusedLinear, fused_kernel_serves
 from refquant.matmul import PackedWeightS8, matmul_u8s8_acc32, pack_weight_s8
 from refquant.observers import MinMaxObserver, PerChannelMinMaxObserver
 from refquant.qconfig import _DEFAULT_QCONFIGS
@@ -359,6 +359,7 @@ class QuantizedLinear:
         self.requantization = scheme.name
 
         self._packed_weight: PackedWeightS8 = pack_weight_s8(self.weight_int8)
+        self._fused: FusedLinear | None = None  # refquant.fused_linear, made at the first fused call
         if int32_accumulator_can_overflow(K):
             warnings.warn(f"in_features K = {K} > 65,793: K·255·128 exceeds int32, so the int32 accumulators can "
                           f"wrap (modulo 2^32) exactly as {engine}'s do; outputs are then not the real-number result",
@@ -515,8 +516,10 @@ class QuantizedLinear:
                 check_engine_options(self.engine, self.engine_options, saturate)
             lead_shape = x_u8.shape[:-1]
             x2d_u8 = np.ascontiguousarray(x_u8.reshape(-1, self.in_features))  # torch flattens N-D input to (M, K)
-            y_u8 = linear_fused(x2d_u8, self._packed_weight, self.col_offsets, self.input_zero_point,
-                                self.weight_zero_points, self.requantizer, saturate_int16_pairs=saturate)
+            if self._fused is None:
+                self._fused = FusedLinear(self._packed_weight, self.col_offsets, self.input_zero_point,
+                                          self.weight_zero_points, self.requantizer)
+            y_u8 = self._fused(x2d_u8, saturate_int16_pairs=saturate)
             y_u8 = y_u8.reshape(lead_shape + (self.out_features,))
         else:
             y_u8 = self.requantize(self.accumulate(x_u8, saturate_int16_pairs=saturate_int16_pairs))
