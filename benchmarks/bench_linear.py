@@ -69,17 +69,22 @@ def _problem(M: int, K: int, N: int, seed: int) -> dict:
 
 
 def _calls_per_round(fn, target_seconds: float) -> int:
+    fn()  # the first call may compile or load kernels
     t0 = time.perf_counter()
     fn()
     once = max(time.perf_counter() - t0, 1e-7)
     return int(min(max(1, target_seconds / once), 20000))
 
 
+CLOCK = time.perf_counter  # --clock process: time.process_time (CPU time of this process: with --threads 1 it
+# leaves out the time other processes on a shared machine take from this one)
+
+
 def _seconds_per_call(fn, calls: int) -> float:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - t0) / calls
+    return (CLOCK() - t0) / calls
 
 
 def _torch_call(torch, engine: str, p: dict, per_channel: bool):
@@ -116,10 +121,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default=None,
                         help="comma-separated MxKxN list (default: 1x1024x1024,64x1024x1024,1024x1024x1024,"
                              "256x4096x4096)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for both torch (torch.set_num_threads) and refquant (NUMBA_NUM_THREADS); "
+                             "default: each library's default (all CPUs)")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="wall (time.perf_counter, default) or process (time.process_time: CPU time; with "
+                             "--threads 1 robust to other processes' load)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.seconds <= 0:
         parser.error("--repeat must be >= 1 and --seconds > 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None:
+        os.environ["NUMBA_NUM_THREADS"] = str(args.threads)  # before numba is imported
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     shapes = DEFAULT_SHAPES
     if args.shapes:
         try:
@@ -140,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     from refquant.linear import QuantizedLinear
     from refquant.matmul import kernel_for, matmul_u8s8_acc32
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.requantization is not None and args.requantization not in VARIANTS:
         parser.error(f"--requantization must be one of {', '.join(VARIANTS)}, got {args.requantization!r}")
     warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
@@ -148,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {cpu_model()} ({os.cpu_count()} CPUs); load average before: {load_before}")
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), numba {numba.__version__} "
           f"({numba.config.NUMBA_NUM_THREADS} threads), numpy {np.__version__}")
-    print(f"refquant matmul kernel: {kernel}; median of {args.repeat} alternating rounds; GMAC/s = M*K*N / time")
+    print(f"refquant matmul kernel: {kernel}; median of {args.repeat} alternating rounds; GMAC/s = M*K*N / time; "
+          f"clock: {args.clock}")
     variant = args.requantization
     results = []
     for engine in engines:
@@ -221,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump(dict(cpu=cpu_model(), torch=torch.__version__, numba=numba.__version__, kernel=kernel,
+                           threads=args.threads, clock=args.clock,
                            repeat=args.repeat, load_before=load_before, load_after=load_average(),
                            results=results), f, indent=1)
         os.replace(tmp, args.json)

@@ -334,6 +334,16 @@ def _vec_zeros(typingctx):
 
 
 @intrinsic
+def _vec_add(typingctx, a, b):
+    """Lane-wise int32 a + b, wrapping (``vpaddd``)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.add(args[0], args[1])
+
+    return int32x16(int32x16, int32x16), codegen
+
+
+@intrinsic
 def _vec_load(typingctx, arr, byte_offset):
     """The 64 bytes at ``arr.data + byte_offset`` (unaligned ``vmovdqu64``)."""
     _check_c_array(arr, "_vec_load")
@@ -538,11 +548,26 @@ def _tile_2x64(dot4, x_u8, lda, m, g0, n_groups, panels_i8, panel_offset, out_i3
 
 @njit(cache=True)
 def _tile_1x64(dot4, x_u8, lda, m, g0, n_groups, panels_i8, panel_offset, out_i32, out_offset, ldc, n_valid):
-    """The same for x row m: the last rows."""
+    """The same for x row m: the last rows (and all of M = 1). Even and odd k groups go to two sets of 4
+    accumulators, added at the end: 8 independent ``vpdpbusd`` chains instead of 4, which one row alone would wait
+    on. The same bits: int32 sums wrap modulo 2^32, so their order changes nothing (and eq. M2 saturates within a
+    group, never across groups)."""
     acc0 = _row_start(out_i32, out_offset, n_valid, g0 == 0)
-    for g in range(n_groups):
+    z = _vec_zeros()
+    acc1 = (z, z, z, z)
+    g = 0
+    while g + 2 <= n_groups:
+        xk = m * lda + (g0 + g) * K_GROUP
+        w = _panel_load(panels_i8, panel_offset + (g0 + g) * (PANEL_COLS * K_GROUP))
+        acc0 = _row_dot4(dot4, acc0, _vec_broadcast4(x_u8, xk), w)
+        w = _panel_load(panels_i8, panel_offset + (g0 + g + 1) * (PANEL_COLS * K_GROUP))
+        acc1 = _row_dot4(dot4, acc1, _vec_broadcast4(x_u8, xk + K_GROUP), w)
+        g += 2
+    if g < n_groups:
         w = _panel_load(panels_i8, panel_offset + (g0 + g) * (PANEL_COLS * K_GROUP))
         acc0 = _row_dot4(dot4, acc0, _vec_broadcast4(x_u8, m * lda + (g0 + g) * K_GROUP), w)
+    acc0 = (_vec_add(acc0[0], acc1[0]), _vec_add(acc0[1], acc1[1]), _vec_add(acc0[2], acc1[2]),
+            _vec_add(acc0[3], acc1[3]))
     _row_store(out_i32, out_offset, acc0, n_valid)
 
 
