@@ -125,20 +125,6 @@ del _variant, _fn
 # The epilogue of one tile
 # --------------------------------------------------------------------------------------------------------------
 
-def zero_point_corrections(x2d_u8: np.ndarray, col_offsets_i32: np.ndarray, input_zero_point: int,
-                           weight_zero_points_i32: np.ndarray, N: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The three vectors of eq. L5 as :func:`refquant.linear.accumulate_raw` forms them: zx_col (N,) = z_x·col_offsets
-    (int32, wrapping), z_w (N,) int32, row_offsets (M,) int32 (Σ_k q_x[m, k], computed only for affine weights; zeros
-    otherwise, where every z_w is 0 and the term vanishes as it does there)."""
-    zx_col_i32 = np.multiply(np.int32(input_zero_point), col_offsets_i32, dtype=np.int32)  # wraps
-    zw_i32 = np.ascontiguousarray(np.broadcast_to(weight_zero_points_i32.astype(np.int32), (N,)))
-    if (weight_zero_points_i32 != 0).any():
-        row_offsets_i32 = x2d_u8.sum(axis=1, dtype=np.int64).astype(np.int32)  # PackAWithRowOffset
-    else:
-        row_offsets_i32 = np.zeros(x2d_u8.shape[0], np.int32)
-    return zx_col_i32, zw_i32, row_offsets_i32
-
-
 @njit(cache=True, inline="always")
 def zero_point_corrected(acc_i32, zx_col_i32, zw_i32, row_offset_i32):
     """raw = acc − zx_col[n] − z_w[n]·row_offsets[m] of one element, int32 wrapping: accumulate_raw's
@@ -231,56 +217,60 @@ def fused_kernel_serves(requantizer, *, saturate_int16_pairs: bool = False, kern
 
 
 class FusedLinear:
-    """One layer's fused call: (M, K) uint8 codes -> (M, N) uint8 codes with the bits of
-    ``requantizer.requantize(accumulate_raw(x2d_u8, packed, col_offsets_i32, input_zero_point,
-    weight_zero_points_i32, saturate_int16_pairs=...))``.
+    """One layer's fused call: (M, K) uint8 codes -> (M, N) outputs of an epilogue, with the bits of
+    ``<requantize>(accumulate_raw(x2d_u8, packed, col_offsets_i32, input_zero_point, weight_zero_points_i32,
+    saturate_int16_pairs=...))``.
 
-    Holds what does not change between calls: the per-channel vectors of eq. L5 and, per kernel, the compiled
-    function to call. Numba's dispatcher types every argument at every call, which costs ~15 us here with the
-    markers and the constants tuple (more than the whole product at M = 1); the compiled function for this layer's
+    Holds what does not change between calls (the packed weight, eq. L5's z_w vector) and, per kernel, the compiled
+    function to call: Numba's dispatcher types every argument at every call, which costs ~15 us here with the
+    markers and the constants tuple (more than the whole product at M = 1), so the compiled function for the
     argument types is looked up once (``Dispatcher.overloads[signature].entry_point``) and then called directly.
     """
 
-    def __init__(self, packed: PackedWeightS8, col_offsets_i32: np.ndarray, input_zero_point: int,
-                 weight_zero_points_i32: np.ndarray, requantizer):
+    def __init__(self, packed: PackedWeightS8, col_offsets_i32: np.ndarray, weight_zero_points_i32: np.ndarray):
         self.packed = packed
-        self.requantizer = requantizer
+        self.col_offsets_i32 = col_offsets_i32
         N = packed.shape[0]
-        self.zx_col_i32, self.zw_i32, _ = zero_point_corrections(np.zeros((0, packed.shape[1]), np.uint8),
-                                                                 col_offsets_i32, input_zero_point,
-                                                                 weight_zero_points_i32, N)
+        self.zw_i32 = np.ascontiguousarray(np.broadcast_to(weight_zero_points_i32.astype(np.int32), (N,)))
         self.affine = bool((weight_zero_points_i32 != 0).any())
+        self._zx_col: tuple[int, np.ndarray] | None = None  # (z_x, z_x·col_offsets) of the last call
         self._compiled: dict = {}
 
-    def __call__(self, x2d_u8: np.ndarray, *, saturate_int16_pairs: bool = False,
-                 kernel: str | None = None) -> np.ndarray:
+    def __call__(self, x2d_u8: np.ndarray, input_zero_point: int, epilogue: str, constants: tuple, *,
+                 out_dtype=np.uint8, saturate_int16_pairs: bool = False, kernel: str | None = None) -> np.ndarray:
+        """``epilogue``: a registered name; ``constants``: what its function takes; ``out_dtype``: what it
+        returns (uint8 codes, or float32 for the dynamic Linear)."""
         chosen = kernel_for(saturate_int16_pairs=saturate_int16_pairs, kernel=kernel)
-        name = getattr(self.requantizer, "epilogue", None)
-        if chosen == "reference" or name not in _EPILOGUE_FUNCTIONS:
-            raise ValueError(f"the fused kernel does not serve requantization "
-                             f"{getattr(self.requantizer, 'name', None)!r} with the {chosen!r} matmul kernel; use "
-                             f"QuantizedLinear.accumulate then requantize")
+        if chosen == "reference" or epilogue not in _EPILOGUE_FUNCTIONS:
+            raise ValueError(f"the fused kernel does not serve epilogue {epilogue!r} with the {chosen!r} matmul "
+                             f"kernel; use the readable stages (accumulate, then requantize)")
         packed = self.packed
         M, K = x2d_u8.shape
         N = packed.shape[0]
-        out_u8 = np.empty((M, N), np.uint8)
+        out = np.empty((M, N), out_dtype)
         if M == 0:
-            return out_u8
+            return out
         dot4 = _DOT4[chosen, bool(saturate_int16_pairs)]
+        if self._zx_col is None or self._zx_col[0] != input_zero_point:
+            zx_col_i32 = np.multiply(np.int32(input_zero_point), self.col_offsets_i32, dtype=np.int32)  # wraps
+            self._zx_col = (input_zero_point, zx_col_i32)
+        zx_col_i32 = self._zx_col[1]
         if self.affine:
             row_offsets_i32 = x2d_u8.sum(axis=1, dtype=np.int64).astype(np.int32)  # PackAWithRowOffset
         else:
             row_offsets_i32 = np.zeros(M, np.int32)  # every z_w is 0: the term vanishes
         x_u8, lda = padded_rows(x2d_u8, packed)
-        args = (dot4, dot4.rows_per_tile, x_u8, lda, M, packed.panels_i8, N, self.zx_col_i32, self.zw_i32,
-                row_offsets_i32, Epilogue(name), self.requantizer.epilogue_constants(), out_u8)
-        key = (dot4.name, bool(x_u8.flags.writeable))
+        args = (dot4, dot4.rows_per_tile, x_u8, lda, M, packed.panels_i8, N, zx_col_i32, self.zw_i32,
+                row_offsets_i32, Epilogue(epilogue), constants, out)
+        key = (dot4.name, epilogue, bool(x_u8.flags.writeable), np.dtype(out_dtype).char,
+               tuple((c.dtype.char, c.ndim, c.flags.writeable) if isinstance(c, np.ndarray) else type(c)
+                     for c in constants))
         kernels = self._compiled.get(key)
         if kernels is None:
             kernels = self._compiled[key] = (_compiled_for(_fused_tasks_serial, args),
                                              _compiled_for(_fused_tasks_shared, (np.zeros(1, np.int64), 0, 1) + args))
         run_tasks(kernels[0], kernels[1], M, K, packed, args)
-        return out_u8
+        return out
 
 
 def _compiled_for(dispatcher, args: tuple):
@@ -297,8 +287,13 @@ def _compiled_for(dispatcher, args: tuple):
 def linear_fused(x2d_u8: np.ndarray, packed: PackedWeightS8, col_offsets_i32: np.ndarray, input_zero_point: int,
                  weight_zero_points_i32: np.ndarray, requantizer, *, saturate_int16_pairs: bool = False,
                  kernel: str | None = None) -> np.ndarray:
-    """:class:`FusedLinear` for one call (QuantizedLinear keeps its own): the bits of
+    """:class:`FusedLinear` for one call with a requantizer (QuantizedLinear keeps its own): the bits of
     ``requantizer.requantize(accumulate_raw(x2d_u8, packed, col_offsets_i32, input_zero_point,
     weight_zero_points_i32, saturate_int16_pairs=...))``. Needs :func:`fused_kernel_serves` (else a ValueError)."""
-    return FusedLinear(packed, col_offsets_i32, input_zero_point, weight_zero_points_i32, requantizer)(
-        x2d_u8, saturate_int16_pairs=saturate_int16_pairs, kernel=kernel)
+    name = getattr(requantizer, "epilogue", None)
+    if name is None:
+        raise ValueError(f"the fused kernel does not serve requantization {getattr(requantizer, 'name', None)!r} "
+                         f"(no epilogue); use QuantizedLinear.accumulate then requantize")
+    return FusedLinear(packed, col_offsets_i32, weight_zero_points_i32)(
+        x2d_u8, input_zero_point, name, requantizer.epilogue_constants(),
+        saturate_int16_pairs=saturate_int16_pairs, kernel=kernel)

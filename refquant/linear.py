@@ -517,9 +517,9 @@ class QuantizedLinear:
             lead_shape = x_u8.shape[:-1]
             x2d_u8 = np.ascontiguousarray(x_u8.reshape(-1, self.in_features))  # torch flattens N-D input to (M, K)
             if self._fused is None:
-                self._fused = FusedLinear(self._packed_weight, self.col_offsets, self.input_zero_point,
-                                          self.weight_zero_points, self.requantizer)
-            y_u8 = self._fused(x2d_u8, saturate_int16_pairs=saturate)
+                self._fused = FusedLinear(self._packed_weight, self.col_offsets, self.weight_zero_points)
+            y_u8 = self._fused(x2d_u8, self.input_zero_point, self.requantizer.epilogue,
+                               self.requantizer.epilogue_constants(), saturate_int16_pairs=saturate)
             y_u8 = y_u8.reshape(lead_shape + (self.out_features,))
         else:
             y_u8 = self.requantize(self.accumulate(x_u8, saturate_int16_pairs=saturate_int16_pairs))

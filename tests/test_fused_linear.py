@@ -144,3 +144,27 @@ def test_fused_call_integer_variants(rng, variant):
             ql, x_u8 = random_problem(rng, engine, M, K, N, i + 1, requantization=variant)
             assert ql.requantizer.epilogue == f"integer_{variant}"
             check_fused_equals_readable(ql, x_u8, f"{variant} {engine} case {i}")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fused_dynamic_call_equals_readable_stages(rng, engine):
+    """DynamicQuantizedLinear's call (eqs. DQ4, DQ5 through the fused kernel, float32 epilogues) == stages(readable=
+    True)["output"], float32 bit patterns, for every engine and oneDNN kernel, with and without bias, per-tensor and
+    per-channel weights, 3-D and empty input."""
+    from refquant.dynamic import ONEDNN_KERNELS as DYNAMIC_ONEDNN_KERNELS, DynamicQuantizedLinear
+
+    kernels = DYNAMIC_ONEDNN_KERNELS if engine == "onednn" else (None,)
+    for i, (M, K, N) in enumerate(SHAPES + [(0, 5, 3)]):
+        for kernel in kernels:
+            w = rng.standard_normal((N, K)).astype(np.float32)
+            bias = None if i % 3 == 0 else rng.standard_normal(N).astype(np.float32)
+            kw = {"onednn_kernel": kernel} if kernel else {}
+            qscheme = "per_channel_symmetric" if i % 2 else "per_tensor_symmetric"
+            d = DynamicQuantizedLinear.from_float(w, bias, engine=engine, weight_qscheme=qscheme, **kw)
+            x = (rng.standard_normal((M, K)) * rng.uniform(0.1, 10)).astype(np.float32)
+            if i == 2:
+                x = x.reshape(1, M, K)
+            y = d(x)
+            expected = d.stages(x, readable=True)["output"]
+            assert y.shape == expected.shape and y.dtype == np.float32
+            assert_same(y.view(np.uint32), expected.view(np.uint32), f"dynamic {engine} {kernel} case {i}")
