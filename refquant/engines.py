@@ -25,8 +25,9 @@ side (f32 = round to float32, RNE; s_x, s_w, s_y are the input, weight and outpu
 Each engine has: a **prepack** (what ``quantized::linear_prepack`` and the first call keep, and what they refuse),
 a **requantizer** (one small frozen object per scheme that holds its per-channel constants and has
 ``requantize(raw_i32, readable=False)``), and a per-element Numba function ``<engine>_requantize_element(raw, channel
-constants...)`` (``@njit(cache=True, inline="always")``) which the row kernel calls and which a kernel fusing
-requantization into the matmul's epilogue can call too. Next to it is the readable NumPy version it must equal
+constants...)`` (``@njit(cache=True, inline="always")``) which the row kernel calls and which refquant.fused_linear
+calls in the product's epilogue (through ``<engine>_requantize_channel``, the requantizer's ``epilogue`` and
+``epilogue_constants()``). Next to it is the readable NumPy version it must equal
 (tests/test_engines_details.py). The default requantization of every engine is its own float path; other schemes
 (integer-only ones) register with :func:`register_requantization` and are chosen with
 ``QuantizedLinear(..., requantization=name)``.
