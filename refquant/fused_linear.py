@@ -31,6 +31,8 @@ refquant.fixed_point, clear the caches (``__pycache__`` or NUMBA_CACHE_DIR).
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from numba import njit
 from numba.core import types
@@ -267,21 +269,34 @@ class FusedLinear:
                      for c in constants))
         kernels = self._compiled.get(key)
         if kernels is None:
-            kernels = self._compiled[key] = (_compiled_for(_fused_tasks_serial, args),
-                                             _compiled_for(_fused_tasks_shared, (np.zeros(1, np.int64), 0, 1) + args))
+            kernels = self._compiled[key] = (_CompiledOnFirstCall(_fused_tasks_serial, args),
+                                             _CompiledOnFirstCall(_fused_tasks_shared,
+                                                                  (np.zeros(1, np.int64), 0, 1) + args))
         run_tasks(kernels[0], kernels[1], M, K, packed, args)
         return out
 
 
-def _compiled_for(dispatcher, args: tuple):
-    """The compiled function of ``dispatcher`` for the Numba types of ``args`` (compiled, or loaded from the cache,
-    now), callable without type dispatch."""
-    from numba import typeof
+class _CompiledOnFirstCall:
+    """``dispatcher``'s compiled function for the Numba types of ``example_args``, looked up (compiled, or loaded
+    from the cache) at its first call, then called without type dispatch. Only the kernels a run uses are compiled:
+    a layer whose calls all stay below the thread pool's threshold never compiles the shared kernel."""
 
-    signature = tuple(typeof(a, Purpose.argument) for a in args)
-    if signature not in dispatcher.overloads:
-        dispatcher.compile(signature)
-    return dispatcher.overloads[signature].entry_point
+    def __init__(self, dispatcher, example_args: tuple):
+        from numba import typeof
+
+        self.dispatcher = dispatcher
+        self.signature = tuple(typeof(a, Purpose.argument) for a in example_args)
+        self.entry_point = None
+        self._lock = threading.Lock()  # pool threads may make the first call together
+
+    def __call__(self, *args):
+        if self.entry_point is None:
+            with self._lock:
+                if self.entry_point is None:
+                    if self.signature not in self.dispatcher.overloads:
+                        self.dispatcher.compile(self.signature)
+                    self.entry_point = self.dispatcher.overloads[self.signature].entry_point
+        return self.entry_point(*args)
 
 
 def linear_fused(x2d_u8: np.ndarray, packed: PackedWeightS8, col_offsets_i32: np.ndarray, input_zero_point: int,
