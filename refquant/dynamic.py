@@ -69,8 +69,9 @@ import numpy as np
 from numba import njit
 
 from refquant._float32 import fma_f32, fmaf
+from refquant.fused_linear import FusedLinear, register_epilogue
 from refquant.linear import accumulate_raw
-from refquant.matmul import PackedWeightS8, pack_weight_s8
+from refquant.matmul import PackedWeightS8, kernel_for, pack_weight_s8
 from refquant.observers import MinMaxObserver, PerChannelMinMaxObserver
 from refquant.quantize import (_quantize_fma_readable, _quantize_mul_add_readable, quantize_per_channel,
                                quantize_per_tensor)
@@ -273,6 +274,53 @@ def onednn_combined_scale_element(raw_i32, mult_f32, bias_f32, has_bias):
     return t_f32
 
 
+# The four formulas as epilogues of refquant.fused_linear (registered as "dynamic_<formula>"), with the
+# per-call constants (s_x_f32, s_w_f32 (N,), mult_f32 (N,) = f32(s_x·s_w), bias_f32 (N,), has_bias).
+
+@njit(cache=True, inline="always")
+def fbgemm_output_channel(raw_i32, n, constants):
+    s_x_f32, s_w_f32, mult_f32, bias_f32, has_bias = constants
+    return fbgemm_output_element(raw_i32, mult_f32[n], bias_f32[n], has_bias)
+
+
+@njit(cache=True, inline="always")
+def qnnpack_output_channel(raw_i32, n, constants):
+    s_x_f32, s_w_f32, mult_f32, bias_f32, has_bias = constants
+    return qnnpack_output_element(raw_i32, mult_f32[n], bias_f32[n])
+
+
+@njit(cache=True, inline="always")
+def onednn_two_multiplies_channel(raw_i32, n, constants):
+    s_x_f32, s_w_f32, mult_f32, bias_f32, has_bias = constants
+    return onednn_two_multiplies_element(raw_i32, s_x_f32, s_w_f32[n], bias_f32[n], has_bias)
+
+
+@njit(cache=True, inline="always")
+def onednn_combined_scale_channel(raw_i32, n, constants):
+    s_x_f32, s_w_f32, mult_f32, bias_f32, has_bias = constants
+    return onednn_combined_scale_element(raw_i32, mult_f32[n], bias_f32[n], has_bias)
+
+
+EPILOGUE_FUNCTIONS = {"fbgemm": fbgemm_output_channel, "qnnpack": qnnpack_output_channel,
+                      "onednn_two_multiplies": onednn_two_multiplies_channel,
+                      "onednn_combined_scale": onednn_combined_scale_channel}
+"""Each formula's epilogue function for refquant.fused_linear, registered there as "dynamic_<formula>"."""
+for _formula, _fn in EPILOGUE_FUNCTIONS.items():
+    register_epilogue(f"dynamic_{_formula}", _fn)
+del _formula, _fn
+
+
+def float_output_constants(s_x_f32: np.float32, s_w_f32: np.ndarray, bias_f32: np.ndarray | None) -> tuple:
+    """The constants of the epilogue functions and of the row kernel: (s_x, s_w, f32(s_x·s_w), bias or zeros,
+    has_bias)."""
+    s_x_f32 = np.float32(s_x_f32)
+    with np.errstate(over="ignore", under="ignore"):
+        mult_f32 = (s_x_f32 * s_w_f32).astype(np.float32)                   # f32(s_x·s_w): commutative
+    has_bias = bias_f32 is not None
+    bias = bias_f32 if has_bias else np.zeros(s_w_f32.shape[0], np.float32)
+    return s_x_f32, s_w_f32, mult_f32, bias, has_bias
+
+
 @njit(cache=True)
 def _float_output_kernel(raw_i32, formula, s_x_f32, s_w_f32, mult_f32, bias_f32, has_bias, out_f32):
     """Eqs. DQ5a-d over an (M, N) int32 ``raw``: the per-element functions above, row by row."""
@@ -326,12 +374,7 @@ def float_output_fast(raw_i32: np.ndarray, formula: str, s_x_f32: np.float32, s_
                       bias_f32: np.ndarray | None) -> np.ndarray:
     """:func:`float_output_readable` as one Numba pass (the same bits)."""
     code = FORMULAS.index(formula)
-    N = raw_i32.shape[1]
-    s_x_f32 = np.float32(s_x_f32)
-    with np.errstate(over="ignore", under="ignore"):
-        mult_f32 = (s_x_f32 * s_w_f32).astype(np.float32)                   # f32(s_x·s_w): commutative
-    has_bias = bias_f32 is not None
-    bias = bias_f32 if has_bias else np.zeros(N, np.float32)
+    s_x_f32, s_w_f32, mult_f32, bias, has_bias = float_output_constants(s_x_f32, s_w_f32, bias_f32)
     out_f32 = np.empty(raw_i32.shape, np.float32)
     _float_output_kernel(np.ascontiguousarray(raw_i32), code, s_x_f32, s_w_f32, mult_f32, bias, has_bias, out_f32)
     return out_f32
@@ -533,6 +576,7 @@ class DynamicQuantizedLinear:
         self.col_offsets = (row_sum_w_i64 - np.broadcast_to(zps_i64, (N,)) * np.int64(K)).astype(np.int32)
         self._weight_zero_points_n = np.ascontiguousarray(np.broadcast_to(self.weight_zero_points, (N,)))
         self._packed_weight: PackedWeightS8 = pack_weight_s8(self.weight_int8)
+        self._fused = None  # refquant.fused_linear.FusedLinear, made at the first call
 
         # reduce_range and the scales as the engine uses them
         if self.engine == "qnnpack":
@@ -634,6 +678,33 @@ class DynamicQuantizedLinear:
         (ValueError): torch's answer depends on where the NaN sits (an error when it
         is x[0], otherwise codes from a range that ignored it), and inf gives inf/NaN outputs.
         """
+        q = self._quantized_input(x, readable)
+        x2d_u8, input_zero_point, s_x_f32, M = q["x2d_u8"], q["input_zero_point"], q["input_scale_used"], q["M"]
+        K, N = self.in_features, self.out_features
+        lead_shape = q["lead_shape"]
+        x_min, x_max, input_scale = q["x_min"], q["x_max"], q["input_scale"]
+        x = q["x"]
+        raw_i32 = accumulate_raw(x2d_u8, self._packed_weight, self.col_offsets, input_zero_point,   # eq. DQ4
+                                 self._weight_zero_points_n, saturate_int16_pairs=self._saturates())
+
+        formula = self._formula(M)                                                              # eq. DQ5
+        output_fn = float_output_readable if readable else float_output_fast
+        y2d_f32 = output_fn(raw_i32, formula, s_x_f32, self.weight_scales_used, self.bias)
+
+        output_shape = lead_shape + (N,)
+        if self.engine == "onednn" and M == 0:
+            output_shape = (0, N)   # torch quirk, mirrored: onednn returns an empty 2-D output before its reshape
+        return {
+            "x_min": x_min, "x_max": x_max,
+            "input_scale": input_scale, "input_zero_point": input_zero_point, "input_scale_used": s_x_f32,
+            "input_codes": x2d_u8.reshape(x.shape),
+            "accumulators": raw_i32.reshape(lead_shape + (N,)),
+            "output_formula": formula,
+            "output": y2d_f32.reshape(output_shape),
+        }
+
+    def _quantized_input(self, x: np.ndarray, readable: bool) -> dict[str, object]:
+        """Eqs. DQ1-DQ3 of :meth:`stages`: the checked input, its range, qparams and uint8 codes (M, K)."""
         x = _check_input(x, self.in_features)
         K, N = self.in_features, self.out_features
         lead_shape = x.shape[:-1]
@@ -660,27 +731,14 @@ class DynamicQuantizedLinear:
         else:
             x2d_u8 = quantize_per_tensor(x2d_f32, s_x_f32, input_zero_point, "quint8", rounding=rounding)
 
-        raw_i32 = accumulate_raw(x2d_u8, self._packed_weight, self.col_offsets, input_zero_point,   # eq. DQ4
-                                 self._weight_zero_points_n, saturate_int16_pairs=self._saturates())
+        return {"x": x, "lead_shape": lead_shape, "M": M, "x_min": x_min, "x_max": x_max, "input_scale": input_scale,
+                "input_zero_point": input_zero_point, "input_scale_used": s_x_f32, "x2d_u8": x2d_u8}
 
-        if self.engine == "onednn":                                                             # eq. DQ5
-            formula = onednn_kernel_for_shape(self.onednn_kernel, M, K, N)
-        else:
-            formula = "qnnpack" if self.engine == "qnnpack" else "fbgemm"
-        output_fn = float_output_readable if readable else float_output_fast
-        y2d_f32 = output_fn(raw_i32, formula, s_x_f32, self.weight_scales_used, self.bias)
-
-        output_shape = lead_shape + (N,)
-        if self.engine == "onednn" and M == 0:
-            output_shape = (0, N)   # torch quirk, mirrored: onednn returns an empty 2-D output before its reshape
-        return {
-            "x_min": x_min, "x_max": x_max,
-            "input_scale": input_scale, "input_zero_point": input_zero_point, "input_scale_used": s_x_f32,
-            "input_codes": x2d_u8.reshape(x.shape),
-            "accumulators": raw_i32.reshape(lead_shape + (N,)),
-            "output_formula": formula,
-            "output": y2d_f32.reshape(output_shape),
-        }
+    def _formula(self, M: int) -> str:
+        """Which of eqs. DQ5a-d this call's output uses."""
+        if self.engine == "onednn":
+            return onednn_kernel_for_shape(self.onednn_kernel, M, self.in_features, self.out_features)
+        return "qnnpack" if self.engine == "qnnpack" else "fbgemm"
 
     def _saturates(self) -> bool:
         """Whether the products are summed in int16-saturated pairs (eq. M2): fbgemm/x86 when asked, onednn on a CPU
@@ -688,8 +746,25 @@ class DynamicQuantizedLinear:
         return self.saturate_int16_pairs or self.onednn_kernel == "brgemm_no_vnni"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """float32 (..., K) -> float32 (..., N). Matches: torch.ops.quantized.linear_dynamic (reduce_range as set)."""
-        return self.stages(x)["output"]
+        """float32 (..., K) -> float32 (..., N). Matches: torch.ops.quantized.linear_dynamic (reduce_range as set).
+
+        The product, the zero-point corrections and the float output (eqs. DQ4, DQ5) run in one pass
+        (refquant.fused_linear, the same bits as :meth:`stages`) when the matmul runs a Numba kernel."""
+        saturate = self._saturates()
+        if kernel_for(saturate_int16_pairs=saturate) == "reference":
+            return self.stages(x)["output"]
+        q = self._quantized_input(x, False)
+        M, N = q["M"], self.out_features
+        if self._fused is None:
+            self._fused = FusedLinear(self._packed_weight, self.col_offsets, self._weight_zero_points_n)
+        formula = self._formula(M)
+        constants = float_output_constants(q["input_scale_used"], self.weight_scales_used, self.bias)
+        y2d_f32 = self._fused(q["x2d_u8"], q["input_zero_point"], f"dynamic_{formula}", constants,
+                              out_dtype=np.float32, saturate_int16_pairs=saturate)
+        output_shape = q["lead_shape"] + (N,)
+        if self.engine == "onednn" and M == 0:
+            output_shape = (0, N)   # as in stages()
+        return y2d_f32.reshape(output_shape)
 
     def __repr__(self) -> str:
         extra = f", onednn_kernel={self.onednn_kernel!r}" if self.engine == "onednn" else ""

@@ -25,8 +25,9 @@ side (f32 = round to float32, RNE; s_x, s_w, s_y are the input, weight and outpu
 Each engine has: a **prepack** (what ``quantized::linear_prepack`` and the first call keep, and what they refuse),
 a **requantizer** (one small frozen object per scheme that holds its per-channel constants and has
 ``requantize(raw_i32, readable=False)``), and a per-element Numba function ``<engine>_requantize_element(raw, channel
-constants...)`` (``@njit(cache=True, inline="always")``) which the row kernel calls and which a kernel fusing
-requantization into the matmul's epilogue can call too. Next to it is the readable NumPy version it must equal
+constants...)`` (``@njit(cache=True, inline="always")``) which the row kernel calls and which refquant.fused_linear
+calls in the product's epilogue (through ``<engine>_requantize_channel``, the requantizer's ``epilogue`` and
+``epilogue_constants()``). Next to it is the readable NumPy version it must equal
 (tests/test_engines_details.py). The default requantization of every engine is its own float path; other schemes
 (integer-only ones) register with :func:`register_requantization` and are chosen with
 ``QuantizedLinear(..., requantization=name)``.
@@ -122,6 +123,13 @@ class Requantizer:
     """
 
     name: ClassVar[str]
+    epilogue: ClassVar[str | None] = None
+    """The name of this scheme's ``<name>_requantize_channel(raw_i32, n, constants)`` in refquant.fused_linear's
+    registry: the product's epilogue in QuantizedLinear's call (None: the call runs accumulate, then requantize)."""
+
+    def epilogue_constants(self) -> tuple:
+        """The constants the epilogue function takes (per-channel arrays of length N, scalars)."""
+        raise NotImplementedError
 
     def requantize(self, raw_i32: np.ndarray, *, readable: bool = False) -> np.ndarray:
         """(..., N) int32 -> (..., N) uint8; ``readable=True`` runs the NumPy statements, else the Numba kernel."""
@@ -227,15 +235,14 @@ def fbgemm_requantize_element(raw_i32, bias_mode, bias_f32, bias_term_f32, rcp_f
         t_f32 = fma_f32(bias_f32, rcp_f32, raw_f32)  # eq. L8c, one rounding
     y_f32 = np.float32(t_f32 * mult_f32)  # eq. L9
     if y_f32 >= np.float32(-2147483648.0) and y_f32 < np.float32(2147483648.0):  # false for NaN
-        r = np.int64(np.rint(y_f32))  # cvtps2dq: RNE
+        r = np.int32(np.rint(y_f32))  # cvtps2dq: RNE
     else:
-        r = np.int64(-2147483648)  # cvtps2dq's "integer indefinite" INT32_MIN, eq. L10
-    q = r + np.int64(output_zero_point)  # eq. L11
-    if q < lo:
-        q = np.int64(lo)
-    if q > 255:
-        q = np.int64(255)
-    return np.uint8(q)
+        r = np.int32(-2147483648)  # cvtps2dq's "integer indefinite" INT32_MIN, eq. L10
+    # eq. L11, clamp(r + z_y, lo, 255): r is first clamped to [-256, 511], which changes no result (z_y and lo are in
+    # [0, 255]) and keeps r + z_y inside int32, so the compiler can use 16 int32 lanes (a vector kernel's epilogue)
+    r = min(max(r, np.int32(-256)), np.int32(511))
+    q = np.int32(r + np.int32(output_zero_point))
+    return np.uint8(min(max(q, np.int32(lo)), np.int32(255)))
 
 
 @njit(cache=True)
@@ -248,6 +255,15 @@ def _fbgemm_requantize_rows(raw_i32, bias_mode, bias_f32, bias_term_f32, rcp_f32
                                                      rcp_f32, mult_f32[n], output_zero_point, lo)
 
 
+@njit(cache=True, inline="always")
+def fbgemm_requantize_channel(raw_i32, n, constants):
+    """:func:`fbgemm_requantize_element` of raw[m, n] with channel n's constants taken from ``constants`` =
+    FbgemmRequantizer.epilogue_constants() (the fused kernel's epilogue, refquant.fused_linear)."""
+    bias_mode, bias_f32, bias_term_f32, rcp_f32, mult_f32, output_zero_point, lo = constants
+    return fbgemm_requantize_element(raw_i32, bias_mode, bias_f32[n], bias_term_f32[n], rcp_f32, mult_f32[n],
+                                     output_zero_point, lo)
+
+
 @dataclass(frozen=True, eq=False)
 class FbgemmRequantizer(Requantizer):
     """fbgemm's (and x86's) requantization, eqs. L6-L11, with its intermediates.
@@ -257,6 +273,7 @@ class FbgemmRequantizer(Requantizer):
     """
 
     name: ClassVar[str] = "fbgemm"
+    epilogue: ClassVar[str] = "fbgemm"
     per_channel: bool
     bias: np.ndarray | None
     act_times_w_scale: np.ndarray
@@ -306,6 +323,9 @@ class FbgemmRequantizer(Requantizer):
         out_u8 = np.empty(raw_2d_i32.shape, np.uint8)
         _fbgemm_requantize_rows(raw_2d_i32, *self._kernel_args, out_u8)
         return out_u8
+
+    def epilogue_constants(self) -> tuple:
+        return self._kernel_args
 
 
 def fbgemm_requantize_fast(raw_i32: np.ndarray, bias_f32: np.ndarray | None, act_times_w_scale_f32: np.ndarray,
@@ -406,6 +426,15 @@ def qnnpack_requantize_element(raw_i32, bias_i32, requantization_scale_f32, outp
     return np.uint8(q)
 
 
+@njit(cache=True, inline="always")
+def qnnpack_requantize_channel(raw_i32, n, constants):
+    """:func:`qnnpack_requantize_element` of raw[m, n] with channel n's constants from ``constants`` =
+    QnnpackRequantizer.epilogue_constants() (refquant.fused_linear)."""
+    bias_i32, requantization_scales_f32, output_zero_point, output_min, output_max = constants
+    return qnnpack_requantize_element(raw_i32, bias_i32[n], requantization_scales_f32[n], output_zero_point,
+                                      output_min, output_max)
+
+
 @njit(cache=True)
 def _qnnpack_requantize_rows(raw_i32, bias_i32, requantization_scales_f32, output_zero_point, output_min,
                              output_max, out_u8):
@@ -443,6 +472,7 @@ class QnnpackRequantizer(Requantizer):
     """
 
     name: ClassVar[str] = "qnnpack"
+    epilogue: ClassVar[str] = "qnnpack"
     bias_i32: np.ndarray
     requantization_scales: np.ndarray
     requantization_output_scale: float
@@ -485,10 +515,12 @@ class QnnpackRequantizer(Requantizer):
 
     def _fast(self, raw_2d_i32: np.ndarray) -> np.ndarray:
         out_u8 = np.empty(raw_2d_i32.shape, np.uint8)
-        _qnnpack_requantize_rows(raw_2d_i32, self.bias_i32, self.requantization_scales,
-                                 np.int64(self.output_zero_point), np.int64(self.output_min),
-                                 np.int64(self.output_max), out_u8)
+        _qnnpack_requantize_rows(raw_2d_i32, *self.epilogue_constants(), out_u8)
         return out_u8
+
+    def epilogue_constants(self) -> tuple:
+        return (self.bias_i32, self.requantization_scales, np.int64(self.output_zero_point),
+                np.int64(self.output_min), np.int64(self.output_max))
 
 
 # ================================================================================================================
@@ -616,6 +648,17 @@ def onednn_requantize_element(raw_i32, kernel_code, compensation_i32, input_scal
     return np.uint8(np.rint(v))
 
 
+@njit(cache=True, inline="always")
+def onednn_requantize_channel(raw_i32, n, constants):
+    """:func:`onednn_requantize_element` of raw[m, n] with channel n's constants from ``constants`` =
+    OnednnRequantizer.epilogue_constants() (refquant.fused_linear)."""
+    (kernel_code, compensation_i32, input_scale_onednn_f32, weight_scales_onednn_f32, output_scales_f32, has_bias,
+     bias_f32, relu, dst_multiplier_f32, zero_point_f32) = constants
+    return onednn_requantize_element(raw_i32, kernel_code, compensation_i32[n], input_scale_onednn_f32,
+                                     weight_scales_onednn_f32[n], output_scales_f32[n], has_bias, bias_f32[n],
+                                     relu, dst_multiplier_f32, zero_point_f32)
+
+
 @njit(cache=True)
 def _onednn_requantize_rows(raw_i32, kernel_code, compensation_i32, input_scale_onednn_f32,
                             weight_scales_onednn_f32, output_scales_f32, has_bias, bias_f32, relu,
@@ -639,6 +682,7 @@ class OnednnRequantizer(Requantizer):
     """
 
     name: ClassVar[str] = "onednn"
+    epilogue: ClassVar[str] = "onednn"
     kernel: str
     input_scale_reciprocal: np.float32
     weight_scales_reciprocal: np.ndarray
@@ -678,15 +722,16 @@ class OnednnRequantizer(Requantizer):
                                           self.dst_multiplier, self.output_zero_point)
 
     def _fast(self, raw_2d_i32: np.ndarray) -> np.ndarray:
-        N = raw_2d_i32.shape[1]
         out_u8 = np.empty(raw_2d_i32.shape, np.uint8)
-        has_bias = self.bias is not None
-        bias_f32 = self.bias if has_bias else np.zeros(N, np.float32)
-        _onednn_requantize_rows(raw_2d_i32, np.int64(_ONEDNN_KERNEL_CODES[self.kernel]), self.compensation,
-                                self.input_scale_onednn, self.weight_scales_onednn, self.output_scales, has_bias,
-                                bias_f32, self.relu, self.dst_multiplier, np.float32(self.output_zero_point),
-                                out_u8)
+        _onednn_requantize_rows(raw_2d_i32, *self.epilogue_constants(), out_u8)
         return out_u8
+
+    def epilogue_constants(self) -> tuple:
+        has_bias = self.bias is not None
+        bias_f32 = self.bias if has_bias else np.zeros(len(self.compensation), np.float32)
+        return (np.int64(_ONEDNN_KERNEL_CODES[self.kernel]), self.compensation, self.input_scale_onednn,
+                self.weight_scales_onednn, self.output_scales, has_bias, bias_f32, self.relu, self.dst_multiplier,
+                np.float32(self.output_zero_point))
 
 
 # ================================================================================================================

@@ -723,6 +723,45 @@ def _requantize_integer_kernel(raw_i32, variant_code, bias_i32, multiplier_i32, 
             out[m, n] = q
 
 
+# The variants' per-element functions with channel n's constants from IntegerRequantizer.epilogue_constants()
+# (bias_i32, multiplier_i32, shift_i32, output_multiplier_f32: (N,) each; zero_point, quant_min, quant_max): the
+# epilogues of refquant.fused_linear, one per variant (a compile-time choice there).
+
+@njit(cache=True, inline="always")
+def requantize_fbgemm_fixed_point_channel(raw_i32, n, constants):
+    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max = constants
+    return np.uint8(requantize_fbgemm_fixed_point_scalar(raw_i32, bias_i32[n], multiplier_i32[n], shift_i32[n],
+                                                         zero_point, quant_min, quant_max))
+
+
+@njit(cache=True, inline="always")
+def requantize_tflite_channel(raw_i32, n, constants):
+    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max = constants
+    return np.uint8(requantize_tflite_scalar(raw_i32, bias_i32[n], multiplier_i32[n], shift_i32[n], zero_point,
+                                             quant_min, quant_max))
+
+
+@njit(cache=True, inline="always")
+def requantize_tflite_single_rounding_channel(raw_i32, n, constants):
+    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max = constants
+    return np.uint8(requantize_tflite_single_rounding_scalar(raw_i32, bias_i32[n], multiplier_i32[n], shift_i32[n],
+                                                             zero_point, quant_min, quant_max))
+
+
+@njit(cache=True, inline="always")
+def requantize_float_int32_bias_channel(raw_i32, n, constants):
+    bias_i32, _, _, output_multiplier_f32, zero_point, quant_min, quant_max = constants
+    return np.uint8(requantize_float_int32_bias_scalar(raw_i32, bias_i32[n], output_multiplier_f32[n], zero_point,
+                                                       quant_min, quant_max))
+
+
+EPILOGUE_FUNCTIONS = {"fbgemm_fixed_point": requantize_fbgemm_fixed_point_channel,
+                      "tflite": requantize_tflite_channel,
+                      "tflite_single_rounding": requantize_tflite_single_rounding_channel,
+                      "float_int32_bias": requantize_float_int32_bias_channel}
+"""Each variant's epilogue function for refquant.fused_linear (registered there as "integer_<variant>")."""
+
+
 def requantize_integer(raw_i32: np.ndarray, rq: IntegerRequantization) -> np.ndarray:
     """Same result as :func:`requantize_integer_readable`, computed by the Numba kernel (one thread)."""
     raw_i32 = _check_raw(raw_i32, rq)
@@ -868,6 +907,19 @@ class IntegerRequantizer(_engines_module.Requantizer):
 
     def _fast(self, raw_2d_i32: np.ndarray) -> np.ndarray:
         return requantize_integer(raw_2d_i32, self.constants)
+
+    @property
+    def epilogue(self) -> str | None:  # type: ignore[override]
+        """"integer_<variant>" (refquant.fused_linear) for uint8 outputs; None for other output ranges."""
+        return f"integer_{self.variant}" if self.constants.output_dtype == np.uint8 else None
+
+    def epilogue_constants(self) -> tuple:
+        n = len(self.bias_i32)
+        zeros_i32 = np.zeros(n, np.int32)
+        mult = zeros_i32 if self.requant_multiplier_i32 is None else self.requant_multiplier_i32
+        shift = zeros_i32 if self.requant_shift is None else self.requant_shift
+        return (self.bias_i32, mult, shift, self.output_multiplier, np.int64(self.output_zero_point),
+                np.int64(self.quant_min), np.int64(self.quant_max))
 
 
 def _builder(variant: str):

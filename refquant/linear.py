@@ -65,6 +65,7 @@ from refquant.engines import (
     fbgemm_requantize_readable,
 )
 from refquant import fixed_point as _fixed_point  # noqa: F401  registers the integer variants (requantization=)
+from refquant.fused_linear import FusedLinear, fused_kernel_serves
 from refquant.matmul import PackedWeightS8, matmul_u8s8_acc32, pack_weight_s8
 from refquant.observers import MinMaxObserver, PerChannelMinMaxObserver
 from refquant.qconfig import _DEFAULT_QCONFIGS
@@ -358,6 +359,7 @@ class QuantizedLinear:
         self.requantization = scheme.name
 
         self._packed_weight: PackedWeightS8 = pack_weight_s8(self.weight_int8)
+        self._fused: FusedLinear | None = None  # refquant.fused_linear, made at the first fused call
         if int32_accumulator_can_overflow(K):
             warnings.warn(f"in_features K = {K} > 65,793: K·255·128 exceeds int32, so the int32 accumulators can "
                           f"wrap (modulo 2^32) exactly as {engine}'s do; outputs are then not the real-number result",
@@ -501,10 +503,26 @@ class QuantizedLinear:
     def __call__(self, x_u8: np.ndarray, *, saturate_int16_pairs: bool | None = None) -> np.ndarray:
         """uint8 input codes (..., K) -> uint8 output codes (..., N) = requantize(accumulate(x_u8)).
 
-        onednn returns an empty input's output with shape (0, N), whatever the input's rank, as torch does.
-        Matches: torch.ops.quantized.linear (linear_relu when ``relu``) with torch.backends.quantized.engine.
+        Computed in one pass by refquant.fused_linear (each tile of sums corrected and requantized while in cache,
+        the same bits) when it serves the layer's requantization and the matmul runs a Numba kernel; else as the
+        two stages. onednn returns an empty input's output with shape (0, N), whatever the input's rank, as torch
+        does. Matches: torch.ops.quantized.linear (linear_relu when ``relu``) with torch.backends.quantized.engine.
         """
-        y_u8 = self.requantize(self.accumulate(x_u8, saturate_int16_pairs=saturate_int16_pairs))
+        saturate = self.saturate_int16_pairs if saturate_int16_pairs is None else bool(saturate_int16_pairs)
+        if fused_kernel_serves(self.requantizer, saturate_int16_pairs=saturate):
+            spec = ENGINE_SPECS[self.engine]
+            x_u8 = _check_codes(x_u8, np.uint8, "x_u8", self.in_features, "in_features K", spec.min_input_ndim)
+            if saturate_int16_pairs is not None:
+                check_engine_options(self.engine, self.engine_options, saturate)
+            lead_shape = x_u8.shape[:-1]
+            x2d_u8 = np.ascontiguousarray(x_u8.reshape(-1, self.in_features))  # torch flattens N-D input to (M, K)
+            if self._fused is None:
+                self._fused = FusedLinear(self._packed_weight, self.col_offsets, self.weight_zero_points)
+            y_u8 = self._fused(x2d_u8, self.input_zero_point, self.requantizer.epilogue,
+                               self.requantizer.epilogue_constants(), saturate_int16_pairs=saturate)
+            y_u8 = y_u8.reshape(lead_shape + (self.out_features,))
+        else:
+            y_u8 = self.requantize(self.accumulate(x_u8, saturate_int16_pairs=saturate_int16_pairs))
         if ENGINE_SPECS[self.engine].empty_output_is_2d and y_u8.size == 0:
             y_u8 = y_u8.reshape(0, self.out_features)  # qlinear.cpp: if (output.numel() == 0) return output;
         return y_u8

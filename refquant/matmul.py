@@ -334,6 +334,16 @@ def _vec_zeros(typingctx):
 
 
 @intrinsic
+def _vec_add(typingctx, a, b):
+    """Lane-wise int32 a + b, wrapping (``vpaddd``)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.add(args[0], args[1])
+
+    return int32x16(int32x16, int32x16), codegen
+
+
+@intrinsic
 def _vec_load(typingctx, arr, byte_offset):
     """The 64 bytes at ``arr.data + byte_offset`` (unaligned ``vmovdqu64``)."""
     _check_c_array(arr, "_vec_load")
@@ -491,13 +501,13 @@ def _row_store(out_i32, offset, acc, n_valid):
 
 
 @njit(cache=True)
-def _tile_6x64(dot4, x_u8, lda, m, g0, n_groups, panels_i8, panel_offset, out_i32, ldc, n0, n_valid):
-    """out[m .. m+5, n0 .. n0+63] += the products of k in [4 g0, 4 (g0 + n_groups)) (eq. M1 or M2).
+def _tile_6x64(dot4, x_u8, lda, m, g0, n_groups, panels_i8, panel_offset, out_i32, out_offset, ldc, n_valid):
+    """out rows (from element out_offset, ldc apart) += the products of x rows m .. m+5 and 64 weight columns for k
+    in [4 g0, 4 (g0 + n_groups)) (eq. M1 or M2).
 
     24 accumulators (6 rows x 4 vectors), 4 weight vectors, 1 broadcast: fbgemm's genComputeBlock with
     rowRegs = 6, colRegs = 4. The k group g of x row m is the 4 bytes at m * lda + 4 g.
     """
-    out_offset = m * ldc + n0
     first = g0 == 0
     acc0 = _row_start(out_i32, out_offset, n_valid, first)
     acc1 = _row_start(out_i32, out_offset + ldc, n_valid, first)
@@ -523,9 +533,8 @@ def _tile_6x64(dot4, x_u8, lda, m, g0, n_groups, panels_i8, panel_offset, out_i3
 
 
 @njit(cache=True)
-def _tile_2x64(dot4, x_u8, lda, m, g0, n_groups, panels_i8, panel_offset, out_i32, ldc, n0, n_valid):
-    """out[m .. m+1, n0 .. n0+63] += ...: the tile for generic vector code (AVX2 has 16 registers, not 32)."""
-    out_offset = m * ldc + n0
+def _tile_2x64(dot4, x_u8, lda, m, g0, n_groups, panels_i8, panel_offset, out_i32, out_offset, ldc, n_valid):
+    """The same for x rows m, m+1: the tile for generic vector code (AVX2 has 16 registers, not 32)."""
     acc0 = _row_start(out_i32, out_offset, n_valid, g0 == 0)
     acc1 = _row_start(out_i32, out_offset + ldc, n_valid, g0 == 0)
     for g in range(n_groups):
@@ -538,14 +547,58 @@ def _tile_2x64(dot4, x_u8, lda, m, g0, n_groups, panels_i8, panel_offset, out_i3
 
 
 @njit(cache=True)
-def _tile_1x64(dot4, x_u8, lda, m, g0, n_groups, panels_i8, panel_offset, out_i32, ldc, n0, n_valid):
-    """out[m, n0 .. n0+63] += ...: the last rows."""
-    out_offset = m * ldc + n0
+def _tile_1x64(dot4, x_u8, lda, m, g0, n_groups, panels_i8, panel_offset, out_i32, out_offset, ldc, n_valid):
+    """The same for x row m: the last rows (and all of M = 1). Even and odd k groups go to two sets of 4
+    accumulators, added at the end: 8 independent ``vpdpbusd`` chains instead of 4, which one row alone would wait
+    on. The same bits: int32 sums wrap modulo 2^32, so their order changes nothing (and eq. M2 saturates within a
+    group, never across groups)."""
     acc0 = _row_start(out_i32, out_offset, n_valid, g0 == 0)
-    for g in range(n_groups):
+    z = _vec_zeros()
+    acc1 = (z, z, z, z)
+    g = 0
+    while g + 2 <= n_groups:
+        xk = m * lda + (g0 + g) * K_GROUP
+        w = _panel_load(panels_i8, panel_offset + (g0 + g) * (PANEL_COLS * K_GROUP))
+        acc0 = _row_dot4(dot4, acc0, _vec_broadcast4(x_u8, xk), w)
+        w = _panel_load(panels_i8, panel_offset + (g0 + g + 1) * (PANEL_COLS * K_GROUP))
+        acc1 = _row_dot4(dot4, acc1, _vec_broadcast4(x_u8, xk + K_GROUP), w)
+        g += 2
+    if g < n_groups:
         w = _panel_load(panels_i8, panel_offset + (g0 + g) * (PANEL_COLS * K_GROUP))
         acc0 = _row_dot4(dot4, acc0, _vec_broadcast4(x_u8, m * lda + (g0 + g) * K_GROUP), w)
+    acc0 = (_vec_add(acc0[0], acc1[0]), _vec_add(acc0[1], acc1[1]), _vec_add(acc0[2], acc1[2]),
+            _vec_add(acc0[3], acc1[3]))
     _row_store(out_i32, out_offset, acc0, n_valid)
+
+
+@njit(cache=True)
+def _block_tiles(dot4, rows_per_tile, x_u8, lda, m_start, m_end, g0, block_groups, panels_i8, panel_offset, out_i32,
+                 out_offset, ldc, n_valid):
+    """Rows [m_start, m_end) of x times one panel over one K block, in tiles of 6 rows (or 2), then single rows;
+    x row m_start's sums go to out_i32 from element out_offset, the next rows ldc elements apart."""
+    m = m_start
+    if rows_per_tile == 6:
+        while m + 6 <= m_end:
+            _tile_6x64(dot4, x_u8, lda, m, g0, block_groups, panels_i8, panel_offset, out_i32,
+                       out_offset + (m - m_start) * ldc, ldc, n_valid)
+            m += 6
+    while m + 2 <= m_end:
+        _tile_2x64(dot4, x_u8, lda, m, g0, block_groups, panels_i8, panel_offset, out_i32,
+                   out_offset + (m - m_start) * ldc, ldc, n_valid)
+        m += 2
+    while m < m_end:
+        _tile_1x64(dot4, x_u8, lda, m, g0, block_groups, panels_i8, panel_offset, out_i32,
+                   out_offset + (m - m_start) * ldc, ldc, n_valid)
+        m += 1
+
+
+@njit(cache=True, inline="always")
+def task_rows_and_panel(task, M, n_panels):
+    """Task ``task`` covers output rows [m_start, m_end) and the 64 columns of panel ``panel``."""
+    chunk = task // n_panels
+    panel = task % n_panels
+    m_start = chunk * ROWS_PER_TASK
+    return m_start, min(M, m_start + ROWS_PER_TASK), panel
 
 
 @njit(cache=True)
@@ -553,26 +606,14 @@ def _matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task)
     """One task: output rows [96 c, 96 c + 96) times panel p (columns [64 p, 64 p + 64)), K block by K block."""
     n_panels = panels_i8.shape[0]
     n_groups = panels_i8.shape[1]
-    chunk = task // n_panels
-    panel = task % n_panels
+    m_start, m_end, panel = task_rows_and_panel(task, M, n_panels)
     n0 = panel * PANEL_COLS
     n_valid = min(PANEL_COLS, N - n0)
     panel_offset = panel * n_groups * (PANEL_COLS * K_GROUP)
-    m_start = chunk * ROWS_PER_TASK
-    m_end = min(M, m_start + ROWS_PER_TASK)
     for g0 in range(0, max(n_groups, 1), K_BLOCK // K_GROUP):  # K = 0 still stores the zeros
         block_groups = min(K_BLOCK // K_GROUP, n_groups - g0)
-        m = m_start
-        if rows_per_tile == 6:
-            while m + 6 <= m_end:
-                _tile_6x64(dot4, x_u8, lda, m, g0, block_groups, panels_i8, panel_offset, out_i32, N, n0, n_valid)
-                m += 6
-        while m + 2 <= m_end:
-            _tile_2x64(dot4, x_u8, lda, m, g0, block_groups, panels_i8, panel_offset, out_i32, N, n0, n_valid)
-            m += 2
-        while m < m_end:
-            _tile_1x64(dot4, x_u8, lda, m, g0, block_groups, panels_i8, panel_offset, out_i32, N, n0, n_valid)
-            m += 1
+        _block_tiles(dot4, rows_per_tile, x_u8, lda, m_start, m_end, g0, block_groups, panels_i8, panel_offset,
+                     out_i32, m_start * N + n0, N, n_valid)
 
 
 @njit(cache=True, nogil=True)
@@ -597,24 +638,36 @@ PARALLEL_MIN_MACS = 1 << 22  # below this many multiply-adds (~12 us on one core
 # pool thread costs ~10 us (a wake-up and the GIL), so below it the pool thread arrives when the work is done
 
 
+def padded_rows(x_u8: np.ndarray, packed: PackedWeightS8) -> tuple[np.ndarray, int]:
+    """x as the tiles read it: C-contiguous rows of whole groups of 4 bytes (the last group padded with zeros, which
+    meet zero weights), and that row length ``lda``."""
+    M, K = x_u8.shape
+    lda = packed.panels_i8.shape[1] * K_GROUP
+    if lda != K:  # the last group of a row reads 4 bytes: pad with zeros (times zero weights)
+        x_padded_u8 = np.zeros((M, lda), np.uint8)
+        x_padded_u8[:, :K] = x_u8
+        return x_padded_u8, lda
+    return np.ascontiguousarray(x_u8), lda
+
+
+def run_tasks(serial_kernel, shared_kernel, M: int, K: int, packed: PackedWeightS8, args: tuple) -> None:
+    """Run every task of an (M, K) x packed product: ``serial_kernel(*args)`` on this thread below
+    PARALLEL_MIN_MACS multiply-adds, else ``shared_kernel`` on the pool (refquant._threads.share_items)."""
+    N = packed.shape[0]
+    n_tasks = -(-M // ROWS_PER_TASK) * packed.panels_i8.shape[0]
+    threads = threads_for(n_tasks, DEFAULT_THREADS) if M * N * K >= PARALLEL_MIN_MACS else 1
+    if threads == 1:
+        serial_kernel(*args)
+    else:
+        share_items(shared_kernel, n_tasks, [args] * threads)
+
+
 def _matmul_tiled(x_u8: np.ndarray, packed: PackedWeightS8, dot4: _Dot4) -> np.ndarray:
     """Run the tiles: x padded so that each row has whole groups of 4 bytes, output (M, N) int32."""
     M, K = x_u8.shape
     N = packed.shape[0]
-    n_groups = packed.panels_i8.shape[1]
-    lda = n_groups * K_GROUP
-    if lda != K:  # the last group of a row reads 4 bytes: pad with zeros (times zero weights)
-        x_padded_u8 = np.zeros((M, lda), np.uint8)
-        x_padded_u8[:, :K] = x_u8
-        x_u8 = x_padded_u8
-    else:
-        x_u8 = np.ascontiguousarray(x_u8)
+    x_u8, lda = padded_rows(x_u8, packed)
     out_i32 = np.empty((M, N), np.int32)
-    args = (dot4, dot4.rows_per_tile, x_u8, lda, M, packed.panels_i8, out_i32, N)
-    n_tasks = -(-M // ROWS_PER_TASK) * packed.panels_i8.shape[0]
-    threads = threads_for(n_tasks, DEFAULT_THREADS) if M * N * K >= PARALLEL_MIN_MACS else 1
-    if threads == 1:
-        _matmul_tasks_serial(*args)
-    else:
-        share_items(_matmul_tasks_shared, n_tasks, [args] * threads)
+    run_tasks(_matmul_tasks_serial, _matmul_tasks_shared, M, K, packed,
+              (dot4, dot4.rows_per_tile, x_u8, lda, M, packed.panels_i8, out_i32, N))
     return out_i32

@@ -1,0 +1,121 @@
+"""Dynamic quantized Linear: torch.ops.quantized.linear_dynamic vs refquant.DynamicQuantizedLinear, side by side.
+
+For each (M, K, N): a float32 weight (per-tensor symmetric int8 after quantization, torch's default_dynamic_qconfig),
+a float32 bias and a float32 input; torch's ``quantized::linear_dynamic`` on the engine (fbgemm by default, with
+``reduce_range`` as torch's dynamic Linear module passes it) and refquant's ``DynamicQuantizedLinear(...)(x)`` (the
+input's range and quantization, then the fused product + zero-point correction + float output). The script checks
+that the float32 outputs are equal bit for bit (exit status 1 if not), alternates torch and refquant within each
+of --repeat rounds and prints the medians and their ratio (> 1: refquant is faster), with the CPU and the load.
+
+    python benchmarks/bench_dynamic.py [--repeat 7] [--engine fbgemm] [--shapes 64x1024x1024,1024x1024x1024]
+                                       [--threads N] [--clock wall|process] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_linear  # noqa: E402  (cpu_model, load_average, the timing helpers)
+
+DEFAULT_SHAPES = [(1, 1024, 1024), (64, 1024, 1024), (1024, 1024, 1024)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=7, help="rounds per shape; the median is reported")
+    parser.add_argument("--seconds", type=float, default=0.1, help="time per measurement within a round")
+    parser.add_argument("--engine", default="fbgemm", choices=["fbgemm", "x86", "qnnpack", "onednn"],
+                        help="torch.backends.quantized.engine and refquant's engine= (default fbgemm)")
+    parser.add_argument("--shapes", default=None, help="comma-separated MxKxN list (default: 1x1024x1024,"
+                                                       "64x1024x1024,1024x1024x1024)")
+    parser.add_argument("--threads", type=int, default=None, help="threads for torch and refquant (default: all)")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="wall (default) or process (CPU time; with --threads 1 robust to others' load)")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    if args.repeat < 1 or args.seconds <= 0 or (args.threads is not None and args.threads < 1):
+        parser.error("--repeat and --threads must be >= 1 and --seconds > 0")
+    shapes = DEFAULT_SHAPES
+    if args.shapes:
+        try:
+            shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+            assert all(len(s) == 3 and min(s) >= 1 for s in shapes)
+        except (ValueError, AssertionError):
+            parser.error(f"--shapes must look like 64x1024x1024 (M x K x N, each >= 1), got {args.shapes!r}")
+    if args.threads is not None:
+        os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
+    bench_linear.CLOCK = time.process_time if args.clock == "process" else time.perf_counter
+
+    import torch
+
+    from refquant.dynamic import DynamicQuantizedLinear, default_onednn_kernel
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    engine = args.engine
+    torch.backends.quantized.engine = engine
+    reduce_range = engine in ("fbgemm", "x86")  # torch's dynamic Linear: reduce_range=True except qnnpack/onednn
+    load_before = bench_linear.load_average()
+    print(f"CPU: {bench_linear.cpu_model()} ({os.cpu_count()} CPUs); load average before: {load_before}")
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads); engine {engine}, reduce_range="
+          f"{reduce_range}; median of {args.repeat} alternating rounds; clock: {args.clock}")
+    print()
+    header = f"{'M, K, N':>18} | {'torch us':>9} | {'refquant us':>11} | {'ratio':>6} | float bits"
+    print(header)
+    print("-" * len(header))
+    results = []
+    for M, K, N in shapes:
+        rng = np.random.default_rng(M * 1_000_003 + K * 1009 + N)
+        w = (rng.standard_normal((N, K)) / np.sqrt(K)).astype(np.float32)
+        bias = rng.standard_normal(N).astype(np.float32)
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        kw = {"onednn_kernel": default_onednn_kernel()} if engine == "onednn" else {}
+        dq = DynamicQuantizedLinear.from_float(w, bias, engine=engine, reduce_range=reduce_range, **kw)
+        wq = torch.quantize_per_tensor(torch.from_numpy(w), float(dq.weight_scales[0]),
+                                       int(dq.weight_zero_points[0]), torch.qint8)
+        packed = torch.ops.quantized.linear_prepack(wq, torch.from_numpy(bias))
+        xt = torch.from_numpy(x)
+
+        def torch_call():
+            torch.backends.quantized.engine = engine
+            return torch.ops.quantized.linear_dynamic(xt, packed, reduce_range)
+
+        fns = {"torch": torch_call, "refquant": lambda: dq(x)}
+        same = bool(np.array_equal(fns["torch"]().numpy().view(np.uint32), fns["refquant"]().view(np.uint32)))
+        calls = {k: bench_linear._calls_per_round(f, args.seconds) for k, f in fns.items()}
+        seconds = {k: [] for k in fns}
+        for _ in range(args.repeat):
+            for k, f in fns.items():
+                seconds[k].append(bench_linear._seconds_per_call(f, calls[k]))
+        median = {k: statistics.median(v) for k, v in seconds.items()}
+        ratio = median["torch"] / median["refquant"]
+        results.append(dict(M=M, K=K, N=N, engine=engine, same_float_bits=same, ratio=ratio, seconds_median=median,
+                            seconds_all=seconds))
+        print(f"{f'{M}, {K}, {N}':>18} | {median['torch'] * 1e6:9.0f} | {median['refquant'] * 1e6:11.0f} | "
+              f"{ratio:6.2f} | {'equal' if same else 'DIFFER'}")
+        sys.stdout.flush()
+    print()
+    print("ratio = torch time / refquant time (quantized::linear_dynamic vs DynamicQuantizedLinear.__call__)")
+    print(f"load average after: {bench_linear.load_average()}")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(dict(cpu=bench_linear.cpu_model(), torch=torch.__version__, engine=engine, clock=args.clock,
+                           threads=args.threads, load_before=load_before, load_after=bench_linear.load_average(),
+                           results=results), f, indent=1)
+        os.replace(tmp, args.json)
+    return 0 if all(r["same_float_bits"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

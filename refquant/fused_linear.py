@@ -1,0 +1,314 @@
+"""QuantizedLinear's call in one pass: each tile of int32 sums is corrected and requantized as soon as it is summed.
+
+The readable path (refquant.linear: :meth:`~refquant.linear.QuantizedLinear.accumulate`, then
+:meth:`~refquant.linear.QuantizedLinear.requantize`) writes the (M, N) int32 products, corrects them in a second pass
+and requantizes them in a third. Here the product's tiles (refquant.matmul: 6 rows x 64 columns of int32 sums, K
+block by K block) end differently: after a tile's last K block, each of its sums goes at once, while the tile is in
+L1, through the same two steps, element by element::
+
+    raw[m, n] = acc[m, n] − zx_col[n] − z_w[n]·row_offsets[m]          int32, modulo 2^32            (eq. L5)
+                zx_col[n] = z_x·col_offsets[n] (int32, once per layer), row_offsets[m] = Σ_k q_x[m, k]
+    q_y[m, n] = <scheme>_requantize_channel(raw[m, n], n, constants)   the engine's own float path, or an
+                                                                       integer variant (refquant.engines)
+
+so the int32 products of a whole call never reach memory: a task (96 rows x one 64-column panel) sums into its own
+24 KB of scratch, and only uint8 codes are stored. Each output element gets exactly the arithmetic of the readable
+path: :func:`zero_point_corrected` is :func:`refquant.linear.accumulate_raw`'s two int32 subtractions for one
+element, and the per-element requantization is the Numba function of refquant.engines (or refquant.fixed_point)
+that the requantizer's own ``_fast`` kernel runs, itself tested equal to the NumPy statements
+(tests/test_engines_details.py). tests/test_fused_linear.py proves the fused call equal to the readable one, bit for
+bit, for every scheme it serves.
+
+Matches: pytorch/FBGEMM src/ExecuteKernelU8S8.cc (ExecuteKernel::execute: after the last K block of an MCB x NCB
+block, ``outputProcess_.f`` runs on it) with include/fbgemm/OutputProcessing-inl.h (ReQuantizeOutput::f: the
+row/column offset corrections, then requantization, of that block) — fbgemm's output pipeline.
+
+A scheme joins by naming its epilogue (``Requantizer.epilogue``, ``Requantizer.epilogue_constants()``) and
+registering its per-element function here (:func:`register_epilogue`) before the first fused call. Numba's cache
+does not notice edits to another file: after editing an epilogue function in refquant.engines or
+refquant.fixed_point, clear the caches (``__pycache__`` or NUMBA_CACHE_DIR).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from numba import njit
+from numba.core import types
+from numba.core.typing.typeof import Purpose
+from numba.extending import NativeValue, models, overload, register_model, typeof_impl, unbox
+
+from refquant.fixed_point import EPILOGUE_FUNCTIONS as INTEGER_EPILOGUE_FUNCTIONS
+from refquant.engines import fbgemm_requantize_channel, onednn_requantize_channel, qnnpack_requantize_channel
+from refquant.matmul import (
+    _DOT4,
+    K_BLOCK,
+    K_GROUP,
+    PANEL_COLS,
+    ROWS_PER_TASK,
+    PackedWeightS8,
+    _block_tiles,
+    kernel_for,
+    padded_rows,
+    run_tasks,
+    task_rows_and_panel,
+)
+from refquant._threads import finish_item, item_to_try, take_item
+
+TILE_ROWS = 6
+"""Rows summed before their epilogue runs: one 6 x 64 tile (or three 2 x 64 tiles of the portable kernel)."""
+
+# --------------------------------------------------------------------------------------------------------------
+# Which per-element requantization the epilogue runs: a compile-time choice, as refquant.matmul's _Dot4
+# --------------------------------------------------------------------------------------------------------------
+
+_EPILOGUE_FUNCTIONS: dict[str, object] = {}  # name -> njit function (raw_i32, n, constants) -> uint8
+
+
+def register_epilogue(name: str, requantize_channel_fn) -> None:
+    """Let a requantizer with ``epilogue = name`` run fused: ``requantize_channel_fn(raw_i32, n, constants)`` is an
+    ``@njit(cache=True, inline="always")`` function returning channel n's uint8 code of one int32 ``raw``."""
+    _EPILOGUE_FUNCTIONS[name] = requantize_channel_fn
+
+
+class Epilogue:
+    """Marker of one registered epilogue; Numba types it by name, so each kernel below is compiled once per name."""
+
+    def __init__(self, name: str):
+        if name not in _EPILOGUE_FUNCTIONS:
+            raise ValueError(f"epilogue must be one of {tuple(_EPILOGUE_FUNCTIONS)}, got {name!r}")
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Epilogue({self.name!r})"
+
+
+class _EpilogueType(types.Type):
+    def __init__(self, name: str):
+        self.epilogue_name = name
+        super().__init__(name=f"Epilogue({name})")
+
+
+@typeof_impl.register(Epilogue)
+def _typeof_epilogue(val, c):
+    return _EpilogueType(val.name)
+
+
+register_model(_EpilogueType)(models.OpaqueModel)
+
+
+@unbox(_EpilogueType)
+def _unbox_epilogue(typ, obj, c):
+    return NativeValue(c.context.get_dummy_value())  # the marker carries no data, only its type
+
+
+def requantize_channel(epilogue: Epilogue, raw_i32, n, constants):
+    """Channel n's uint8 code of ``raw_i32`` by the registered function of ``epilogue`` (a Numba overload picks it
+    when the kernel is compiled)."""
+    return _EPILOGUE_FUNCTIONS[epilogue.name](raw_i32, n, constants)
+
+
+@overload(requantize_channel, inline="always")
+def _requantize_channel_numba(epilogue, raw_i32, n, constants):
+    fn = _EPILOGUE_FUNCTIONS[epilogue.epilogue_name]
+    return lambda epilogue, raw_i32, n, constants: fn(raw_i32, n, constants)
+
+
+register_epilogue("fbgemm", fbgemm_requantize_channel)
+register_epilogue("qnnpack", qnnpack_requantize_channel)
+register_epilogue("onednn", onednn_requantize_channel)
+for _variant, _fn in INTEGER_EPILOGUE_FUNCTIONS.items():  # requantization="tflite" etc. (refquant.fixed_point)
+    register_epilogue(f"integer_{_variant}", _fn)
+del _variant, _fn
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The epilogue of one tile
+# --------------------------------------------------------------------------------------------------------------
+
+@njit(cache=True, inline="always")
+def zero_point_corrected(acc_i32, zx_col_i32, zw_i32, row_offset_i32):
+    """raw = acc − zx_col[n] − z_w[n]·row_offsets[m] of one element, int32 wrapping: accumulate_raw's
+    ``np.subtract(acc, zx_col)`` and ``np.subtract(raw, np.multiply(row_offsets, z_w))``, whose low 32 bits are
+    those of the exact int64 value (|each term| < 2^39)."""
+    exact = np.int64(acc_i32) - np.int64(zx_col_i32) - np.int64(zw_i32) * np.int64(row_offset_i32)
+    return np.int32(exact)  # keep the low 32 bits: int32's wrap
+
+
+@njit(cache=True)
+def _requantize_tile(epilogue, constants, acc_i32, acc_offset, m0, rows, n0, n_valid, zx_col_i32, zw_i32,
+                     row_offsets_i32, out_u8):
+    """out_u8[m0 .. m0+rows-1, n0 .. n0+n_valid-1] from the tile's sums (acc_i32 from acc_offset, 64 per row)."""
+    if m0 < 0 or n0 < 0 or acc_offset < 0:  # never: tells LLVM the indices below are >= 0, so it skips Numba's
+        return  # negative-index wraparound and loads the channel constants as vectors, not gathers
+    for r in range(rows):
+        m = m0 + r
+        row = acc_offset + r * PANEL_COLS
+        for c in range(n_valid):
+            n = n0 + c
+            raw = zero_point_corrected(acc_i32[row + c], zx_col_i32[n], zw_i32[n], row_offsets_i32[m])
+            out_u8[m, n] = requantize_channel(epilogue, raw, n, constants)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tasks
+# --------------------------------------------------------------------------------------------------------------
+
+@njit(cache=True)
+def _fused_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
+                row_offsets_i32, epilogue, constants, out_u8):
+    """One task (rows [m_start, m_end) x one panel): every K block but the last over all its rows (as
+    refquant.matmul's _matmul_task, into the scratch acc_i32), then the last K block tile by tile, each tile's
+    epilogue right after it."""
+    n_panels = panels_i8.shape[0]
+    n_groups = panels_i8.shape[1]  # >= 1: K >= 1
+    m_start, m_end, panel = task_rows_and_panel(task, M, n_panels)
+    n0 = panel * PANEL_COLS
+    n_valid = min(PANEL_COLS, N - n0)
+    panel_offset = panel * n_groups * (PANEL_COLS * K_GROUP)
+    step = K_BLOCK // K_GROUP
+    last_g0 = (n_groups - 1) // step * step
+    for g0 in range(0, last_g0, step):
+        _block_tiles(dot4, rows_per_tile, x_u8, lda, m_start, m_end, g0, step, panels_i8, panel_offset, acc_i32,
+                     0, PANEL_COLS, n_valid)
+    for m in range(m_start, m_end, TILE_ROWS):
+        rows = min(TILE_ROWS, m_end - m)
+        acc_offset = (m - m_start) * PANEL_COLS
+        _block_tiles(dot4, rows_per_tile, x_u8, lda, m, m + rows, last_g0, n_groups - last_g0, panels_i8,
+                     panel_offset, acc_i32, acc_offset, PANEL_COLS, n_valid)
+        _requantize_tile(epilogue, constants, acc_i32, acc_offset, m, rows, n0, n_valid, zx_col_i32, zw_i32,
+                         row_offsets_i32, out_u8)
+
+
+@njit(cache=True, nogil=True)
+def _fused_tasks_shared(claims_i64, thread, threads, dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, zx_col_i32,
+                        zw_i32, row_offsets_i32, epilogue, constants, out_u8):
+    """Take tasks (refquant._threads.share_items) and run each one this thread wins, in its own scratch."""
+    acc_i32 = np.empty(ROWS_PER_TASK * PANEL_COLS, np.int32)
+    n_tasks = claims_i64.shape[0] - 1
+    for k in range(n_tasks):
+        task = item_to_try(k, n_tasks, thread, threads)
+        if take_item(claims_i64, task):
+            _fused_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
+                        row_offsets_i32, epilogue, constants, out_u8)
+            finish_item(claims_i64)
+
+
+@njit(cache=True, nogil=True)
+def _fused_tasks_serial(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, zx_col_i32, zw_i32, row_offsets_i32,
+                        epilogue, constants, out_u8):
+    acc_i32 = np.empty(ROWS_PER_TASK * PANEL_COLS, np.int32)
+    n_tasks = -(-M // ROWS_PER_TASK) * panels_i8.shape[0]
+    for task in range(n_tasks):
+        _fused_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
+                    row_offsets_i32, epilogue, constants, out_u8)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The call
+# --------------------------------------------------------------------------------------------------------------
+
+def fused_kernel_serves(requantizer, *, saturate_int16_pairs: bool = False, kernel: str | None = None) -> bool:
+    """True when :class:`FusedLinear` runs this requantizer: it names a registered epilogue and the product runs a
+    Numba kernel (not ``kernel="reference"``, not under NUMBA_DISABLE_JIT=1)."""
+    name = getattr(requantizer, "epilogue", None)
+    if name is None or name not in _EPILOGUE_FUNCTIONS:
+        return False
+    return kernel_for(saturate_int16_pairs=saturate_int16_pairs, kernel=kernel) != "reference"
+
+
+class FusedLinear:
+    """One layer's fused call: (M, K) uint8 codes -> (M, N) outputs of an epilogue, with the bits of
+    ``<requantize>(accumulate_raw(x2d_u8, packed, col_offsets_i32, input_zero_point, weight_zero_points_i32,
+    saturate_int16_pairs=...))``.
+
+    Holds what does not change between calls (the packed weight, eq. L5's z_w vector) and, per kernel, the compiled
+    function to call: Numba's dispatcher types every argument at every call, which costs ~15 us here with the
+    markers and the constants tuple (more than the whole product at M = 1), so the compiled function for the
+    argument types is looked up once (``Dispatcher.overloads[signature].entry_point``) and then called directly.
+    """
+
+    def __init__(self, packed: PackedWeightS8, col_offsets_i32: np.ndarray, weight_zero_points_i32: np.ndarray):
+        self.packed = packed
+        self.col_offsets_i32 = col_offsets_i32
+        N = packed.shape[0]
+        self.zw_i32 = np.ascontiguousarray(np.broadcast_to(weight_zero_points_i32.astype(np.int32), (N,)))
+        self.affine = bool((weight_zero_points_i32 != 0).any())
+        self._zx_col: tuple[int, np.ndarray] | None = None  # (z_x, z_x·col_offsets) of the last call
+        self._compiled: dict = {}
+
+    def __call__(self, x2d_u8: np.ndarray, input_zero_point: int, epilogue: str, constants: tuple, *,
+                 out_dtype=np.uint8, saturate_int16_pairs: bool = False, kernel: str | None = None) -> np.ndarray:
+        """``epilogue``: a registered name; ``constants``: what its function takes; ``out_dtype``: what it
+        returns (uint8 codes, or float32 for the dynamic Linear)."""
+        chosen = kernel_for(saturate_int16_pairs=saturate_int16_pairs, kernel=kernel)
+        if chosen == "reference" or epilogue not in _EPILOGUE_FUNCTIONS:
+            raise ValueError(f"the fused kernel does not serve epilogue {epilogue!r} with the {chosen!r} matmul "
+                             f"kernel; use the readable stages (accumulate, then requantize)")
+        packed = self.packed
+        M, K = x2d_u8.shape
+        N = packed.shape[0]
+        out = np.empty((M, N), out_dtype)
+        if M == 0:
+            return out
+        dot4 = _DOT4[chosen, bool(saturate_int16_pairs)]
+        if self._zx_col is None or self._zx_col[0] != input_zero_point:
+            zx_col_i32 = np.multiply(np.int32(input_zero_point), self.col_offsets_i32, dtype=np.int32)  # wraps
+            self._zx_col = (input_zero_point, zx_col_i32)
+        zx_col_i32 = self._zx_col[1]
+        if self.affine:
+            row_offsets_i32 = x2d_u8.sum(axis=1, dtype=np.int64).astype(np.int32)  # PackAWithRowOffset
+        else:
+            row_offsets_i32 = np.zeros(M, np.int32)  # every z_w is 0: the term vanishes
+        x_u8, lda = padded_rows(x2d_u8, packed)
+        args = (dot4, dot4.rows_per_tile, x_u8, lda, M, packed.panels_i8, N, zx_col_i32, self.zw_i32,
+                row_offsets_i32, Epilogue(epilogue), constants, out)
+        key = (dot4.name, epilogue, bool(x_u8.flags.writeable), np.dtype(out_dtype).char,
+               tuple((c.dtype.char, c.ndim, c.flags.writeable) if isinstance(c, np.ndarray) else type(c)
+                     for c in constants))
+        kernels = self._compiled.get(key)
+        if kernels is None:
+            kernels = self._compiled[key] = (_CompiledOnFirstCall(_fused_tasks_serial, args),
+                                             _CompiledOnFirstCall(_fused_tasks_shared,
+                                                                  (np.zeros(1, np.int64), 0, 1) + args))
+        run_tasks(kernels[0], kernels[1], M, K, packed, args)
+        return out
+
+
+class _CompiledOnFirstCall:
+    """``dispatcher``'s compiled function for the Numba types of ``example_args``, looked up (compiled, or loaded
+    from the cache) at its first call, then called without type dispatch. Only the kernels a run uses are compiled:
+    a layer whose calls all stay below the thread pool's threshold never compiles the shared kernel."""
+
+    def __init__(self, dispatcher, example_args: tuple):
+        from numba import typeof
+
+        self.dispatcher = dispatcher
+        self.signature = tuple(typeof(a, Purpose.argument) for a in example_args)
+        self.entry_point = None
+        self._lock = threading.Lock()  # pool threads may make the first call together
+
+    def __call__(self, *args):
+        if self.entry_point is None:
+            with self._lock:
+                if self.entry_point is None:
+                    if self.signature not in self.dispatcher.overloads:
+                        self.dispatcher.compile(self.signature)
+                    self.entry_point = self.dispatcher.overloads[self.signature].entry_point
+        return self.entry_point(*args)
+
+
+def linear_fused(x2d_u8: np.ndarray, packed: PackedWeightS8, col_offsets_i32: np.ndarray, input_zero_point: int,
+                 weight_zero_points_i32: np.ndarray, requantizer, *, saturate_int16_pairs: bool = False,
+                 kernel: str | None = None) -> np.ndarray:
+    """:class:`FusedLinear` for one call with a requantizer (QuantizedLinear keeps its own): the bits of
+    ``requantizer.requantize(accumulate_raw(x2d_u8, packed, col_offsets_i32, input_zero_point,
+    weight_zero_points_i32, saturate_int16_pairs=...))``. Needs :func:`fused_kernel_serves` (else a ValueError)."""
+    name = getattr(requantizer, "epilogue", None)
+    if name is None:
+        raise ValueError(f"the fused kernel does not serve requantization {getattr(requantizer, 'name', None)!r} "
+                         f"(no epilogue); use QuantizedLinear.accumulate then requantize")
+    return FusedLinear(packed, col_offsets_i32, weight_zero_points_i32)(
+        x2d_u8, input_zero_point, name, requantizer.epilogue_constants(),
+        saturate_int16_pairs=saturate_int16_pairs, kernel=kernel)
