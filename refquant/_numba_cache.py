@@ -10,12 +10,21 @@ a cache location for a file in refquant's directory (all of refquant's modules a
 same for each). If it does, nothing changes. If not, it warns once (:class:`NumbaCacheWarning`, saying how to set
 NUMBA_CACHE_DIR) and lets the ``cache=True`` of functions defined in refquant's directory compile without a cache:
 the same bits, compiled again in each process. Functions outside refquant keep Numba's behaviour.
+
+The same call also makes one cache entry's validity cover the whole package. Numba keys a cached kernel to the
+hash of the one file that defines it, but a kernel holds the code of every function it calls, and refquant's
+kernels call functions of other modules (refquant.fused_linear's epilogues are refquant.engines' and
+refquant.fixed_point's per-element functions): after an edit of refquant/engines.py alone, Numba would load the old
+fused kernel and compute the old arithmetic, silently. So for a function defined in refquant's directory the
+stamp is :func:`package_source_stamp`, a hash of every module of the package: any edit recompiles every kernel.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
+import sys
 import warnings
 
 from numba.core import caching, config, dispatcher
@@ -42,6 +51,30 @@ def numba_can_cache() -> bool:
     return True
 
 
+def package_source_stamp() -> bytes:
+    """sha256 over (name, sha256 of the source) of every module in refquant's directory, in name order: the stamp
+    Numba stores with, and checks before loading, the cache entry of every refquant kernel. Each file's hash is
+    Numba's own (``caching._hash_source_file``, memoized on the file's mtime and size)."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(PACKAGE_DIR)):
+        if name.endswith(".py"):
+            path = os.path.join(PACKAGE_DIR, name)
+            st = os.stat(path)
+            h.update(name.encode())
+            h.update(caching._hash_source_file(path, st.st_mtime, st.st_size))
+    return h.digest()
+
+
+_numba_source_stamp = caching._SourceFileBackedLocatorMixin.get_source_stamp
+
+
+def _source_stamp_package_wide(self):
+    """Numba's source stamp of a cached function's file, or :func:`package_source_stamp` for refquant's files."""
+    if not getattr(sys, "frozen", False) and os.path.dirname(os.path.abspath(self._py_file)) == PACKAGE_DIR:
+        return package_source_stamp()
+    return _numba_source_stamp(self)
+
+
 def _defined_in_refquant(py_func) -> bool:
     try:
         path = os.path.abspath(inspect.getfile(py_func))
@@ -63,6 +96,8 @@ def _enable_caching_outside_refquant(self) -> None:
 def install() -> bool:
     """Check once whether Numba can cache refquant's kernels; if not, warn and compile them uncached.
     Returns True if they are cached."""
+    if caching._SourceFileBackedLocatorMixin.get_source_stamp is not _source_stamp_package_wide:
+        caching._SourceFileBackedLocatorMixin.get_source_stamp = _source_stamp_package_wide
     if dispatcher.Dispatcher.enable_caching is _enable_caching_outside_refquant:
         return False  # already installed (refquant reloaded)
     if numba_can_cache():

@@ -337,3 +337,47 @@ def test_a_writable_cache_changes_nothing():
         pytest.skip("no writable Numba cache location on this machine")
     assert dispatcher.Dispatcher.enable_caching is nc._numba_enable_caching
     assert type(_quantize_fma_kernel._cache).__name__ == "FunctionCache"
+
+
+_PROBE_CALLER = """from numba import njit
+from refquant._probe_callee import value
+
+
+@njit(cache=True)
+def call_value():
+    return value()
+"""
+_PROBE_CALLEE = """from numba import njit
+
+
+@njit(cache=True)
+def value():
+    return {}
+"""
+
+
+def test_an_edit_of_another_module_recompiles_a_cached_kernel(tmp_path):
+    """A cached kernel holds the code of the functions it calls from other modules (the fused Linear's epilogues
+    live in refquant.engines and refquant.fixed_point). Numba keys a cache entry to its own file only: editing the
+    callee's module alone loaded the old kernel, which computed the old value. refquant's stamp covers the whole
+    package (refquant._numba_cache.package_source_stamp): the edit recompiles, and the new value comes out."""
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "refquant", site / "refquant", ignore=shutil.ignore_patterns("__pycache__"))
+    (site / "refquant" / "_probe_caller.py").write_text(_PROBE_CALLER)
+    callee = site / "refquant" / "_probe_callee.py"
+    env = {**os.environ, "PYTHONPATH": str(site), "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    child = ("import refquant; from refquant._probe_caller import call_value; "
+             "print(call_value(), sum(call_value.stats.cache_hits.values()))")
+
+    def run() -> list[str]:
+        out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, cwd=tmp_path,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout.split()
+
+    callee.write_text(_PROBE_CALLEE.format(1))
+    assert run()[0] == "1"
+    assert run() == ["1", "1"]  # the second process loads the kernel from the cache
+    callee.write_text(_PROBE_CALLEE.format(22))  # the caller's file is unchanged
+    assert run()[0] == "22"
+    assert run() == ["22", "1"]  # and the new kernel is cached in turn
