@@ -24,9 +24,9 @@ block, ``outputProcess_.f`` runs on it) with include/fbgemm/OutputProcessing-inl
 row/column offset corrections, then requantization, of that block) — fbgemm's output pipeline.
 
 A scheme joins by naming its epilogue (``Requantizer.epilogue``, ``Requantizer.epilogue_constants()``) and
-registering its per-element function here (:func:`register_epilogue`) before the first fused call. The fused kernels hold the code of
-those functions of other modules; their cache entries stay valid only while no refquant module changes
-(refquant._numba_cache.package_source_stamp), so an edit of an epilogue function recompiles them.
+registering its per-element function here (:func:`register_epilogue`) before the first fused call. The fused
+kernels hold the code of those functions of other modules; their cache entries stay valid only while no refquant
+module changes (refquant._numba_cache.package_source_stamp), so an edit of an epilogue function recompiles them.
 """
 
 from __future__ import annotations
