@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_linear  # noqa: E402  (cpu_model, load_average, the timing helpers)
+import bench_linear  # noqa: E402  (cpu_model, load_average, parse_shapes, the timing helpers)
 
 DEFAULT_SHAPES = [(1, 1024, 1024), (64, 1024, 1024), (1024, 1024, 1024)]
 
@@ -44,13 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.seconds <= 0 or (args.threads is not None and args.threads < 1):
         parser.error("--repeat and --threads must be >= 1 and --seconds > 0")
-    shapes = DEFAULT_SHAPES
-    if args.shapes:
-        try:
-            shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
-            assert all(len(s) == 3 and min(s) >= 1 for s in shapes)
-        except (ValueError, AssertionError):
-            parser.error(f"--shapes must look like 64x1024x1024 (M x K x N, each >= 1), got {args.shapes!r}")
+    shapes = bench_linear.parse_shapes(parser, args.shapes, DEFAULT_SHAPES)
     if args.threads is not None:
         os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
     bench_linear.CLOCK = time.process_time if args.clock == "process" else time.perf_counter

@@ -54,6 +54,19 @@ def load_average() -> str:
         return "unknown"
 
 
+def parse_shapes(parser: argparse.ArgumentParser, text: str | None, default: list) -> list[tuple[int, int, int]]:
+    """--shapes "64x1024x1024,1x3x3" as (M, K, N) tuples (``default`` when not given); a parser error otherwise."""
+    if not text:
+        return default
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
+        if all(len(s) == 3 and min(s) >= 1 for s in shapes):
+            return shapes
+    except ValueError:
+        pass
+    parser.error(f"--shapes must look like 64x1024x1024,1x3x3 (M x K x N, each >= 1), got {text!r}")
+
+
 def _problem(M: int, K: int, N: int, seed: int) -> dict:
     """Integer codes and float32 scales of one quantized Linear, with an output range that fits the outputs."""
     rng = np.random.default_rng(seed)
@@ -137,13 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["NUMBA_NUM_THREADS"] = str(args.threads)  # before numba is imported
     global CLOCK
     CLOCK = time.process_time if args.clock == "process" else time.perf_counter
-    shapes = DEFAULT_SHAPES
-    if args.shapes:
-        try:
-            shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
-            assert all(len(s) == 3 and min(s) >= 1 for s in shapes)
-        except (ValueError, AssertionError):
-            parser.error(f"--shapes must look like 64x1024x1024,1x3x3 (M x K x N, each >= 1), got {args.shapes!r}")
+    shapes = parse_shapes(parser, args.shapes, DEFAULT_SHAPES)
     engines = ENGINES if args.engine == "all" else tuple(args.engine.split(","))
     if not engines or any(e not in ENGINES for e in engines):
         parser.error(f"--engine must be 'all' or a comma-separated list of {', '.join(ENGINES)}, got {args.engine!r}")
