@@ -28,7 +28,8 @@ from .dynamic_study import ENGINES, QCONFIG_NAMES, WEIGHT_QSCHEMES, DynamicConfi
 from .isa import INSTRUCTIONS
 from .linear import (DISTRIBUTIONS, EXIT_CODES_EPILOG, EXIT_EQUAL, EXIT_MISMATCH, ISAS, add_feature_options,
                      _int_at_least, _seed, _shape)
-from .runner import check_isa, check_json_path, check_shape, json_floats, parity_table, result_line, run_main
+from .runner import (check_isa, check_json_path, check_shape, json_floats, machine_line, parity_table, result_line,
+                     run_main)
 
 PROG = "python -m crosscheck.linear --dynamic"
 
@@ -128,10 +129,7 @@ def text_report(res: DynamicResult) -> str:
     L.append(f"  data     seed {cfg.seed}; {cfg.samples} samples of shape {tuple(cfg.input_shape)} ({cfg.calib_dist}), "
              f"one call each")
     L.append(f"  system   torch {env['torch']} (engine {env['engine']}), numpy {env['numpy']}, numba {env['numba']}")
-    forced = f", FBGEMM_ENABLE_INSTRUCTIONS={env['fbgemm_enable_instructions']}" \
-        if env["fbgemm_enable_instructions"] else ""
-    L.append(f"  machine  torch's CPU capability {env['cpu_isa']}, AVX-512 VNNI {'yes' if env['vnni'] else 'no'}"
-             f"{forced}")
+    L.append(machine_line(env))
     family = env["fbgemm_kernel"]
     if cfg.engine in ("fbgemm", "x86"):
         L.append(f"  kernel   fbgemm runs {family} ({INSTRUCTIONS[family]}; probed), refquant saturate_int16_pairs="

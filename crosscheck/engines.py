@@ -28,7 +28,7 @@ from .engines_study import ENGINES, EnginesConfig, EnginesResult
 from .isa import INSTRUCTIONS
 from .linear import (DISTRIBUTIONS, EXIT_CODES_EPILOG, EXIT_EQUAL, EXIT_MISMATCH, ISAS, add_feature_options,
                      _int_at_least, _seed, _shape)
-from .runner import check_isa, check_json_path, check_shape, json_floats, result_line, run_main
+from .runner import check_isa, check_json_path, check_shape, json_floats, machine_line, result_line, run_main
 
 PROG = "python -m crosscheck.engines"
 
@@ -136,10 +136,7 @@ def text_report(res: EnginesResult) -> str:
     L.append(f"  data     seed {cfg.seed}; {batches} of shape {tuple(cfg.input_shape)} ({cfg.calib_dist}); "
              f"{cfg.samples} samples")
     L.append(f"  system   torch {env['torch']}, numpy {env['numpy']}, numba {env['numba']}")
-    forced = f", FBGEMM_ENABLE_INSTRUCTIONS={env['fbgemm_enable_instructions']}" \
-        if env["fbgemm_enable_instructions"] else ""
-    L.append(f"  machine  torch's CPU capability {env['cpu_isa']}, AVX-512 VNNI {'yes' if env['vnni'] else 'no'}"
-             f"{forced}")
+    L.append(machine_line(env))
     family = env["fbgemm_kernel"]
     L.append(f"  kernels  fbgemm, x86: {family} ({INSTRUCTIONS[family]}; probed); qnnpack: SSE2 (exact)")
     od = env["onednn"]

@@ -11,7 +11,7 @@ from . import compare as C
 from .model_study import ModelStudyResult
 from .requantization import distance_lines, exported_lines
 from .report import _json_floats, kernel_line, layers_to_json
-from .runner import fmt_scalar, first_mismatch_line
+from .runner import first_mismatch_line, fmt_scalar, machine_line
 
 JSON_SCHEMA = """\
 {
@@ -57,10 +57,7 @@ def text_report(res: ModelStudyResult) -> str:
                  f"({cal['batches']} batches of <= {cfg.batch_size}), {ev['inputs']} held-out images evaluate")
     L.append(f"  qconfig  {rec.qconfig}, engine {env['engine']}")
     L.append(f"  system   torch {env['torch']}, numpy {env['numpy']}, numba {env['numba']}")
-    forced = f", FBGEMM_ENABLE_INSTRUCTIONS={env['fbgemm_enable_instructions']}" \
-        if env["fbgemm_enable_instructions"] else ""
-    L.append(f"  machine  torch's CPU capability {env['cpu_isa']}, AVX-512 VNNI {'yes' if env['vnni'] else 'no'}"
-             f"{forced}")
+    L.append(machine_line(env))
     L.append(kernel_line(env, res.layers))
     L.append("")
 

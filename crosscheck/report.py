@@ -11,7 +11,7 @@ import numpy as np
 from . import compare as C
 from .isa import INSTRUCTIONS
 from .requantization import distance_lines, exported_lines
-from .runner import fmt_scalar, field_line, first_mismatch_line  # the parity table's layout, shared by the CLIs
+from .runner import field_line, first_mismatch_line, fmt_scalar, machine_line  # shared by the CLIs
 from .study import StudyResult
 
 JSON_SCHEMA = """\
@@ -130,10 +130,7 @@ def text_report(res: StudyResult) -> str:
     L.append(f"  data     seed {cfg.seed}; {batches} of shape {tuple(cfg.input_shape)} ({cfg.calib_dist}); "
              f"{cfg.samples} samples")
     L.append(f"  system   torch {env['torch']} (engine {env['engine']}), numpy {env['numpy']}, numba {env['numba']}")
-    forced = f", FBGEMM_ENABLE_INSTRUCTIONS={env['fbgemm_enable_instructions']}" \
-        if env["fbgemm_enable_instructions"] else ""
-    L.append(f"  machine  torch's CPU capability {env['cpu_isa']}, AVX-512 VNNI {'yes' if env['vnni'] else 'no'}"
-             f"{forced}")
+    L.append(machine_line(env))
     L.append(kernel_line(env, res.layers))
     L.append("")
 

@@ -207,6 +207,14 @@ def json_floats(d: Any) -> Any:
 # the text report's parity table and result line (crosscheck.report's layout)
 # ----------------------------------------------------------------------------------------------------------------
 
+def machine_line(env: dict) -> str:
+    """Every report's ``machine`` line: torch's CPU capability, AVX-512 VNNI, FBGEMM_ENABLE_INSTRUCTIONS if set."""
+    forced = f", FBGEMM_ENABLE_INSTRUCTIONS={env['fbgemm_enable_instructions']}" \
+        if env["fbgemm_enable_instructions"] else ""
+    vnni = "yes" if env["vnni"] else "no"
+    return f"  machine  torch's CPU capability {env['cpu_isa']}, AVX-512 VNNI {vnni}{forced}"
+
+
 def fmt_scalar(v: Any) -> str:
     v = v[()] if isinstance(v, np.ndarray) else v
     if isinstance(v, np.float32):
