@@ -62,7 +62,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils, config
 from numba.core.errors import TypingError
-from numba.extending import NativeValue, intrinsic, models, register_model, typeof_impl, unbox
+from numba.extending import NativeValue, intrinsic, models, overload, register_model, typeof_impl, unbox
 
 from ._threads import DEFAULT_THREADS, finish_item, item_to_try, share_items, take_item, threads_for
 
@@ -151,7 +151,7 @@ def pack_weight_s8(w_i8: np.ndarray) -> PackedWeightS8:
 # The public product
 # --------------------------------------------------------------------------------------------------------------
 
-KERNELS = ("auto", "avx512", "portable", "reference")
+KERNELS = ("auto", "amx", "avx512", "portable", "reference")
 KERNEL_ENV_VAR = "REFQUANT_MATMUL_KERNEL"
 
 
@@ -187,9 +187,11 @@ def matmul_u8s8_acc32(x_u8: np.ndarray, w: np.ndarray | PackedWeightS8, *,
 
 
 def kernel_for(*, saturate_int16_pairs: bool = False, kernel: str | None = None) -> str:
-    """The kernel :func:`matmul_u8s8_acc32` runs for these arguments: ``"avx512"``, ``"portable"`` or
-    ``"reference"`` (``"auto"`` under NUMBA_DISABLE_JIT=1). Raises RuntimeError when ``"avx512"`` is asked for on a
-    CPU without the instructions, or a Numba kernel while the JIT is disabled."""
+    """The kernel :func:`matmul_u8s8_acc32` runs for these arguments: ``"amx"``, ``"avx512"``, ``"portable"`` or
+    ``"reference"`` (``"auto"`` under NUMBA_DISABLE_JIT=1). ``"auto"`` is ``"amx"`` for eq. M1 where
+    refquant.amx.amx_unavailable_reason() finds nothing missing (CPU, Numba's target, the OS's permission), else
+    ``"avx512"`` where the CPU has the instruction, else ``"portable"``. Raises RuntimeError when ``"amx"`` or
+    ``"avx512"`` is asked for where it cannot run (saying why), or a Numba kernel while the JIT is disabled."""
     if kernel is None:
         kernel = os.environ.get(KERNEL_ENV_VAR) or "auto"  # unset or empty: auto
         if kernel not in KERNELS:
@@ -198,12 +200,23 @@ def kernel_for(*, saturate_int16_pairs: bool = False, kernel: str | None = None)
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1 (e.g. a coverage run): the intrinsics cannot run as Python
-        if kernel in ("avx512", "portable"):
+        if kernel in ("amx", "avx512", "portable"):
             raise RuntimeError(f"kernel={kernel!r} needs Numba's JIT, which NUMBA_DISABLE_JIT=1 turns off; "
                                f"use kernel='reference'")
         return "reference"
     if kernel in ("portable", "reference"):
         return kernel
+    if kernel in ("amx", "auto") and not saturate_int16_pairs:
+        from refquant.amx import amx_unavailable_reason  # refquant.amx builds on this module's tiles
+
+        reason = amx_unavailable_reason()
+        if reason is None:
+            return "amx"
+        if kernel == "amx":
+            raise RuntimeError(f"kernel='amx' cannot run here: {reason}; use kernel='avx512' or 'auto'")
+    if kernel == "amx":  # saturate_int16_pairs
+        raise RuntimeError("kernel='amx' computes eq. M1 only (tdpbusd adds 4 exact products to int32); eq. M2 "
+                           "(saturate_int16_pairs=True) runs on kernel='avx512' (vpmaddubsw) or 'portable'")
     feature = _DOT4["avx512", bool(saturate_int16_pairs)].cpu_feature
     if _cpu_has(feature):
         return "avx512"
@@ -288,12 +301,14 @@ def _unbox_dot4(typ, obj, c):
 
 
 _DOT4 = {  # (kernel, saturate_int16_pairs) -> marker
+    ("amx", False): _Dot4("tdpbusd", "amx-int8"),  # eq. M1 on AMX tiles (refquant.amx), the rest on vpdpbusd
     ("avx512", False): _Dot4("vpdpbusd", "avx512vnni"),  # eq. M1
     ("avx512", True): _Dot4("vpmaddubsw", "avx512bw"),  # eq. M2
     ("portable", False): _Dot4("portable_exact", None),  # eq. M1
     ("portable", True): _Dot4("portable_sat16", None),  # eq. M2
 }
 _FEATURE_OF = {d.name: d.cpu_feature for d in _DOT4.values()}
+_FEATURE_OF["tdpbusd"] = "avx512vnni"  # _dot4 with the AMX marker: the vpdpbusd tiles for what AMX tiles leave
 
 
 def _data_ptr(context, builder, arrty, arr, byte_offset):
@@ -424,7 +439,7 @@ def _dot4(typingctx, dot4, acc, x4, w4):
 
     def codegen(context, builder, signature, args):
         _, acc_v, x_v, w_v = args
-        if name == "vpdpbusd":
+        if name in ("vpdpbusd", "tdpbusd"):  # the AMX kernel's vector remainders (refquant.amx) are vpdpbusd's
             fnty = ir.FunctionType(_V16_I32, [_V16_I32, _V16_I32, _V16_I32])
             fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
             return builder.call(fn, [acc_v, x_v, w_v])
@@ -616,6 +631,28 @@ def _matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task)
                      out_i32, m_start * N + n0, N, n_valid)
 
 
+def matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task):
+    """One task on ``dot4``'s kernel, chosen when a kernel calling it is compiled: refquant.amx.matmul_task_amx for
+    the AMX marker, else :func:`_matmul_task`. (Numba only: see the overload below.)"""
+    raise NotImplementedError("matmul_task is called from Numba kernels only")
+
+
+@overload(matmul_task)
+def _matmul_task_numba(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task):
+    if isinstance(dot4, _Dot4Type) and dot4.dot4_name == "tdpbusd":
+        from refquant.amx import matmul_task_amx  # refquant.amx imports this module
+
+        def amx_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task):
+            matmul_task_amx(dot4, x_u8, lda, M, panels_i8, out_i32, N, task)
+
+        return amx_task
+
+    def vector_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task):
+        _matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task)
+
+    return vector_task
+
+
 @njit(cache=True, nogil=True)
 def _matmul_tasks_shared(claims_i64, thread, threads, dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N):
     """Take tasks (refquant._threads.share_items: this thread's share first) and run each one it wins."""
@@ -623,7 +660,7 @@ def _matmul_tasks_shared(claims_i64, thread, threads, dot4, rows_per_tile, x_u8,
     for k in range(n_tasks):
         task = item_to_try(k, n_tasks, thread, threads)
         if take_item(claims_i64, task):
-            _matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task)
+            matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task)
             finish_item(claims_i64)
 
 
@@ -631,7 +668,7 @@ def _matmul_tasks_shared(claims_i64, thread, threads, dot4, rows_per_tile, x_u8,
 def _matmul_tasks_serial(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N):
     n_tasks = -(-M // ROWS_PER_TASK) * panels_i8.shape[0]
     for task in range(n_tasks):
-        _matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task)
+        matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task)
 
 
 PARALLEL_MIN_MACS = 1 << 22  # below this many multiply-adds (~12 us on one core), one thread: handing tasks to a
