@@ -52,7 +52,8 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
-from refquant.matmul import K_BLOCK, K_GROUP, PANEL_COLS, _block_tiles, _cpu_has, task_rows_and_panel
+from refquant import matmul
+from refquant.matmul import K_BLOCK, K_GROUP, PANEL_COLS, _block_tiles, task_rows_and_panel
 
 AMX_FEATURES = ("amx-tile", "amx-int8", "avx512vnni")  # the tiles, tdpbusd, and vpdpbusd for what they leave
 TILE_ROWS = 16  # rows of A and C tiles; also k groups (of 4) per B tile
@@ -94,7 +95,7 @@ def _os_tile_permission() -> str | None:
 def amx_unavailable_reason() -> str | None:
     """None if the AMX kernel can run in this process (the CPU and Numba's target have amx-tile, amx-int8 and
     avx512vnni, and the OS grants the tile data, asked here once); else a sentence saying what is missing."""
-    missing = [f for f in AMX_FEATURES if not _cpu_has(f)]
+    missing = [f for f in AMX_FEATURES if not matmul._cpu_has(f)]
     if missing:
         return (f"the AMX kernel needs the CPU features {', '.join(AMX_FEATURES)}; this CPU (or NUMBA_CPU_FEATURES) "
                 f"lacks {', '.join(missing)}")
@@ -115,7 +116,7 @@ def _tile_number(t, what: str) -> int:
 
 
 def _check_amx(what: str) -> None:
-    missing = [f for f in AMX_FEATURES if not _cpu_has(f)]
+    missing = [f for f in AMX_FEATURES if not matmul._cpu_has(f)]
     if missing:  # LLVM would abort the process on an instruction the target lacks
         raise TypingError(f"{what} needs the CPU features {missing}")
 

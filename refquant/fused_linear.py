@@ -55,6 +55,8 @@ from refquant.matmul import (
     task_rows_and_panel,
 )
 from refquant._threads import finish_item, item_to_try, take_item
+from refquant.amx import BLOCK_ROWS as AMX_BLOCK_ROWS
+from refquant.amx import amx_rows_sums
 
 TILE_ROWS = 6
 """Rows summed before their epilogue runs: one 6 x 64 tile (or three 2 x 64 tiles of the portable kernel)."""
@@ -156,6 +158,23 @@ def _requantize_tile(epilogue, constants, acc_i32, acc_offset, m0, rows, n0, n_v
 # --------------------------------------------------------------------------------------------------------------
 
 @njit(cache=True)
+def _fused_task_amx(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
+                    row_offsets_i32, epilogue, constants, out_u8):
+    """One task on AMX tiles (refquant.amx): 32 rows at a time, all of K (the C tiles stay in the tile registers),
+    stored to the scratch acc_i32, then those 32 x 64 sums' epilogue while they are in L1."""
+    n_panels = panels_i8.shape[0]
+    m_start, m_end, panel = task_rows_and_panel(task, M, n_panels)
+    n0 = panel * PANEL_COLS
+    n_valid = min(PANEL_COLS, N - n0)
+    panel_offset = panel * panels_i8.shape[1] * (PANEL_COLS * K_GROUP)
+    for m in range(m_start, m_end, AMX_BLOCK_ROWS):
+        rows = min(AMX_BLOCK_ROWS, m_end - m)
+        amx_rows_sums(dot4, x_u8, lda, m, m + rows, panels_i8, panel_offset, acc_i32, 0, n_valid)
+        _requantize_tile(epilogue, constants, acc_i32, 0, m, rows, n0, n_valid, zx_col_i32, zw_i32,
+                         row_offsets_i32, out_u8)
+
+
+@njit(cache=True)
 def _fused_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
                 row_offsets_i32, epilogue, constants, out_u8):
     """One task (rows [m_start, m_end) x one panel): every K block but the last over all its rows (as
@@ -181,6 +200,26 @@ def _fused_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, 
                          row_offsets_i32, out_u8)
 
 
+def fused_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32, row_offsets_i32,
+               epilogue, constants, out_u8):
+    """One task on ``dot4``'s kernel, chosen when the kernel calling it is compiled: :func:`_fused_task_amx` for
+    refquant.matmul's AMX marker, else :func:`_fused_task`. (Numba only: see the overload below.)"""
+    raise NotImplementedError("fused_task is called from Numba kernels only")
+
+
+@overload(fused_task)
+def _fused_task_numba(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
+                      row_offsets_i32, epilogue, constants, out_u8):
+    task_fn = _fused_task_amx if getattr(dot4, "dot4_name", None) == "tdpbusd" else _fused_task
+
+    def run(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32, row_offsets_i32,
+            epilogue, constants, out_u8):
+        task_fn(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
+                row_offsets_i32, epilogue, constants, out_u8)
+
+    return run
+
+
 @njit(cache=True, nogil=True)
 def _fused_tasks_shared(claims_i64, thread, threads, dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, zx_col_i32,
                         zw_i32, row_offsets_i32, epilogue, constants, out_u8):
@@ -190,7 +229,7 @@ def _fused_tasks_shared(claims_i64, thread, threads, dot4, rows_per_tile, x_u8, 
     for k in range(n_tasks):
         task = item_to_try(k, n_tasks, thread, threads)
         if take_item(claims_i64, task):
-            _fused_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
+            fused_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
                         row_offsets_i32, epilogue, constants, out_u8)
             finish_item(claims_i64)
 
@@ -201,7 +240,7 @@ def _fused_tasks_serial(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, zx_col_
     acc_i32 = np.empty(ROWS_PER_TASK * PANEL_COLS, np.int32)
     n_tasks = -(-M // ROWS_PER_TASK) * panels_i8.shape[0]
     for task in range(n_tasks):
-        _fused_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
+        fused_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
                     row_offsets_i32, epilogue, constants, out_u8)
 
 
