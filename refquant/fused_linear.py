@@ -19,6 +19,12 @@ that the requantizer's own ``_fast`` kernel runs, itself tested equal to the Num
 (tests/test_engines_details.py). tests/test_fused_linear.py proves the fused call equal to the readable one, bit for
 bit, for every scheme it serves.
 
+On AMX (refquant.matmul ``kernel="amx"``, refquant.amx) a task's sums come 32 rows x 64 columns at a time: the
+2 x 2 C tiles (16 x 16 int32 each) stay in the tile registers over all of K, are stored to the task's scratch after
+the last k (plus the ``vpdpbusd`` tiles' last K mod 64 k and rows below 16), and those 32 x 64 sums go through the
+same per-element epilogue at once (:func:`_fused_task_amx`), as oneDNN's brgemm AMX kernels apply their
+post-ops to each stored C block (src/cpu/x64/brgemm/jit_brgemm_amx_uker.cpp).
+
 Matches: pytorch/FBGEMM src/ExecuteKernelU8S8.cc (ExecuteKernel::execute: after the last K block of an MCB x NCB
 block, ``outputProcess_.f`` runs on it) with include/fbgemm/OutputProcessing-inl.h (ReQuantizeOutput::f: the
 row/column offset corrections, then requantization, of that block) — fbgemm's output pipeline.
@@ -56,7 +62,7 @@ from refquant.matmul import (
 )
 from refquant._threads import finish_item, item_to_try, take_item
 from refquant.amx import BLOCK_ROWS as AMX_BLOCK_ROWS
-from refquant.amx import amx_rows_sums
+from refquant.amx import aligned_offset, amx_rows_sums
 
 TILE_ROWS = 6
 """Rows summed before their epilogue runs: one 6 x 64 tile (or three 2 x 64 tiles of the portable kernel)."""
@@ -167,10 +173,11 @@ def _fused_task_amx(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i
     n0 = panel * PANEL_COLS
     n_valid = min(PANEL_COLS, N - n0)
     panel_offset = panel * panels_i8.shape[1] * (PANEL_COLS * K_GROUP)
+    acc_offset = aligned_offset(acc_i32)  # tile stores on 64-byte boundaries (the scratch holds 96 rows, 32 used)
     for m in range(m_start, m_end, AMX_BLOCK_ROWS):
         rows = min(AMX_BLOCK_ROWS, m_end - m)
-        amx_rows_sums(dot4, x_u8, lda, m, m + rows, panels_i8, panel_offset, acc_i32, 0, n_valid)
-        _requantize_tile(epilogue, constants, acc_i32, 0, m, rows, n0, n_valid, zx_col_i32, zw_i32,
+        amx_rows_sums(dot4, x_u8, lda, m, m + rows, panels_i8, panel_offset, acc_i32, acc_offset, n_valid)
+        _requantize_tile(epilogue, constants, acc_i32, acc_offset, m, rows, n0, n_valid, zx_col_i32, zw_i32,
                          row_offsets_i32, out_u8)
 
 
@@ -300,7 +307,7 @@ class FusedLinear:
             row_offsets_i32 = x2d_u8.sum(axis=1, dtype=np.int64).astype(np.int32)  # PackAWithRowOffset
         else:
             row_offsets_i32 = np.zeros(M, np.int32)  # every z_w is 0: the term vanishes
-        x_u8, lda = padded_rows(x2d_u8, packed)
+        x_u8, lda = padded_rows(x2d_u8, packed, tile_aligned=dot4.name == "tdpbusd")
         args = (dot4, dot4.rows_per_tile, x_u8, lda, M, packed.panels_i8, N, zx_col_i32, self.zw_i32,
                 row_offsets_i32, Epilogue(epilogue), constants, out)
         key = (dot4.name, epilogue, bool(x_u8.flags.writeable), np.dtype(out_dtype).char,

@@ -24,9 +24,14 @@ PackBMatrix::pack), and a zero product leaves a pair sum unchanged, so odd K nee
 
 Fast kernels
 ------------
-:func:`matmul_u8s8_acc32` runs one of three kernels (``kernel=`` or the environment variable
+:func:`matmul_u8s8_acc32` runs one of four kernels (``kernel=`` or the environment variable
 ``REFQUANT_MATMUL_KERNEL``; default ``"auto"``, the best this CPU runs):
 
+* ``"amx"`` (eq. M1 only): Intel AMX-INT8 tiles, ``tdpbusd`` on 16 x 16 int32 tiles (refquant.amx), which fbgemm's
+  VNNI kernel does not use but oneDNN's brgemm does on these CPUs. ``"auto"`` picks it where the CPU and Numba's
+  target have amx-tile, amx-int8 (and avx512vnni, for what the tiles leave) and Linux grants the tile data;
+  ``kernel="amx"`` elsewhere is a RuntimeError naming what is missing. Rows below a whole 16 (all of M < 16, e.g. batch 1) and the last K mod 64
+  k run on the ``vpdpbusd`` tiles below inside it.
 * ``"avx512"``: Numba with LLVM's x86 intrinsics, the instructions fbgemm emits: eq. M1 with ``vpdpbusd`` (needs
   ``avx512vnni``), eq. M2 with ``vpmaddubsw`` + ``vpmaddwd`` (needs ``avx512bw``). A missing feature is a
   RuntimeError, never an illegal instruction.
@@ -46,7 +51,8 @@ All kernels give the same bits (tests/test_matmul.py). Structure, as fbgemm's (s
    thread. Not Numba's ``prange``: under its GNU OpenMP layer a process forked after a parallel product killed its
    child. The pool is fork-safe and may be used by several Python threads at once.
 
-At (M, K, N) = 1024^3 on this machine (Xeon, AVX-512 VNNI, 2 cores): ~650 GMAC/s, about 1.1x fbgemm; the history
+At (M, K, N) = 1024^3 on this machine (Xeon, AVX-512 VNNI, 2 cores): ~650 GMAC/s, about 1.1x fbgemm, on an idle
+machine (~400 with other jobs); the AMX kernel ~700 at 1024^3 with other jobs running (~460 on one core). The history
 of attempts and the other shapes are in benchmarks/README.md.
 """
 
@@ -143,8 +149,9 @@ def pack_weight_s8(w_i8: np.ndarray) -> PackedWeightS8:
     n_groups = -(-K // K_GROUP)
     padded_i8 = np.zeros((n_panels * PANEL_COLS, n_groups * K_GROUP), np.int8)
     padded_i8[:N, :K] = w_i8
-    panels_i8 = padded_i8.reshape(n_panels, PANEL_COLS, n_groups, K_GROUP).transpose(0, 2, 1, 3)
-    return PackedWeightS8(w_i8, np.ascontiguousarray(panels_i8))
+    panels_i8 = aligned_zeros((n_panels, n_groups, PANEL_COLS, K_GROUP), np.int8)  # AMX's B tiles: aligned rows
+    panels_i8[:] = padded_i8.reshape(n_panels, PANEL_COLS, n_groups, K_GROUP).transpose(0, 2, 1, 3)
+    return PackedWeightS8(w_i8, panels_i8)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -159,7 +166,7 @@ def matmul_u8s8_acc32(x_u8: np.ndarray, w: np.ndarray | PackedWeightS8, *,
                       saturate_int16_pairs: bool = False, kernel: str | None = None) -> np.ndarray:
     """(M, K) uint8 x (N, K) int8 weight (raw or packed) -> (M, N) int32 accumulators (eq. M1, or M2).
 
-    ``kernel``: ``"auto"`` (the fastest the CPU runs), ``"avx512"``, ``"portable"`` or ``"reference"`` (see the
+    ``kernel``: ``"auto"`` (the fastest the CPU runs), ``"amx"``, ``"avx512"``, ``"portable"`` or ``"reference"`` (see the
     module docstring); ``None`` reads the environment variable REFQUANT_MATMUL_KERNEL (unset or empty: ``"auto"``;
     any other value is a ValueError naming the variable).
     Every kernel returns the same bits.
@@ -675,11 +682,32 @@ PARALLEL_MIN_MACS = 1 << 22  # below this many multiply-adds (~12 us on one core
 # pool thread costs ~10 us (a wake-up and the GIL), so below it the pool thread arrives when the work is done
 
 
-def padded_rows(x_u8: np.ndarray, packed: PackedWeightS8) -> tuple[np.ndarray, int]:
+TILE_ALIGN = 64  # bytes: AMX tile rows that start on a cache line load ~2.5x faster here (refquant.amx)
+
+
+def aligned_zeros(shape, dtype) -> np.ndarray:
+    """A C-contiguous array of zeros whose data starts on a 64-byte boundary (NumPy's own arrays start 16 bytes
+    past one: malloc's header)."""
+    dtype = np.dtype(dtype)
+    n_bytes = int(np.prod(shape)) * dtype.itemsize
+    buffer_u8 = np.zeros(n_bytes + TILE_ALIGN, np.uint8)
+    start = -buffer_u8.ctypes.data % TILE_ALIGN
+    return buffer_u8[start:start + n_bytes].view(dtype).reshape(shape)
+
+
+def padded_rows(x_u8: np.ndarray, packed: PackedWeightS8, *, tile_aligned: bool = False) -> tuple[np.ndarray, int]:
     """x as the tiles read it: C-contiguous rows of whole groups of 4 bytes (the last group padded with zeros, which
-    meet zero weights), and that row length ``lda``."""
+    meet zero weights), and that row length ``lda``. ``tile_aligned`` (the AMX kernel, from 16 rows): every row
+    starts on a 64-byte boundary, lda a multiple of 64 (a copy unless x is so already; the padding is never read)."""
     M, K = x_u8.shape
     lda = packed.panels_i8.shape[1] * K_GROUP
+    if tile_aligned and M >= 16:
+        lda_aligned = -(-lda // TILE_ALIGN) * TILE_ALIGN
+        if lda_aligned != K or x_u8.ctypes.data % TILE_ALIGN or not x_u8.flags.c_contiguous:
+            x_aligned_u8 = aligned_zeros((M, lda_aligned), np.uint8)
+            x_aligned_u8[:, :K] = x_u8
+            return x_aligned_u8, lda_aligned
+        return x_u8, lda_aligned
     if lda != K:  # the last group of a row reads 4 bytes: pad with zeros (times zero weights)
         x_padded_u8 = np.zeros((M, lda), np.uint8)
         x_padded_u8[:, :K] = x_u8
@@ -703,7 +731,7 @@ def _matmul_tiled(x_u8: np.ndarray, packed: PackedWeightS8, dot4: _Dot4) -> np.n
     """Run the tiles: x padded so that each row has whole groups of 4 bytes, output (M, N) int32."""
     M, K = x_u8.shape
     N = packed.shape[0]
-    x_u8, lda = padded_rows(x_u8, packed)
+    x_u8, lda = padded_rows(x_u8, packed, tile_aligned=dot4.name == "tdpbusd")
     out_i32 = np.empty((M, N), np.int32)
     run_tasks(_matmul_tasks_serial, _matmul_tasks_shared, M, K, packed,
               (dot4, dot4.rows_per_tile, x_u8, lda, M, packed.panels_i8, out_i32, N))
