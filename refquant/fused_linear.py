@@ -19,11 +19,11 @@ that the requantizer's own ``_fast`` kernel runs, itself tested equal to the Num
 (tests/test_engines_details.py). tests/test_fused_linear.py proves the fused call equal to the readable one, bit for
 bit, for every scheme it serves.
 
-On AMX (refquant.matmul ``kernel="amx"``, refquant.amx) a task's sums come 32 rows x 64 columns at a time: the
-2 x 2 C tiles (16 x 16 int32 each) stay in the tile registers over all of K, are stored to the task's scratch after
-the last k (plus the ``vpdpbusd`` tiles' last K mod 64 k and rows below 16), and those 32 x 64 sums go through the
-same per-element epilogue at once (:func:`_fused_task_amx`), as oneDNN's brgemm AMX kernels apply their
-post-ops to each stored C block (src/cpu/x64/brgemm/jit_brgemm_amx_uker.cpp).
+On AMX (refquant.matmul ``kernel="amx"``, refquant.amx) a task's sums come from 2 x 2 C tiles (16 x 16 int32 each,
+32 rows x 32 columns) held in the tile registers over all of K and stored to the task's scratch after the last k
+(plus the ``vpdpbusd`` tiles' last K mod 64 k and rows below 16); then the whole task's 96 x 64 sums go through the
+same per-element epilogue (:func:`_fused_task_amx`), as oneDNN's brgemm AMX kernels apply their post-ops to each
+stored C block (src/cpu/x64/brgemm/jit_brgemm_amx_uker.cpp).
 
 Matches: pytorch/FBGEMM src/ExecuteKernelU8S8.cc (ExecuteKernel::execute: after the last K block of an MCB x NCB
 block, ``outputProcess_.f`` runs on it) with include/fbgemm/OutputProcessing-inl.h (ReQuantizeOutput::f: the
@@ -61,7 +61,6 @@ from refquant.matmul import (
     task_rows_and_panel,
 )
 from refquant._threads import finish_item, item_to_try, take_item
-from refquant.amx import BLOCK_ROWS as AMX_BLOCK_ROWS
 from refquant.amx import aligned_offset, amx_rows_sums
 
 TILE_ROWS = 6
@@ -166,19 +165,18 @@ def _requantize_tile(epilogue, constants, acc_i32, acc_offset, m0, rows, n0, n_v
 @njit(cache=True)
 def _fused_task_amx(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
                     row_offsets_i32, epilogue, constants, out_u8):
-    """One task on AMX tiles (refquant.amx): 32 rows at a time, all of K (the C tiles stay in the tile registers),
-    stored to the scratch acc_i32, then those 32 x 64 sums' epilogue while they are in L1."""
+    """One task on AMX tiles (refquant.amx): all of its rows' sums (2 x 2 C tiles held over all of K, stored to the
+    24 KB scratch acc_i32), then their epilogue while the scratch is in L1: one switch from tiles to vectors per
+    task, not per 32 rows."""
     n_panels = panels_i8.shape[0]
     m_start, m_end, panel = task_rows_and_panel(task, M, n_panels)
     n0 = panel * PANEL_COLS
     n_valid = min(PANEL_COLS, N - n0)
     panel_offset = panel * panels_i8.shape[1] * (PANEL_COLS * K_GROUP)
-    acc_offset = aligned_offset(acc_i32)  # tile stores on 64-byte boundaries (the scratch holds 96 rows, 32 used)
-    for m in range(m_start, m_end, AMX_BLOCK_ROWS):
-        rows = min(AMX_BLOCK_ROWS, m_end - m)
-        amx_rows_sums(dot4, x_u8, lda, m, m + rows, panels_i8, panel_offset, acc_i32, acc_offset, n_valid)
-        _requantize_tile(epilogue, constants, acc_i32, acc_offset, m, rows, n0, n_valid, zx_col_i32, zw_i32,
-                         row_offsets_i32, out_u8)
+    acc_offset = aligned_offset(acc_i32)  # tile stores on 64-byte boundaries (the scratch has 16 int32 to spare)
+    amx_rows_sums(dot4, x_u8, lda, m_start, m_end, panels_i8, panel_offset, acc_i32, acc_offset, n_valid)
+    _requantize_tile(epilogue, constants, acc_i32, acc_offset, m_start, m_end - m_start, n0, n_valid, zx_col_i32,
+                     zw_i32, row_offsets_i32, out_u8)
 
 
 @njit(cache=True)
@@ -231,7 +229,7 @@ def _fused_task_numba(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc
 def _fused_tasks_shared(claims_i64, thread, threads, dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, zx_col_i32,
                         zw_i32, row_offsets_i32, epilogue, constants, out_u8):
     """Take tasks (refquant._threads.share_items) and run each one this thread wins, in its own scratch."""
-    acc_i32 = np.empty(ROWS_PER_TASK * PANEL_COLS, np.int32)
+    acc_i32 = np.empty(ROWS_PER_TASK * PANEL_COLS + 16, np.int32)
     n_tasks = claims_i64.shape[0] - 1
     for k in range(n_tasks):
         task = item_to_try(k, n_tasks, thread, threads)
@@ -244,7 +242,7 @@ def _fused_tasks_shared(claims_i64, thread, threads, dot4, rows_per_tile, x_u8, 
 @njit(cache=True, nogil=True)
 def _fused_tasks_serial(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, zx_col_i32, zw_i32, row_offsets_i32,
                         epilogue, constants, out_u8):
-    acc_i32 = np.empty(ROWS_PER_TASK * PANEL_COLS, np.int32)
+    acc_i32 = np.empty(ROWS_PER_TASK * PANEL_COLS + 16, np.int32)
     n_tasks = -(-M // ROWS_PER_TASK) * panels_i8.shape[0]
     for task in range(n_tasks):
         fused_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
