@@ -22,8 +22,8 @@ bit, for every scheme it serves.
 On AMX (refquant.matmul ``kernel="amx"``, refquant.amx) a task's sums come from 2 x 2 C tiles (16 x 16 int32 each,
 32 rows x 32 columns) held in the tile registers over all of K and stored to the task's scratch after the last k
 (plus the ``vpdpbusd`` tiles' last K mod 64 k and rows below 16); then the whole task's 96 x 64 sums go through the
-same per-element epilogue (:func:`_fused_task_amx`), as oneDNN's brgemm AMX kernels apply their post-ops to each
-stored C block (src/cpu/x64/brgemm/jit_brgemm_amx_uker.cpp).
+same per-element epilogue (:func:`_fused_task_amx`): one switch from tiles to vectors per task (per 32 rows it was
+half as fast here, benchmarks/README.md).
 
 Matches: pytorch/FBGEMM src/ExecuteKernelU8S8.cc (ExecuteKernel::execute: after the last K block of an MCB x NCB
 block, ``outputProcess_.f`` runs on it) with include/fbgemm/OutputProcessing-inl.h (ReQuantizeOutput::f: the
