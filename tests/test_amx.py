@@ -203,14 +203,14 @@ def test_fused_call_falls_back_without_the_permission_with_the_same_bits(rng, mo
 def test_tile_aligned_rows_keep_the_codes(rng):
     """The AMX kernel's copy of x (refquant.matmul.padded_rows(tile_aligned=True)): from 16 rows every row starts on
     a 64-byte boundary and lda is a multiple of 64; the codes are unchanged and the last group's padding is zero;
-    the packed panels start on a 64-byte boundary."""
+    the packed panels start on a 64-byte boundary (empty arrays, never read, excepted)."""
     for M, K in [(16, 64), (20, 100), (40, 1), (3, 64), (17, 0)]:
         x_u8 = draw(rng, (M, K), "uniform", np.uint8)
         packed = pack_weight_s8(draw(rng, (5, K), "uniform", np.int8))
-        assert packed.panels_i8.ctypes.data % 64 == 0
+        assert packed.panels_i8.size == 0 or packed.panels_i8.ctypes.data % 64 == 0  # (an empty one is never read)
         rows_u8, lda = mm.padded_rows(x_u8, packed, tile_aligned=True)
         assert_same(rows_u8[:, :K], x_u8, f"{(M, K)}")
         assert lda == rows_u8.shape[1] and lda >= -(-K // 4) * 4
         assert not rows_u8[:, K:-(-K // 4) * 4].any()  # the last group's padding meets zero weights
         if M >= 16:
-            assert lda % 64 == 0 and rows_u8.ctypes.data % 64 == 0
+            assert lda % 64 == 0 and (rows_u8.size == 0 or rows_u8.ctypes.data % 64 == 0)
