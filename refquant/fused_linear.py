@@ -19,6 +19,12 @@ that the requantizer's own ``_fast`` kernel runs, itself tested equal to the Num
 (tests/test_engines_details.py). tests/test_fused_linear.py proves the fused call equal to the readable one, bit for
 bit, for every scheme it serves.
 
+On AMX (refquant.matmul ``kernel="amx"``, refquant.amx) a task's sums come from 2 x 2 C tiles (16 x 16 int32 each,
+32 rows x 32 columns) held in the tile registers over all of K and stored to the task's scratch after the last k
+(plus the ``vpdpbusd`` tiles' last K mod 64 k and rows below 16); then the whole task's 96 x 64 sums go through the
+same per-element epilogue (:func:`_fused_task_amx`): one switch from tiles to vectors per task (per 32 rows it was
+half as fast here, benchmarks/README.md).
+
 Matches: pytorch/FBGEMM src/ExecuteKernelU8S8.cc (ExecuteKernel::execute: after the last K block of an MCB x NCB
 block, ``outputProcess_.f`` runs on it) with include/fbgemm/OutputProcessing-inl.h (ReQuantizeOutput::f: the
 row/column offset corrections, then requantization, of that block) — fbgemm's output pipeline.
@@ -55,6 +61,7 @@ from refquant.matmul import (
     task_rows_and_panel,
 )
 from refquant._threads import finish_item, item_to_try, take_item
+from refquant.amx import aligned_offset, amx_rows_sums
 
 TILE_ROWS = 6
 """Rows summed before their epilogue runs: one 6 x 64 tile (or three 2 x 64 tiles of the portable kernel)."""
@@ -156,6 +163,23 @@ def _requantize_tile(epilogue, constants, acc_i32, acc_offset, m0, rows, n0, n_v
 # --------------------------------------------------------------------------------------------------------------
 
 @njit(cache=True)
+def _fused_task_amx(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
+                    row_offsets_i32, epilogue, constants, out_u8):
+    """One task on AMX tiles (refquant.amx): all of its rows' sums (2 x 2 C tiles held over all of K, stored to the
+    24 KB scratch acc_i32), then their epilogue while the scratch is in L1: one switch from tiles to vectors per
+    task, not per 32 rows."""
+    n_panels = panels_i8.shape[0]
+    m_start, m_end, panel = task_rows_and_panel(task, M, n_panels)
+    n0 = panel * PANEL_COLS
+    n_valid = min(PANEL_COLS, N - n0)
+    panel_offset = panel * panels_i8.shape[1] * (PANEL_COLS * K_GROUP)
+    acc_offset = aligned_offset(acc_i32)  # tile stores on 64-byte boundaries (the scratch has 16 int32 to spare)
+    amx_rows_sums(dot4, x_u8, lda, m_start, m_end, panels_i8, panel_offset, acc_i32, acc_offset, n_valid)
+    _requantize_tile(epilogue, constants, acc_i32, acc_offset, m_start, m_end - m_start, n0, n_valid, zx_col_i32,
+                     zw_i32, row_offsets_i32, out_u8)
+
+
+@njit(cache=True)
 def _fused_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
                 row_offsets_i32, epilogue, constants, out_u8):
     """One task (rows [m_start, m_end) x one panel): every K block but the last over all its rows (as
@@ -181,16 +205,36 @@ def _fused_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, 
                          row_offsets_i32, out_u8)
 
 
+def fused_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32, row_offsets_i32,
+               epilogue, constants, out_u8):
+    """One task on ``dot4``'s kernel, chosen when the kernel calling it is compiled: :func:`_fused_task_amx` for
+    refquant.matmul's AMX marker, else :func:`_fused_task`. (Numba only: see the overload below.)"""
+    raise NotImplementedError("fused_task is called from Numba kernels only")
+
+
+@overload(fused_task)
+def _fused_task_numba(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
+                      row_offsets_i32, epilogue, constants, out_u8):
+    task_fn = _fused_task_amx if getattr(dot4, "dot4_name", None) == "tdpbusd" else _fused_task
+
+    def run(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32, row_offsets_i32,
+            epilogue, constants, out_u8):
+        task_fn(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
+                row_offsets_i32, epilogue, constants, out_u8)
+
+    return run
+
+
 @njit(cache=True, nogil=True)
 def _fused_tasks_shared(claims_i64, thread, threads, dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, zx_col_i32,
                         zw_i32, row_offsets_i32, epilogue, constants, out_u8):
     """Take tasks (refquant._threads.share_items) and run each one this thread wins, in its own scratch."""
-    acc_i32 = np.empty(ROWS_PER_TASK * PANEL_COLS, np.int32)
+    acc_i32 = np.empty(ROWS_PER_TASK * PANEL_COLS + 16, np.int32)
     n_tasks = claims_i64.shape[0] - 1
     for k in range(n_tasks):
         task = item_to_try(k, n_tasks, thread, threads)
         if take_item(claims_i64, task):
-            _fused_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
+            fused_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
                         row_offsets_i32, epilogue, constants, out_u8)
             finish_item(claims_i64)
 
@@ -198,10 +242,10 @@ def _fused_tasks_shared(claims_i64, thread, threads, dot4, rows_per_tile, x_u8, 
 @njit(cache=True, nogil=True)
 def _fused_tasks_serial(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, zx_col_i32, zw_i32, row_offsets_i32,
                         epilogue, constants, out_u8):
-    acc_i32 = np.empty(ROWS_PER_TASK * PANEL_COLS, np.int32)
+    acc_i32 = np.empty(ROWS_PER_TASK * PANEL_COLS + 16, np.int32)
     n_tasks = -(-M // ROWS_PER_TASK) * panels_i8.shape[0]
     for task in range(n_tasks):
-        _fused_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
+        fused_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
                     row_offsets_i32, epilogue, constants, out_u8)
 
 
@@ -261,7 +305,7 @@ class FusedLinear:
             row_offsets_i32 = x2d_u8.sum(axis=1, dtype=np.int64).astype(np.int32)  # PackAWithRowOffset
         else:
             row_offsets_i32 = np.zeros(M, np.int32)  # every z_w is 0: the term vanishes
-        x_u8, lda = padded_rows(x2d_u8, packed)
+        x_u8, lda = padded_rows(x2d_u8, packed, tile_aligned=dot4.name == "tdpbusd")
         args = (dot4, dot4.rows_per_tile, x_u8, lda, M, packed.panels_i8, N, zx_col_i32, self.zw_i32,
                 row_offsets_i32, Epilogue(epilogue), constants, out)
         key = (dot4.name, epilogue, bool(x_u8.flags.writeable), np.dtype(out_dtype).char,

@@ -24,9 +24,14 @@ PackBMatrix::pack), and a zero product leaves a pair sum unchanged, so odd K nee
 
 Fast kernels
 ------------
-:func:`matmul_u8s8_acc32` runs one of three kernels (``kernel=`` or the environment variable
+:func:`matmul_u8s8_acc32` runs one of four kernels (``kernel=`` or the environment variable
 ``REFQUANT_MATMUL_KERNEL``; default ``"auto"``, the best this CPU runs):
 
+* ``"amx"`` (eq. M1 only): Intel AMX-INT8 tiles, ``tdpbusd`` on 16 x 16 int32 tiles (refquant.amx), which fbgemm's
+  VNNI kernel does not use but oneDNN's brgemm does on these CPUs. ``"auto"`` picks it where the CPU and Numba's
+  target have amx-tile, amx-int8 (and avx512vnni, for what the tiles leave) and Linux grants the tile data;
+  ``kernel="amx"`` elsewhere is a RuntimeError naming what is missing. Rows below a whole 16 (all of M < 16, e.g. batch 1) and the last K mod 64
+  k run on the ``vpdpbusd`` tiles below inside it.
 * ``"avx512"``: Numba with LLVM's x86 intrinsics, the instructions fbgemm emits: eq. M1 with ``vpdpbusd`` (needs
   ``avx512vnni``), eq. M2 with ``vpmaddubsw`` + ``vpmaddwd`` (needs ``avx512bw``). A missing feature is a
   RuntimeError, never an illegal instruction.
@@ -46,7 +51,8 @@ All kernels give the same bits (tests/test_matmul.py). Structure, as fbgemm's (s
    thread. Not Numba's ``prange``: under its GNU OpenMP layer a process forked after a parallel product killed its
    child. The pool is fork-safe and may be used by several Python threads at once.
 
-At (M, K, N) = 1024^3 on this machine (Xeon, AVX-512 VNNI, 2 cores): ~650 GMAC/s, about 1.1x fbgemm; the history
+At (M, K, N) = 1024^3 on this machine (Xeon, AVX-512 VNNI, 2 cores): ~650 GMAC/s, about 1.1x fbgemm, on an idle
+machine (~400 with other jobs); the AMX kernel ~700 at 1024^3 with other jobs running (~460 on one core). The history
 of attempts and the other shapes are in benchmarks/README.md.
 """
 
@@ -62,7 +68,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils, config
 from numba.core.errors import TypingError
-from numba.extending import NativeValue, intrinsic, models, register_model, typeof_impl, unbox
+from numba.extending import NativeValue, intrinsic, models, overload, register_model, typeof_impl, unbox
 
 from ._threads import DEFAULT_THREADS, finish_item, item_to_try, share_items, take_item, threads_for
 
@@ -143,15 +149,16 @@ def pack_weight_s8(w_i8: np.ndarray) -> PackedWeightS8:
     n_groups = -(-K // K_GROUP)
     padded_i8 = np.zeros((n_panels * PANEL_COLS, n_groups * K_GROUP), np.int8)
     padded_i8[:N, :K] = w_i8
-    panels_i8 = padded_i8.reshape(n_panels, PANEL_COLS, n_groups, K_GROUP).transpose(0, 2, 1, 3)
-    return PackedWeightS8(w_i8, np.ascontiguousarray(panels_i8))
+    panels_i8 = aligned_zeros((n_panels, n_groups, PANEL_COLS, K_GROUP), np.int8)  # AMX's B tiles: aligned rows
+    panels_i8[:] = padded_i8.reshape(n_panels, PANEL_COLS, n_groups, K_GROUP).transpose(0, 2, 1, 3)
+    return PackedWeightS8(w_i8, panels_i8)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The public product
 # --------------------------------------------------------------------------------------------------------------
 
-KERNELS = ("auto", "avx512", "portable", "reference")
+KERNELS = ("auto", "amx", "avx512", "portable", "reference")
 KERNEL_ENV_VAR = "REFQUANT_MATMUL_KERNEL"
 
 
@@ -159,7 +166,7 @@ def matmul_u8s8_acc32(x_u8: np.ndarray, w: np.ndarray | PackedWeightS8, *,
                       saturate_int16_pairs: bool = False, kernel: str | None = None) -> np.ndarray:
     """(M, K) uint8 x (N, K) int8 weight (raw or packed) -> (M, N) int32 accumulators (eq. M1, or M2).
 
-    ``kernel``: ``"auto"`` (the fastest the CPU runs), ``"avx512"``, ``"portable"`` or ``"reference"`` (see the
+    ``kernel``: ``"auto"`` (the fastest the CPU runs), ``"amx"``, ``"avx512"``, ``"portable"`` or ``"reference"`` (see the
     module docstring); ``None`` reads the environment variable REFQUANT_MATMUL_KERNEL (unset or empty: ``"auto"``;
     any other value is a ValueError naming the variable).
     Every kernel returns the same bits.
@@ -187,9 +194,11 @@ def matmul_u8s8_acc32(x_u8: np.ndarray, w: np.ndarray | PackedWeightS8, *,
 
 
 def kernel_for(*, saturate_int16_pairs: bool = False, kernel: str | None = None) -> str:
-    """The kernel :func:`matmul_u8s8_acc32` runs for these arguments: ``"avx512"``, ``"portable"`` or
-    ``"reference"`` (``"auto"`` under NUMBA_DISABLE_JIT=1). Raises RuntimeError when ``"avx512"`` is asked for on a
-    CPU without the instructions, or a Numba kernel while the JIT is disabled."""
+    """The kernel :func:`matmul_u8s8_acc32` runs for these arguments: ``"amx"``, ``"avx512"``, ``"portable"`` or
+    ``"reference"`` (``"auto"`` under NUMBA_DISABLE_JIT=1). ``"auto"`` is ``"amx"`` for eq. M1 where
+    refquant.amx.amx_unavailable_reason() finds nothing missing (CPU, Numba's target, the OS's permission), else
+    ``"avx512"`` where the CPU has the instruction, else ``"portable"``. Raises RuntimeError when ``"amx"`` or
+    ``"avx512"`` is asked for where it cannot run (saying why), or a Numba kernel while the JIT is disabled."""
     if kernel is None:
         kernel = os.environ.get(KERNEL_ENV_VAR) or "auto"  # unset or empty: auto
         if kernel not in KERNELS:
@@ -198,12 +207,23 @@ def kernel_for(*, saturate_int16_pairs: bool = False, kernel: str | None = None)
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1 (e.g. a coverage run): the intrinsics cannot run as Python
-        if kernel in ("avx512", "portable"):
+        if kernel in ("amx", "avx512", "portable"):
             raise RuntimeError(f"kernel={kernel!r} needs Numba's JIT, which NUMBA_DISABLE_JIT=1 turns off; "
                                f"use kernel='reference'")
         return "reference"
     if kernel in ("portable", "reference"):
         return kernel
+    if kernel in ("amx", "auto") and not saturate_int16_pairs:
+        from refquant.amx import amx_unavailable_reason  # refquant.amx builds on this module's tiles
+
+        reason = amx_unavailable_reason()
+        if reason is None:
+            return "amx"
+        if kernel == "amx":
+            raise RuntimeError(f"kernel='amx' cannot run here: {reason}; use kernel='avx512' or 'auto'")
+    if kernel == "amx":  # saturate_int16_pairs
+        raise RuntimeError("kernel='amx' computes eq. M1 only (tdpbusd adds 4 exact products to int32); eq. M2 "
+                           "(saturate_int16_pairs=True) runs on kernel='avx512' (vpmaddubsw) or 'portable'")
     feature = _DOT4["avx512", bool(saturate_int16_pairs)].cpu_feature
     if _cpu_has(feature):
         return "avx512"
@@ -288,12 +308,14 @@ def _unbox_dot4(typ, obj, c):
 
 
 _DOT4 = {  # (kernel, saturate_int16_pairs) -> marker
+    ("amx", False): _Dot4("tdpbusd", "amx-int8"),  # eq. M1 on AMX tiles (refquant.amx), the rest on vpdpbusd
     ("avx512", False): _Dot4("vpdpbusd", "avx512vnni"),  # eq. M1
     ("avx512", True): _Dot4("vpmaddubsw", "avx512bw"),  # eq. M2
     ("portable", False): _Dot4("portable_exact", None),  # eq. M1
     ("portable", True): _Dot4("portable_sat16", None),  # eq. M2
 }
 _FEATURE_OF = {d.name: d.cpu_feature for d in _DOT4.values()}
+_FEATURE_OF["tdpbusd"] = "avx512vnni"  # _dot4 with the AMX marker: the vpdpbusd tiles for what AMX tiles leave
 
 
 def _data_ptr(context, builder, arrty, arr, byte_offset):
@@ -424,7 +446,7 @@ def _dot4(typingctx, dot4, acc, x4, w4):
 
     def codegen(context, builder, signature, args):
         _, acc_v, x_v, w_v = args
-        if name == "vpdpbusd":
+        if name in ("vpdpbusd", "tdpbusd"):  # the AMX kernel's vector remainders (refquant.amx) are vpdpbusd's
             fnty = ir.FunctionType(_V16_I32, [_V16_I32, _V16_I32, _V16_I32])
             fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
             return builder.call(fn, [acc_v, x_v, w_v])
@@ -616,6 +638,28 @@ def _matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task)
                      out_i32, m_start * N + n0, N, n_valid)
 
 
+def matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task):
+    """One task on ``dot4``'s kernel, chosen when a kernel calling it is compiled: refquant.amx.matmul_task_amx for
+    the AMX marker, else :func:`_matmul_task`. (Numba only: see the overload below.)"""
+    raise NotImplementedError("matmul_task is called from Numba kernels only")
+
+
+@overload(matmul_task)
+def _matmul_task_numba(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task):
+    if isinstance(dot4, _Dot4Type) and dot4.dot4_name == "tdpbusd":
+        from refquant.amx import matmul_task_amx  # refquant.amx imports this module
+
+        def amx_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task):
+            matmul_task_amx(dot4, x_u8, lda, M, panels_i8, out_i32, N, task)
+
+        return amx_task
+
+    def vector_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task):
+        _matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task)
+
+    return vector_task
+
+
 @njit(cache=True, nogil=True)
 def _matmul_tasks_shared(claims_i64, thread, threads, dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N):
     """Take tasks (refquant._threads.share_items: this thread's share first) and run each one it wins."""
@@ -623,7 +667,7 @@ def _matmul_tasks_shared(claims_i64, thread, threads, dot4, rows_per_tile, x_u8,
     for k in range(n_tasks):
         task = item_to_try(k, n_tasks, thread, threads)
         if take_item(claims_i64, task):
-            _matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task)
+            matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task)
             finish_item(claims_i64)
 
 
@@ -631,18 +675,39 @@ def _matmul_tasks_shared(claims_i64, thread, threads, dot4, rows_per_tile, x_u8,
 def _matmul_tasks_serial(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N):
     n_tasks = -(-M // ROWS_PER_TASK) * panels_i8.shape[0]
     for task in range(n_tasks):
-        _matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task)
+        matmul_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, out_i32, N, task)
 
 
 PARALLEL_MIN_MACS = 1 << 22  # below this many multiply-adds (~12 us on one core), one thread: handing tasks to a
 # pool thread costs ~10 us (a wake-up and the GIL), so below it the pool thread arrives when the work is done
 
 
-def padded_rows(x_u8: np.ndarray, packed: PackedWeightS8) -> tuple[np.ndarray, int]:
+TILE_ALIGN = 64  # bytes: AMX tile rows that start on a cache line load ~2.5x faster here (refquant.amx)
+
+
+def aligned_zeros(shape, dtype) -> np.ndarray:
+    """A C-contiguous array of zeros whose data starts on a 64-byte boundary (NumPy's own arrays start 16 bytes
+    past one: malloc's header)."""
+    dtype = np.dtype(dtype)
+    n_bytes = int(np.prod(shape)) * dtype.itemsize
+    buffer_u8 = np.zeros(n_bytes + TILE_ALIGN, np.uint8)
+    start = -buffer_u8.ctypes.data % TILE_ALIGN
+    return buffer_u8[start:start + n_bytes].view(dtype).reshape(shape)
+
+
+def padded_rows(x_u8: np.ndarray, packed: PackedWeightS8, *, tile_aligned: bool = False) -> tuple[np.ndarray, int]:
     """x as the tiles read it: C-contiguous rows of whole groups of 4 bytes (the last group padded with zeros, which
-    meet zero weights), and that row length ``lda``."""
+    meet zero weights), and that row length ``lda``. ``tile_aligned`` (the AMX kernel, from 16 rows): every row
+    starts on a 64-byte boundary, lda a multiple of 64 (a copy unless x is so already; the padding is never read)."""
     M, K = x_u8.shape
     lda = packed.panels_i8.shape[1] * K_GROUP
+    if tile_aligned and M >= 16:
+        lda_aligned = -(-lda // TILE_ALIGN) * TILE_ALIGN
+        if lda_aligned != K or x_u8.ctypes.data % TILE_ALIGN or not x_u8.flags.c_contiguous:
+            x_aligned_u8 = aligned_zeros((M, lda_aligned), np.uint8)
+            x_aligned_u8[:, :K] = x_u8
+            return x_aligned_u8, lda_aligned
+        return x_u8, lda_aligned
     if lda != K:  # the last group of a row reads 4 bytes: pad with zeros (times zero weights)
         x_padded_u8 = np.zeros((M, lda), np.uint8)
         x_padded_u8[:, :K] = x_u8
@@ -666,7 +731,7 @@ def _matmul_tiled(x_u8: np.ndarray, packed: PackedWeightS8, dot4: _Dot4) -> np.n
     """Run the tiles: x padded so that each row has whole groups of 4 bytes, output (M, N) int32."""
     M, K = x_u8.shape
     N = packed.shape[0]
-    x_u8, lda = padded_rows(x_u8, packed)
+    x_u8, lda = padded_rows(x_u8, packed, tile_aligned=dot4.name == "tdpbusd")
     out_i32 = np.empty((M, N), np.int32)
     run_tasks(_matmul_tasks_serial, _matmul_tasks_shared, M, K, packed,
               (dot4, dot4.rows_per_tile, x_u8, lda, M, packed.panels_i8, out_i32, N))

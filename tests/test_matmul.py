@@ -263,7 +263,7 @@ def test_packed_weight_layout(rng):
 @needs_jit
 def test_kernel_choice_and_environment_variable(monkeypatch, rng):
     monkeypatch.delenv(KERNEL_ENV_VAR, raising=False)
-    assert kernel_for() in ("avx512", "portable")
+    assert kernel_for() in ("amx", "avx512", "portable")
     x_u8 = draw(rng, (9, 21), "extremes", np.uint8)
     w_i8 = draw(rng, (5, 21), "extremes", np.int8)
     for name in ("portable", "reference"):
@@ -285,7 +285,7 @@ def test_bad_environment_variable_is_named(monkeypatch, value):
         matmul_u8s8_acc32(np.zeros((1, 4), np.uint8), np.zeros((2, 4), np.int8))
     message = str(info.value)
     assert "environment variable REFQUANT_MATMUL_KERNEL" in message and repr(value) in message, message
-    assert "allowed values: auto, avx512, portable, reference" in message, message
+    assert "allowed values: auto, amx, avx512, portable, reference" in message, message
 
 
 @needs_jit
@@ -293,6 +293,8 @@ def test_missing_cpu_feature_is_an_error_not_an_illegal_instruction(monkeypatch)
     monkeypatch.delenv(KERNEL_ENV_VAR, raising=False)
     monkeypatch.setattr(mm, "_cpu_has", lambda feature: False)
     assert kernel_for() == "portable"
+    with pytest.raises(RuntimeError, match="amx-tile, amx-int8, avx512vnni"):
+        kernel_for(kernel="amx")
     with pytest.raises(RuntimeError, match="avx512vnni"):
         kernel_for(kernel="avx512")
     with pytest.raises(RuntimeError, match="avx512bw"):
@@ -346,7 +348,7 @@ def test_numba_disable_jit_falls_back_to_the_reference(monkeypatch):
     monkeypatch.delenv(KERNEL_ENV_VAR, raising=False)
     monkeypatch.setattr(numba_config, "DISABLE_JIT", True)
     assert kernel_for() == "reference" and kernel_for(saturate_int16_pairs=True) == "reference"
-    for kernel in ("avx512", "portable"):
+    for kernel in ("amx", "avx512", "portable"):
         with pytest.raises(RuntimeError, match="NUMBA_DISABLE_JIT"):
             kernel_for(kernel=kernel)
 
@@ -364,5 +366,5 @@ def test_cpu_features_follow_numba_target(monkeypatch):
 
 
 def test_bad_kernel_name():
-    with pytest.raises(ValueError, match=r"kernel must be one of \('auto', 'avx512', 'portable', 'reference'\)"):
+    with pytest.raises(ValueError, match=r"kernel must be one of \('auto', 'amx', 'avx512', 'portable', 'reference'\)"):
         matmul_u8s8_acc32(X, W, kernel="vnni")
