@@ -159,7 +159,7 @@ def matmul_u8s8_acc32(x_u8: np.ndarray, w: np.ndarray | PackedWeightS8, *,
                       saturate_int16_pairs: bool = False, kernel: str | None = None) -> np.ndarray:
     """(M, K) uint8 x (N, K) int8 weight (raw or packed) -> (M, N) int32 accumulators (eq. M1, or M2).
 
-    ``kernel``: ``"auto"`` (the fastest the CPU runs), ``"avx512"``, ``"portable"`` or ``"reference"`` (see the
+    ``kernel``: ``"auto"`` (the fastest the CPU runs; the reference below :data:`KERNEL_MIN_MACS`), ``"avx512"``, ``"portable"`` or ``"reference"`` (see the
     module docstring); ``None`` reads the environment variable REFQUANT_MATMUL_KERNEL (unset or empty: ``"auto"``;
     any other value is a ValueError naming the variable).
     Every kernel returns the same bits.
@@ -176,7 +176,7 @@ def matmul_u8s8_acc32(x_u8: np.ndarray, w: np.ndarray | PackedWeightS8, *,
     N, K = w.shape
     if x_u8.shape[1] != K:
         raise ValueError(f"x_u8 has K = {x_u8.shape[1]} columns but the weight has K = {K} (shape {w.shape})")
-    chosen = kernel_for(saturate_int16_pairs=saturate_int16_pairs, kernel=kernel)
+    chosen = kernel_for(saturate_int16_pairs=saturate_int16_pairs, kernel=kernel, macs=x_u8.shape[0] * K * N)
     if chosen == "reference":
         w_i8 = w.w_i8 if isinstance(w, PackedWeightS8) else w
         if saturate_int16_pairs:
@@ -186,10 +186,18 @@ def matmul_u8s8_acc32(x_u8: np.ndarray, w: np.ndarray | PackedWeightS8, *,
     return _matmul_tiled(x_u8, packed, _DOT4[chosen, bool(saturate_int16_pairs)])
 
 
-def kernel_for(*, saturate_int16_pairs: bool = False, kernel: str | None = None) -> str:
+KERNEL_MIN_MACS = 1 << 18
+"""``kernel="auto"`` runs the readable reference for products of fewer multiply-adds (M·K·N) than this: it takes
+at most a millisecond or two there, less than the tile kernels take to load from Numba's cache (a first run
+compiles them, ~4.5 s), so a small study (the default crosscheck study: 54 multiply-adds a row) compiles nothing
+here. The benchmarked shapes (M·K·N >= 2^20) are above it. Every kernel gives the same bits."""
+
+
+def kernel_for(*, saturate_int16_pairs: bool = False, kernel: str | None = None, macs: int | None = None) -> str:
     """The kernel :func:`matmul_u8s8_acc32` runs for these arguments: ``"avx512"``, ``"portable"`` or
-    ``"reference"`` (``"auto"`` under NUMBA_DISABLE_JIT=1). Raises RuntimeError when ``"avx512"`` is asked for on a
-    CPU without the instructions, or a Numba kernel while the JIT is disabled."""
+    ``"reference"`` (``"auto"`` under NUMBA_DISABLE_JIT=1, or for a product of ``macs`` < :data:`KERNEL_MIN_MACS`
+    multiply-adds). Raises RuntimeError when ``"avx512"`` is asked for on a CPU without the instructions, or a
+    Numba kernel while the JIT is disabled."""
     if kernel is None:
         kernel = os.environ.get(KERNEL_ENV_VAR) or "auto"  # unset or empty: auto
         if kernel not in KERNELS:
@@ -204,6 +212,8 @@ def kernel_for(*, saturate_int16_pairs: bool = False, kernel: str | None = None)
         return "reference"
     if kernel in ("portable", "reference"):
         return kernel
+    if kernel == "auto" and macs is not None and macs < KERNEL_MIN_MACS:
+        return "reference"
     feature = _DOT4["avx512", bool(saturate_int16_pairs)].cpu_feature
     if _cpu_has(feature):
         return "avx512"
