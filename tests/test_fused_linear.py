@@ -18,6 +18,13 @@ from refquant.matmul import KERNEL_ENV_VAR
 from tests.parity import assert_same
 
 
+@pytest.fixture(autouse=True)
+def fused_at_every_size(monkeypatch):
+    """The fused kernel at every shape here, also below refquant.matmul.KERNEL_MIN_MACS, where QuantizedLinear's
+    call runs the NumPy stages instead (that dispatch: tests/test_linear.py)."""
+    monkeypatch.setattr(mm, "KERNEL_MIN_MACS", 0)
+
+
 def random_problem(rng, engine: str, M: int, K: int, N: int, i: int, **options):
     """A layer with random codes and constants, and a random (M, K) input. Every third problem aims at rounding
     ties: s_x = s_w = 1, s_y = 2^j, integer bias, x codes near z_x and small weights, so that y = (raw + bias) / 2^j
