@@ -55,6 +55,7 @@ from typing import Callable, ClassVar
 import numpy as np
 from numba import njit
 
+from ._dispatch import SmallCalls
 from ._float32 import cvtps2dq, fma_f32, fmaf
 from .quantize import quantize_per_channel, quantize_per_tensor
 
@@ -116,10 +117,12 @@ class EngineOptions:
 
 
 KERNEL_MIN_ELEMENTS = 1 << 16
-""":meth:`Requantizer.requantize` runs the readable NumPy statements below this many int32 values, the Numba row
-kernel from it: below it NumPy takes about a millisecond, less than the kernel takes to load from Numba's cache
-(a first run compiles it, ~0.5 s), so a small study compiles nothing here. Both give the same bits
-(tests/test_engines_details.py proves it on both sides of the threshold, for every engine)."""
+""":meth:`Requantizer.requantize` runs the readable NumPy statements below this many int32 values (for the first
+refquant._dispatch.SMALL_CALLS such calls), the Numba row kernel otherwise: below it NumPy takes about a
+millisecond, less than the kernel takes to load from Numba's cache (a first run compiles it, ~0.5 s), so a small
+study compiles nothing here. Both give the same bits (tests/test_engines_details.py proves it on both sides, for
+every engine)."""
+_SMALL_CALLS = SmallCalls(KERNEL_MIN_ELEMENTS)
 
 
 class Requantizer:
@@ -140,11 +143,12 @@ class Requantizer:
 
     def requantize(self, raw_i32: np.ndarray, *, readable: bool | None = None) -> np.ndarray:
         """(..., N) int32 -> (..., N) uint8; ``readable=True`` runs the NumPy statements, ``False`` the Numba kernel,
-        ``None`` (default) the NumPy statements below :data:`KERNEL_MIN_ELEMENTS` elements, else the kernel."""
+        ``None`` (default) the NumPy statements for a few small inputs (:data:`KERNEL_MIN_ELEMENTS`), else the
+        kernel."""
         shape = raw_i32.shape
         raw_2d_i32 = np.ascontiguousarray(raw_i32.reshape(-1, shape[-1]))
         if readable is None:
-            readable = raw_2d_i32.size < KERNEL_MIN_ELEMENTS
+            readable = _SMALL_CALLS.readable(raw_2d_i32.size)
         out_u8 = self._readable(raw_2d_i32) if readable else self._fast(raw_2d_i32)
         return out_u8.reshape(shape)
 

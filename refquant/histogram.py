@@ -27,15 +27,14 @@ calculate_qparams -- ``observer.py`` (HistogramObserver._non_linear_param_search
 
 Every step has a readable NumPy version (an explicit float32 cast at each torch op) and, right under it, a Numba
 kernel that computes the same bits faster: ``@njit(cache=True, error_model="numpy")`` (IEEE inf/NaN on division by
-zero, as in C++, instead of ZeroDivisionError), no fastmath. ``HistogramObserver(..., implementation="numpy")``
-runs the readable path end to end, ``implementation="numba"`` the kernels, and the default ``"auto"`` the readable
-path until the observer meets a batch of :data:`KERNEL_MIN_ELEMENTS` elements (then the kernels, see there); the
-tests prove both paths equal, and each against torch
-(tests/test_histogram_steps.py, tests/test_histogram_parity.py, tests/test_histogram_forward_fast.py). Two liberties
-of the Numba forward that cannot change a bit: its aminmax ignores NaN (NaN is then found by histc, which skips it),
-and batches of >= 2^18 elements are shared between threads chunk by chunk (integer counts, exact min and max);
-that machinery (prefetches here, in the appendix at the end of this module; threads and atomics in refquant._threads)
-stays out of the algorithm's way.
+zero, as in C++, instead of ZeroDivisionError), no fastmath. ``HistogramObserver(..., implementation="numpy")`` runs
+the readable path end to end, ``implementation="numba"`` the kernels, and the default ``"auto"`` the readable path
+until the observer meets a batch of :data:`KERNEL_MIN_ELEMENTS` elements or many batches (then the kernels); the
+tests prove both paths equal, and each against torch (tests/test_histogram_steps.py, tests/test_histogram_parity.py,
+tests/test_histogram_forward_fast.py). Two liberties of the Numba forward that cannot change a bit: its aminmax
+ignores NaN (NaN is then found by histc, which skips it), and batches of >= 2^18 elements are shared between threads
+chunk by chunk (integer counts, exact min and max); that machinery (prefetches here, in the appendix at the end of
+this module; threads and atomics in refquant._threads) stays out of the algorithm's way.
 
 The sign of a zero ``min_val``/``max_val`` (a batch holding both -0.0 and +0.0 at its minimum) is unspecified, as
 it is in torch, whose aminmax answer depends on its thread count; it changes no bin, count, scale or zero point.
@@ -56,6 +55,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from refquant._dispatch import SmallCalls
 from refquant._float32 import fma_f32, fmaf
 from refquant._threads import finish_item, item_to_try, share_items, take_item, threads_for
 from refquant.observers import PER_TENSOR_QSCHEMES, QSCHEMES, UniformQuantizationObserverBase, _serialized
@@ -81,12 +81,12 @@ _DTYPE_BITS = {"quint8": 8, "qint8": 8, "qint32": 32}
 
 KERNEL_MIN_ELEMENTS = 1 << 16
 """``implementation="auto"`` (the default) runs an observer on the readable NumPy path until it is given a batch of
-at least this many elements, and on the Numba kernels from then on (also from the start when ``bins * 16``, the
-points one re-binning writes, reaches it). Why: below it the whole NumPy forward of a batch takes under 2 ms, a
-re-binning of 2048 bins about 8 ms and a search a few ms, while the 17 kernels take ~8 s to compile in a fresh
-install (about 40 ms each to load from Numba's cache afterwards); a run with such small batches (the default
-crosscheck study: 18 values) thus never compiles them. Both paths give the same bits, so where an observer switches
-changes no result."""
+at least this many elements or more than refquant._dispatch.SMALL_CALLS batches, and on the Numba kernels from then
+on (also from the start when ``bins * 16``, the points one re-binning writes, reaches it). Why: below it the whole
+NumPy forward of a batch takes under 2 ms, a re-binning of 2048 bins about 8 ms and a search a few ms, while the 17
+kernels take ~8 s to compile in a fresh install (about 40 ms each to load from Numba's cache afterwards); a run
+with a few such small batches (the default crosscheck study: one of 18 values) thus never compiles them. Both paths
+give the same bits, so where an observer switches changes no result."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1174,7 +1174,8 @@ class HistogramObserver(UniformQuantizationObserverBase):
 
     ``implementation``: ``"numpy"`` runs the readable NumPy path, ``"numba"`` the Numba kernels (same bits, much
     faster on big batches), ``"auto"`` (default) the NumPy path until a batch of :data:`KERNEL_MIN_ELEMENTS` elements
-    arrives, the kernels from then on (``uses_kernels`` says which the next call runs).
+    (or more than refquant._dispatch.SMALL_CALLS batches) arrives, the kernels from then on (``uses_kernels`` says
+    which the next call runs).
     ``num_threads`` (default: all cores) splits batches of 2^18 elements or more across threads in the Numba
     path; the counts are integers, so the split never changes a bit.
 
@@ -1231,6 +1232,7 @@ class HistogramObserver(UniformQuantizationObserverBase):
         self.upsample_rate = 16  # used to reduce quantization errors when upscaling histogram
         self.uses_kernels = implementation == "numba" or (
             implementation == "auto" and self.bins * self.upsample_rate >= KERNEL_MIN_ELEMENTS)
+        self._small_batches = SmallCalls(KERNEL_MIN_ELEMENTS)  # implementation="auto": see KERNEL_MIN_ELEMENTS
         self.num_threads = int(num_threads)
         self.histogram = np.zeros(self.bins, np.float32)
         self.min_val = np.float32(np.inf)
@@ -1274,8 +1276,8 @@ class HistogramObserver(UniformQuantizationObserverBase):
         if x_orig.size == 0:
             return x_orig
         x = np.ascontiguousarray(x_orig).ravel()
-        if self.implementation == "auto" and x.size >= KERNEL_MIN_ELEMENTS:
-            self.uses_kernels = True  # a big batch: the kernels from now on (KERNEL_MIN_ELEMENTS)
+        if self.implementation == "auto" and not self._small_batches.readable(x.size):
+            self.uses_kernels = True  # a big batch, or many small ones: the kernels from now on
         if self.uses_kernels:
             self._forward_numba(x)
         else:

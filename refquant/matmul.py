@@ -64,6 +64,7 @@ from numba.core import cgutils, config
 from numba.core.errors import TypingError
 from numba.extending import NativeValue, intrinsic, models, register_model, typeof_impl, unbox
 
+from ._dispatch import SmallCalls
 from ._threads import DEFAULT_THREADS, finish_item, item_to_try, share_items, take_item, threads_for
 
 # --------------------------------------------------------------------------------------------------------------
@@ -187,17 +188,19 @@ def matmul_u8s8_acc32(x_u8: np.ndarray, w: np.ndarray | PackedWeightS8, *,
 
 
 KERNEL_MIN_MACS = 1 << 18
-"""``kernel="auto"`` runs the readable reference for products of fewer multiply-adds (M·K·N) than this: it takes
-at most a millisecond or two there, less than the tile kernels take to load from Numba's cache (a first run
-compiles them, ~4.5 s), so a small study (the default crosscheck study: 54 multiply-adds a row) compiles nothing
-here. The benchmarked shapes (M·K·N >= 2^20) are above it. Every kernel gives the same bits."""
+"""``kernel="auto"`` runs the readable reference for products of fewer multiply-adds (M·K·N) than this (for the
+first refquant._dispatch.SMALL_CALLS such products): it takes at most a millisecond or two there, less than the
+tile kernels take to load from Numba's cache (a first run compiles them, ~4.5 s), so a small study (the default
+crosscheck study: 54 multiply-adds a row) compiles nothing here. The benchmarked shapes (M·K·N >= 2^20) are above
+it. Every kernel gives the same bits."""
+_SMALL_PRODUCTS = SmallCalls(KERNEL_MIN_MACS)
 
 
 def kernel_for(*, saturate_int16_pairs: bool = False, kernel: str | None = None, macs: int | None = None) -> str:
     """The kernel :func:`matmul_u8s8_acc32` runs for these arguments: ``"avx512"``, ``"portable"`` or
-    ``"reference"`` (``"auto"`` under NUMBA_DISABLE_JIT=1, or for a product of ``macs`` < :data:`KERNEL_MIN_MACS`
-    multiply-adds). Raises RuntimeError when ``"avx512"`` is asked for on a CPU without the instructions, or a
-    Numba kernel while the JIT is disabled."""
+    ``"reference"`` (``"auto"`` under NUMBA_DISABLE_JIT=1, or for one of the first few products of ``macs`` <
+    :data:`KERNEL_MIN_MACS` multiply-adds; each such question counts). Raises RuntimeError when ``"avx512"`` is
+    asked for on a CPU without the instructions, or a Numba kernel while the JIT is disabled."""
     if kernel is None:
         kernel = os.environ.get(KERNEL_ENV_VAR) or "auto"  # unset or empty: auto
         if kernel not in KERNELS:
@@ -212,7 +215,7 @@ def kernel_for(*, saturate_int16_pairs: bool = False, kernel: str | None = None,
         return "reference"
     if kernel in ("portable", "reference"):
         return kernel
-    if kernel == "auto" and macs is not None and macs < KERNEL_MIN_MACS:
+    if kernel == "auto" and macs is not None and _SMALL_PRODUCTS.readable(macs):
         return "reference"
     feature = _DOT4["avx512", bool(saturate_int16_pairs)].cpu_feature
     if _cpu_has(feature):

@@ -14,6 +14,7 @@ import torch
 from numba import njit
 
 import refquant.engines as E
+from refquant._dispatch import SmallCalls
 from parity import assert_same
 from refquant.engines import (
     FBGEMM_BIAS_ADD,
@@ -322,6 +323,7 @@ def test_requantize_dispatch_on_both_sides_of_the_threshold(rng, monkeypatch, si
     """requantize(raw) runs the NumPy statements below refquant.engines.KERNEL_MIN_ELEMENTS int32 values and the
     Numba row kernel from it, for every engine's requantizer; on each side kernel == readable (the path that must
     not run is made to fail, so each call proves which one ran)."""
+    monkeypatch.setattr(E, "_SMALL_CALLS", SmallCalls(E.KERNEL_MIN_ELEMENTS, max_calls=10**9))  # size alone
     N = 64
     M = E.KERNEL_MIN_ELEMENTS // N - (1 if size == "below" else 0)
     raw = random_raw(rng, M, N)

@@ -10,6 +10,7 @@ import torch
 from torch.ao.quantization.observer import HistogramObserver as TorchHistogramObserver
 
 from parity import assert_same
+from refquant._dispatch import SMALL_CALLS
 from refquant.histogram import SEARCH_TRACE_DTYPE, HistogramObserver
 
 f32 = np.float32
@@ -235,7 +236,8 @@ def assert_same_observers(a: HistogramObserver, b: HistogramObserver, what: str)
 def test_auto_runs_numpy_below_the_threshold_and_the_kernels_from_it(rng, monkeypatch):
     """implementation="auto" (the default): the readable path for batches below H.KERNEL_MIN_ELEMENTS (the kernels
     made to fail, so nothing but NumPy ran), the kernels from the first batch of that size on (the readable forward
-    made to fail); on both sides the same bits as implementation="numba" and "numpy" fed the same batches."""
+    made to fail) or after refquant._dispatch.SMALL_CALLS batches; on both sides the same bits as
+    implementation="numba" and "numpy" fed the same batches."""
     import refquant.histogram as H
 
     n = H.KERNEL_MIN_ELEMENTS
@@ -275,6 +277,14 @@ def test_auto_runs_numpy_below_the_threshold_and_the_kernels_from_it(rng, monkey
             assert auto.uses_kernels
     assert_same_observers(auto, kernels, "from the threshold, vs numba")
     assert_same_observers(auto, readable, "from the threshold, vs numpy")
+    many = HistogramObserver()  # more than SMALL_CALLS small batches: the kernels from then on, the same bits
+    kernels_many = HistogramObserver(implementation="numba")
+    for i in range(SMALL_CALLS + 3):
+        x = (rng.standard_normal(50) * f32(1 + i / 8)).astype(f32)
+        many(x)
+        kernels_many(x)
+        assert many.uses_kernels == (i >= SMALL_CALLS), i
+    assert_same_observers(many, kernels_many, "after SMALL_CALLS small batches, vs numba")
     assert HistogramObserver(bins=H.KERNEL_MIN_ELEMENTS // 16).uses_kernels  # re-binning writes bins * 16 points
     assert not HistogramObserver(bins=H.KERNEL_MIN_ELEMENTS // 16 - 1).uses_kernels
 

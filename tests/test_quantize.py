@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import refquant.quantize as Q
+from refquant._dispatch import SMALL_CALLS, SmallCalls
 from parity import assert_same
 from refquant._float32 import cvtps2dq, fmaf
 from refquant.quantize import (
@@ -284,8 +285,9 @@ def test_fma_kernel_equals_readable_path(rng):
 
 @pytest.mark.parametrize("n", [Q.KERNEL_MIN_ELEMENTS - 1, Q.KERNEL_MIN_ELEMENTS])
 def test_quantize_runs_readable_below_the_threshold_and_the_kernel_from_it(rng, monkeypatch, n):
-    """quantize_per_tensor takes eq. Q1's readable statements below KERNEL_MIN_ELEMENTS elements and the kernel from
-    it; on each side the two give the same bits (the other path is made to fail, so the call proves its path)."""
+    """quantize_per_tensor takes eq. Q1's readable statements below KERNEL_MIN_ELEMENTS elements (for the first
+    refquant._dispatch.SMALL_CALLS calls) and the kernel otherwise; on each side the two give the same bits (the
+    other path is made to fail, so each call proves its path)."""
     kinds = np.concatenate([float_samples(rng, k, (4000,), 0.05).ravel() for k in KINDS])
     x = np.resize(rng.permutation(kinds.ravel()), n).astype(np.float32)
     scale, zp = float(10.0 ** rng.uniform(-3, 0)), int(rng.integers(0, 256))
@@ -298,9 +300,15 @@ def test_quantize_runs_readable_below_the_threshold_and_the_kernel_from_it(rng, 
     def must_not_run(*args):
         raise AssertionError("the other path ran")
 
-    monkeypatch.setattr(Q, "_quantize_fma_readable" if n >= Q.KERNEL_MIN_ELEMENTS else "_quantize_fma_kernel",
-                        must_not_run)
-    assert_same(quantize_per_tensor(x, scale, zp, "quint8"), expected, f"dispatch at {n} elements")
+    monkeypatch.setattr(Q, "_SMALL_CALLS", SmallCalls(Q.KERNEL_MIN_ELEMENTS))  # no small call made yet
+    with monkeypatch.context() as m:
+        m.setattr(Q, "_quantize_fma_readable" if n >= Q.KERNEL_MIN_ELEMENTS else "_quantize_fma_kernel", must_not_run)
+        assert_same(quantize_per_tensor(x, scale, zp, "quint8"), expected, f"dispatch at {n} elements")
+    if n < Q.KERNEL_MIN_ELEMENTS:  # after SMALL_CALLS small calls, the kernel
+        for _ in range(SMALL_CALLS - 1):
+            quantize_per_tensor(x[:10], scale, zp, "quint8")
+        monkeypatch.setattr(Q, "_quantize_fma_readable", must_not_run)
+        assert_same(quantize_per_tensor(x, scale, zp, "quint8"), expected, "the kernel after SMALL_CALLS calls")
 
 
 # ----------------------------------------------------------------------------------------------------------
