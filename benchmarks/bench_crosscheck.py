@@ -121,7 +121,8 @@ def torch_only_model_study(argv: list[str]) -> None:
             sum_sq_err += float((e * e).sum())
             sum_sq_ref += float((yf * yf).sum())
     if n:
-        print(f"accuracy on {n} held-out images: float {correct_float / n:.4f}, quantized {correct_quantized / n:.4f}")
+        print(f"accuracy on {n} held-out images: float {correct_float / n:.4f}, "
+              f"quantized {correct_quantized / n:.4f}")
     if sum_sq_err:
         print(f"error: mean |err| {sum_abs / outputs:.8f}, max {max_abs:.8f}, "
               f"SQNR {10 * math.log10(sum_sq_ref / sum_sq_err):.2f} dB")

@@ -18,7 +18,8 @@ milliseconds of NumPy at most, less than a kernel costs to load."""
 
 class SmallCalls:
     """``readable(size)``: True to run the readable path for a call of ``size`` (elements, multiply-adds: what the
-    dispatcher's ``min_size`` counts); counts it. Threads may race on the count: it only moves the switch by a call."""
+    dispatcher's ``min_size`` counts); counts it. Threads may race on the count: that only moves the switch by a
+    call."""
 
     def __init__(self, min_size: int, max_calls: int = SMALL_CALLS) -> None:
         self.min_size = min_size

@@ -494,7 +494,7 @@ class QuantizedLinear:
         requantization (fbgemm: eqs. L8-L11; qnnpack: QN5, QN6; onednn: DN4-DN7, refquant.engines).
 
         ``readable=True`` runs the NumPy statements, ``False`` the Numba kernel (the same bits), ``None`` (default)
-        the NumPy statements for small inputs (refquant.engines.KERNEL_MIN_ELEMENTS), else the kernel.
+        the NumPy statements for a few small inputs (refquant.engines.KERNEL_MIN_ELEMENTS), else the kernel.
         """
         spec = ENGINE_SPECS[self.engine]
         acc_i32 = _check_codes(acc_i32, np.int32, "acc_i32", self.out_features, "out_features N",
@@ -505,13 +505,15 @@ class QuantizedLinear:
         """uint8 input codes (..., K) -> uint8 output codes (..., N) = requantize(accumulate(x_u8)).
 
         Computed in one pass by refquant.fused_linear (each tile of sums corrected and requantized while in cache,
-        the same bits) when it serves the layer's requantization and the matmul runs a Numba kernel (not below
-        refquant.matmul.KERNEL_MIN_MACS multiply-adds, where the product is the NumPy reference); else as the two
-        stages. onednn returns an empty input's output with shape (0, N), whatever the input's rank, as torch
-        does. Matches: torch.ops.quantized.linear (linear_relu when ``relu``) with torch.backends.quantized.engine.
+        the same bits) when it serves the layer's requantization and the matmul runs a Numba kernel (not for the
+        first few calls below refquant.matmul.KERNEL_MIN_MACS multiply-adds, whose product is the NumPy reference);
+        else as the two stages. onednn returns an empty input's output with shape (0, N), whatever the input's rank,
+        as torch does. Matches: torch.ops.quantized.linear (linear_relu when ``relu``) with
+        torch.backends.quantized.engine.
         """
         saturate = self.saturate_int16_pairs if saturate_int16_pairs is None else bool(saturate_int16_pairs)
-        macs = np.size(x_u8) * self.out_features  # M·K·N: a small call runs the two stages in NumPy (KERNEL_MIN_MACS)
+        macs = np.size(x_u8) * self.out_features  # M·K·N: a few small calls run the stages in NumPy (matmul's
+        # KERNEL_MIN_MACS; this question and the product's own both count towards its SMALL_CALLS)
         if fused_kernel_serves(self.requantizer, saturate_int16_pairs=saturate) and \
                 kernel_for(saturate_int16_pairs=saturate, macs=macs) != "reference":
             spec = ENGINE_SPECS[self.engine]

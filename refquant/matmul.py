@@ -160,9 +160,10 @@ def matmul_u8s8_acc32(x_u8: np.ndarray, w: np.ndarray | PackedWeightS8, *,
                       saturate_int16_pairs: bool = False, kernel: str | None = None) -> np.ndarray:
     """(M, K) uint8 x (N, K) int8 weight (raw or packed) -> (M, N) int32 accumulators (eq. M1, or M2).
 
-    ``kernel``: ``"auto"`` (the fastest the CPU runs; the reference below :data:`KERNEL_MIN_MACS`), ``"avx512"``, ``"portable"`` or ``"reference"`` (see the
-    module docstring); ``None`` reads the environment variable REFQUANT_MATMUL_KERNEL (unset or empty: ``"auto"``;
-    any other value is a ValueError naming the variable).
+    ``kernel``: ``"auto"`` (the fastest the CPU runs; the reference for a few products below
+    :data:`KERNEL_MIN_MACS`), ``"avx512"``, ``"portable"`` or ``"reference"`` (see the module docstring); ``None``
+    reads the environment variable REFQUANT_MATMUL_KERNEL (unset or empty: ``"auto"``; any other value is a
+    ValueError naming the variable).
     Every kernel returns the same bits.
     """
     if not isinstance(x_u8, np.ndarray) or x_u8.dtype != np.uint8:

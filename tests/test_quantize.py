@@ -302,7 +302,8 @@ def test_quantize_runs_readable_below_the_threshold_and_the_kernel_from_it(rng, 
 
     monkeypatch.setattr(Q, "_SMALL_CALLS", SmallCalls(Q.KERNEL_MIN_ELEMENTS))  # no small call made yet
     with monkeypatch.context() as m:
-        m.setattr(Q, "_quantize_fma_readable" if n >= Q.KERNEL_MIN_ELEMENTS else "_quantize_fma_kernel", must_not_run)
+        other_path = "_quantize_fma_readable" if n >= Q.KERNEL_MIN_ELEMENTS else "_quantize_fma_kernel"
+        m.setattr(Q, other_path, must_not_run)
         assert_same(quantize_per_tensor(x, scale, zp, "quint8"), expected, f"dispatch at {n} elements")
     if n < Q.KERNEL_MIN_ELEMENTS:  # after SMALL_CALLS small calls, the kernel
         for _ in range(SMALL_CALLS - 1):
