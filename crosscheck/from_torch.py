@@ -26,7 +26,19 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from refquant import model as rm
+
+class _RefquantModel:
+    """refquant.model, imported at its first use (reading a model): ``import crosscheck``, which exports
+    :func:`from_torch`, then imports neither refquant nor Numba (the CLIs' ``--help``, a torch-only script such as
+    benchmarks/bench_crosscheck.py's baseline)."""
+
+    def __getattr__(self, name: str) -> Any:
+        from refquant import model
+
+        return getattr(model, name)
+
+
+rm = _RefquantModel()
 
 FUNCTIONAL_METHODS = ("add", "add_relu", "mul", "cat", "add_scalar", "mul_scalar", "matmul")
 """Every method of FloatFunctional / QFunctional; refquant supports those in refquant.model.FUNCTIONAL_METHODS."""

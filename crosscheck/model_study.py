@@ -413,22 +413,34 @@ def first_divergence(fields: list[C.Field]) -> dict | None:
     return None
 
 
-def warm_up_refquant(saturate: bool = False) -> None:
-    """Load refquant's Numba kernels from the cache (first calls) on tiny data, while the torch worker starts; on
-    the first run (or after an edit) Numba compiles them instead, which takes 10-40 s. ``saturate`` also loads the
-    int16-pair kernel (eq. M2)."""
+def warm_up_refquant(saturate: bool = False, *, in_features: int = 2, out_features: int = 1,
+                     calibration_shape: tuple[int, ...] = (2, 2),
+                     forward_shapes: tuple[tuple[int, ...], ...] = ((2, 2),)) -> None:
+    """Run refquant's one-layer pipeline once on synthetic data while the torch worker starts: observe and calibrate
+    on batches of ``calibration_shape``, then quantize, accumulate and requantize batches of ``forward_shapes``
+    (last dimension ``in_features``). refquant's dispatchers choose NumPy or a Numba kernel by size (the KERNEL_MIN_*
+    thresholds of refquant.histogram, refquant.quantize, refquant.engines, refquant.matmul) as they will for a study
+    of these shapes, so the kernels that study runs are loaded from Numba's cache now (compiled on a first run:
+    seconds), and a small study (the default, tiny shapes) loads none. ``saturate`` also runs the int16-pair product
+    (eq. M2)."""
     from refquant.pipeline import ObservedLinear
 
-    w = np.array([[0.5, -0.25]], np.float32)
-    x = np.array([[1.0, -2.0], [0.5, 0.25]], np.float32)
-    observed = ObservedLinear(w, np.zeros(1, np.float32))
+    def ramp(shape: tuple[int, ...]) -> np.ndarray:
+        return np.linspace(-1, 1, math.prod(shape), dtype=np.float32).reshape(shape)
+
+    w = ramp((out_features, in_features)) * np.float32(0.5)
+    observed = ObservedLinear(w, np.zeros(out_features, np.float32))
+    x = ramp(calibration_shape)
     observed.observe_input(x)
-    observed.observe_input(x * np.float32(2))  # a growing range: the upscale/combine kernels
+    observed.observe_input(x * np.float32(2))  # a growing range: the re-binning
     observed.calibrate(x)
     model = observed.convert()
-    model.stages(x)
-    if saturate:
-        model.linear(model.quant(x), saturate_int16_pairs=True)
+    for shape in forward_shapes:
+        x = ramp(shape)
+        model.stages(x)
+        model.linear(model.quant(x))  # QuantizedLinear's call (the fused kernel, for a large product)
+        if saturate:
+            model.linear(model.quant(x), saturate_int16_pairs=True)
 
 
 def environment(torch_env: dict, engine: str, isa: str) -> dict:

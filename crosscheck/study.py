@@ -24,6 +24,7 @@ needs torch itself.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,6 +275,19 @@ def environment(torch_env: dict, config: StudyConfig) -> dict:
     return model_environment(torch_env, config.engine, config.isa)
 
 
+def sample_chunk_rows(input_shape: tuple[int, ...]) -> int:
+    """How many ``input_shape`` samples are drawn and evaluated at once (about 2^16 values per chunk; the torch
+    side draws them so, crosscheck.torch_study.sample_chunks)."""
+    return max(1, (1 << 16) // math.prod(input_shape))
+
+
+def forward_batch_shapes(config: StudyConfig) -> tuple[tuple[int, ...], ...]:
+    """The shapes of the batches the study runs through the quantized model: a calibration batch (``input_shape``)
+    and the largest chunk of samples (:func:`sample_chunk_rows`, at most ``samples``)."""
+    rows = min(config.samples, sample_chunk_rows(config.input_shape))
+    return (config.input_shape,) + (((rows, *config.input_shape),) if rows else ())
+
+
 def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = False,
               torch_subprocess: bool | None = None, _perturb: tuple[str, int] | None = None) -> StudyResult:
     """Run the study on both sides and compare every field.
@@ -288,7 +302,9 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
 
     # 1. torch
     events = start(config, progress=progress, torch_subprocess=torch_subprocess,
-                   warm_up=lambda saturate: warm_up_refquant(saturate))
+                   warm_up=lambda saturate: warm_up_refquant(
+                       saturate, in_features=config.in_features, out_features=config.out_features,
+                       calibration_shape=config.input_shape, forward_shapes=forward_batch_shapes(config)))
     with Progress("torch: import, prepare, calibrate, convert", enabled=progress):
         torch_env = receive_environment(events, config)
         kind, record = next(events)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .study import sample_chunk_rows
 from .torch_model import (  # noqa: F401  (re-exported: the recording is the model study's)
     check_engine,
     derived_accumulators,
@@ -63,11 +64,6 @@ def draw(dist: str, shape: tuple[int, ...]) -> torch.Tensor:
     if dist == "relu":
         return torch.randn(shape).clamp_min(0)
     raise ValueError(f"dist must be one of {DISTRIBUTIONS}, got {dist!r}")
-
-
-def sample_chunk_rows(input_shape: tuple[int, ...]) -> int:
-    """How many ``input_shape`` samples are drawn and evaluated at once (about 2^16 values per chunk)."""
-    return max(1, (1 << 16) // math.prod(input_shape))
 
 
 class StudyModel(nn.Module):

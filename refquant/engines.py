@@ -22,15 +22,15 @@ side (f32 = round to float32, RNE; s_x, s_w, s_y are the input, weight and outpu
     overflow      INT32_MIN -> code 0            INT32_MIN -> code 0                 saturates: 255 (NaN: 255)
     ReLU          clamp below at z_y             output_min = z_y                    max(v, 0) before the output scale
 
-Each engine has: a **prepack** (what ``quantized::linear_prepack`` and the first call keep, and what they refuse),
-a **requantizer** (one small frozen object per scheme that holds its per-channel constants and has
-``requantize(raw_i32, readable=False)``), and a per-element Numba function ``<engine>_requantize_element(raw, channel
-constants...)`` (``@njit(cache=True, inline="always")``) which the row kernel calls and which refquant.fused_linear
-calls in the product's epilogue (through ``<engine>_requantize_channel``, the requantizer's ``epilogue`` and
-``epilogue_constants()``). Next to it is the readable NumPy version it must equal
-(tests/test_engines_details.py). The default requantization of every engine is its own float path; other schemes
-(integer-only ones) register with :func:`register_requantization` and are chosen with
-``QuantizedLinear(..., requantization=name)``.
+Each engine has: a **prepack** (what ``quantized::linear_prepack`` and the first call keep, and what they refuse), a
+**requantizer** (one small frozen object per scheme that holds its per-channel constants and has
+``requantize(raw_i32, readable=None)``: NumPy for small inputs, else the kernel), and a per-element Numba function
+``<engine>_requantize_element(raw, channel constants...)`` (``@njit(cache=True, inline="always")``) which the row
+kernel calls and which refquant.fused_linear calls in the product's epilogue (through
+``<engine>_requantize_channel``, the requantizer's ``epilogue`` and ``epilogue_constants()``). Next to it is the
+readable NumPy version it must equal (tests/test_engines_details.py). The default requantization of every engine is
+its own float path; other schemes (integer-only ones) register with :func:`register_requantization` and are chosen
+with ``QuantizedLinear(..., requantization=name)``.
 
 Machine-dependent arithmetic, modelled by switches of refquant.linear.QuantizedLinear:
 
@@ -55,6 +55,7 @@ from typing import Callable, ClassVar
 import numpy as np
 from numba import njit
 
+from ._dispatch import SmallCalls
 from ._float32 import cvtps2dq, fma_f32, fmaf
 from .quantize import quantize_per_channel, quantize_per_tensor
 
@@ -115,6 +116,15 @@ class EngineOptions:
     qnnpack_cached_output_scale: float | None = None
 
 
+KERNEL_MIN_ELEMENTS = 1 << 16
+""":meth:`Requantizer.requantize` runs the readable NumPy statements below this many int32 values (for the first
+refquant._dispatch.SMALL_CALLS such calls), the Numba row kernel otherwise: below it NumPy takes about a
+millisecond, less than the kernel takes to load from Numba's cache (a first run compiles it, ~0.5 s), so a small
+study compiles nothing here. Both give the same bits (tests/test_engines_details.py proves it on both sides, for
+every engine)."""
+_SMALL_CALLS = SmallCalls(KERNEL_MIN_ELEMENTS)
+
+
 class Requantizer:
     """int32 ``raw`` (..., N) -> uint8 output codes (..., N), with the per-channel constants of one scheme.
 
@@ -131,10 +141,14 @@ class Requantizer:
         """The constants the epilogue function takes (per-channel arrays of length N, scalars)."""
         raise NotImplementedError
 
-    def requantize(self, raw_i32: np.ndarray, *, readable: bool = False) -> np.ndarray:
-        """(..., N) int32 -> (..., N) uint8; ``readable=True`` runs the NumPy statements, else the Numba kernel."""
+    def requantize(self, raw_i32: np.ndarray, *, readable: bool | None = None) -> np.ndarray:
+        """(..., N) int32 -> (..., N) uint8; ``readable=True`` runs the NumPy statements, ``False`` the Numba kernel,
+        ``None`` (default) the NumPy statements for a few small inputs (:data:`KERNEL_MIN_ELEMENTS`), else the
+        kernel."""
         shape = raw_i32.shape
         raw_2d_i32 = np.ascontiguousarray(raw_i32.reshape(-1, shape[-1]))
+        if readable is None:
+            readable = _SMALL_CALLS.readable(raw_2d_i32.size)
         out_u8 = self._readable(raw_2d_i32) if readable else self._fast(raw_2d_i32)
         return out_u8.reshape(shape)
 

@@ -27,13 +27,14 @@ calculate_qparams -- ``observer.py`` (HistogramObserver._non_linear_param_search
 
 Every step has a readable NumPy version (an explicit float32 cast at each torch op) and, right under it, a Numba
 kernel that computes the same bits faster: ``@njit(cache=True, error_model="numpy")`` (IEEE inf/NaN on division by
-zero, as in C++, instead of ZeroDivisionError), no fastmath. ``HistogramObserver(..., implementation="numpy")``
-runs the readable path end to end; the tests prove both paths equal, and each against torch
-(tests/test_histogram_steps.py, tests/test_histogram_parity.py, tests/test_histogram_forward_fast.py). Two liberties
-of the Numba forward that cannot change a bit: its aminmax ignores NaN (NaN is then found by histc, which skips it),
-and batches of >= 2^18 elements are shared between threads chunk by chunk (integer counts, exact min and max);
-that machinery (prefetches here, in the appendix at the end of this module; threads and atomics in refquant._threads)
-stays out of the algorithm's way.
+zero, as in C++, instead of ZeroDivisionError), no fastmath. ``HistogramObserver(..., implementation="numpy")`` runs
+the readable path end to end, ``implementation="numba"`` the kernels, and the default ``"auto"`` the readable path
+until the observer meets a batch of :data:`KERNEL_MIN_ELEMENTS` elements or many batches (then the kernels); the
+tests prove both paths equal, and each against torch (tests/test_histogram_steps.py, tests/test_histogram_parity.py,
+tests/test_histogram_forward_fast.py). Two liberties of the Numba forward that cannot change a bit: its aminmax
+ignores NaN (NaN is then found by histc, which skips it), and batches of >= 2^18 elements are shared between threads
+chunk by chunk (integer counts, exact min and max); that machinery (prefetches here, in the appendix at the end of
+this module; threads and atomics in refquant._threads) stays out of the algorithm's way.
 
 The sign of a zero ``min_val``/``max_val`` (a batch holding both -0.0 and +0.0 at its minimum) is unspecified, as
 it is in torch, whose aminmax answer depends on its thread count; it changes no bin, count, scale or zero point.
@@ -54,6 +55,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from refquant._dispatch import SmallCalls
 from refquant._float32 import fma_f32, fmaf
 from refquant._threads import finish_item, item_to_try, share_items, take_item, threads_for
 from refquant.observers import PER_TENSOR_QSCHEMES, QSCHEMES, UniformQuantizationObserverBase, _serialized
@@ -76,6 +78,15 @@ F32_INF = np.float32(np.inf)
 # Bits of each quantized dtype: HistogramObserver searches over dst_nbins = 2 ** bits levels
 # (``2 ** torch.iinfo(self.dtype).bits`` in observer.py), independent of reduce_range and quant_min/quant_max.
 _DTYPE_BITS = {"quint8": 8, "qint8": 8, "qint32": 32}
+
+KERNEL_MIN_ELEMENTS = 1 << 16
+"""``implementation="auto"`` (the default) runs an observer on the readable NumPy path until it is given a batch of
+at least this many elements or more than refquant._dispatch.SMALL_CALLS batches, and on the Numba kernels from then
+on (also from the start when ``bins * 16``, the points one re-binning writes, reaches it). Why: below it the whole
+NumPy forward of a batch takes under 2 ms, a re-binning of 2048 bins about 8 ms and a search a few ms, while the 17
+kernels take ~8 s to compile in a fresh install (about 40 ms each to load from Numba's cache afterwards); a run
+with a few such small batches (the default crosscheck study: one of 18 values) thus never compiles them. Both paths
+give the same bits, so where an observer switches changes no result."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1161,7 +1172,10 @@ class HistogramObserver(UniformQuantizationObserverBase):
       ``search_trace``  structured array: every (start_bin, end_bin) the search evaluated, its L2 error and
                         whether it was accepted (the search stops at the first rejected one)
 
-    ``implementation="numpy"`` runs the readable NumPy path instead of the Numba kernels (same bits, much slower).
+    ``implementation``: ``"numpy"`` runs the readable NumPy path, ``"numba"`` the Numba kernels (same bits, much
+    faster on big batches), ``"auto"`` (default) the NumPy path until a batch of :data:`KERNEL_MIN_ELEMENTS` elements
+    (or more than refquant._dispatch.SMALL_CALLS batches) arrives, the kernels from then on (``uses_kernels`` says
+    which the next call runs).
     ``num_threads`` (default: all cores) splits batches of 2^18 elements or more across threads in the Numba
     path; the counts are integers, so the split never changes a bit.
 
@@ -1183,7 +1197,7 @@ class HistogramObserver(UniformQuantizationObserverBase):
         quant_max: int | None = None,
         eps: float = float(np.finfo(np.float32).eps),
         *,
-        implementation: Literal["numba", "numpy"] = "numba",
+        implementation: Literal["auto", "numba", "numpy"] = "auto",
         num_threads: int | None = None,
     ) -> None:
         if qscheme in QSCHEMES and qscheme not in PER_TENSOR_QSCHEMES:
@@ -1193,8 +1207,8 @@ class HistogramObserver(UniformQuantizationObserverBase):
             )
         if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
             raise ValueError(f"bins must be a positive int, got {bins!r}")
-        if implementation not in ("numba", "numpy"):
-            raise ValueError(f"implementation must be 'numba' or 'numpy', got {implementation!r}")
+        if implementation not in ("auto", "numba", "numpy"):
+            raise ValueError(f"implementation must be 'auto', 'numba' or 'numpy', got {implementation!r}")
         if num_threads is None:
             num_threads = os.cpu_count() or 1
         if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
@@ -1215,12 +1229,15 @@ class HistogramObserver(UniformQuantizationObserverBase):
                 stacklevel=2,
             )
         self.implementation = implementation
+        self.upsample_rate = 16  # used to reduce quantization errors when upscaling histogram
+        self.uses_kernels = implementation == "numba" or (
+            implementation == "auto" and self.bins * self.upsample_rate >= KERNEL_MIN_ELEMENTS)
+        self._small_batches = SmallCalls(KERNEL_MIN_ELEMENTS)  # implementation="auto": see KERNEL_MIN_ELEMENTS
         self.num_threads = int(num_threads)
         self.histogram = np.zeros(self.bins, np.float32)
         self.min_val = np.float32(np.inf)
         self.max_val = np.float32(-np.inf)
         self.dst_nbins = 2 ** _DTYPE_BITS[self.dtype]
-        self.upsample_rate = 16  # used to reduce quantization errors when upscaling histogram
         self.new_min: np.float32 | None = None
         self.new_max: np.float32 | None = None
         self.start_bin: int | None = None
@@ -1259,10 +1276,12 @@ class HistogramObserver(UniformQuantizationObserverBase):
         if x_orig.size == 0:
             return x_orig
         x = np.ascontiguousarray(x_orig).ravel()
-        if self.implementation == "numpy":
-            self._forward_numpy(x)
-        else:
+        if self.implementation == "auto" and not self._small_batches.readable(x.size):
+            self.uses_kernels = True  # a big batch, or many small ones: the kernels from now on
+        if self.uses_kernels:
             self._forward_numba(x)
+        else:
+            self._forward_numpy(x)
         return x_orig
 
     @staticmethod
@@ -1316,7 +1335,7 @@ class HistogramObserver(UniformQuantizationObserverBase):
         Then every value histc skips is a NaN, and a skipped value raises the NaN error (after ``np.isnan``
         confirms it: a range wider than float32's largest value makes histc skip everything, as torch's does).
         """
-        if self.implementation == "numpy":
+        if not self.uses_kernels:
             return histc(x, self.bins, lo, hi)
         edge_lo, edge_hi = histc_edges(np.zeros(0, np.float32), lo, hi)  # lo == hi only when x is constant lo
         counts_f32, skipped = _histc_fast(x, self.bins, edge_lo, edge_hi, self.num_threads)
@@ -1392,12 +1411,12 @@ class HistogramObserver(UniformQuantizationObserverBase):
             np.float32(update_max),
             self.upsample_rate,
         )
-        if self.implementation == "numpy":
+        if not self.uses_kernels:
             return _upscale_histogram_numpy(*args)
         return _upscale_histogram_kernel(*args)
 
     def _sum(self, x: np.ndarray) -> np.float32:
-        if self.implementation == "numpy":
+        if not self.uses_kernels:
             return sum_f32(x)
         return np.float32(_sum_f32_kernel(np.ascontiguousarray(x, np.float32)))
 
@@ -1408,7 +1427,7 @@ class HistogramObserver(UniformQuantizationObserverBase):
 
         Matches: pytorch/pytorch torch/ao/quantization/observer.py (HistogramObserver._compute_quantization_error).
         """
-        if self.implementation == "numpy":
+        if not self.uses_kernels:
             return _compute_quantization_error_numpy(
                 self.histogram, self.min_val, self.max_val, next_start_bin, next_end_bin, self.dst_nbins
             )
@@ -1431,7 +1450,7 @@ class HistogramObserver(UniformQuantizationObserverBase):
         if self.histogram.shape[0] != self.bins:
             raise AssertionError("bins mismatch")
         f32 = np.float32
-        if self.implementation == "numpy":
+        if not self.uses_kernels:
             start_bin, end_bin, trace = _non_linear_param_search_numpy(
                 self.histogram, self.min_val, self.max_val, self.dst_nbins
             )

@@ -66,7 +66,7 @@ from refquant.engines import (
 )
 from refquant import fixed_point as _fixed_point  # noqa: F401  registers the integer variants (requantization=)
 from refquant.fused_linear import FusedLinear, fused_kernel_serves
-from refquant.matmul import PackedWeightS8, matmul_u8s8_acc32, pack_weight_s8
+from refquant.matmul import PackedWeightS8, kernel_for, matmul_u8s8_acc32, pack_weight_s8
 from refquant.observers import MinMaxObserver, PerChannelMinMaxObserver
 from refquant.qconfig import _DEFAULT_QCONFIGS
 from refquant.quantize import quantize_per_channel, quantize_per_tensor
@@ -489,11 +489,12 @@ class QuantizedLinear:
                                  self.weight_zero_points, saturate_int16_pairs=bool(saturate_int16_pairs))
         return raw_i32.reshape(lead_shape + (self.out_features,))
 
-    def requantize(self, acc_i32: np.ndarray, *, readable: bool = False) -> np.ndarray:
+    def requantize(self, acc_i32: np.ndarray, *, readable: bool | None = None) -> np.ndarray:
         """int32 ``raw`` (..., N) from :meth:`accumulate` -> uint8 output codes (..., N): the engine's
         requantization (fbgemm: eqs. L8-L11; qnnpack: QN5, QN6; onednn: DN4-DN7, refquant.engines).
 
-        ``readable=True`` runs the NumPy statements; the default runs the Numba kernel, which gives the same bits.
+        ``readable=True`` runs the NumPy statements, ``False`` the Numba kernel (the same bits), ``None`` (default)
+        the NumPy statements for a few small inputs (refquant.engines.KERNEL_MIN_ELEMENTS), else the kernel.
         """
         spec = ENGINE_SPECS[self.engine]
         acc_i32 = _check_codes(acc_i32, np.int32, "acc_i32", self.out_features, "out_features N",
@@ -504,12 +505,17 @@ class QuantizedLinear:
         """uint8 input codes (..., K) -> uint8 output codes (..., N) = requantize(accumulate(x_u8)).
 
         Computed in one pass by refquant.fused_linear (each tile of sums corrected and requantized while in cache,
-        the same bits) when it serves the layer's requantization and the matmul runs a Numba kernel; else as the
-        two stages. onednn returns an empty input's output with shape (0, N), whatever the input's rank, as torch
-        does. Matches: torch.ops.quantized.linear (linear_relu when ``relu``) with torch.backends.quantized.engine.
+        the same bits) when it serves the layer's requantization and the matmul runs a Numba kernel (not for the
+        first few calls below refquant.matmul.KERNEL_MIN_MACS multiply-adds, whose product is the NumPy reference);
+        else as the two stages. onednn returns an empty input's output with shape (0, N), whatever the input's rank,
+        as torch does. Matches: torch.ops.quantized.linear (linear_relu when ``relu``) with
+        torch.backends.quantized.engine.
         """
         saturate = self.saturate_int16_pairs if saturate_int16_pairs is None else bool(saturate_int16_pairs)
-        if fused_kernel_serves(self.requantizer, saturate_int16_pairs=saturate):
+        macs = np.size(x_u8) * self.out_features  # M·K·N: a few small calls run the stages in NumPy (matmul's
+        # KERNEL_MIN_MACS; this question and the product's own both count towards its SMALL_CALLS)
+        if fused_kernel_serves(self.requantizer, saturate_int16_pairs=saturate) and \
+                kernel_for(saturate_int16_pairs=saturate, macs=macs) != "reference":
             spec = ENGINE_SPECS[self.engine]
             x_u8 = _check_codes(x_u8, np.uint8, "x_u8", self.in_features, "in_features K", spec.min_input_ndim)
             if saturate_int16_pairs is not None:

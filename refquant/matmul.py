@@ -70,6 +70,7 @@ from numba.core import cgutils, config
 from numba.core.errors import TypingError
 from numba.extending import NativeValue, intrinsic, models, overload, register_model, typeof_impl, unbox
 
+from ._dispatch import SmallCalls
 from ._threads import DEFAULT_THREADS, finish_item, item_to_try, share_items, take_item, threads_for
 
 # --------------------------------------------------------------------------------------------------------------
@@ -166,9 +167,10 @@ def matmul_u8s8_acc32(x_u8: np.ndarray, w: np.ndarray | PackedWeightS8, *,
                       saturate_int16_pairs: bool = False, kernel: str | None = None) -> np.ndarray:
     """(M, K) uint8 x (N, K) int8 weight (raw or packed) -> (M, N) int32 accumulators (eq. M1, or M2).
 
-    ``kernel``: ``"auto"`` (the fastest the CPU runs), ``"amx"``, ``"avx512"``, ``"portable"`` or ``"reference"`` (see the
-    module docstring); ``None`` reads the environment variable REFQUANT_MATMUL_KERNEL (unset or empty: ``"auto"``;
-    any other value is a ValueError naming the variable).
+    ``kernel``: ``"auto"`` (the fastest the CPU runs; the reference for a few products below
+    :data:`KERNEL_MIN_MACS`), ``"amx"``, ``"avx512"``, ``"portable"`` or ``"reference"`` (see the module
+    docstring); ``None`` reads the environment variable REFQUANT_MATMUL_KERNEL (unset or empty: ``"auto"``; any
+    other value is a ValueError naming the variable).
     Every kernel returns the same bits.
     """
     if not isinstance(x_u8, np.ndarray) or x_u8.dtype != np.uint8:
@@ -183,7 +185,7 @@ def matmul_u8s8_acc32(x_u8: np.ndarray, w: np.ndarray | PackedWeightS8, *,
     N, K = w.shape
     if x_u8.shape[1] != K:
         raise ValueError(f"x_u8 has K = {x_u8.shape[1]} columns but the weight has K = {K} (shape {w.shape})")
-    chosen = kernel_for(saturate_int16_pairs=saturate_int16_pairs, kernel=kernel)
+    chosen = kernel_for(saturate_int16_pairs=saturate_int16_pairs, kernel=kernel, macs=x_u8.shape[0] * K * N)
     if chosen == "reference":
         w_i8 = w.w_i8 if isinstance(w, PackedWeightS8) else w
         if saturate_int16_pairs:
@@ -193,11 +195,21 @@ def matmul_u8s8_acc32(x_u8: np.ndarray, w: np.ndarray | PackedWeightS8, *,
     return _matmul_tiled(x_u8, packed, _DOT4[chosen, bool(saturate_int16_pairs)])
 
 
-def kernel_for(*, saturate_int16_pairs: bool = False, kernel: str | None = None) -> str:
+KERNEL_MIN_MACS = 1 << 18
+"""``kernel="auto"`` runs the readable reference for products of fewer multiply-adds (M·K·N) than this (for the
+first refquant._dispatch.SMALL_CALLS such products): it takes at most a millisecond or two there, less than the
+tile kernels take to load from Numba's cache (a first run compiles them, ~4.5 s), so a small study (the default
+crosscheck study: 54 multiply-adds a row) compiles nothing here. The benchmarked shapes (M·K·N >= 2^20) are above
+it. Every kernel gives the same bits."""
+_SMALL_PRODUCTS = SmallCalls(KERNEL_MIN_MACS)
+
+
+def kernel_for(*, saturate_int16_pairs: bool = False, kernel: str | None = None, macs: int | None = None) -> str:
     """The kernel :func:`matmul_u8s8_acc32` runs for these arguments: ``"amx"``, ``"avx512"``, ``"portable"`` or
-    ``"reference"`` (``"auto"`` under NUMBA_DISABLE_JIT=1). ``"auto"`` is ``"amx"`` for eq. M1 where
-    refquant.amx.amx_unavailable_reason() finds nothing missing (CPU, Numba's target, the OS's permission), else
-    ``"avx512"`` where the CPU has the instruction, else ``"portable"``. Raises RuntimeError when ``"amx"`` or
+    ``"reference"``. ``"auto"`` is ``"reference"`` under NUMBA_DISABLE_JIT=1 or for one of the first few products
+    of ``macs`` < :data:`KERNEL_MIN_MACS` multiply-adds (each such question counts); else ``"amx"`` for eq. M1
+    where refquant.amx.amx_unavailable_reason() finds nothing missing (CPU, Numba's target, the OS's permission),
+    else ``"avx512"`` where the CPU has the instruction, else ``"portable"``. Raises RuntimeError when ``"amx"`` or
     ``"avx512"`` is asked for where it cannot run (saying why), or a Numba kernel while the JIT is disabled."""
     if kernel is None:
         kernel = os.environ.get(KERNEL_ENV_VAR) or "auto"  # unset or empty: auto
@@ -213,6 +225,8 @@ def kernel_for(*, saturate_int16_pairs: bool = False, kernel: str | None = None)
         return "reference"
     if kernel in ("portable", "reference"):
         return kernel
+    if kernel == "auto" and macs is not None and _SMALL_PRODUCTS.readable(macs):
+        return "reference"
     if kernel in ("amx", "auto") and not saturate_int16_pairs:
         from refquant.amx import amx_unavailable_reason  # refquant.amx builds on this module's tiles
 

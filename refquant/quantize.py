@@ -46,6 +46,7 @@ from typing import Literal
 import numpy as np
 from numba import njit
 
+from ._dispatch import SmallCalls
 from ._float32 import cvtps2dq, fma_f32, fmaf
 from .dtypes import QDTYPES, check_qdtype, qdtype_of_codes, qdtype_range
 
@@ -218,6 +219,8 @@ def quantize_per_tensor(x: object, scale: object, zero_point: object, dtype: str
     flat_x = np.ascontiguousarray(x_f32).reshape(-1)
     if dtype == "qint32":
         out.reshape(-1)[:] = _quantize_scalar_path(flat_x, inv_f32, np.float32(zp), qmin, qmax)
+    elif rounding == "fbgemm_legacy_fma" and _SMALL_CALLS.readable(flat_x.size):
+        out.reshape(-1)[:] = _quantize_fma_readable(flat_x, inv_f32, np.float32(zp), qmin, qmax)
     elif rounding == "fbgemm_legacy_fma":
         _quantize_fma_kernel(flat_x, inv_f32, np.float32(zp), qmin, qmax, out.reshape(-1))
     elif rounding == "multiply_then_add":
@@ -228,6 +231,14 @@ def quantize_per_tensor(x: object, scale: object, zero_point: object, dtype: str
     else:
         out.reshape(-1)[:] = _quantize_nearbyint_then_add(flat_x, inv_f32, zp, qmin, qmax)
     return out
+
+
+KERNEL_MIN_ELEMENTS = 1 << 16
+"""Eq. Q1 runs as the readable NumPy statements below this many elements (for the first
+refquant._dispatch.SMALL_CALLS such calls), as the Numba kernel otherwise: below it NumPy takes well under a
+millisecond, less than the kernel takes to load from Numba's cache (a first run compiles it, ~0.3 s), so a small
+study compiles nothing here. Both give the same bits (tests/test_quantize.py proves it on both sides)."""
+_SMALL_CALLS = SmallCalls(KERNEL_MIN_ELEMENTS)
 
 
 def _quantize_fma_readable(x_f32: np.ndarray, inv_f32: np.float32, zp_f32: np.float32,

@@ -263,7 +263,7 @@ def test_c_float_path_equals_refquant_linear(driver, rng, qscheme, with_bias):
         n = ql.out_features
         raw = _int32_mix(rng, 250 * n).reshape(250, n)
         expected.append(ql.requantize(raw, readable=True).astype(np.int64).ravel())
-        assert_same(ql.requantize(raw), ql.requantize(raw, readable=True), "refquant kernel")
+        assert_same(ql.requantize(raw, readable=False), ql.requantize(raw, readable=True), "refquant kernel")
         c = np.arange(n) if ql.per_channel else np.zeros(n, int)
         tile = lambda v: np.broadcast_to(v, raw.shape).ravel()   # noqa: E731
         cols["raw"] += _i(raw)

@@ -108,7 +108,7 @@ def test_default_dynamic_study_json_and_an_independent_torch_run():
         warnings.simplefilter("ignore")
         model = torch.nn.Sequential(torch.nn.Linear(3, 3))
         q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-        xs = torch.randn(1000, 1, 2, 3, 3)  # the samples: one chunk (crosscheck.torch_study.sample_chunk_rows)
+        xs = torch.randn(1000, 1, 2, 3, 3)  # the samples: one chunk (crosscheck.study.sample_chunk_rows)
         with torch.no_grad():
             ys = torch.stack([q(xs[i]) for i in range(1000)]).numpy()
     assert f["weight int8 (int_repr)"]["torch"] == q[0].weight().int_repr().tolist()

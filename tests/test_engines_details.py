@@ -13,6 +13,8 @@ import pytest
 import torch
 from numba import njit
 
+import refquant.engines as E
+from refquant._dispatch import SmallCalls
 from parity import assert_same
 from refquant.engines import (
     FBGEMM_BIAS_ADD,
@@ -316,6 +318,29 @@ def test_output_shapes(rng, capfd, engine):
 # Numba kernels == readable NumPy, for every engine; the element functions from another module's kernel
 # ----------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("size", ["below", "at"])
+def test_requantize_dispatch_on_both_sides_of_the_threshold(rng, monkeypatch, size):
+    """requantize(raw) runs the NumPy statements below refquant.engines.KERNEL_MIN_ELEMENTS int32 values and the
+    Numba row kernel from it, for every engine's requantizer; on each side kernel == readable (the path that must
+    not run is made to fail, so each call proves which one ran)."""
+    monkeypatch.setattr(E, "_SMALL_CALLS", SmallCalls(E.KERNEL_MIN_ELEMENTS, max_calls=10**9))  # size alone
+    N = 64
+    M = E.KERNEL_MIN_ELEMENTS // N - (1 if size == "below" else 0)
+    raw = random_raw(rng, M, N)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        for i in range(3):
+            for rq in random_requantizers(rng, N, i):
+                readable = rq.requantize(raw, readable=True)
+                assert_same(rq.requantize(raw, readable=False), readable, f"{type(rq).__name__} kernel, {M}x{N}")
+
+                def must_not_run(*args):
+                    raise AssertionError("the other path ran")
+
+                with monkeypatch.context() as m:
+                    m.setattr(type(rq), "_fast" if size == "below" else "_readable", must_not_run)
+                    assert_same(rq.requantize(raw), readable, f"{type(rq).__name__} dispatch, {M}x{N}")
+
+
 def random_raw(rng, M, N) -> np.ndarray:
     raw = rng.integers(-2**31, 2**31, (M, N), dtype=np.int64)
     raw = np.where(rng.random((M, N)) < 0.5, raw >> rng.integers(0, 31, (M, N)), raw).astype(np.int32)
@@ -359,7 +384,7 @@ def test_kernels_equal_readable_paths(rng, chunk):
             M, N = int(rng.integers(0, 12)), int(rng.integers(1, 40))
             raw = random_raw(rng, M, N)
             for rq in random_requantizers(rng, N, i):
-                assert_same(rq.requantize(raw), rq.requantize(raw, readable=True),
+                assert_same(rq.requantize(raw, readable=False), rq.requantize(raw, readable=True),
                             f"{type(rq).__name__} kernel vs readable, case {i}")
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import refquant.matmul as mm
+from refquant._dispatch import SmallCalls
 from refquant.engines import ENGINES, ONEDNN_KERNELS
 from refquant.fixed_point import VARIANTS
 from refquant.fused_linear import fused_kernel_serves, linear_fused, zero_point_corrected
@@ -16,6 +17,13 @@ from refquant.linear import QuantizedLinear
 from refquant.matmul import KERNEL_ENV_VAR
 
 from tests.parity import assert_same
+
+
+@pytest.fixture(autouse=True)
+def fused_at_every_size(monkeypatch):
+    """The fused kernel at every shape here, also below refquant.matmul.KERNEL_MIN_MACS, where QuantizedLinear's
+    call runs the NumPy stages instead (that dispatch: tests/test_linear.py)."""
+    monkeypatch.setattr(mm, "_SMALL_PRODUCTS", SmallCalls(0))
 
 
 def random_problem(rng, engine: str, M: int, K: int, N: int, i: int, **options):

@@ -10,6 +10,7 @@ import torch
 from torch.ao.quantization.observer import HistogramObserver as TorchHistogramObserver
 
 from parity import assert_same
+from refquant._dispatch import SMALL_CALLS
 from refquant.histogram import SEARCH_TRACE_DTYPE, HistogramObserver
 
 f32 = np.float32
@@ -207,7 +208,8 @@ def test_numba_and_numpy_paths_agree_on_everything(rng):
     """Same histogram, range, chosen bins, search trace and qparams from both implementations."""
     for i in range(15):
         kwargs = dict(bins=int(rng.choice([2048, 100, 7])), reduce_range=bool(rng.random() < 0.5))
-        fast, readable = HistogramObserver(**kwargs), HistogramObserver(**kwargs, implementation="numpy")
+        fast = HistogramObserver(**kwargs, implementation="numba")
+        readable = HistogramObserver(**kwargs, implementation="numpy")
         for _ in range(int(rng.integers(1, 5))):
             x = (rng.standard_normal(int(rng.integers(1, 3000))) * rng.choice([0.5, 1, 3])).astype(f32)
             fast(x)
@@ -218,6 +220,73 @@ def test_numba_and_numpy_paths_agree_on_everything(rng):
         assert (fast.start_bin, fast.end_bin) == (readable.start_bin, readable.end_bin)
         for field in SEARCH_TRACE_DTYPE.names:
             assert_same(fast.search_trace[field], readable.search_trace[field], f"set {i}: trace {field}")
+
+
+def assert_same_observers(a: HistogramObserver, b: HistogramObserver, what: str) -> None:
+    """Same histogram, range, chosen bins, search trace and qparams."""
+    assert_same(a.histogram, b.histogram, f"{what}: histogram")
+    assert_same(f32([a.min_val, a.max_val]), f32([b.min_val, b.max_val]), f"{what}: range")
+    for x, y in zip(a.calculate_qparams(), b.calculate_qparams()):
+        assert_same(x, y, f"{what}: qparams")
+    assert (a.start_bin, a.end_bin) == (b.start_bin, b.end_bin), what
+    for field in SEARCH_TRACE_DTYPE.names:
+        assert_same(a.search_trace[field], b.search_trace[field], f"{what}: trace {field}")
+
+
+def test_auto_runs_numpy_below_the_threshold_and_the_kernels_from_it(rng, monkeypatch):
+    """implementation="auto" (the default): the readable path for batches below H.KERNEL_MIN_ELEMENTS (the kernels
+    made to fail, so nothing but NumPy ran), the kernels from the first batch of that size on (the readable forward
+    made to fail) or after refquant._dispatch.SMALL_CALLS batches; on both sides the same bits as
+    implementation="numba" and "numpy" fed the same batches."""
+    import refquant.histogram as H
+
+    n = H.KERNEL_MIN_ELEMENTS
+    small = [(rng.standard_normal(n - 1) * f32(s)).astype(f32) for s in (1.0, 2.0, 2.0)]
+    big = [(rng.standard_normal(n) * f32(s)).astype(f32) for s in (3.0, 1.0)]
+    later_small = [(rng.standard_normal(1000) * f32(s)).astype(f32) for s in (4.0, 0.5)]
+    auto = HistogramObserver(reduce_range=True)
+    kernels = HistogramObserver(reduce_range=True, implementation="numba")
+    readable = HistogramObserver(reduce_range=True, implementation="numpy")
+    assert auto.implementation == "auto" and not auto.uses_kernels
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the other path ran")
+
+    with monkeypatch.context() as m:
+        for name in ("_forward_numba", "_upscale_histogram_kernel", "_non_linear_param_search_kernel",
+                     "_compute_quantization_error_kernel", "_sum_f32_kernel"):
+            target = HistogramObserver if name == "_forward_numba" else H
+            m.setattr(target, name, must_not_run)
+        for x in small:
+            auto(x)
+        assert not auto.uses_kernels
+        readable_only = HistogramObserver(reduce_range=True, implementation="numpy")
+        for x in small:
+            readable_only(x)
+        assert_same_observers(auto, readable_only, "below the threshold, vs numpy")
+    for x in small:
+        kernels(x)
+        readable(x)
+    assert_same_observers(auto, kernels, "below the threshold, vs numba")
+    with monkeypatch.context() as m:
+        m.setattr(auto, "_forward_numpy", must_not_run)
+        for x in big + later_small:
+            auto(x)
+            kernels(x)
+            readable(x)
+            assert auto.uses_kernels
+    assert_same_observers(auto, kernels, "from the threshold, vs numba")
+    assert_same_observers(auto, readable, "from the threshold, vs numpy")
+    many = HistogramObserver()  # more than SMALL_CALLS small batches: the kernels from then on, the same bits
+    kernels_many = HistogramObserver(implementation="numba")
+    for i in range(SMALL_CALLS + 3):
+        x = (rng.standard_normal(50) * f32(1 + i / 8)).astype(f32)
+        many(x)
+        kernels_many(x)
+        assert many.uses_kernels == (i >= SMALL_CALLS), i
+    assert_same_observers(many, kernels_many, "after SMALL_CALLS small batches, vs numba")
+    assert HistogramObserver(bins=H.KERNEL_MIN_ELEMENTS // 16).uses_kernels  # re-binning writes bins * 16 points
+    assert not HistogramObserver(bins=H.KERNEL_MIN_ELEMENTS // 16 - 1).uses_kernels
 
 
 @pytest.mark.parametrize("num_threads", [1, 2, 4])

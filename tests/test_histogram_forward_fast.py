@@ -181,7 +181,7 @@ def test_nan_anywhere_raises_and_changes_nothing(rng, n):
     """NaN at random places of first and later batches, with and without ±inf, also all-NaN and NaN + inf only;
     big batches go through the threaded path. Torch raises on every one of these (see test_histogram.py)."""
     for case in range(12):
-        obs = HistogramObserver()
+        obs = HistogramObserver(implementation="numba")
         if case % 2:
             obs(rng.standard_normal(1000).astype(f32) * f32(rng.choice([0.5, 4.0])))
         if case % 3 == 2:
@@ -207,10 +207,10 @@ def test_nan_anywhere_raises_and_changes_nothing(rng, n):
 
 def test_nan_with_an_overflowing_range_is_found_and_none_is_not_invented():
     """With hi - lo = inf histc skips every value, so the skip count cannot tell NaN: np.isnan decides."""
-    obs = HistogramObserver()
+    obs = HistogramObserver(implementation="numba")
     with pytest.raises(ValueError, match="contains NaN"):
         obs(f32([-3e38, 3e38, np.nan]))
-    ours, theirs = HistogramObserver(), TorchHistogramObserver()
+    ours, theirs = HistogramObserver(implementation="numba"), TorchHistogramObserver()
     x = f32([-3e38, 3e38, 1.0])
     ours(x)
     theirs(torch.from_numpy(x))
@@ -221,7 +221,8 @@ def test_nan_with_an_overflowing_range_is_found_and_none_is_not_invented():
 def test_observer_thread_split_changes_no_bit(rng, num_threads):
     """Growing, shrinking and repeated ranges (the one-pass shortcut), ±inf elements, big and small batches."""
     sizes = [H.PARALLEL_MIN_ELEMENTS + 5, 4000, 3 * H._CHUNK + 17, H.PARALLEL_MIN_ELEMENTS + 5]
-    one, shared = HistogramObserver(num_threads=1), HistogramObserver(num_threads=num_threads)
+    one = HistogramObserver(implementation="numba", num_threads=1)
+    shared = HistogramObserver(implementation="numba", num_threads=num_threads)
     for i, n in enumerate(sizes * 2):
         x = rng.standard_normal(n).astype(f32) * f32(rng.choice([0.5, 1.0, 1.5]))
         if i in (2, 3, 4, 6):
@@ -240,7 +241,8 @@ def test_observer_thread_split_changes_no_bit(rng, num_threads):
 
 def test_big_batches_match_torch(rng):
     """The threaded path against torch itself: growing, then repeated ranges, a batch with ±inf."""
-    ours, theirs = HistogramObserver(reduce_range=True), TorchHistogramObserver(reduce_range=True)
+    ours = HistogramObserver(reduce_range=True, implementation="numba")
+    theirs = TorchHistogramObserver(reduce_range=True)
     n = H.PARALLEL_MIN_ELEMENTS + 3 * H._CHUNK + 1
     for i, scale in enumerate([1.0, 1.3, 1.3, 0.7, 2.0]):
         x = rng.standard_normal(n).astype(f32) * f32(scale)
@@ -268,7 +270,7 @@ def test_sign_of_a_zero_min_changes_nothing(rng):
     later = (rng.standard_normal(5000) * 3).astype(f32)  # grows the range: the old histogram is upscaled
     results = []
     for min_sign in (f32(-0.0), f32(0.0)):
-        obs = HistogramObserver()
+        obs = HistogramObserver(implementation="numba")
         obs(x)
         obs.min_val = min_sign  # as if aminmax had returned this zero
         results.append((obs.histogram.copy(), obs.calculate_qparams()))
@@ -307,7 +309,7 @@ def test_plain_python_kernels_give_the_same_bits(rng):
         "from refquant.histogram import HistogramObserver\n"
         "warnings.simplefilter('ignore')\n"
         "data = np.load(sys.argv[1])\n"
-        "obs = HistogramObserver(reduce_range=True)\n"
+        "obs = HistogramObserver(reduce_range=True, implementation='numba')\n"
         "for k in sorted(data):\n"
         "    obs(data[k])\n"
         "scale, zero_point = obs.calculate_qparams()\n"
@@ -328,7 +330,7 @@ def test_plain_python_kernels_give_the_same_bits(rng):
         assert done.returncode == 0, done.stderr
         assert "NaN raised" in done.stdout
         plain = np.load(out)
-    obs = HistogramObserver(reduce_range=True)
+    obs = HistogramObserver(reduce_range=True, implementation="numba")
     for b in batches:
         with inf_warning(bool(np.isinf(b).any())):
             obs(b)
@@ -339,7 +341,7 @@ def test_plain_python_kernels_give_the_same_bits(rng):
 def test_one_pass_shortcut_after_two_unchanged_ranges(rng, monkeypatch):
     """Once two batches in a row left the range unchanged, a batch inside the range is counted in one pass (no
     aminmax) with the same bits as torch; a batch outside it then takes the two passes."""
-    ours, theirs = HistogramObserver(), TorchHistogramObserver()
+    ours, theirs = HistogramObserver(implementation="numba"), TorchHistogramObserver()
     batches = [rng.standard_normal(H.PARALLEL_MIN_ELEMENTS + 9).astype(f32) * f32(s) for s in (4, 1, 1, 1, 1, 5)]
     aminmax_calls = []
     real_aminmax = H._aminmax_fast
@@ -355,7 +357,7 @@ def test_one_pass_shortcut_after_two_unchanged_ranges(rng, monkeypatch):
 def test_kernels_are_compiled_for_float32_only(rng):
     """A float32 value that comes back from a Numba call is a Python float (float64); passed on unconverted, it
     would compile a float64 version of a kernel, whose arithmetic gives other bins. None exists after all paths ran."""
-    obs = HistogramObserver()
+    obs = HistogramObserver(implementation="numba")
     for n, scale in ((1000, 1.0), (H.PARALLEL_MIN_ELEMENTS + 1, 2.0), (1000, 0.5), (1000, 0.5), (1000, 0.5)):
         obs(rng.standard_normal(n).astype(f32) * f32(scale))
     H._histc_fast(rng.standard_normal(5000).astype(f32), 100, 0.25, 1.5, num_threads=2)  # Python floats in
@@ -370,13 +372,13 @@ def test_a_forked_child_counts_big_batches_too(rng):
     """The parent's pool threads do not exist in a forked child: the child starts its own (and gets the same
     bits). Before the pool is reset on fork, tasks would pile up unserved in the child's queue."""
     x = rng.standard_normal(H.PARALLEL_MIN_ELEMENTS + 7).astype(f32)
-    parent = HistogramObserver()
+    parent = HistogramObserver(implementation="numba")
     parent(x)  # the pool is running in the parent now
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report the histogram's bytes and how many tasks wait unserved, then leave at once
         try:
-            child = HistogramObserver()
+            child = HistogramObserver(implementation="numba")
             child(x)
             child(x * f32(2))
             for _ in range(300):  # a late pool thread finds its chunks taken and returns at once

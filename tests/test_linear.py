@@ -35,6 +35,7 @@ from torch.ao.quantization.observer import PerChannelMinMaxObserver as TorchPerC
 
 from crosscheck.isa import saturate_int16_pairs, torch_fbgemm_kernel_family
 from parity import assert_same
+from refquant._dispatch import SmallCalls
 from refquant.linear import (
     WEIGHT_QSCHEMES,
     QuantizedLinear,
@@ -732,6 +733,49 @@ def test_overflow_check():
 # ----------------------------------------------------------------------------------------------------------------
 # Numba kernel == readable NumPy
 # ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("side", ["below", "at"])
+def test_small_products_run_numpy_and_large_ones_the_kernels(rng, monkeypatch, side):
+    """Below refquant.matmul.KERNEL_MIN_MACS multiply-adds (M·K·N) matmul_u8s8_acc32's "auto" runs the NumPy
+    reference and QuantizedLinear's call the two stages (for the first refquant._dispatch.SMALL_CALLS products);
+    from it, or after them, the tile kernel and the fused call. On both sides
+    the same bits as the reference product and the readable stages (the path that must not run is made to fail)."""
+    import refquant.linear as L
+    import refquant.matmul as mm
+
+    monkeypatch.delenv(mm.KERNEL_ENV_VAR, raising=False)
+    monkeypatch.setattr(mm, "_SMALL_PRODUCTS", SmallCalls(mm.KERNEL_MIN_MACS))  # no small product made yet
+    K = N = 64
+    M = mm.KERNEL_MIN_MACS // (K * N) - (1 if side == "below" else 0)
+    x_u8 = rng.integers(0, 256, (M, K), dtype=np.uint8)
+    w_i8 = rng.integers(-128, 128, (N, K), dtype=np.int8)
+    ql = QuantizedLinear.from_quantized(w_i8, rng.uniform(0.5, 2.0, N) / 2048, rng.integers(-5, 6, N),
+                                        rng.standard_normal(N).astype(np.float32), 0.02, 128, 0.05, 100)
+    expected_acc = mm.matmul_u8s8_acc32_ref(x_u8, w_i8)
+    expected_y = ql.requantize(ql.accumulate(x_u8), readable=True)
+    for kernel in ("avx512", "portable") if mm._cpu_has("avx512vnni") else ("portable",):
+        assert_same(mm.matmul_u8s8_acc32(x_u8, w_i8, kernel=kernel), expected_acc, f"{kernel} kernel, M = {M}")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the other path ran")
+
+    if side == "below":
+        monkeypatch.setattr(mm, "_matmul_tiled", must_not_run)
+        monkeypatch.setattr(L.FusedLinear, "__call__", must_not_run)
+    else:
+        monkeypatch.setattr(mm, "matmul_u8s8_acc32_ref", must_not_run)
+        monkeypatch.setattr(L.QuantizedLinear, "accumulate", must_not_run)
+    assert_same(mm.matmul_u8s8_acc32(x_u8, w_i8), expected_acc, f"auto dispatch, M = {M}")
+    assert_same(ql(x_u8), expected_y, f"QuantizedLinear's call, M = {M}")
+    if side == "below":  # after SMALL_CALLS small products, the kernels: the tiles, and the fused call
+        monkeypatch.undo()
+        monkeypatch.delenv(mm.KERNEL_ENV_VAR, raising=False)
+        monkeypatch.setattr(mm, "_SMALL_PRODUCTS", SmallCalls(mm.KERNEL_MIN_MACS, max_calls=0))
+        monkeypatch.setattr(mm, "matmul_u8s8_acc32_ref", must_not_run)
+        monkeypatch.setattr(L.QuantizedLinear, "accumulate", must_not_run)
+        assert_same(mm.matmul_u8s8_acc32(x_u8, w_i8), expected_acc, f"auto after SMALL_CALLS, M = {M}")
+        assert_same(ql(x_u8), expected_y, f"QuantizedLinear's call after SMALL_CALLS, M = {M}")
+
 
 @pytest.mark.parametrize("chunk", range(6))
 def test_requantize_kernel_equals_readable(rng, chunk):

@@ -10,6 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import refquant.quantize as Q
+from refquant._dispatch import SMALL_CALLS, SmallCalls
 from parity import assert_same
 from refquant._float32 import cvtps2dq, fmaf
 from refquant.quantize import (
@@ -279,6 +281,35 @@ def test_fma_kernel_equals_readable_path(rng):
             out = np.empty(x.size, np.uint8 if dtype == "quint8" else np.int8)
             _quantize_fma_kernel(x, inv, zp, qmin, qmax, out)
             assert_same(out, _quantize_fma_readable(x, inv, zp, qmin, qmax).astype(out.dtype), "kernel vs readable")
+
+
+@pytest.mark.parametrize("n", [Q.KERNEL_MIN_ELEMENTS - 1, Q.KERNEL_MIN_ELEMENTS])
+def test_quantize_runs_readable_below_the_threshold_and_the_kernel_from_it(rng, monkeypatch, n):
+    """quantize_per_tensor takes eq. Q1's readable statements below KERNEL_MIN_ELEMENTS elements (for the first
+    refquant._dispatch.SMALL_CALLS calls) and the kernel otherwise; on each side the two give the same bits (the
+    other path is made to fail, so each call proves its path)."""
+    kinds = np.concatenate([float_samples(rng, k, (4000,), 0.05).ravel() for k in KINDS])
+    x = np.resize(rng.permutation(kinds.ravel()), n).astype(np.float32)
+    scale, zp = float(10.0 ** rng.uniform(-3, 0)), int(rng.integers(0, 256))
+    inv = np.float32(1) / np.float32(scale)
+    expected = _quantize_fma_readable(x, inv, np.float32(zp), 0, 255).astype(np.uint8)
+    kernel_out = np.empty(n, np.uint8)
+    _quantize_fma_kernel(x, inv, np.float32(zp), 0, 255, kernel_out)
+    assert_same(kernel_out, expected, f"kernel vs readable at {n} elements")
+
+    def must_not_run(*args):
+        raise AssertionError("the other path ran")
+
+    monkeypatch.setattr(Q, "_SMALL_CALLS", SmallCalls(Q.KERNEL_MIN_ELEMENTS))  # no small call made yet
+    with monkeypatch.context() as m:
+        other_path = "_quantize_fma_readable" if n >= Q.KERNEL_MIN_ELEMENTS else "_quantize_fma_kernel"
+        m.setattr(Q, other_path, must_not_run)
+        assert_same(quantize_per_tensor(x, scale, zp, "quint8"), expected, f"dispatch at {n} elements")
+    if n < Q.KERNEL_MIN_ELEMENTS:  # after SMALL_CALLS small calls, the kernel
+        for _ in range(SMALL_CALLS - 1):
+            quantize_per_tensor(x[:10], scale, zp, "quint8")
+        monkeypatch.setattr(Q, "_quantize_fma_readable", must_not_run)
+        assert_same(quantize_per_tensor(x, scale, zp, "quint8"), expected, "the kernel after SMALL_CALLS calls")
 
 
 # ----------------------------------------------------------------------------------------------------------
