@@ -61,6 +61,7 @@ and torch/ao/nn/quantized/dynamic/modules/linear.py (Linear.forward, from_float)
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -69,12 +70,13 @@ import numpy as np
 from numba import njit
 
 from refquant._float32 import fma_f32, fmaf
+from refquant._threads import DEFAULT_THREADS, finish_item, item_to_try, share_items, take_item, threads_for
 from refquant.fused_linear import FusedLinear, register_epilogue
 from refquant.linear import accumulate_raw
-from refquant.matmul import PackedWeightS8, kernel_for, pack_weight_s8
+from refquant.matmul import K_GROUP, PackedWeightS8, kernel_for, pack_weight_s8
 from refquant.observers import MinMaxObserver, PerChannelMinMaxObserver
-from refquant.quantize import (_quantize_fma_readable, _quantize_mul_add_readable, quantize_per_channel,
-                               quantize_per_tensor)
+from refquant.quantize import (_quantize_fma_readable, _quantize_mul_add_readable, quantize_padded_rows,
+                               quantize_per_channel, quantize_per_tensor)
 
 ENGINES = ("fbgemm", "x86", "qnnpack", "onednn")
 """The quantized engines ``torch.backends.quantized.engine`` can name (torch's x86 runs fbgemm for Linear)."""
@@ -108,40 +110,86 @@ def find_min_max_readable(x_f32: np.ndarray) -> tuple[np.float32, np.float32, bo
     return np.float32(x_f32.min()), np.float32(x_f32.max()), bool(np.isfinite(x_f32).all())
 
 
-@njit(cache=True)
-def _min_max_kernel(x_i32):
-    """Eq. DQ1 in one pass over the float32 bits (an int32 view): floats map to int32 keys that sort like the floats
-    (k = b ^ ((b >> 31) & 0x7fffffff)), so the min/max are integer reductions LLVM vectorizes; a float is non-finite
-    iff its exponent bits are all ones. Returns (min_key, max_key, n_nonfinite); needs size >= 1."""
+@njit(cache=True, inline="always")
+def float32_sort_key(b_i32):
+    """The int32 key of a float32 with bits ``b_i32`` (an int32): k = b ^ ((b >> 31) & 0x7fffffff). Keys sort as the
+    floats do (−0 just below +0; NaNs beyond ±inf), and the map is its own inverse."""
+    return np.int32(b_i32 ^ np.int32((b_i32 >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+
+
+@njit(cache=True, nogil=True)
+def _min_max_keys_kernel(x_i32):
+    """Eq. DQ1 over the float32 bits ``x_i32`` (an int32 view, size >= 1): (min key, max key, max |bits|).
+
+    The min/max are integer reductions of :func:`float32_sort_key` that LLVM vectorizes (8 lanes; a float32
+    min/max reduction does not vectorize without fast-math). A float is non-finite iff its bits without the sign
+    are >= 0x7f800000 (all exponent bits set), so the third value says whether every element is finite."""
     lo = np.int32(2147483647)
     hi = np.int32(-2147483648)
-    bad = np.int32(0)
+    max_abs_bits = np.int32(0)
     for i in range(x_i32.size):
         b = x_i32[i]
-        k = b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF))
+        k = float32_sort_key(b)
         lo = min(lo, k)
         hi = max(hi, k)
-        bad += np.int32((b & np.int32(0x7F800000)) == np.int32(0x7F800000))
-    return lo, hi, bad
+        max_abs_bits = max(max_abs_bits, np.int32(b & np.int32(0x7FFFFFFF)))
+    return lo, hi, max_abs_bits
 
 
-def _key_to_float32(key: np.int32) -> np.float32:
-    """Inverse of the key map in :func:`_min_max_kernel` (it is its own inverse)."""
-    k = np.int32(key)
-    return np.array([k ^ ((k >> np.int32(31)) & np.int32(0x7FFFFFFF))], np.int32).view(np.float32)[0]
+MIN_MAX_CHUNK = 1 << 15
+"""Elements per item when the pool shares the min/max pass (128 KB of float32)."""
+
+MIN_MAX_PARALLEL_MIN_SIZE = 1 << 19
+"""Below this many elements (~80 us on one core) one thread does the min/max: a hand-off to the pool costs ~10-40 us."""
+
+
+@njit(cache=True, nogil=True)
+def _min_max_chunks_shared(claims_i64, thread, threads, x_i32, keys_i32):
+    """The pool's version (refquant._threads.share_items): chunk c of MIN_MAX_CHUNK elements -> keys_i32[c] =
+    (min key, max key, max |bits|) of :func:`_min_max_keys_kernel`; the caller reduces the chunks' keys."""
+    n_chunks = claims_i64.shape[0] - 1
+    for j in range(n_chunks):
+        c = item_to_try(j, n_chunks, thread, threads)
+        if take_item(claims_i64, c):
+            lo, hi, max_abs_bits = _min_max_keys_kernel(x_i32[c * MIN_MAX_CHUNK:(c + 1) * MIN_MAX_CHUNK])
+            keys_i32[c, 0] = lo
+            keys_i32[c, 1] = hi
+            keys_i32[c, 2] = max_abs_bits
+            finish_item(claims_i64)
+
+
+def _key_to_float32(key) -> np.float32:
+    """Inverse of :func:`float32_sort_key` (it is its own inverse), on the host."""
+    k = int(key) & 0xFFFFFFFF
+    if k & 0x80000000:
+        k ^= 0x7FFFFFFF
+    return np.uint32(k).view(np.float32)
 
 
 def find_min_max(x_f32: np.ndarray) -> tuple[np.float32, np.float32, bool]:
-    """:func:`find_min_max_readable` in one Numba pass (same values; ``x_f32`` C-contiguous float32)."""
+    """:func:`find_min_max_readable` in one Numba pass (same values; ``x_f32`` C-contiguous float32), shared by
+    the cores (refquant._threads) from MIN_MAX_PARALLEL_MIN_SIZE elements on: a min and a max do not depend on
+    the order in which the chunks are reduced."""
     if x_f32.size == 0:
         return np.float32(0), np.float32(0), True
-    lo, hi, bad = _min_max_kernel(x_f32.reshape(-1).view(np.int32))
-    return _key_to_float32(lo), _key_to_float32(hi), bool(bad == 0)
+    x_i32 = x_f32.reshape(-1).view(np.int32)
+    n_chunks = -(-x_i32.size // MIN_MAX_CHUNK)
+    threads = threads_for(n_chunks, DEFAULT_THREADS) if x_i32.size >= MIN_MAX_PARALLEL_MIN_SIZE else 1
+    if threads == 1:
+        lo, hi, max_abs_bits = _min_max_keys_kernel(x_i32)
+    else:
+        keys_i32 = np.empty((n_chunks, 3), np.int32)
+        share_items(_min_max_chunks_shared, n_chunks, [(x_i32, keys_i32)] * threads)
+        lo, hi, max_abs_bits = keys_i32[:, 0].min(), keys_i32[:, 1].max(), keys_i32[:, 2].max()
+    return _key_to_float32(lo), _key_to_float32(hi), bool(max_abs_bits < 0x7F800000)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # eq. DQ2: from the range to (scale, zero_point) — torch's quant_utils::ChooseQuantizationParams
 # ----------------------------------------------------------------------------------------------------------------
+
+_RECIPROCAL_MAY_OVERFLOW = np.float32(1e-37)  # f32(1/s) <= 1e37 < FLT_MAX for every float32 s >= 1e-37
+
 
 def choose_quantization_params(x_min: float, x_max: float, qmin: int = 0, qmax: int = 255,
                                reduce_range: bool = False) -> tuple[float, int]:
@@ -171,7 +219,7 @@ def choose_quantization_params(x_min: float, x_max: float, qmin: int = 0, qmax: 
     """
     mn = np.float32(x_min)
     mx = np.float32(x_max)
-    if not (np.isfinite(mn) and np.isfinite(mx)):
+    if not (math.isfinite(mn) and math.isfinite(mx)):
         raise ValueError(f"x_min and x_max must be finite, got {mn!r}, {mx!r}")
     if not mn <= mx:
         raise ValueError(f"x_min must be <= x_max (torch: 'In ChooseQuantizationParams, min should be less than or "
@@ -185,10 +233,11 @@ def choose_quantization_params(x_min: float, x_max: float, qmin: int = 0, qmax: 
     mn = min(mn, zero)
     mx = max(mx, zero)
     scale = (float(mx) - float(mn)) / (qmax - qmin)                        # double
-    with np.errstate(divide="ignore", over="ignore"):
-        scale_f32 = np.float32(scale)
-        if scale_f32 == 0 or np.isinf(np.float32(1) / scale_f32):
-            scale = 0.1
+    scale_f32 = np.float32(scale)
+    if scale_f32 < _RECIPROCAL_MAY_OVERFLOW:                                # 1/f32(scale) is finite above it
+        with np.errstate(divide="ignore", over="ignore"):
+            if scale_f32 == 0 or np.isinf(np.float32(1) / scale_f32):
+                scale = 0.1
     if scale < float(SMALL_SCALE_THRESHOLD):
         org_scale_f32 = np.float32(scale)
         scale = float(SMALL_SCALE_THRESHOLD)
@@ -577,6 +626,9 @@ class DynamicQuantizedLinear:
         self._weight_zero_points_n = np.ascontiguousarray(np.broadcast_to(self.weight_zero_points, (N,)))
         self._packed_weight: PackedWeightS8 = pack_weight_s8(self.weight_int8)
         self._fused = None  # refquant.fused_linear.FusedLinear, made at the first call
+        self._bias_or_zeros = None  # the bias, or N zeros: float_output_constants' fourth entry, made once
+        # x's rows as the product's tiles read them: whole groups of K_GROUP bytes (refquant.matmul.padded_rows)
+        self._lda = self._packed_weight.panels_i8.shape[1] * K_GROUP
 
         # reduce_range and the scales as the engine uses them
         if self.engine == "qnnpack":
@@ -704,9 +756,13 @@ class DynamicQuantizedLinear:
         }
 
     def _quantized_input(self, x: np.ndarray, readable: bool) -> dict[str, object]:
-        """Eqs. DQ1-DQ3 of :meth:`stages`: the checked input, its range, qparams and uint8 codes (M, K)."""
+        """Eqs. DQ1-DQ3 of :meth:`stages`: the checked input, its range, qparams and uint8 codes (M, K).
+
+        The fast path (``readable=False``) quantizes into the padded rows the product's tiles read
+        (refquant.quantize.quantize_padded_rows, as fbgemm's PackAWithQuantRowOffset: codes, row sums and zero
+        padding in one pass): ``x2d_u8`` is a view of ``x_padded_u8`` (M, lda), ``row_sums`` = Σ_k q_x[m, k]."""
         x = _check_input(x, self.in_features)
-        K, N = self.in_features, self.out_features
+        K = self.in_features
         lead_shape = x.shape[:-1]
         x2d_f32 = x.reshape(-1, K)
         M = x2d_f32.shape[0]
@@ -724,15 +780,19 @@ class DynamicQuantizedLinear:
         else:
             s_x_f32 = np.float32(input_scale)
             rounding = "fbgemm_legacy_fma"
+        inv_f32 = np.float32(1) / s_x_f32                                   # eq. Q0: s_x_f32 is finite and > 0
+        zp_f32 = np.float32(input_zero_point)
         if readable:
-            inv_f32 = np.float32(1) / s_x_f32
             quantize = _quantize_mul_add_readable if rounding == "multiply_then_add" else _quantize_fma_readable
-            x2d_u8 = quantize(x2d_f32, inv_f32, np.float32(input_zero_point), 0, 255).astype(np.uint8)
+            x2d_u8 = quantize(x2d_f32, inv_f32, zp_f32, 0, 255).astype(np.uint8)
+            x_padded_u8 = row_sums_i32 = None
         else:
-            x2d_u8 = quantize_per_tensor(x2d_f32, s_x_f32, input_zero_point, "quint8", rounding=rounding)
+            x_padded_u8, row_sums_i32 = quantize_padded_rows(x2d_f32, inv_f32, zp_f32, self._lda, rounding)
+            x2d_u8 = x_padded_u8[:, :K]
 
         return {"x": x, "lead_shape": lead_shape, "M": M, "x_min": x_min, "x_max": x_max, "input_scale": input_scale,
-                "input_zero_point": input_zero_point, "input_scale_used": s_x_f32, "x2d_u8": x2d_u8}
+                "input_zero_point": input_zero_point, "input_scale_used": s_x_f32, "x2d_u8": x2d_u8,
+                "x_padded_u8": x_padded_u8, "row_sums": row_sums_i32}
 
     def _formula(self, M: int) -> str:
         """Which of eqs. DQ5a-d this call's output uses."""
@@ -758,13 +818,21 @@ class DynamicQuantizedLinear:
         if self._fused is None:
             self._fused = FusedLinear(self._packed_weight, self.col_offsets, self._weight_zero_points_n)
         formula = self._formula(M)
-        constants = float_output_constants(q["input_scale_used"], self.weight_scales_used, self.bias)
-        y2d_f32 = self._fused(q["x2d_u8"], q["input_zero_point"], f"dynamic_{formula}", constants,
-                              out_dtype=np.float32, saturate_int16_pairs=saturate)
+        constants = self._output_constants(q["input_scale_used"])
+        y2d_f32 = self._fused(q["x_padded_u8"], q["input_zero_point"], f"dynamic_{formula}", constants,
+                              out_dtype=np.float32, saturate_int16_pairs=saturate, row_offsets_i32=q["row_sums"])
         output_shape = q["lead_shape"] + (N,)
         if self.engine == "onednn" and M == 0:
             output_shape = (0, N)   # as in stages()
         return y2d_f32.reshape(output_shape)
+
+    def _output_constants(self, s_x_f32: np.float32) -> tuple:
+        """:func:`float_output_constants` of this call: only f32(s_x·s_w) changes from call to call."""
+        if self._bias_or_zeros is None:
+            self._bias_or_zeros = float_output_constants(s_x_f32, self.weight_scales_used, self.bias)[3]
+        with np.errstate(over="ignore", under="ignore"):
+            mult_f32 = np.multiply(s_x_f32, self.weight_scales_used, dtype=np.float32)     # f32(s_x·s_w)
+        return s_x_f32, self.weight_scales_used, mult_f32, self._bias_or_zeros, self.bias is not None
 
     def __repr__(self) -> str:
         extra = f", onednn_kernel={self.onednn_kernel!r}" if self.engine == "onednn" else ""
