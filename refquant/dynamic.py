@@ -144,14 +144,14 @@ MIN_MAX_PARALLEL_MIN_SIZE = 1 << 19
 
 
 @njit(cache=True, nogil=True)
-def _min_max_chunks_shared(claims_i64, thread, threads, x_i32, keys_i32):
-    """The pool's version (refquant._threads.share_items): chunk c of MIN_MAX_CHUNK elements -> keys_i32[c] =
+def _min_max_chunks_shared(claims_i64, thread, threads, x_i32, chunk, keys_i32):
+    """The pool's version (refquant._threads.share_items): chunk c (``chunk`` elements) -> keys_i32[c] =
     (min key, max key, max |bits|) of :func:`_min_max_keys_kernel`; the caller reduces the chunks' keys."""
     n_chunks = claims_i64.shape[0] - 1
     for j in range(n_chunks):
         c = item_to_try(j, n_chunks, thread, threads)
         if take_item(claims_i64, c):
-            lo, hi, max_abs_bits = _min_max_keys_kernel(x_i32[c * MIN_MAX_CHUNK:(c + 1) * MIN_MAX_CHUNK])
+            lo, hi, max_abs_bits = _min_max_keys_kernel(x_i32[c * chunk:(c + 1) * chunk])
             keys_i32[c, 0] = lo
             keys_i32[c, 1] = hi
             keys_i32[c, 2] = max_abs_bits
@@ -179,7 +179,7 @@ def find_min_max(x_f32: np.ndarray) -> tuple[np.float32, np.float32, bool]:
         lo, hi, max_abs_bits = _min_max_keys_kernel(x_i32)
     else:
         keys_i32 = np.empty((n_chunks, 3), np.int32)
-        share_items(_min_max_chunks_shared, n_chunks, [(x_i32, keys_i32)] * threads)
+        share_items(_min_max_chunks_shared, n_chunks, [(x_i32, MIN_MAX_CHUNK, keys_i32)] * threads)
         lo, hi, max_abs_bits = keys_i32[:, 0].min(), keys_i32[:, 1].max(), keys_i32[:, 2].max()
     return _key_to_float32(lo), _key_to_float32(hi), bool(max_abs_bits < 0x7F800000)
 
