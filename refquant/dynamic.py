@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import warnings
 
 import llvmlite.binding as llvm_binding
@@ -158,12 +159,16 @@ def _min_max_chunks_shared(claims_i64, thread, threads, x_i32, chunk, keys_i32):
             finish_item(claims_i64)
 
 
+_INT32 = struct.Struct("<i")
+_FLOAT32 = struct.Struct("<f")
+
+
 def _key_to_float32(key) -> np.float32:
-    """Inverse of :func:`float32_sort_key` (it is its own inverse), on the host."""
-    k = int(key) & 0xFFFFFFFF
-    if k & 0x80000000:
+    """Inverse of :func:`float32_sort_key` (it is its own inverse), on the host: the float32 with those bits."""
+    k = int(key)
+    if k < 0:
         k ^= 0x7FFFFFFF
-    return np.uint32(k).view(np.float32)
+    return np.float32(_FLOAT32.unpack(_INT32.pack(k))[0])                 # float32 -> double -> float32: exact
 
 
 def find_min_max(x_f32: np.ndarray) -> tuple[np.float32, np.float32, bool]:
@@ -811,7 +816,8 @@ class DynamicQuantizedLinear:
         The product, the zero-point corrections and the float output (eqs. DQ4, DQ5) run in one pass
         (refquant.fused_linear, the same bits as :meth:`stages`) when the matmul runs a Numba kernel."""
         saturate = self._saturates()
-        if kernel_for(saturate_int16_pairs=saturate) == "reference":
+        kernel = kernel_for(saturate_int16_pairs=saturate)
+        if kernel == "reference":
             return self.stages(x)["output"]
         q = self._quantized_input(x, False)
         M, N = q["M"], self.out_features
@@ -820,7 +826,8 @@ class DynamicQuantizedLinear:
         formula = self._formula(M)
         constants = self._output_constants(q["input_scale_used"])
         y2d_f32 = self._fused(q["x_padded_u8"], q["input_zero_point"], f"dynamic_{formula}", constants,
-                              out_dtype=np.float32, saturate_int16_pairs=saturate, row_offsets_i32=q["row_sums"])
+                              out_dtype=np.float32, saturate_int16_pairs=saturate, kernel=kernel,
+                              row_offsets_i32=q["row_sums"])
         output_shape = q["lead_shape"] + (N,)
         if self.engine == "onednn" and M == 0:
             output_shape = (0, N)   # as in stages()
@@ -830,8 +837,12 @@ class DynamicQuantizedLinear:
         """:func:`float_output_constants` of this call: only f32(s_x·s_w) changes from call to call."""
         if self._bias_or_zeros is None:
             self._bias_or_zeros = float_output_constants(s_x_f32, self.weight_scales_used, self.bias)[3]
-        with np.errstate(over="ignore", under="ignore"):
+            self._max_weight_scale = float(self.weight_scales_used.max())
+        if float(s_x_f32) * self._max_weight_scale < 1e38:                  # no product can overflow float32
             mult_f32 = np.multiply(s_x_f32, self.weight_scales_used, dtype=np.float32)     # f32(s_x·s_w)
+        else:
+            with np.errstate(over="ignore"):
+                mult_f32 = np.multiply(s_x_f32, self.weight_scales_used, dtype=np.float32)
         return s_x_f32, self.weight_scales_used, mult_f32, self._bias_or_zeros, self.bias is not None
 
     def __repr__(self) -> str:
