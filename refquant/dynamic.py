@@ -76,7 +76,9 @@ from refquant.fused_linear import FusedLinear, register_epilogue
 from refquant.linear import accumulate_raw
 from refquant.matmul import K_GROUP, PackedWeightS8, kernel_for, pack_weight_s8
 from refquant.observers import MinMaxObserver, PerChannelMinMaxObserver
-from refquant.quantize import (_quantize_fma_readable, _quantize_mul_add_readable, quantize_padded_rows,
+import refquant.quantize
+from refquant.quantize import (_quantize_fma_readable, _quantize_mul_add_readable, _quantize_padded_rows_kernel,
+                               quantize_padded_rows,
                                quantize_per_channel, quantize_per_tensor)
 
 ENGINES = ("fbgemm", "x86", "qnnpack", "onednn")
@@ -269,6 +271,46 @@ def choose_quantization_params(x_min: float, x_max: float, qmin: int = 0, qmax: 
     return scale, zero_point
 
 
+@njit(cache=True, nogil=True)
+def _choose_quantization_params_kernel(mn, mx, qmin, qmax):
+    """:func:`choose_quantization_params` for a checked range (float32 mn <= mx, finite) and checked bounds
+    (reduce_range already applied, qmin < qmax), step by step the same: float32 values where it keeps float32
+    (Numba's float32 x float32 is float32; a product or quotient of two float32 rounded once to float32 equals the
+    double one rounded to float32), double where it computes in double. Returns (scale as double, zero_point)."""
+    zero = np.float32(0)
+    mn = min(mn, zero)
+    mx = max(mx, zero)
+    scale = (np.float64(mx) - np.float64(mn)) / np.float64(qmax - qmin)  # double
+    scale_f32 = np.float32(scale)
+    if scale_f32 == 0 or np.isinf(np.float32(np.float32(1) / scale_f32)):
+        scale = 0.1
+    threshold = np.float32(SMALL_SCALE_THRESHOLD)
+    if scale < np.float64(threshold):
+        org_scale_f32 = np.float32(scale)
+        scale = np.float64(threshold)
+        if mn == 0:
+            mx = np.float32(threshold * np.float32(qmax - qmin))
+        elif mx == 0:
+            mn = np.float32(-threshold * np.float32(qmax - qmin))
+        else:
+            amplifier_f32 = np.float32(threshold / org_scale_f32)
+            mn = np.float32(mn * amplifier_f32)
+            mx = np.float32(mx * amplifier_f32)
+    zero_point_from_min = qmin - np.float64(mn) / scale
+    zero_point_from_max = qmax - np.float64(mx) / scale
+    zero_point_from_min_error = abs(qmin) - abs(np.float64(mn) / scale)
+    zero_point_from_max_error = abs(qmax) - abs(np.float64(mx) / scale)
+    initial_zero_point = (zero_point_from_min if zero_point_from_min_error < zero_point_from_max_error
+                          else zero_point_from_max)
+    if initial_zero_point < qmin:
+        zero_point = qmin
+    elif initial_zero_point > qmax:
+        zero_point = qmax
+    else:
+        zero_point = int(np.rint(initial_zero_point))                      # nearbyint: round half to even
+    return scale, zero_point
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Scales as each engine uses them
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,6 +327,41 @@ def onednn_scale_round_trip(scale_f64: np.ndarray | float) -> np.ndarray:
     with np.errstate(divide="ignore", over="ignore"):
         reciprocal_f32 = np.asarray(1.0 / s_f64).astype(np.float32)         # scale_t holds floats
         return np.asarray(1.0 / reciprocal_f32.astype(np.float64)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# eqs. DQ1-DQ3 in one call, for inputs one thread handles (no Python between the steps)
+# ----------------------------------------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def _input_scale_used_kernel(scale, onednn):
+    """The float32 input scale the engine uses (see :meth:`DynamicQuantizedLinear.stages`): f32(scale), or on
+    onednn :func:`onednn_scale_round_trip`'s f32(1 / f64(f32(1 / scale))) (scale >= 6.1e-5: no division by 0)."""
+    if onednn:
+        return np.float32(1.0 / np.float64(np.float32(1.0 / scale)))
+    return np.float32(scale)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_input_kernel(x2d_f32, qmin, qmax, onednn, out_u8, row_sums_i32):
+    """Eqs. DQ1-DQ3 of a finite input in one call on one thread, from the kernels of each step: the min/max
+    (:func:`_min_max_keys_kernel`), the qparams (:func:`_choose_quantization_params_kernel`, bounds with
+    reduce_range applied), the scale the engine uses (:func:`_input_scale_used_kernel`) and the quantized padded
+    rows (refquant.quantize._quantize_padded_rows_kernel: eq. Q1, or Q1c on onednn).
+    Returns (finite, x_min, x_max, scale, zero_point, s_x_f32); when not finite, nothing after the min/max ran."""
+    keys = np.empty(2, np.int32)
+    lo, hi, max_abs_bits = _min_max_keys_kernel(x2d_f32.reshape(-1).view(np.int32))
+    keys[0] = float32_sort_key(lo)                                         # the key map is its own inverse
+    keys[1] = float32_sort_key(hi)
+    x_min, x_max = keys.view(np.float32)[0], keys.view(np.float32)[1]
+    if max_abs_bits >= np.int32(0x7F800000):
+        return False, x_min, x_max, 0.0, 0, np.float32(0)
+    scale, zero_point = _choose_quantization_params_kernel(x_min, x_max, qmin, qmax)
+    s_x_f32 = _input_scale_used_kernel(scale, onednn)
+    inv_f32 = np.float32(np.float32(1) / s_x_f32)                          # eq. Q0
+    _quantize_padded_rows_kernel(x2d_f32, inv_f32, np.float32(zero_point), not onednn, out_u8, row_sums_i32, 0,
+                                 x2d_f32.shape[0])
+    return True, x_min, x_max, scale, zero_point, s_x_f32
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -666,6 +743,11 @@ class DynamicQuantizedLinear:
         elif onednn_kernel is not None:
             raise ValueError(f"onednn_kernel applies to engine 'onednn' only, got engine {self.engine!r}")
         self.onednn_kernel = onednn_kernel
+        # the input's code range (eq. DQ2 with reduce_range applied), and up to which size one Numba call does
+        # eqs. DQ1-DQ3 (_quantize_input_kernel) rather than the steps shared by the pool
+        self._input_qmin, self._input_qmax = (0, 127) if self.reduce_range else (0, 255)
+        self._one_call_max_size = (min(MIN_MAX_PARALLEL_MIN_SIZE, refquant.quantize.QUANTIZE_PARALLEL_MIN_SIZE)
+                                   if threads_for(2, DEFAULT_THREADS) > 1 else np.inf)
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -771,6 +853,18 @@ class DynamicQuantizedLinear:
         lead_shape = x.shape[:-1]
         x2d_f32 = x.reshape(-1, K)
         M = x2d_f32.shape[0]
+
+        if not readable and 0 < x2d_f32.size < self._one_call_max_size:     # one thread: one Numba call
+            x_padded_u8 = np.empty((M, self._lda), np.uint8)
+            row_sums_i32 = np.empty(M, np.int32)
+            finite, x_min, x_max, input_scale, input_zero_point, s_x_f32 = _quantize_input_kernel(
+                x2d_f32, self._input_qmin, self._input_qmax, self.engine == "onednn", x_padded_u8, row_sums_i32)
+            if finite:
+                return {"x": x, "lead_shape": lead_shape, "M": M, "x_min": np.float32(x_min),
+                        "x_max": np.float32(x_max), "input_scale": input_scale, "input_zero_point": input_zero_point,
+                        "input_scale_used": np.float32(s_x_f32), "x2d_u8": x_padded_u8[:, :K],
+                        "x_padded_u8": x_padded_u8, "row_sums": row_sums_i32}
+            # not finite: the steps below raise the error
 
         x_min, x_max, finite = (find_min_max_readable if readable else find_min_max)(x2d_f32)   # eq. DQ1
         if not finite:

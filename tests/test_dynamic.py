@@ -690,6 +690,59 @@ def test_float_output_kernel_equals_readable(rng):
                         dq.float_output_readable(raw, formula, s_x, s_w, bias), formula)
 
 
+def test_choose_quantization_params_kernel_equals_readable(rng):
+    """The Numba twin of eq. DQ2 (run inside the one-call input kernel) == choose_quantization_params, scale and
+    zero point, over ranges of every magnitude and sign: zeros, subnormals (the 0.1 fallback and the float32
+    reciprocal's overflow), around the 6.1e-5 cut-off (its three branches), constants, FLT_MAX, random bits, and
+    ranges whose zero point is an exact tie (round half to even)."""
+    flt_max = np.finfo(F32).max
+    edges = [0.0, -0.0, 1e-45, -1e-45, 2.9e-39, 3e-39, 1e-38, 7.7e-36, 7.8e-36, 6.1e-5 * 127, 6.1e-5 * 255, 1.0,
+             -1.0, 1e30, -1e30, flt_max, -flt_max]
+    ranges = [(a, b) for a in edges for b in edges]
+    bits = rng.integers(0, 2**32, 8000, dtype=np.uint64).astype(np.uint32).view(F32)
+    bits = bits[np.isfinite(bits)]
+    ranges += list(zip(bits[0::2], bits[1::2]))
+    ranges += [tuple(rng.standard_normal(2) * 10.0 ** rng.uniform(-44, 38)) for _ in range(3000)]
+    ranges += [(-i / 16, j / 16) for i in range(1, 129, 3) for j in range(1, 129, 2)]  # zero points at exact .5 ties
+    n = 0
+    for a, b in ranges:
+        lo, hi = sorted((F32(a), F32(b)))
+        for qmin, qmax in ((0, 255), (0, 127)):
+            want = dq.choose_quantization_params(lo, hi, qmin, qmax)
+            got = dq._choose_quantization_params_kernel(lo, hi, qmin, qmax)
+            assert got == want and type(got[0]) is float, (lo, hi, qmin, qmax, got, want)
+            n += 1
+    assert n > 8000
+
+
+@pytest.mark.parametrize("engine", dq.ENGINES)
+def test_one_call_input_kernel_equals_the_steps(rng, engine):
+    """Eqs. DQ1-DQ3 in one Numba call (inputs one thread handles) == the steps one by one (find_min_max,
+    choose_quantization_params, quantize_padded_rows, as for inputs the pool shares), every stage, every kind."""
+    kw = {"onednn_kernel": "brgemm_vnni"} if engine == "onednn" else {}
+    for i in range(60):
+        kind = INPUT_KINDS[i % len(INPUT_KINDS)]
+        shape, N = draw_shape(rng, kind)
+        layer = dq.DynamicQuantizedLinear.from_float(draw_weight(rng, N, shape[-1]), None, engine=engine,
+                                                     weight_qscheme=WEIGHT_QSCHEMES[i % 2], **kw)
+        x = draw_input(rng, shape, kind, engine)
+        assert 0 < x.size < layer._one_call_max_size
+        one_call = layer._quantized_input(x, False)
+        layer._one_call_max_size = 0
+        steps = layer._quantized_input(x, False)
+        assert one_call.keys() == steps.keys()
+        for key in one_call:
+            if isinstance(one_call[key], np.ndarray):
+                assert_same(one_call[key], steps[key], f"{engine} {kind} {key}")
+            elif key not in ("x", "lead_shape", "M"):
+                assert one_call[key] == steps[key] and type(one_call[key]) is type(steps[key]), (engine, kind, key)
+    x = rng.standard_normal((3, 5)).astype(F32)
+    x[1, 2] = np.inf
+    layer = dq.DynamicQuantizedLinear.from_float(rng.standard_normal((2, 5)).astype(F32), None, engine=engine, **kw)
+    with pytest.raises(ValueError, match="x must be finite"):
+        layer(x)
+
+
 @pytest.mark.parametrize("shared", [False, True], ids=["one_thread", "pool"])
 def test_min_max_kernel_equals_readable(rng, monkeypatch, shared):
     """find_min_max == find_min_max_readable, on one thread and shared by the pool in chunks of 7 elements (so
