@@ -908,7 +908,11 @@ class DynamicQuantizedLinear:
         """float32 (..., K) -> float32 (..., N). Matches: torch.ops.quantized.linear_dynamic (reduce_range as set).
 
         The product, the zero-point corrections and the float output (eqs. DQ4, DQ5) run in one pass
-        (refquant.fused_linear, the same bits as :meth:`stages`) when the matmul runs a Numba kernel."""
+        (refquant.fused_linear, the same bits as :meth:`stages`) when the matmul runs a Numba kernel. Before it,
+        two passes over x, as fbgemm's op makes them (FindMinMax, then PackAWithQuantRowOffset): the min/max
+        (eq. DQ1), then the codes with their row sums, written in the padded rows the product's tiles read
+        (eq. DQ3); below MIN_MAX_PARALLEL_MIN_SIZE elements both, with eq. DQ2 between them, in one Numba call
+        (:func:`_quantize_input_kernel`), above it each pass shared by the cores (refquant._threads)."""
         saturate = self._saturates()
         kernel = kernel_for(saturate_int16_pairs=saturate)
         if kernel == "reference":
