@@ -244,10 +244,10 @@ def _quantize_fma_readable(x_f32: np.ndarray, inv_f32: np.float32, zp_f32: np.fl
 def quantize_fma_element(x_f32, inv_f32, zp_f32, lo_f32, hi_f32):
     """Eq. Q1 of one element, as an int32 code in [lo, hi] (integer bounds as float32). Clamping before rounding
     equals rounding before clamping because the bounds are integers; NaN fails ``v < hi`` and takes quant_max, as
-    ``fmin(v, 2147483520.0f)`` then the clamp gives it in the readable path. Selects, no branches: vectorizes."""
+    ``fmin(v, 2147483520.0f)`` then the clamp gives it in the readable path. Python's min and max (``min(a, b)``
+    is ``b if b < a else a``), in this order, give NaN that answer and compile to vminps/vmaxps: it vectorizes."""
     v = fma_f32(x_f32, inv_f32, zp_f32)
-    v = v if v < hi_f32 else hi_f32
-    v = v if v > lo_f32 else lo_f32
+    v = max(lo_f32, min(hi_f32, v))                 # NaN: min(hi, NaN) = hi
     return np.int32(np.rint(v))
 
 
@@ -274,8 +274,7 @@ def quantize_mul_add_element(x_f32, inv_f32, zp_f32, lo_f32, hi_f32):
     """Eq. Q1c of one finite element, as an int32 code in [lo, hi]: two float32 roundings, then RNE. (NaN, which
     the readable path does not define, takes quant_max.)"""
     v = np.float32(np.float32(x_f32 * inv_f32) + zp_f32)
-    v = v if v < hi_f32 else hi_f32
-    v = v if v > lo_f32 else lo_f32
+    v = max(lo_f32, min(hi_f32, v))                 # as in quantize_fma_element
     return np.int32(np.rint(v))
 
 
