@@ -113,30 +113,37 @@ def find_min_max_readable(x_f32: np.ndarray) -> tuple[np.float32, np.float32, bo
     return np.float32(x_f32.min()), np.float32(x_f32.max()), bool(np.isfinite(x_f32).all())
 
 
-@njit(cache=True, inline="always")
-def float32_sort_key(b_i32):
-    """The int32 key of a float32 with bits ``b_i32`` (an int32): k = b ^ ((b >> 31) & 0x7fffffff). Keys sort as the
-    floats do (−0 just below +0; NaNs beyond ±inf), and the map is its own inverse."""
-    return np.int32(b_i32 ^ np.int32((b_i32 >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+@njit(cache=True, nogil=True)
+def _min_max_bits_kernel(x_i32):
+    """Eq. DQ1's reductions over the float32 bits ``x_i32`` (an int32 view, size >= 1): the smallest and largest
+    bit pattern read as int32 (smin, smax) and the largest read as uint32 (umax). Three integer reductions, one
+    instruction each per 8 lanes (a float32 min/max reduction does not vectorize without fast-math);
+    :func:`min_max_from_bit_reductions` turns them into the min, the max and whether all are finite."""
+    smin = np.int32(2147483647)
+    smax = np.int32(-2147483648)
+    umax = np.uint32(0)
+    for i in range(x_i32.size):
+        b = x_i32[i]
+        smin = min(smin, b)
+        smax = max(smax, b)
+        umax = max(umax, np.uint32(b))
+    return smin, smax, umax
 
 
 @njit(cache=True, nogil=True)
-def _min_max_keys_kernel(x_i32):
-    """Eq. DQ1 over the float32 bits ``x_i32`` (an int32 view, size >= 1): (min key, max key, max |bits|).
+def min_max_from_bit_reductions(smin, smax, umax):
+    """(bits of the min, bits of the max, all finite) from :func:`_min_max_bits_kernel`'s reductions.
 
-    The min/max are integer reductions of :func:`float32_sort_key` that LLVM vectorizes (8 lanes; a float32
-    min/max reduction does not vectorize without fast-math). A float is non-finite iff its bits without the sign
-    are >= 0x7f800000 (all exponent bits set), so the third value says whether every element is finite."""
-    lo = np.int32(2147483647)
-    hi = np.int32(-2147483648)
-    max_abs_bits = np.int32(0)
-    for i in range(x_i32.size):
-        b = x_i32[i]
-        k = float32_sort_key(b)
-        lo = min(lo, k)
-        hi = max(hi, k)
-        max_abs_bits = max(max_abs_bits, np.int32(b & np.int32(0x7FFFFFFF)))
-    return lo, hi, max_abs_bits
+    A float32 with bits b is negative iff b < 0 as int32; positive floats sort as their int32 bits, negative ones
+    in reverse (a larger magnitude is a larger uint32, INT32_MIN is −0). So: there is a negative iff smin < 0; then
+    the min is the negative of largest magnitude, bits umax (negatives read as uint32 exceed every positive),
+    else it is smin. There is a positive iff smax >= 0; then the max is smax, else the negative of smallest
+    magnitude, smin. Non-finite (all exponent bits set): a positive one iff smax >= 0x7f800000, a negative one
+    iff umax >= 0xff800000."""
+    min_bits = np.int32(umax) if smin < 0 else smin
+    max_bits = smax if smax >= 0 else smin
+    finite = smax < np.int32(0x7F800000) and umax < np.uint32(0xFF800000)
+    return min_bits, max_bits, finite
 
 
 MIN_MAX_CHUNK = 1 << 15
@@ -147,17 +154,17 @@ MIN_MAX_PARALLEL_MIN_SIZE = 1 << 19
 
 
 @njit(cache=True, nogil=True)
-def _min_max_chunks_shared(claims_i64, thread, threads, x_i32, chunk, keys_i32):
-    """The pool's version (refquant._threads.share_items): chunk c (``chunk`` elements) -> keys_i32[c] =
-    (min key, max key, max |bits|) of :func:`_min_max_keys_kernel`; the caller reduces the chunks' keys."""
+def _min_max_chunks_shared(claims_i64, thread, threads, x_i32, chunk, reductions_i32):
+    """The pool's version (refquant._threads.share_items): chunk c (``chunk`` elements) -> reductions_i32[c] =
+    :func:`_min_max_bits_kernel`'s (smin, smax, umax as int32 bits); the caller reduces the chunks'."""
     n_chunks = claims_i64.shape[0] - 1
     for j in range(n_chunks):
         c = item_to_try(j, n_chunks, thread, threads)
         if take_item(claims_i64, c):
-            lo, hi, max_abs_bits = _min_max_keys_kernel(x_i32[c * chunk:(c + 1) * chunk])
-            keys_i32[c, 0] = lo
-            keys_i32[c, 1] = hi
-            keys_i32[c, 2] = max_abs_bits
+            smin, smax, umax = _min_max_bits_kernel(x_i32[c * chunk:(c + 1) * chunk])
+            reductions_i32[c, 0] = smin
+            reductions_i32[c, 1] = smax
+            reductions_i32[c, 2] = np.int32(umax)
             finish_item(claims_i64)
 
 
@@ -165,12 +172,9 @@ _INT32 = struct.Struct("<i")
 _FLOAT32 = struct.Struct("<f")
 
 
-def _key_to_float32(key) -> np.float32:
-    """Inverse of :func:`float32_sort_key` (it is its own inverse), on the host: the float32 with those bits."""
-    k = int(key)
-    if k < 0:
-        k ^= 0x7FFFFFFF
-    return np.float32(_FLOAT32.unpack(_INT32.pack(k))[0])                 # float32 -> double -> float32: exact
+def _bits_to_float32(bits) -> np.float32:
+    """The float32 with these int32 bits, on the host."""
+    return np.float32(_FLOAT32.unpack(_INT32.pack(int(bits)))[0])       # float32 -> double -> float32: exact
 
 
 def find_min_max(x_f32: np.ndarray) -> tuple[np.float32, np.float32, bool]:
@@ -183,12 +187,14 @@ def find_min_max(x_f32: np.ndarray) -> tuple[np.float32, np.float32, bool]:
     n_chunks = -(-x_i32.size // MIN_MAX_CHUNK)
     threads = threads_for(n_chunks, DEFAULT_THREADS) if x_i32.size >= MIN_MAX_PARALLEL_MIN_SIZE else 1
     if threads == 1:
-        lo, hi, max_abs_bits = _min_max_keys_kernel(x_i32)
+        smin, smax, umax = _min_max_bits_kernel(x_i32)
     else:
-        keys_i32 = np.empty((n_chunks, 3), np.int32)
-        share_items(_min_max_chunks_shared, n_chunks, [(x_i32, MIN_MAX_CHUNK, keys_i32)] * threads)
-        lo, hi, max_abs_bits = keys_i32[:, 0].min(), keys_i32[:, 1].max(), keys_i32[:, 2].max()
-    return _key_to_float32(lo), _key_to_float32(hi), bool(max_abs_bits < 0x7F800000)
+        reductions_i32 = np.empty((n_chunks, 3), np.int32)
+        share_items(_min_max_chunks_shared, n_chunks, [(x_i32, MIN_MAX_CHUNK, reductions_i32)] * threads)
+        smin, smax = reductions_i32[:, 0].min(), reductions_i32[:, 1].max()
+        umax = reductions_i32[:, 2].view(np.uint32).max()
+    min_bits, max_bits, finite = min_max_from_bit_reductions(np.int32(smin), np.int32(smax), np.uint32(umax))
+    return _bits_to_float32(min_bits), _bits_to_float32(max_bits), bool(finite)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -345,16 +351,15 @@ def _input_scale_used_kernel(scale, onednn):
 @njit(cache=True, nogil=True)
 def _quantize_input_kernel(x2d_f32, qmin, qmax, onednn, out_u8, row_sums_i32):
     """Eqs. DQ1-DQ3 of a finite input in one call on one thread, from the kernels of each step: the min/max
-    (:func:`_min_max_keys_kernel`), the qparams (:func:`_choose_quantization_params_kernel`, bounds with
+    (:func:`_min_max_bits_kernel`), the qparams (:func:`_choose_quantization_params_kernel`, bounds with
     reduce_range applied), the scale the engine uses (:func:`_input_scale_used_kernel`) and the quantized padded
     rows (refquant.quantize._quantize_padded_rows_kernel: eq. Q1, or Q1c on onednn).
     Returns (finite, x_min, x_max, scale, zero_point, s_x_f32); when not finite, nothing after the min/max ran."""
-    keys = np.empty(2, np.int32)
-    lo, hi, max_abs_bits = _min_max_keys_kernel(x2d_f32.reshape(-1).view(np.int32))
-    keys[0] = float32_sort_key(lo)                                         # the key map is its own inverse
-    keys[1] = float32_sort_key(hi)
-    x_min, x_max = keys.view(np.float32)[0], keys.view(np.float32)[1]
-    if max_abs_bits >= np.int32(0x7F800000):
+    smin, smax, umax = _min_max_bits_kernel(x2d_f32.reshape(-1).view(np.int32))
+    bits = np.empty(2, np.int32)
+    bits[0], bits[1], finite = min_max_from_bit_reductions(smin, smax, umax)
+    x_min, x_max = bits.view(np.float32)[0], bits.view(np.float32)[1]
+    if not finite:
         return False, x_min, x_max, 0.0, 0, np.float32(0)
     scale, zero_point = _choose_quantization_params_kernel(x_min, x_max, qmin, qmax)
     s_x_f32 = _input_scale_used_kernel(scale, onednn)

@@ -747,7 +747,7 @@ def test_one_call_input_kernel_equals_the_steps(rng, engine):
 def test_min_max_kernel_equals_readable(rng, monkeypatch, shared):
     """find_min_max == find_min_max_readable, on one thread and shared by the pool in chunks of 7 elements (so
     chunks of every position, and a short last one), for every input kind, random float32 bit patterns (±0,
-    subnormals, ±FLT_MAX), and a NaN or ±inf anywhere."""
+    subnormals, ±FLT_MAX; mixed signs, all positive, all negative), and a NaN or ±inf anywhere."""
     if shared:
         monkeypatch.setattr(dq, "MIN_MAX_PARALLEL_MIN_SIZE", 1)
         monkeypatch.setattr(dq, "MIN_MAX_CHUNK", 7)
@@ -760,8 +760,10 @@ def test_min_max_kernel_equals_readable(rng, monkeypatch, shared):
     finite_bits = rng.integers(0, 2**32, 20_000, dtype=np.uint64).astype(np.uint32).view(F32)
     finite_bits = finite_bits[np.isfinite(finite_bits)]
     edges = F32([0.0, -0.0, 1e-45, -1e-45, 1.1754942e-38, np.finfo(F32).max, -np.finfo(F32).max])
-    for _ in range(30):
+    for i in range(60):
         x = np.concatenate([rng.choice(finite_bits, int(rng.integers(1, 200))), rng.choice(edges, 3)])
+        if i % 3:                                                      # all >= +0 or all <= -0 too
+            x = np.abs(x) if i % 3 == 1 else -np.abs(x)
         rng.shuffle(x)
         lo, hi, finite = dq.find_min_max(x)
         want = dq.find_min_max_readable(x)
