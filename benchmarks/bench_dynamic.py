@@ -8,7 +8,7 @@ that the float32 outputs are equal bit for bit (exit status 1 if not), alternate
 of --repeat rounds and prints the medians and their ratio (> 1: refquant is faster), with the CPU and the load.
 
     python benchmarks/bench_dynamic.py [--repeat 7] [--engine fbgemm] [--shapes 64x1024x1024,1024x1024x1024]
-                                       [--threads N] [--clock wall|process] [--json out.json]
+                                       [--threads N] [--clock wall|process] [--breakdown] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,6 +29,21 @@ import bench_linear  # noqa: E402  (cpu_model, load_average, parse_shapes, the t
 DEFAULT_SHAPES = [(1, 1024, 1024), (64, 1024, 1024), (1024, 1024, 1024)]
 
 
+def _refquant_parts(dq, x) -> dict:
+    """The two parts of ``dq(x)`` as callables, each on the same input (for --breakdown): the input passes and the
+    fused product (with the first call's codes)."""
+    q = dq._quantized_input(x, False)
+    formula = f"dynamic_{dq._formula(q['M'])}"
+    constants = dq._output_constants(q["input_scale_used"])
+    saturate = dq._saturates()
+
+    def fused_product():
+        return dq._fused(q["x_padded_u8"], q["input_zero_point"], formula, constants, out_dtype=np.float32,
+                         saturate_int16_pairs=saturate, row_offsets_i32=q["row_sums"])
+
+    return {"input_passes": lambda: dq._quantized_input(x, False), "fused_product": fused_product}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=7, help="rounds per shape; the median is reported")
@@ -40,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="threads for torch and refquant (default: all)")
     parser.add_argument("--clock", choices=["wall", "process"], default="wall",
                         help="wall (default) or process (CPU time; with --threads 1 robust to others' load)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time refquant's two parts of a call, measured alone: the input passes (min/max, "
+                             "qparams, quantize with row sums: eqs. DQ1-DQ3) and the fused product with its float "
+                             "output (eqs. DQ4, DQ5); the rest of a call is Python")
     parser.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.seconds <= 0 or (args.threads is not None and args.threads < 1):
@@ -85,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             return torch.ops.quantized.linear_dynamic(xt, packed, reduce_range)
 
         fns = {"torch": torch_call, "refquant": lambda: dq(x)}
+        if args.breakdown:
+            fns.update(_refquant_parts(dq, x))
         same = bool(np.array_equal(fns["torch"]().numpy().view(np.uint32), fns["refquant"]().view(np.uint32)))
         calls = {k: bench_linear._calls_per_round(f, args.seconds) for k, f in fns.items()}
         seconds = {k: [] for k in fns}
@@ -97,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                             seconds_all=seconds))
         print(f"{f'{M}, {K}, {N}':>18} | {median['torch'] * 1e6:9.0f} | {median['refquant'] * 1e6:11.0f} | "
               f"{ratio:6.2f} | {'equal' if same else 'DIFFER'}")
+        if args.breakdown:
+            print(f"{'':>18}   refquant: input passes {median['input_passes'] * 1e6:.0f} us, fused product + float "
+                  f"output {median['fused_product'] * 1e6:.0f} us, the rest (Python) "
+                  f"{(median['refquant'] - median['input_passes'] - median['fused_product']) * 1e6:.0f} us")
         sys.stdout.flush()
     print()
     print("ratio = torch time / refquant time (quantized::linear_dynamic vs DynamicQuantizedLinear.__call__)")

@@ -61,7 +61,9 @@ and torch/ao/nn/quantized/dynamic/modules/linear.py (Linear.forward, from_float)
 
 from __future__ import annotations
 
+import math
 import os
+import struct
 import warnings
 
 import llvmlite.binding as llvm_binding
@@ -69,12 +71,15 @@ import numpy as np
 from numba import njit
 
 from refquant._float32 import fma_f32, fmaf
+from refquant._threads import DEFAULT_THREADS, finish_item, item_to_try, share_items, take_item, threads_for
 from refquant.fused_linear import FusedLinear, register_epilogue
 from refquant.linear import accumulate_raw
-from refquant.matmul import PackedWeightS8, kernel_for, pack_weight_s8
+from refquant.matmul import K_GROUP, PackedWeightS8, kernel_for, pack_weight_s8
 from refquant.observers import MinMaxObserver, PerChannelMinMaxObserver
-from refquant.quantize import (_quantize_fma_readable, _quantize_mul_add_readable, quantize_per_channel,
-                               quantize_per_tensor)
+import refquant.quantize
+from refquant.quantize import (_quantize_fma_readable, _quantize_mul_add_readable, _quantize_padded_rows_kernel,
+                               quantize_padded_rows,
+                               quantize_per_channel, quantize_per_tensor)
 
 ENGINES = ("fbgemm", "x86", "qnnpack", "onednn")
 """The quantized engines ``torch.backends.quantized.engine`` can name (torch's x86 runs fbgemm for Linear)."""
@@ -108,40 +113,96 @@ def find_min_max_readable(x_f32: np.ndarray) -> tuple[np.float32, np.float32, bo
     return np.float32(x_f32.min()), np.float32(x_f32.max()), bool(np.isfinite(x_f32).all())
 
 
-@njit(cache=True)
-def _min_max_kernel(x_i32):
-    """Eq. DQ1 in one pass over the float32 bits (an int32 view): floats map to int32 keys that sort like the floats
-    (k = b ^ ((b >> 31) & 0x7fffffff)), so the min/max are integer reductions LLVM vectorizes; a float is non-finite
-    iff its exponent bits are all ones. Returns (min_key, max_key, n_nonfinite); needs size >= 1."""
-    lo = np.int32(2147483647)
-    hi = np.int32(-2147483648)
-    bad = np.int32(0)
+@njit(cache=True, nogil=True)
+def _min_max_bits_kernel(x_i32):
+    """Eq. DQ1's reductions over the float32 bits ``x_i32`` (an int32 view, size >= 1): the smallest and largest
+    bit pattern read as int32 (smin, smax) and the largest read as uint32 (umax). Three integer reductions, one
+    instruction each per 8 lanes (a float32 min/max reduction does not vectorize without fast-math);
+    :func:`min_max_from_bit_reductions` turns them into the min, the max and whether all are finite."""
+    smin = np.int32(2147483647)
+    smax = np.int32(-2147483648)
+    umax = np.uint32(0)
     for i in range(x_i32.size):
         b = x_i32[i]
-        k = b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF))
-        lo = min(lo, k)
-        hi = max(hi, k)
-        bad += np.int32((b & np.int32(0x7F800000)) == np.int32(0x7F800000))
-    return lo, hi, bad
+        smin = min(smin, b)
+        smax = max(smax, b)
+        umax = max(umax, np.uint32(b))
+    return smin, smax, umax
 
 
-def _key_to_float32(key: np.int32) -> np.float32:
-    """Inverse of the key map in :func:`_min_max_kernel` (it is its own inverse)."""
-    k = np.int32(key)
-    return np.array([k ^ ((k >> np.int32(31)) & np.int32(0x7FFFFFFF))], np.int32).view(np.float32)[0]
+@njit(cache=True, nogil=True)
+def min_max_from_bit_reductions(smin, smax, umax):
+    """(bits of the min, bits of the max, all finite) from :func:`_min_max_bits_kernel`'s reductions.
+
+    A float32 with bits b is negative iff b < 0 as int32; positive floats sort as their int32 bits, negative ones
+    in reverse (a larger magnitude is a larger uint32, INT32_MIN is −0). So: there is a negative iff smin < 0; then
+    the min is the negative of largest magnitude, bits umax (negatives read as uint32 exceed every positive),
+    else it is smin. There is a positive iff smax >= 0; then the max is smax, else the negative of smallest
+    magnitude, smin. Non-finite (all exponent bits set): a positive one iff smax >= 0x7f800000, a negative one
+    iff umax >= 0xff800000."""
+    min_bits = np.int32(umax) if smin < 0 else smin
+    max_bits = smax if smax >= 0 else smin
+    finite = smax < np.int32(0x7F800000) and umax < np.uint32(0xFF800000)
+    return min_bits, max_bits, finite
+
+
+MIN_MAX_CHUNK = 1 << 15
+"""Elements per item when the pool shares the min/max pass (128 KB of float32)."""
+
+MIN_MAX_PARALLEL_MIN_SIZE = 1 << 19
+"""Below this many elements (~80 us on one core) one thread does the min/max: a hand-off to the pool costs ~10-40 us."""
+
+
+@njit(cache=True, nogil=True)
+def _min_max_chunks_shared(claims_i64, thread, threads, x_i32, chunk, reductions_i32):
+    """The pool's version (refquant._threads.share_items): chunk c (``chunk`` elements) -> reductions_i32[c] =
+    :func:`_min_max_bits_kernel`'s (smin, smax, umax as int32 bits); the caller reduces the chunks'."""
+    n_chunks = claims_i64.shape[0] - 1
+    for j in range(n_chunks):
+        c = item_to_try(j, n_chunks, thread, threads)
+        if take_item(claims_i64, c):
+            smin, smax, umax = _min_max_bits_kernel(x_i32[c * chunk:(c + 1) * chunk])
+            reductions_i32[c, 0] = smin
+            reductions_i32[c, 1] = smax
+            reductions_i32[c, 2] = np.int32(umax)
+            finish_item(claims_i64)
+
+
+_INT32 = struct.Struct("<i")
+_FLOAT32 = struct.Struct("<f")
+
+
+def _bits_to_float32(bits) -> np.float32:
+    """The float32 with these int32 bits, on the host."""
+    return np.float32(_FLOAT32.unpack(_INT32.pack(int(bits)))[0])       # float32 -> double -> float32: exact
 
 
 def find_min_max(x_f32: np.ndarray) -> tuple[np.float32, np.float32, bool]:
-    """:func:`find_min_max_readable` in one Numba pass (same values; ``x_f32`` C-contiguous float32)."""
+    """:func:`find_min_max_readable` in one Numba pass (same values; ``x_f32`` C-contiguous float32), shared by
+    the cores (refquant._threads) from MIN_MAX_PARALLEL_MIN_SIZE elements on: a min and a max do not depend on
+    the order in which the chunks are reduced."""
     if x_f32.size == 0:
         return np.float32(0), np.float32(0), True
-    lo, hi, bad = _min_max_kernel(x_f32.reshape(-1).view(np.int32))
-    return _key_to_float32(lo), _key_to_float32(hi), bool(bad == 0)
+    x_i32 = x_f32.reshape(-1).view(np.int32)
+    n_chunks = -(-x_i32.size // MIN_MAX_CHUNK)
+    threads = threads_for(n_chunks, DEFAULT_THREADS) if x_i32.size >= MIN_MAX_PARALLEL_MIN_SIZE else 1
+    if threads == 1:
+        smin, smax, umax = _min_max_bits_kernel(x_i32)
+    else:
+        reductions_i32 = np.empty((n_chunks, 3), np.int32)
+        share_items(_min_max_chunks_shared, n_chunks, [(x_i32, MIN_MAX_CHUNK, reductions_i32)] * threads)
+        smin, smax = reductions_i32[:, 0].min(), reductions_i32[:, 1].max()
+        umax = reductions_i32[:, 2].view(np.uint32).max()
+    min_bits, max_bits, finite = min_max_from_bit_reductions(np.int32(smin), np.int32(smax), np.uint32(umax))
+    return _bits_to_float32(min_bits), _bits_to_float32(max_bits), bool(finite)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # eq. DQ2: from the range to (scale, zero_point) — torch's quant_utils::ChooseQuantizationParams
 # ----------------------------------------------------------------------------------------------------------------
+
+_RECIPROCAL_MAY_OVERFLOW = np.float32(1e-37)  # f32(1/s) <= 1e37 < FLT_MAX for every float32 s >= 1e-37
+
 
 def choose_quantization_params(x_min: float, x_max: float, qmin: int = 0, qmax: int = 255,
                                reduce_range: bool = False) -> tuple[float, int]:
@@ -171,7 +232,7 @@ def choose_quantization_params(x_min: float, x_max: float, qmin: int = 0, qmax: 
     """
     mn = np.float32(x_min)
     mx = np.float32(x_max)
-    if not (np.isfinite(mn) and np.isfinite(mx)):
+    if not (math.isfinite(mn) and math.isfinite(mx)):
         raise ValueError(f"x_min and x_max must be finite, got {mn!r}, {mx!r}")
     if not mn <= mx:
         raise ValueError(f"x_min must be <= x_max (torch: 'In ChooseQuantizationParams, min should be less than or "
@@ -185,10 +246,11 @@ def choose_quantization_params(x_min: float, x_max: float, qmin: int = 0, qmax: 
     mn = min(mn, zero)
     mx = max(mx, zero)
     scale = (float(mx) - float(mn)) / (qmax - qmin)                        # double
-    with np.errstate(divide="ignore", over="ignore"):
-        scale_f32 = np.float32(scale)
-        if scale_f32 == 0 or np.isinf(np.float32(1) / scale_f32):
-            scale = 0.1
+    scale_f32 = np.float32(scale)
+    if scale_f32 < _RECIPROCAL_MAY_OVERFLOW:                                # 1/f32(scale) is finite above it
+        with np.errstate(divide="ignore", over="ignore"):
+            if scale_f32 == 0 or np.isinf(np.float32(1) / scale_f32):
+                scale = 0.1
     if scale < float(SMALL_SCALE_THRESHOLD):
         org_scale_f32 = np.float32(scale)
         scale = float(SMALL_SCALE_THRESHOLD)
@@ -204,6 +266,46 @@ def choose_quantization_params(x_min: float, x_max: float, qmin: int = 0, qmax: 
     zero_point_from_max = qmax - float(mx) / scale
     zero_point_from_min_error = abs(qmin) - abs(float(mn) / scale)
     zero_point_from_max_error = abs(qmax) - abs(float(mx) / scale)
+    initial_zero_point = (zero_point_from_min if zero_point_from_min_error < zero_point_from_max_error
+                          else zero_point_from_max)
+    if initial_zero_point < qmin:
+        zero_point = qmin
+    elif initial_zero_point > qmax:
+        zero_point = qmax
+    else:
+        zero_point = int(np.rint(initial_zero_point))                      # nearbyint: round half to even
+    return scale, zero_point
+
+
+@njit(cache=True, nogil=True)
+def _choose_quantization_params_kernel(mn, mx, qmin, qmax):
+    """:func:`choose_quantization_params` for a checked range (float32 mn <= mx, finite) and checked bounds
+    (reduce_range already applied, qmin < qmax), step by step the same: float32 values where it keeps float32
+    (Numba's float32 x float32 is float32; a product or quotient of two float32 rounded once to float32 equals the
+    double one rounded to float32), double where it computes in double. Returns (scale as double, zero_point)."""
+    zero = np.float32(0)
+    mn = min(mn, zero)
+    mx = max(mx, zero)
+    scale = (np.float64(mx) - np.float64(mn)) / np.float64(qmax - qmin)  # double
+    scale_f32 = np.float32(scale)
+    if scale_f32 == 0 or np.isinf(np.float32(np.float32(1) / scale_f32)):
+        scale = 0.1
+    threshold = np.float32(SMALL_SCALE_THRESHOLD)
+    if scale < np.float64(threshold):
+        org_scale_f32 = np.float32(scale)
+        scale = np.float64(threshold)
+        if mn == 0:
+            mx = np.float32(threshold * np.float32(qmax - qmin))
+        elif mx == 0:
+            mn = np.float32(-threshold * np.float32(qmax - qmin))
+        else:
+            amplifier_f32 = np.float32(threshold / org_scale_f32)
+            mn = np.float32(mn * amplifier_f32)
+            mx = np.float32(mx * amplifier_f32)
+    zero_point_from_min = qmin - np.float64(mn) / scale
+    zero_point_from_max = qmax - np.float64(mx) / scale
+    zero_point_from_min_error = abs(qmin) - abs(np.float64(mn) / scale)
+    zero_point_from_max_error = abs(qmax) - abs(np.float64(mx) / scale)
     initial_zero_point = (zero_point_from_min if zero_point_from_min_error < zero_point_from_max_error
                           else zero_point_from_max)
     if initial_zero_point < qmin:
@@ -231,6 +333,40 @@ def onednn_scale_round_trip(scale_f64: np.ndarray | float) -> np.ndarray:
     with np.errstate(divide="ignore", over="ignore"):
         reciprocal_f32 = np.asarray(1.0 / s_f64).astype(np.float32)         # scale_t holds floats
         return np.asarray(1.0 / reciprocal_f32.astype(np.float64)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# eqs. DQ1-DQ3 in one call, for inputs one thread handles (no Python between the steps)
+# ----------------------------------------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def _input_scale_used_kernel(scale, onednn):
+    """The float32 input scale the engine uses (see :meth:`DynamicQuantizedLinear.stages`): f32(scale), or on
+    onednn :func:`onednn_scale_round_trip`'s f32(1 / f64(f32(1 / scale))) (scale >= 6.1e-5: no division by 0)."""
+    if onednn:
+        return np.float32(1.0 / np.float64(np.float32(1.0 / scale)))
+    return np.float32(scale)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_input_kernel(x2d_f32, qmin, qmax, onednn, out_u8, row_sums_i32):
+    """Eqs. DQ1-DQ3 of a finite input in one call on one thread, from the kernels of each step: the min/max
+    (:func:`_min_max_bits_kernel`), the qparams (:func:`_choose_quantization_params_kernel`, bounds with
+    reduce_range applied), the scale the engine uses (:func:`_input_scale_used_kernel`) and the quantized padded
+    rows (refquant.quantize._quantize_padded_rows_kernel: eq. Q1, or Q1c on onednn).
+    Returns (finite, x_min, x_max, scale, zero_point, s_x_f32); when not finite, nothing after the min/max ran."""
+    smin, smax, umax = _min_max_bits_kernel(x2d_f32.reshape(-1).view(np.int32))
+    bits = np.empty(2, np.int32)
+    bits[0], bits[1], finite = min_max_from_bit_reductions(smin, smax, umax)
+    x_min, x_max = bits.view(np.float32)[0], bits.view(np.float32)[1]
+    if not finite:
+        return False, x_min, x_max, 0.0, 0, np.float32(0)
+    scale, zero_point = _choose_quantization_params_kernel(x_min, x_max, qmin, qmax)
+    s_x_f32 = _input_scale_used_kernel(scale, onednn)
+    inv_f32 = np.float32(np.float32(1) / s_x_f32)                          # eq. Q0
+    _quantize_padded_rows_kernel(x2d_f32, inv_f32, np.float32(zero_point), not onednn, out_u8, row_sums_i32, 0,
+                                 x2d_f32.shape[0])
+    return True, x_min, x_max, scale, zero_point, s_x_f32
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -577,6 +713,9 @@ class DynamicQuantizedLinear:
         self._weight_zero_points_n = np.ascontiguousarray(np.broadcast_to(self.weight_zero_points, (N,)))
         self._packed_weight: PackedWeightS8 = pack_weight_s8(self.weight_int8)
         self._fused = None  # refquant.fused_linear.FusedLinear, made at the first call
+        self._bias_or_zeros = None  # the bias, or N zeros: float_output_constants' fourth entry, made once
+        # x's rows as the product's tiles read them: whole groups of K_GROUP bytes (refquant.matmul.padded_rows)
+        self._lda = self._packed_weight.panels_i8.shape[1] * K_GROUP
 
         # reduce_range and the scales as the engine uses them
         if self.engine == "qnnpack":
@@ -609,6 +748,11 @@ class DynamicQuantizedLinear:
         elif onednn_kernel is not None:
             raise ValueError(f"onednn_kernel applies to engine 'onednn' only, got engine {self.engine!r}")
         self.onednn_kernel = onednn_kernel
+        # the input's code range (eq. DQ2 with reduce_range applied), and up to which size one Numba call does
+        # eqs. DQ1-DQ3 (_quantize_input_kernel) rather than the steps shared by the pool
+        self._input_qmin, self._input_qmax = (0, 127) if self.reduce_range else (0, 255)
+        self._one_call_max_size = (min(MIN_MAX_PARALLEL_MIN_SIZE, refquant.quantize.QUANTIZE_PARALLEL_MIN_SIZE)
+                                   if threads_for(2, DEFAULT_THREADS) > 1 else np.inf)
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -704,12 +848,28 @@ class DynamicQuantizedLinear:
         }
 
     def _quantized_input(self, x: np.ndarray, readable: bool) -> dict[str, object]:
-        """Eqs. DQ1-DQ3 of :meth:`stages`: the checked input, its range, qparams and uint8 codes (M, K)."""
+        """Eqs. DQ1-DQ3 of :meth:`stages`: the checked input, its range, qparams and uint8 codes (M, K).
+
+        The fast path (``readable=False``) quantizes into the padded rows the product's tiles read
+        (refquant.quantize.quantize_padded_rows, as fbgemm's PackAWithQuantRowOffset: codes, row sums and zero
+        padding in one pass): ``x2d_u8`` is a view of ``x_padded_u8`` (M, lda), ``row_sums`` = Σ_k q_x[m, k]."""
         x = _check_input(x, self.in_features)
-        K, N = self.in_features, self.out_features
+        K = self.in_features
         lead_shape = x.shape[:-1]
         x2d_f32 = x.reshape(-1, K)
         M = x2d_f32.shape[0]
+
+        if not readable and 0 < x2d_f32.size < self._one_call_max_size:     # one thread: one Numba call
+            x_padded_u8 = np.empty((M, self._lda), np.uint8)
+            row_sums_i32 = np.empty(M, np.int32)
+            finite, x_min, x_max, input_scale, input_zero_point, s_x_f32 = _quantize_input_kernel(
+                x2d_f32, self._input_qmin, self._input_qmax, self.engine == "onednn", x_padded_u8, row_sums_i32)
+            if finite:
+                return {"x": x, "lead_shape": lead_shape, "M": M, "x_min": np.float32(x_min),
+                        "x_max": np.float32(x_max), "input_scale": input_scale, "input_zero_point": input_zero_point,
+                        "input_scale_used": np.float32(s_x_f32), "x2d_u8": x_padded_u8[:, :K],
+                        "x_padded_u8": x_padded_u8, "row_sums": row_sums_i32}
+            # not finite: the steps below raise the error
 
         x_min, x_max, finite = (find_min_max_readable if readable else find_min_max)(x2d_f32)   # eq. DQ1
         if not finite:
@@ -724,15 +884,19 @@ class DynamicQuantizedLinear:
         else:
             s_x_f32 = np.float32(input_scale)
             rounding = "fbgemm_legacy_fma"
+        inv_f32 = np.float32(1) / s_x_f32                                   # eq. Q0: s_x_f32 is finite and > 0
+        zp_f32 = np.float32(input_zero_point)
         if readable:
-            inv_f32 = np.float32(1) / s_x_f32
             quantize = _quantize_mul_add_readable if rounding == "multiply_then_add" else _quantize_fma_readable
-            x2d_u8 = quantize(x2d_f32, inv_f32, np.float32(input_zero_point), 0, 255).astype(np.uint8)
+            x2d_u8 = quantize(x2d_f32, inv_f32, zp_f32, 0, 255).astype(np.uint8)
+            x_padded_u8 = row_sums_i32 = None
         else:
-            x2d_u8 = quantize_per_tensor(x2d_f32, s_x_f32, input_zero_point, "quint8", rounding=rounding)
+            x_padded_u8, row_sums_i32 = quantize_padded_rows(x2d_f32, inv_f32, zp_f32, self._lda, rounding)
+            x2d_u8 = x_padded_u8[:, :K]
 
         return {"x": x, "lead_shape": lead_shape, "M": M, "x_min": x_min, "x_max": x_max, "input_scale": input_scale,
-                "input_zero_point": input_zero_point, "input_scale_used": s_x_f32, "x2d_u8": x2d_u8}
+                "input_zero_point": input_zero_point, "input_scale_used": s_x_f32, "x2d_u8": x2d_u8,
+                "x_padded_u8": x_padded_u8, "row_sums": row_sums_i32}
 
     def _formula(self, M: int) -> str:
         """Which of eqs. DQ5a-d this call's output uses."""
@@ -749,22 +913,40 @@ class DynamicQuantizedLinear:
         """float32 (..., K) -> float32 (..., N). Matches: torch.ops.quantized.linear_dynamic (reduce_range as set).
 
         The product, the zero-point corrections and the float output (eqs. DQ4, DQ5) run in one pass
-        (refquant.fused_linear, the same bits as :meth:`stages`) when the matmul runs a Numba kernel."""
+        (refquant.fused_linear, the same bits as :meth:`stages`) when the matmul runs a Numba kernel. Before it,
+        two passes over x, as fbgemm's op makes them (FindMinMax, then PackAWithQuantRowOffset): the min/max
+        (eq. DQ1), then the codes with their row sums, written in the padded rows the product's tiles read
+        (eq. DQ3); below MIN_MAX_PARALLEL_MIN_SIZE elements both, with eq. DQ2 between them, in one Numba call
+        (:func:`_quantize_input_kernel`), above it each pass shared by the cores (refquant._threads)."""
         saturate = self._saturates()
-        if kernel_for(saturate_int16_pairs=saturate) == "reference":
+        kernel = kernel_for(saturate_int16_pairs=saturate)
+        if kernel == "reference":
             return self.stages(x)["output"]
         q = self._quantized_input(x, False)
         M, N = q["M"], self.out_features
         if self._fused is None:
             self._fused = FusedLinear(self._packed_weight, self.col_offsets, self._weight_zero_points_n)
         formula = self._formula(M)
-        constants = float_output_constants(q["input_scale_used"], self.weight_scales_used, self.bias)
-        y2d_f32 = self._fused(q["x2d_u8"], q["input_zero_point"], f"dynamic_{formula}", constants,
-                              out_dtype=np.float32, saturate_int16_pairs=saturate)
+        constants = self._output_constants(q["input_scale_used"])
+        y2d_f32 = self._fused(q["x_padded_u8"], q["input_zero_point"], f"dynamic_{formula}", constants,
+                              out_dtype=np.float32, saturate_int16_pairs=saturate, kernel=kernel,
+                              row_offsets_i32=q["row_sums"])
         output_shape = q["lead_shape"] + (N,)
         if self.engine == "onednn" and M == 0:
             output_shape = (0, N)   # as in stages()
         return y2d_f32.reshape(output_shape)
+
+    def _output_constants(self, s_x_f32: np.float32) -> tuple:
+        """:func:`float_output_constants` of this call: only f32(s_x·s_w) changes from call to call."""
+        if self._bias_or_zeros is None:
+            self._bias_or_zeros = float_output_constants(s_x_f32, self.weight_scales_used, self.bias)[3]
+            self._max_weight_scale = float(self.weight_scales_used.max())
+        if float(s_x_f32) * self._max_weight_scale < 1e38:                  # no product can overflow float32
+            mult_f32 = np.multiply(s_x_f32, self.weight_scales_used, dtype=np.float32)     # f32(s_x·s_w)
+        else:
+            with np.errstate(over="ignore"):
+                mult_f32 = np.multiply(s_x_f32, self.weight_scales_used, dtype=np.float32)
+        return s_x_f32, self.weight_scales_used, mult_f32, self._bias_or_zeros, self.bias is not None
 
     def __repr__(self) -> str:
         extra = f", onednn_kernel={self.onednn_kernel!r}" if self.engine == "onednn" else ""

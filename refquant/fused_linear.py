@@ -283,9 +283,12 @@ class FusedLinear:
         self._compiled: dict = {}
 
     def __call__(self, x2d_u8: np.ndarray, input_zero_point: int, epilogue: str, constants: tuple, *,
-                 out_dtype=np.uint8, saturate_int16_pairs: bool = False, kernel: str | None = None) -> np.ndarray:
+                 out_dtype=np.uint8, saturate_int16_pairs: bool = False, kernel: str | None = None,
+                 row_offsets_i32: np.ndarray | None = None) -> np.ndarray:
         """``epilogue``: a registered name; ``constants``: what its function takes; ``out_dtype``: what it
-        returns (uint8 codes, or float32 for the dynamic Linear)."""
+        returns (uint8 codes, or float32 for the dynamic Linear). ``x2d_u8`` may already be padded with zero
+        columns as refquant.matmul.padded_rows pads it; ``row_offsets_i32``: Σ_k x2d_u8[m, k] if the caller has
+        them (refquant.quantize.quantize_padded_rows sums them while it quantizes), else summed here."""
         chosen = kernel_for(saturate_int16_pairs=saturate_int16_pairs, kernel=kernel)
         if chosen == "reference" or epilogue not in _EPILOGUE_FUNCTIONS:
             raise ValueError(f"the fused kernel does not serve epilogue {epilogue!r} with the {chosen!r} matmul "
@@ -301,10 +304,11 @@ class FusedLinear:
             zx_col_i32 = np.multiply(np.int32(input_zero_point), self.col_offsets_i32, dtype=np.int32)  # wraps
             self._zx_col = (input_zero_point, zx_col_i32)
         zx_col_i32 = self._zx_col[1]
-        if self.affine:
-            row_offsets_i32 = x2d_u8.sum(axis=1, dtype=np.int64).astype(np.int32)  # PackAWithRowOffset
-        else:
-            row_offsets_i32 = np.zeros(M, np.int32)  # every z_w is 0: the term vanishes
+        if row_offsets_i32 is None:
+            if self.affine:
+                row_offsets_i32 = x2d_u8.sum(axis=1, dtype=np.int64).astype(np.int32)  # PackAWithRowOffset
+            else:
+                row_offsets_i32 = np.zeros(M, np.int32)  # every z_w is 0: the term vanishes
         x_u8, lda = padded_rows(x2d_u8, packed, tile_aligned=dot4.name == "tdpbusd")
         args = (dot4, dot4.rows_per_tile, x_u8, lda, M, packed.panels_i8, N, zx_col_i32, self.zw_i32,
                 row_offsets_i32, Epilogue(epilogue), constants, out)

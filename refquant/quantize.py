@@ -48,6 +48,7 @@ from numba import njit
 
 from ._dispatch import SmallCalls
 from ._float32 import cvtps2dq, fma_f32, fmaf
+from ._threads import DEFAULT_THREADS, finish_item, item_to_try, share_items, take_item, threads_for
 from .dtypes import QDTYPES, check_qdtype, qdtype_of_codes, qdtype_range
 
 Rounding = Literal["fbgemm_legacy_fma", "nearbyint_then_add", "multiply_then_add"]
@@ -250,21 +251,24 @@ def _quantize_fma_readable(x_f32: np.ndarray, inv_f32: np.float32, zp_f32: np.fl
     return np.clip(r_i32, qmin, qmax)                    # packus / min-max to the dtype's range
 
 
+@njit(cache=True, inline="always")
+def quantize_fma_element(x_f32, inv_f32, zp_f32, lo_f32, hi_f32):
+    """Eq. Q1 of one element, as an int32 code in [lo, hi] (integer bounds as float32). Clamping before rounding
+    equals rounding before clamping because the bounds are integers; NaN fails ``v < hi`` and takes quant_max, as
+    ``fmin(v, 2147483520.0f)`` then the clamp gives it in the readable path. Python's min and max (``min(a, b)``
+    is ``b if b < a else a``), in this order, give NaN that answer and compile to vminps/vmaxps: it vectorizes."""
+    v = fma_f32(x_f32, inv_f32, zp_f32)
+    v = max(lo_f32, min(hi_f32, v))                 # NaN: min(hi, NaN) = hi
+    return np.int32(np.rint(v))
+
+
 @njit(cache=True)
 def _quantize_fma_kernel(x_f32, inv_f32, zp_f32, qmin, qmax, out):
-    """Eq. Q1 as a loop, writing codes into ``out``. Clamping before rounding equals rounding before clamping
-    because the bounds are integers; NaN takes quant_max as in the readable path."""
+    """Eq. Q1 as a loop of :func:`quantize_fma_element`, writing codes into ``out``."""
     lo = np.float32(qmin)
     hi = np.float32(qmax)
     for i in range(x_f32.size):
-        v = fma_f32(x_f32[i], inv_f32, zp_f32)
-        if v != v:  # NaN
-            v = hi
-        elif v < lo:
-            v = lo
-        elif v > hi:
-            v = hi
-        out[i] = np.int32(np.rint(v))
+        out[i] = quantize_fma_element(x_f32[i], inv_f32, zp_f32, lo, hi)
 
 
 def _quantize_mul_add_readable(x_f32: np.ndarray, inv_f32: np.float32, zp_f32: np.float32,
@@ -276,23 +280,118 @@ def _quantize_mul_add_readable(x_f32: np.ndarray, inv_f32: np.float32, zp_f32: n
     return np.rint(v_f32).astype(np.int32)               # round half to even
 
 
+@njit(cache=True, inline="always")
+def quantize_mul_add_element(x_f32, inv_f32, zp_f32, lo_f32, hi_f32):
+    """Eq. Q1c of one finite element, as an int32 code in [lo, hi]: two float32 roundings, then RNE. (NaN, which
+    the readable path does not define, takes quant_max.)"""
+    v = np.float32(np.float32(x_f32 * inv_f32) + zp_f32)
+    v = max(lo_f32, min(hi_f32, v))                 # as in quantize_fma_element
+    return np.int32(np.rint(v))
+
+
 @njit(cache=True)
 def _quantize_mul_add_kernel(x_f32, inv_f32, zp_f32, qmin, qmax, out):
-    """Eq. Q1c as a loop, writing codes into ``out``; returns the number of NaNs met (their codes are left 0)."""
+    """Eq. Q1c as a loop of :func:`quantize_mul_add_element`, writing codes into ``out``; returns the number of
+    NaNs met (their codes are left 0)."""
     lo = np.float32(qmin)
     hi = np.float32(qmax)
     n_nan = 0
     for i in range(x_f32.size):
-        v = np.float32(np.float32(x_f32[i] * inv_f32) + zp_f32)
-        if v != v:
+        x = x_f32[i]
+        if x != x:
             n_nan += 1
-            v = np.float32(0)
-        elif v < lo:
-            v = lo
-        elif v > hi:
-            v = hi
-        out[i] = np.int32(np.rint(v))
+            out[i] = 0
+        else:
+            out[i] = quantize_mul_add_element(x, inv_f32, zp_f32, lo, hi)
     return n_nan
+
+
+# --------------------------------------------------------------------------------------------------------------
+# quantize an (M, K) input as the int8 product reads it: padded rows and their sums
+
+
+def quantize_padded_rows_readable(x2d_f32: np.ndarray, inv_f32: np.float32, zp_f32: np.float32, lda: int,
+                                  rounding: Rounding = "fbgemm_legacy_fma") -> tuple[np.ndarray, np.ndarray]:
+    """The quint8 codes of a finite float32 (M, K) ``x2d_f32`` (eq. Q1, or eq. Q1c for ``"multiply_then_add"``),
+    stored in (M, lda) rows (lda >= K) padded with zeros, and each row's sum Σ_k q[m, k] as int32: what fbgemm's
+    PackAWithQuantRowOffset::pack does per row of A (QuantizeAvx2, the row offset reduceAvx2, the zero fill)."""
+    M, K = x2d_f32.shape
+    quantize = _quantize_mul_add_readable if rounding == "multiply_then_add" else _quantize_fma_readable
+    codes_u8 = quantize(x2d_f32, inv_f32, zp_f32, 0, 255).astype(np.uint8)
+    padded_u8 = np.zeros((M, lda), np.uint8)
+    padded_u8[:, :K] = codes_u8
+    row_sums_i32 = codes_u8.sum(axis=1, dtype=np.int64).astype(np.int32)
+    return padded_u8, row_sums_i32
+
+
+@njit(cache=True, nogil=True)
+def _quantize_padded_rows_kernel(x2d_f32, inv_f32, zp_f32, fma, out_u8, row_sums_i32, m_start, m_end):
+    """Rows [m_start, m_end) of :func:`quantize_padded_rows_readable` (``fma``: eq. Q1, else eq. Q1c), each row in
+    one pass: codes, their sum, the zero padding."""
+    if m_start < 0:  # never: tells LLVM the row indices are >= 0 (no negative-index wraparound)
+        return
+    K = x2d_f32.shape[1]
+    lda = out_u8.shape[1]
+    lo = np.float32(0)
+    hi = np.float32(255)
+    for m in range(m_start, m_end):
+        x_row = x2d_f32[m]
+        q_row = out_u8[m]
+        row_sum = np.int32(0)
+        if fma:
+            for k in range(K):
+                q = quantize_fma_element(x_row[k], inv_f32, zp_f32, lo, hi)
+                q_row[k] = q
+                row_sum = np.int32(row_sum + q)   # int32 (Numba would widen to int64): 8 lanes, not 4
+        else:
+            for k in range(K):
+                q = quantize_mul_add_element(x_row[k], inv_f32, zp_f32, lo, hi)
+                q_row[k] = q
+                row_sum = np.int32(row_sum + q)   # int32 (Numba would widen to int64): 8 lanes, not 4
+        for k in range(K, lda):
+            q_row[k] = 0
+        row_sums_i32[m] = row_sum
+
+
+QUANTIZE_ITEM_SIZE = 1 << 15
+"""About this many elements (whole rows) per item when the pool shares the quantization."""
+
+QUANTIZE_PARALLEL_MIN_SIZE = 1 << 19
+"""Below this many elements one thread quantizes: a hand-off to the pool costs ~10-40 us."""
+
+
+@njit(cache=True, nogil=True)
+def _quantize_padded_rows_shared(claims_i64, thread, threads, x2d_f32, inv_f32, zp_f32, fma, out_u8, row_sums_i32,
+                                 rows_per_item):
+    """The pool's version (refquant._threads.share_items): item c is rows [c·rows_per_item, (c+1)·rows_per_item)."""
+    n_items = claims_i64.shape[0] - 1
+    M = x2d_f32.shape[0]
+    for j in range(n_items):
+        c = item_to_try(j, n_items, thread, threads)
+        if take_item(claims_i64, c):
+            _quantize_padded_rows_kernel(x2d_f32, inv_f32, zp_f32, fma, out_u8, row_sums_i32, c * rows_per_item,
+                                         min(M, (c + 1) * rows_per_item))
+            finish_item(claims_i64)
+
+
+def quantize_padded_rows(x2d_f32: np.ndarray, inv_f32: np.float32, zp_f32: np.float32, lda: int,
+                         rounding: Rounding = "fbgemm_legacy_fma") -> tuple[np.ndarray, np.ndarray]:
+    """:func:`quantize_padded_rows_readable` in one Numba pass over x (the same bits), shared by the cores
+    (refquant._threads) from QUANTIZE_PARALLEL_MIN_SIZE elements on; every row is written by one thread.
+    ``x2d_f32``: C-contiguous float32 (M, K), finite (the caller checked); ``inv_f32`` = f32(1 / f32(scale))."""
+    M, K = x2d_f32.shape
+    out_u8 = np.empty((M, lda), np.uint8)
+    row_sums_i32 = np.empty(M, np.int32)
+    fma = rounding != "multiply_then_add"
+    rows_per_item = max(1, QUANTIZE_ITEM_SIZE // max(K, 1))
+    n_items = -(-M // rows_per_item)
+    threads = threads_for(n_items, DEFAULT_THREADS) if M * K >= QUANTIZE_PARALLEL_MIN_SIZE else 1
+    if threads == 1:
+        _quantize_padded_rows_kernel(x2d_f32, inv_f32, zp_f32, fma, out_u8, row_sums_i32, 0, M)
+    else:
+        share_items(_quantize_padded_rows_shared, n_items,
+                    [(x2d_f32, inv_f32, zp_f32, fma, out_u8, row_sums_i32, rows_per_item)] * threads)
+    return out_u8, row_sums_i32
 
 
 def _quantize_nearbyint_then_add(x_f32: np.ndarray, inv_f32: np.float32, zp: int,

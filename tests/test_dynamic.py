@@ -389,8 +389,8 @@ def test_large_k(rng, engine, onednn_kernel_in_torch):
 @pytest.mark.isa
 @pytest.mark.parametrize("engine", dq.ENGINES)
 def test_from_quantized_parity(rng, engine, onednn_kernel_in_torch, fbgemm_saturates_in_torch):
-    """linear_prepack + linear_dynamic(reduce_range=True/False) vs DynamicQuantizedLinear.from_quantized, with
-    symmetric and (not on onednn) affine weights, per tensor and per channel. With reduce_range=False, fbgemm/x86
+    """linear_prepack + linear_dynamic(reduce_range=True/False) vs DynamicQuantizedLinear.from_quantized (stages and
+    the fused call), with symmetric and (not on onednn) affine weights, per tensor and per channel. With reduce_range=False, fbgemm/x86
     use full 8-bit codes: the model saturates int16 pairs exactly when the probe says torch does."""
     count = 0
     n_problems = 30 if engine == "onednn" else 60
@@ -417,6 +417,7 @@ def test_from_quantized_parity(rng, engine, onednn_kernel_in_torch, fbgemm_satur
             st = layer.stages(x)
             what = f"{engine} problem {i} rr={reduce_range} ({kind}, x {x.shape}, affine {affine})"
             assert_same(st["output"], y, what)
+            assert_same(layer(x), y, f"{what}, the fused call (its row offsets from the quantize pass)")
             check_stages_against_torch(layer, st, x, w_i8, zps, what)
             count += 1
     assert count == 2 * n_problems
@@ -689,19 +690,134 @@ def test_float_output_kernel_equals_readable(rng):
                         dq.float_output_readable(raw, formula, s_x, s_w, bias), formula)
 
 
-def test_min_max_kernel_equals_readable(rng):
+def test_choose_quantization_params_kernel_equals_readable(rng):
+    """The Numba twin of eq. DQ2 (run inside the one-call input kernel) == choose_quantization_params, scale and
+    zero point, over ranges of every magnitude and sign: zeros, subnormals (the 0.1 fallback and the float32
+    reciprocal's overflow), around the 6.1e-5 cut-off (its three branches), constants, FLT_MAX, random bits, and
+    ranges whose zero point is an exact tie (round half to even)."""
+    flt_max = np.finfo(F32).max
+    edges = [0.0, -0.0, 1e-45, -1e-45, 2.9e-39, 3e-39, 1e-38, 7.7e-36, 7.8e-36, 6.1e-5 * 127, 6.1e-5 * 255, 1.0,
+             -1.0, 1e30, -1e30, flt_max, -flt_max]
+    ranges = [(a, b) for a in edges for b in edges]
+    bits = rng.integers(0, 2**32, 8000, dtype=np.uint64).astype(np.uint32).view(F32)
+    bits = bits[np.isfinite(bits)]
+    ranges += list(zip(bits[0::2], bits[1::2]))
+    ranges += [tuple(rng.standard_normal(2) * 10.0 ** rng.uniform(-44, 38)) for _ in range(3000)]
+    ranges += [(-i / 16, j / 16) for i in range(1, 129, 3) for j in range(1, 129, 2)]  # zero points at exact .5 ties
+    n = 0
+    for a, b in ranges:
+        lo, hi = sorted((F32(a), F32(b)))
+        for qmin, qmax in ((0, 255), (0, 127)):
+            want = dq.choose_quantization_params(lo, hi, qmin, qmax)
+            got = dq._choose_quantization_params_kernel(lo, hi, qmin, qmax)
+            assert got == want and type(got[0]) is float, (lo, hi, qmin, qmax, got, want)
+            n += 1
+    assert n > 8000
+
+
+@pytest.mark.parametrize("engine", dq.ENGINES)
+def test_one_call_input_kernel_equals_the_steps(rng, engine):
+    """Eqs. DQ1-DQ3 in one Numba call (inputs one thread handles) == the steps one by one (find_min_max,
+    choose_quantization_params, quantize_padded_rows, as for inputs the pool shares), every stage, every kind."""
+    kw = {"onednn_kernel": "brgemm_vnni"} if engine == "onednn" else {}
+    for i in range(60):
+        kind = INPUT_KINDS[i % len(INPUT_KINDS)]
+        shape, N = draw_shape(rng, kind)
+        layer = dq.DynamicQuantizedLinear.from_float(draw_weight(rng, N, shape[-1]), None, engine=engine,
+                                                     weight_qscheme=WEIGHT_QSCHEMES[i % 2], **kw)
+        x = draw_input(rng, shape, kind, engine)
+        assert 0 < x.size < layer._one_call_max_size
+        one_call = layer._quantized_input(x, False)
+        layer._one_call_max_size = 0
+        steps = layer._quantized_input(x, False)
+        assert one_call.keys() == steps.keys()
+        for key in one_call:
+            if isinstance(one_call[key], np.ndarray):
+                assert_same(one_call[key], steps[key], f"{engine} {kind} {key}")
+            elif key not in ("x", "lead_shape", "M"):
+                assert one_call[key] == steps[key] and type(one_call[key]) is type(steps[key]), (engine, kind, key)
+    x = rng.standard_normal((3, 5)).astype(F32)
+    x[1, 2] = np.inf
+    layer = dq.DynamicQuantizedLinear.from_float(rng.standard_normal((2, 5)).astype(F32), None, engine=engine, **kw)
+    with pytest.raises(ValueError, match="x must be finite"):
+        layer(x)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["one_thread", "pool"])
+def test_min_max_kernel_equals_readable(rng, monkeypatch, shared):
+    """find_min_max == find_min_max_readable, on one thread and shared by the pool in chunks of 7 elements (so
+    chunks of every position, and a short last one), for every input kind, random float32 bit patterns (±0,
+    subnormals, ±FLT_MAX; mixed signs, all positive, all negative), and a NaN or ±inf anywhere."""
+    if shared:
+        monkeypatch.setattr(dq, "MIN_MAX_PARALLEL_MIN_SIZE", 1)
+        monkeypatch.setattr(dq, "MIN_MAX_CHUNK", 7)
     for kind in INPUT_KINDS:
         for _ in range(20):
             x = draw_input(rng, (int(rng.integers(1, 3000)),), kind)
             lo, hi, finite = dq.find_min_max(x)
             assert (lo, hi, finite) == dq.find_min_max_readable(x) and finite
             assert lo.dtype == hi.dtype == np.float32
+    finite_bits = rng.integers(0, 2**32, 20_000, dtype=np.uint64).astype(np.uint32).view(F32)
+    finite_bits = finite_bits[np.isfinite(finite_bits)]
+    edges = F32([0.0, -0.0, 1e-45, -1e-45, 1.1754942e-38, np.finfo(F32).max, -np.finfo(F32).max])
+    for i in range(60):
+        x = np.concatenate([rng.choice(finite_bits, int(rng.integers(1, 200))), rng.choice(edges, 3)])
+        if i % 3:                                                      # all >= +0 or all <= -0 too
+            x = np.abs(x) if i % 3 == 1 else -np.abs(x)
+        rng.shuffle(x)
+        lo, hi, finite = dq.find_min_max(x)
+        want = dq.find_min_max_readable(x)
+        assert finite and want[2]
+        assert lo.view(np.uint32) == want[0].view(np.uint32) or lo == want[0] == 0  # the sign of a zero may differ
+        assert hi.view(np.uint32) == want[1].view(np.uint32) or hi == want[1] == 0
     x = rng.standard_normal(100).astype(F32)
-    for bad in (np.nan, np.inf, -np.inf):
-        y = x.copy()
-        y[int(rng.integers(100))] = bad
-        assert dq.find_min_max(y)[2] is False and dq.find_min_max_readable(y)[2] is False
+    for bad in (np.nan, np.inf, -np.inf, F32(-np.nan)):
+        for where in (0, int(rng.integers(1, 99)), 99):
+            y = x.copy()
+            y[where] = bad
+            assert dq.find_min_max(y)[2] is False and dq.find_min_max_readable(y)[2] is False
     assert dq.find_min_max(np.zeros(0, F32)) == (0, 0, True)
+    for v in (0.0, -3.5, 1e-40, np.finfo(F32).max):                      # a single element: min = max = it
+        assert dq.find_min_max(F32([v])) == (F32(v), F32(v), True)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["one_thread", "pool"])
+@pytest.mark.parametrize("rounding", ["fbgemm_legacy_fma", "multiply_then_add"])
+def test_quantize_padded_rows_equals_readable(rng, monkeypatch, rounding, shared):
+    """The input quantization of the fast path (codes, row sums, zero padding in one pass) == the NumPy statements
+    of eq. Q1 / Q1c, for every input kind at the engine's own qparams (ties a few ulps around code midpoints
+    included), huge and tiny magnitudes, M = 1, odd K, lda > K; on one thread and shared by the pool in items of
+    one or a few rows."""
+    if shared:
+        monkeypatch.setattr(refquant.quantize, "QUANTIZE_PARALLEL_MIN_SIZE", 1)
+        monkeypatch.setattr(refquant.quantize, "QUANTIZE_ITEM_SIZE", int(rng.integers(1, 600)))
+    engine = "onednn" if rounding == "multiply_then_add" else "fbgemm"
+    n = 0
+    for i in range(150):
+        kind = INPUT_KINDS[i % len(INPUT_KINDS)]
+        K = int(rng.choice([1, 2, 3, 4, 5, 17, 255, 257])) if rng.random() < 0.5 else int(rng.integers(1, 300))
+        M = 1 if kind == "single" or rng.random() < 0.2 else int(rng.integers(2, 40))
+        x = draw_input(rng, (M, K), kind, engine)
+        scale, zp = dq.choose_quantization_params(x.min(), x.max(), 0, 255, reduce_range=bool(i % 2))
+        s_x = dq.onednn_scale_round_trip(scale)[()] if engine == "onednn" else F32(scale)
+        if rng.random() < 0.2:                                        # codes beyond the range: saturation
+            s_x = F32(s_x * F32(rng.uniform(0.01, 0.5)))
+        inv, zp_f32 = F32(1) / s_x, F32(zp)
+        lda = -(-K // 4) * 4 + (4 * int(rng.integers(0, 3)) if rng.random() < 0.3 else 0)
+        got_codes, got_sums = refquant.quantize.quantize_padded_rows(x, inv, zp_f32, lda, rounding)
+        want_codes, want_sums = refquant.quantize.quantize_padded_rows_readable(x, inv, zp_f32, lda, rounding)
+        assert_same(got_codes, want_codes, f"codes, {kind}, M={M}, K={K}, lda={lda}")
+        assert_same(got_sums, want_sums, f"row sums, {kind}, M={M}, K={K}")
+        assert got_codes.shape == (M, lda) and (got_codes[:, K:] == 0).all()
+        n += 1
+    assert n == 150
+    if rounding == "fbgemm_legacy_fma":                               # eq. Q1's NaN and ±inf, as the readable path
+        x = F32([[np.nan, np.inf, -np.inf, 1.0, -1.0]])
+        got = refquant.quantize.quantize_padded_rows(x, F32(10), F32(3), 8, rounding)
+        want = refquant.quantize.quantize_padded_rows_readable(x, F32(10), F32(3), 8, rounding)
+        assert_same(got[0], want[0], "non-finite")
+        assert_same(got[1], want[1], "non-finite sums")
+        assert got[0][0, :5].tolist() == [255, 255, 0, 13, 0]
 
 
 def test_multiply_then_add_kernel_equals_readable(rng):
