@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Iterator
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -30,15 +32,93 @@ import numpy as np
 class _RefquantModel:
     """refquant.model, imported at its first use (reading a model): ``import crosscheck``, which exports
     :func:`from_torch`, then imports neither refquant nor Numba (the CLIs' ``--help``, a torch-only script such as
-    benchmarks/bench_crosscheck.py's baseline)."""
+    benchmarks/bench_crosscheck.py's baseline).
+
+    While :func:`from_torch` reads a float model with ``deferred=True`` (in this thread), a class of refquant.model
+    named here stands for itself: ``rm.Linear(w, b, relu=False)`` is a :class:`Deferred` constructor call, made by
+    :meth:`DeferredFloatModel.build`; only ``ModelError`` and ``FUNCTIONAL_METHODS`` import refquant.model then (an
+    error, a model with a FloatFunctional)."""
+
+    def __init__(self) -> None:
+        self._state = threading.local()
+
+    @contextlib.contextmanager
+    def deferring(self, on: bool) -> Iterator[None]:
+        saved = getattr(self._state, "deferring", False)
+        self._state.deferring = on
+        try:
+            yield
+        finally:
+            self._state.deferring = saved
 
     def __getattr__(self, name: str) -> Any:
+        if name[:1] != "_" and getattr(self._state, "deferring", False) and name not in _NOT_DEFERRED:
+            return functools.partial(Deferred, name)
         from refquant import model
 
         return getattr(model, name)
 
 
+_NOT_DEFERRED = ("ModelError", "FUNCTIONAL_METHODS")
 rm = _RefquantModel()
+
+
+class Deferred:
+    """One constructor call of refquant.model, made later: ``refquant.model.<name>(*args, **kwargs)`` (arguments
+    may hold Deferred calls, in tuples, lists and dicts). Plain data: it pickles without refquant."""
+
+    def __init__(self, name: str, *args: Any, **kwargs: Any) -> None:
+        self.name, self.args, self.kwargs = name, args, kwargs
+
+    def __repr__(self) -> str:
+        return f"Deferred({self.name!r}, {len(self.args)} args, {sorted(self.kwargs)})"
+
+    def build(self) -> Any:
+        from refquant import model
+
+        return getattr(model, self.name)(*_built(self.args), **_built(self.kwargs))
+
+
+def _built(value: Any) -> Any:
+    """``value`` with every :class:`Deferred` call in it made."""
+    if isinstance(value, Deferred):
+        return value.build()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_built(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _built(v) for k, v in value.items()}
+    return value
+
+
+@dataclass
+class DeferredFloatModel:
+    """What ``from_torch(float_model, deferred=True)`` read, before refquant.model is imported: the modules by path
+    and the graph as :class:`Deferred` calls, and each module's torch type (for the errors). :meth:`build` makes
+    the refquant.model.FloatModel that ``from_torch(float_model)`` returns, with the same checks and errors.
+
+    Why: the studies' torch worker (crosscheck.worker) is forked before the parent imports refquant and Numba
+    (~0.5-0.8 s), which then happens while the worker imports torch; the worker reads the float model without
+    them and the parent builds it."""
+
+    modules: dict[str, Deferred]
+    graph: Deferred
+    torch_types: dict[str, str]
+
+    def build(self) -> Any:
+        return _named_by_torch(lambda: rm.FloatModel(_built(self.modules), _built(self.graph)), self.torch_types)
+
+
+def built_float_model(model: Any) -> Any:
+    """A refquant.model.FloatModel: ``model`` itself, or the one a :class:`DeferredFloatModel` describes."""
+    return model.build() if isinstance(model, DeferredFloatModel) else model
+
+
+def _named_by_torch(make: Callable[[], Any], torch_types: dict[str, str]) -> Any:
+    """``make()``, with a refquant.model.ModelError naming the module's torch type instead of refquant's."""
+    try:
+        return make()
+    except rm.ModelError as e:
+        raise rm.ModelError(e.module, torch_types.get(e.module, e.type_name), e.reason) from None
 
 FUNCTIONAL_METHODS = ("add", "add_relu", "mul", "cat", "add_scalar", "mul_scalar", "matmul")
 """Every method of FloatFunctional / QFunctional; refquant supports those in refquant.model.FUNCTIONAL_METHODS."""
@@ -301,8 +381,8 @@ def _is_converted(root: nn.Module) -> bool:
     return found == {"converted"}
 
 
-def from_torch(model: nn.Module, engine: str | None = None, *, saturate_int16_pairs: bool = False
-               ) -> rm.FloatModel | rm.QuantizedModel:
+def from_torch(model: nn.Module, engine: str | None = None, *, saturate_int16_pairs: bool = False,
+               deferred: bool = False) -> rm.FloatModel | rm.QuantizedModel | DeferredFloatModel:
     """refquant's description of a torch eager model: a QuantizedModel for a converted model, a FloatModel for a
     float one (with QuantStub / DeQuantStub, un-prepared).
 
@@ -312,6 +392,8 @@ def from_torch(model: nn.Module, engine: str | None = None, *, saturate_int16_pa
             now. refquant models "fbgemm", "x86", "qnnpack" and "onednn" (oneDNN's matmul kernel can change per
             call: see refquant.model.QuantizedModel.trace's ``linear_kernels``).
         saturate_int16_pairs: model a CPU without VNNI in the quantized Linears (refquant.matmul eq. M2).
+        deferred: for a float model, return a :class:`DeferredFloatModel` (read without importing refquant;
+            ``.build()`` makes the FloatModel, with the same checks); a converted model is read at once.
 
     The converted model's ``num_threads`` is ``torch.get_num_threads()`` (quantized add / mul of >= 32,768
     elements depend on it; refquant.functional eq. F0).
@@ -322,16 +404,17 @@ def from_torch(model: nn.Module, engine: str | None = None, *, saturate_int16_pa
     converted = _is_converted(model)
     if not converted and engine is not None:
         raise ValueError(f"engine={engine!r} applies to a converted model; for a float model pass it to convert()")
-    fx_graph = _trace(model, CONVERTED_LEAVES if converted else FLOAT_LEAVES)
-    graph, used = _graph(model, fx_graph)
-    read = _converted_module if converted else _float_module
-    modules = {path: read(path, model.get_submodule(path)) for path in dict.fromkeys(used)}
+    defer = deferred and not converted
+    with rm.deferring(defer):
+        fx_graph = _trace(model, CONVERTED_LEAVES if converted else FLOAT_LEAVES)
+        graph, used = _graph(model, fx_graph)
+        read = _converted_module if converted else _float_module
+        modules = {path: read(path, model.get_submodule(path)) for path in dict.fromkeys(used)}
     torch_types = {path: _torch_type(model.get_submodule(path)) for path in modules}
-    try:
-        if not converted:
-            return rm.FloatModel(modules, graph)
-        engine = torch.backends.quantized.engine if engine is None else engine
-        return rm.QuantizedModel(modules, graph, engine=engine, num_threads=torch.get_num_threads(),
-                                 saturate_int16_pairs=saturate_int16_pairs)
-    except rm.ModelError as e:  # name torch's type, not refquant's
-        raise rm.ModelError(e.module, torch_types.get(e.module, e.type_name), e.reason) from None
+    if defer:
+        return DeferredFloatModel(modules, graph, torch_types)
+    if not converted:
+        return _named_by_torch(lambda: rm.FloatModel(modules, graph), torch_types)
+    engine = torch.backends.quantized.engine if engine is None else engine
+    return _named_by_torch(lambda: rm.QuantizedModel(modules, graph, engine=engine, num_threads=torch.get_num_threads(),
+                                                     saturate_int16_pairs=saturate_int16_pairs), torch_types)

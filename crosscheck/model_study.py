@@ -486,6 +486,23 @@ def receive_environment(events, config) -> dict:
     return torch_env
 
 
+def receive_model(events):
+    """torch's second event, the model's record, with its float model built in refquant (the worker reads it without
+    refquant: crosscheck.from_torch.DeferredFloatModel); a model refquant cannot run is a UsageError, as in the
+    worker (crosscheck.torch_model.quantize_and_record)."""
+    from .from_torch import built_float_model
+    from .worker import UsageError
+
+    kind, record = next(events)
+    assert kind == "model", kind
+    try:
+        record.float_model = built_float_model(record.float_model)
+    except ValueError as e:  # refquant.model.ModelError, or a model with a quantized output
+        events.close()
+        raise UsageError(f"the model cannot be studied: {e}") from None
+    return record
+
+
 @dataclass
 class ModelStudyResult(C.CountedRows):
     config: ModelConfig
@@ -513,8 +530,7 @@ def run_model_study(config: ModelConfig, *, progress: bool = False, torch_subpro
     events = start(config, progress=progress, torch_subprocess=torch_subprocess)
     with Progress("torch: import, build the model and its data, prepare, calibrate, convert", enabled=progress):
         torch_env = receive_environment(events, config)
-        kind, record = next(events)
-    assert kind == "model", kind
+        record = receive_model(events)
     env = environment(torch_env, config.engine, config.isa)
     with Progress("refquant: observers, convert", enabled=progress):
         comparison = ModelComparison(record, torch_env, perturb=Perturber(_perturb),

@@ -32,7 +32,8 @@ import numpy as np
 
 from . import compare as C
 from .isa import saturate_int16_pairs
-from .model_study import ModelComparison, Perturber, _flip_lsb, receive_environment, start  # noqa: F401
+from .model_study import (ModelComparison, Perturber, _flip_lsb, receive_environment, receive_model,  # noqa: F401
+                          start)
 from .model_study import environment as model_environment
 from .model_study import refquant_observer_state, warm_up_refquant  # noqa: F401  (re-exported)
 from .progress import Progress
@@ -296,19 +297,18 @@ def run_study(config: StudyConfig, *, progress: bool = False, plot_data: bool = 
     crosscheck.worker). ``_perturb`` is a test hook only: (field name, flat index) flips the lowest bit of that
     element of refquant's value right before it is compared, to prove a difference is caught and named.
     """
-    from refquant.pipeline import ObservedLinear, QuantizedLinearModel, linear_float
-
     perturb = Perturber(_perturb)
 
-    # 1. torch
+    # 1. torch (its worker forked before this process imports refquant, which it does meanwhile)
     events = start(config, progress=progress, torch_subprocess=torch_subprocess,
                    warm_up=lambda saturate: warm_up_refquant(
                        saturate, in_features=config.in_features, out_features=config.out_features,
                        calibration_shape=config.input_shape, forward_shapes=forward_batch_shapes(config)))
+    from refquant.pipeline import ObservedLinear, QuantizedLinearModel, linear_float
+
     with Progress("torch: import, prepare, calibrate, convert", enabled=progress):
         torch_env = receive_environment(events, config)
-        kind, record = next(events)
-    assert kind == "model", kind
+        record = receive_model(events)
 
     # 2. refquant, observers fed what torch's observers saw: the model study's mirror, under this study's names
     with Progress("refquant: observers, convert", enabled=progress):

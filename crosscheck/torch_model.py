@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import warnings
 from typing import Any, Iterator
 
@@ -149,8 +150,6 @@ def quantize_and_record(model: nn.Module, calibration: list[torch.Tensor], engin
     A model refquant cannot read (crosscheck.from_torch: an unsupported module, no QuantStub, control flow) is a
     UsageError naming the module; so is calibration data torch cannot run.
     """
-    from refquant.model import ModelError
-
     from .from_torch import from_torch
 
     check_engine(engine)
@@ -159,9 +158,9 @@ def quantize_and_record(model: nn.Module, calibration: list[torch.Tensor], engin
         warnings.simplefilter("always")
         model.eval()
         fused = torch.ao.quantization.fuse_modules(model, fusions) if fusions else model
-        try:
-            refquant_model = from_torch(fused)
-        except ModelError as e:
+        try:  # deferred in a worker forked before refquant was imported: the parent builds it (.build())
+            refquant_model = from_torch(fused, deferred="refquant.model" not in sys.modules)
+        except ValueError as e:  # refquant.model.ModelError, or a model with a quantized output
             raise UsageError(f"the model cannot be studied: {e}") from None
         fused.qconfig = torch.ao.quantization.get_default_qconfig(engine)
         prepared = torch.ao.quantization.prepare(fused)  # a copy: fused stays float

@@ -45,7 +45,8 @@ class ModelRecord:
     """
 
     engine: str
-    float_model: Any  # refquant.model.FloatModel: crosscheck.from_torch of the (fused) float model
+    float_model: Any  # refquant.model.FloatModel: crosscheck.from_torch of the (fused) float model (in a worker
+    # forked before refquant was imported, a crosscheck.from_torch.DeferredFloatModel: model_study.receive_model builds it)
     torch_types: dict[str, str]  # path -> the float module's type as torch prints it ("LinearReLU", "QuantStub")
     converted_types: dict[str, str]  # path -> the converted module's type ("QuantizedLinearReLU", "Quantize")
     observed: dict[str, list[np.ndarray]]  # observer owner path -> what its activation_post_process saw, in order

@@ -5,6 +5,7 @@ The random-model parity (from_torch(converted) reproduces torch bit for bit) is 
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -269,3 +270,77 @@ def test_bad_converted_models_give_one_clear_error(rng):
 def test_not_a_module():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         from_torch(np.zeros(3))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# deferred=True: the studies' torch worker reads a float model without importing refquant; the parent builds it
+# --------------------------------------------------------------------------------------------------------------
+
+def deferred_models():
+    """Float models of every supported module kind (and a fused LinearReLU)."""
+    torch.manual_seed(0)
+    fused = torch.ao.quantization.fuse_modules(
+        nn.Sequential(QuantStub(), nn.Linear(4, 3), nn.ReLU(), nn.Dropout(0.1), nn.Identity(), DeQuantStub()).eval(),
+        [["1", "2"]])
+    flat = nn.Sequential(QuantStub(), nn.Flatten(0, -1), nn.Linear(8, 2), DeQuantStub()).eval()
+    return [Residual().eval(), fused, flat, Wrap(nn.Linear(4, 4)).eval()]
+
+
+def same_float_model(a: rm.FloatModel, b: rm.FloatModel) -> None:
+    assert repr(a) == repr(b) and a.graph == b.graph and a.domain == b.domain
+    for path, mod in a.modules.items():
+        other = b.modules[path]
+        assert type(mod) is type(other), path
+        for name, value in vars(mod).items():
+            if isinstance(value, np.ndarray):
+                assert_same(value, vars(other)[name], f"{path}.{name}")
+            else:
+                assert value == vars(other)[name], (path, name)
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_a_deferred_read_builds_the_same_float_model(index):
+    import pickle
+
+    from crosscheck.from_torch import DeferredFloatModel, built_float_model
+
+    model = deferred_models()[index]
+    deferred = from_torch(model, deferred=True)
+    assert isinstance(deferred, DeferredFloatModel)
+    same_float_model(pickle.loads(pickle.dumps(deferred)).build(), from_torch(model))
+    plain = from_torch(model)
+    assert built_float_model(plain) is plain
+
+
+@pytest.mark.parametrize("build, words", BAD_FLOAT_MODELS)
+def test_a_deferred_read_of_a_bad_model_fails_with_the_same_error(build, words):
+    """Each error either while reading (the torch side) or when the parent builds the model: the same message."""
+    model = build()
+    if not isinstance(model, TwoOutputs) and not any(isinstance(m, nn.Dropout) for m in model.modules()):
+        model.eval()
+    with pytest.raises(ValueError) as direct:
+        from_torch(model)
+    with pytest.raises(ValueError, match=words) as deferred:
+        from_torch(model, deferred=True).build()
+    assert type(deferred.value) is type(direct.value) and str(deferred.value) == str(direct.value)
+
+
+def test_a_deferred_read_imports_no_refquant(tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import pickle, sys\n"
+        "sys.modules['refquant'] = None  # any import of refquant fails\n"
+        "import torch\n"
+        "from torch import nn\n"
+        "from torch.ao.quantization import DeQuantStub, QuantStub\n"
+        "from crosscheck.from_torch import from_torch\n"
+        "m = nn.Sequential(QuantStub(), nn.Linear(4, 3), nn.ReLU(), DeQuantStub()).eval()\n"
+        "d = from_torch(m, deferred=True)\n"
+        "sys.stdout.write(str(len(pickle.dumps(d))) + ' ' + str(sorted(d.modules)))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split(" ", 1)[1] == "['0', '1', '2', '3']"

@@ -375,3 +375,19 @@ def test_crosscheck_linear_runs_every_static_engine(engine, capsys):
     if engine == "onednn":
         assert set(doc["layers"][1]["kernels"]["fc"]) <= {"brgemm", "brgemm_amx", "gemm", "brgemm+pairs",
                                                           "gemm+pairs"}
+
+
+@pytest.mark.parametrize("kind", ["unsupported", "no_quantstub"])
+def test_a_bad_model_exits_2_from_a_fresh_process_too(tmp_path, kind):
+    """A fresh process forks its torch worker before importing refquant: the worker reads the float model without
+    it (crosscheck.from_torch deferred=True) and this process builds it, so an unsupported module is found by the
+    worker and a Linear without a QuantStub by this process: the same one line, exit 2, either way."""
+    source, words = BAD_MODELS[kind]
+    (tmp_path / f"bad_{kind}.py").write_text(source)
+    np.save(tmp_path / "calib.npy", np.ones((3, 4), np.float32))
+    proc = subprocess.run([sys.executable, "-m", "crosscheck.model", "--model", f"bad_{kind}:make", "--calib",
+                           "calib.npy", "--quiet"], capture_output=True, text=True, cwd=tmp_path, env=env_with_repo(),
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and "the model cannot be studied" in err[0], err
