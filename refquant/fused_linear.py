@@ -46,7 +46,8 @@ from numba.core.typing.typeof import Purpose
 from numba.extending import NativeValue, models, overload, register_model, typeof_impl, unbox
 
 from refquant.fixed_point import EPILOGUE_FUNCTIONS as INTEGER_EPILOGUE_FUNCTIONS
-from refquant.engines import fbgemm_requantize_channel, onednn_requantize_channel, qnnpack_requantize_channel
+from refquant.engines import (fbgemm_requantize_channel, onednn_requantize_channel, onednn_requantize_row,
+                              qnnpack_requantize_channel)
 from refquant.matmul import (
     _DOT4,
     K_BLOCK,
@@ -71,12 +72,21 @@ TILE_ROWS = 6
 # --------------------------------------------------------------------------------------------------------------
 
 _EPILOGUE_FUNCTIONS: dict[str, object] = {}  # name -> njit function (raw_i32, n, constants) -> uint8
+_ROW_FUNCTIONS: dict[str, object] = {}  # name -> njit function (raw_i32 row, n0, constants, out row), optional
 
 
-def register_epilogue(name: str, requantize_channel_fn) -> None:
+def register_epilogue(name: str, requantize_channel_fn, requantize_row_fn=None) -> None:
     """Let a requantizer with ``epilogue = name`` run fused: ``requantize_channel_fn(raw_i32, n, constants)`` is an
-    ``@njit(cache=True, inline="always")`` function returning channel n's uint8 code of one int32 ``raw``."""
+    ``@njit(cache=True, inline="always")`` function returning channel n's uint8 code of one int32 ``raw``.
+
+    ``requantize_row_fn(raw_i32, offset, n_valid, n0, constants, out, m)`` (optional, same decorator): ``out[m,
+    n0 + c] = requantize_channel_fn(raw_i32[offset + c], n0 + c, constants)`` for c < n_valid (<= 64), the same
+    bits 16 outputs at once (refquant._lanes); without it the fused kernel loops over ``requantize_channel_fn``."""
     _EPILOGUE_FUNCTIONS[name] = requantize_channel_fn
+    if requantize_row_fn is None:
+        _ROW_FUNCTIONS.pop(name, None)
+    else:
+        _ROW_FUNCTIONS[name] = requantize_row_fn
 
 
 class Epilogue:
@@ -122,9 +132,35 @@ def _requantize_channel_numba(epilogue, raw_i32, n, constants):
     return lambda epilogue, raw_i32, n, constants: fn(raw_i32, n, constants)
 
 
+def requantize_row(epilogue, raw_i32, offset, n_valid, n0, constants, out, m):
+    """out[m, n0 + c] = channel (n0 + c)'s code of raw_i32[offset + c], c < n_valid: ``epilogue``'s row function
+    where it registered one, else a loop over its per-element function (Numba only)."""
+    raise NotImplementedError("requantize_row is called from Numba kernels only")
+
+
+@overload(requantize_row, inline="always")
+def _requantize_row_numba(epilogue, raw_i32, offset, n_valid, n0, constants, out, m):
+    name = epilogue.epilogue_name
+    row_fn = _ROW_FUNCTIONS.get(name)
+    if row_fn is not None:
+        def by_row(epilogue, raw_i32, offset, n_valid, n0, constants, out, m):
+            row_fn(raw_i32, offset, n_valid, n0, constants, out, m)
+
+        return by_row
+    fn = _EPILOGUE_FUNCTIONS[name]
+
+    def by_element(epilogue, raw_i32, offset, n_valid, n0, constants, out, m):
+        if n0 < 0 or offset < 0 or m < 0:  # never: no negative-index wraparound below
+            return
+        for c in range(n_valid):
+            out[m, n0 + c] = fn(raw_i32[offset + c], n0 + c, constants)
+
+    return by_element
+
+
 register_epilogue("fbgemm", fbgemm_requantize_channel)
 register_epilogue("qnnpack", qnnpack_requantize_channel)
-register_epilogue("onednn", onednn_requantize_channel)
+register_epilogue("onednn", onednn_requantize_channel, onednn_requantize_row)
 for _variant, _fn in INTEGER_EPILOGUE_FUNCTIONS.items():  # requantization="tflite" etc. (refquant.fixed_point)
     register_epilogue(f"integer_{_variant}", _fn)
 del _variant, _fn
@@ -152,10 +188,10 @@ def _requantize_tile(epilogue, constants, acc_i32, acc_offset, m0, rows, n0, n_v
     for r in range(rows):
         m = m0 + r
         row = acc_offset + r * PANEL_COLS
-        for c in range(n_valid):
-            n = n0 + c
-            raw = zero_point_corrected(acc_i32[row + c], zx_col_i32[n], zw_i32[n], row_offsets_i32[m])
-            out_u8[m, n] = requantize_channel(epilogue, raw, n, constants)
+        row_offset = row_offsets_i32[m]
+        for c in range(n_valid):  # raw in place of the sums (a loop LLVM vectorises)
+            acc_i32[row + c] = zero_point_corrected(acc_i32[row + c], zx_col_i32[n0 + c], zw_i32[n0 + c], row_offset)
+        requantize_row(epilogue, acc_i32, row, n_valid, n0, constants, out_u8, m)
 
 
 # --------------------------------------------------------------------------------------------------------------
