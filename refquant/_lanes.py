@@ -134,6 +134,8 @@ add16_i32 = _binary("add16_i32", int32x16, lambda b, x, y: b.add(x, y))
 """Lane-wise int32 a + b, wrapping (``vpaddd``)."""
 sub16_i32 = _binary("sub16_i32", int32x16, lambda b, x, y: b.sub(x, y))
 """Lane-wise int32 a − b, wrapping (``vpsubd``)."""
+mul16_i32 = _binary("mul16_i32", int32x16, lambda b, x, y: b.mul(x, y))
+"""Lane-wise int32 a·b, its low 32 bits (``vpmulld``)."""
 min16_i32 = _binary("min16_i32", int32x16, lambda b, x, y: b.select(b.icmp_signed("<", x, y), x, y))
 """Lane-wise signed min (``vpminsd``)."""
 max16_i32 = _binary("max16_i32", int32x16, lambda b, x, y: b.select(b.icmp_signed(">", x, y), x, y))

@@ -258,6 +258,36 @@ def _fbgemm_requantize_rows(raw_i32, bias_mode, bias_f32, bias_term_f32, rcp_f32
 
 
 @njit(cache=True, inline="always")
+def fbgemm_requantize_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
+    """out_u8[m, n0 + c] = :func:`fbgemm_requantize_element` of raw_i32[offset + c] with channel n0 + c's
+    constants, c < n_valid, 16 outputs at once (refquant._lanes: the same operations and roundings; the per-tensor
+    bias term is the same single-rounding FMA, ``llvm.fma.v16f32``). tests/test_vector_epilogue.py proves it equal
+    to the element function."""
+    bias_mode, bias_f32, bias_term_f32, rcp_f32, mult_f32, output_zero_point, lo = constants
+    rcp = splat16_f32(rcp_f32)
+    low = splat16_i32(-256)
+    high = splat16_i32(511)
+    zero_point = splat16_i32(output_zero_point)
+    lower = splat16_i32(lo)
+    top = splat16_i32(255)
+    out_offset = m * out_u8.shape[1] + n0
+    for c in range(0, n_valid, 16):
+        lanes = n_valid - c
+        n = n0 + c
+        raw_f32 = to16_f32(load16(raw_i32, offset + c, lanes))  # cvtdq2ps
+        if bias_mode == 0:
+            t = raw_f32  # eq. L8a
+        elif bias_mode == 1:
+            t = add16_f32(raw_f32, load16(bias_term_f32, n, lanes))  # eq. L8b
+        else:
+            t = fma16_f32(load16(bias_f32, n, lanes), rcp, raw_f32)  # eq. L8c, one rounding
+        r = cvtps2dq16(mul16_f32(t, load16(mult_f32, n, lanes)))  # eqs. L9, L10
+        r = min16_i32(max16_i32(r, low), high)  # as the element function: changes no code
+        q = min16_i32(max16_i32(add16_i32(r, zero_point), lower), top)  # eq. L11
+        store16_u8(out_u8, out_offset + c, q, lanes)
+
+
+@njit(cache=True, inline="always")
 def fbgemm_requantize_channel(raw_i32, n, constants):
     """:func:`fbgemm_requantize_element` of raw[m, n] with channel n's constants taken from ``constants`` =
     FbgemmRequantizer.epilogue_constants() (the fused kernel's epilogue, refquant.fused_linear)."""

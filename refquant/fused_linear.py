@@ -46,10 +46,12 @@ from numba.core.typing.typeof import Purpose
 from numba.extending import NativeValue, models, overload, register_model, typeof_impl, unbox
 
 from refquant.fixed_point import EPILOGUE_FUNCTIONS as INTEGER_EPILOGUE_FUNCTIONS
-from refquant.engines import (fbgemm_requantize_channel, onednn_requantize_channel, onednn_requantize_row,
-                              qnnpack_requantize_channel)
+from refquant.engines import (fbgemm_requantize_channel, fbgemm_requantize_row, onednn_requantize_channel,
+                              onednn_requantize_row, qnnpack_requantize_channel)
+from refquant._lanes import load16, mul16_i32, splat16_i32, sub16_i32
 from refquant.matmul import (
     _DOT4,
+    _vec_store,
     K_BLOCK,
     K_GROUP,
     PANEL_COLS,
@@ -158,7 +160,7 @@ def _requantize_row_numba(epilogue, raw_i32, offset, n_valid, n0, constants, out
     return by_element
 
 
-register_epilogue("fbgemm", fbgemm_requantize_channel)
+register_epilogue("fbgemm", fbgemm_requantize_channel, fbgemm_requantize_row)
 register_epilogue("qnnpack", qnnpack_requantize_channel)
 register_epilogue("onednn", onednn_requantize_channel, onednn_requantize_row)
 for _variant, _fn in INTEGER_EPILOGUE_FUNCTIONS.items():  # requantization="tflite" etc. (refquant.fixed_point)
@@ -179,6 +181,20 @@ def zero_point_corrected(acc_i32, zx_col_i32, zw_i32, row_offset_i32):
     return np.int32(exact)  # keep the low 32 bits: int32's wrap
 
 
+@njit(cache=True, inline="always")
+def zero_point_corrected_row(acc_i32, offset, n_valid, n0, zx_col_i32, zw_i32, row_offset_i32):
+    """acc_i32[offset + c] = :func:`zero_point_corrected` of it for channel n0 + c (c < n_valid), in place, 16 at
+    once: int32 subtractions and the low 32 bits of z_w·row_offset (``vpsubd``, ``vpmulld``), which are those of the
+    exact value's (tests/test_vector_epilogue.py)."""
+    row_offset = splat16_i32(row_offset_i32)
+    for c in range(0, n_valid, 16):
+        lanes = n_valid - c
+        acc = load16(acc_i32, offset + c, lanes)
+        raw = sub16_i32(sub16_i32(acc, load16(zx_col_i32, n0 + c, lanes)),
+                        mul16_i32(load16(zw_i32, n0 + c, lanes), row_offset))
+        _vec_store(acc_i32, offset + c, raw, lanes)
+
+
 @njit(cache=True)
 def _requantize_tile(epilogue, constants, acc_i32, acc_offset, m0, rows, n0, n_valid, zx_col_i32, zw_i32,
                      row_offsets_i32, out_u8):
@@ -188,10 +204,42 @@ def _requantize_tile(epilogue, constants, acc_i32, acc_offset, m0, rows, n0, n_v
     for r in range(rows):
         m = m0 + r
         row = acc_offset + r * PANEL_COLS
-        row_offset = row_offsets_i32[m]
-        for c in range(n_valid):  # raw in place of the sums (a loop LLVM vectorises)
-            acc_i32[row + c] = zero_point_corrected(acc_i32[row + c], zx_col_i32[n0 + c], zw_i32[n0 + c], row_offset)
+        zero_point_corrected_row(acc_i32, row, n_valid, n0, zx_col_i32, zw_i32, row_offsets_i32[m])
         requantize_row(epilogue, acc_i32, row, n_valid, n0, constants, out_u8, m)
+
+
+@njit(cache=True)
+def requantize_rows_by_row_function(epilogue, raw_2d_i32, n0, constants, out_u8):
+    """out[m, n0:] from raw[m, n0:] by :func:`requantize_row` (the epilogue's row function), row by row; with
+    :func:`requantize_rows_by_element` and :func:`zero_point_corrected_rows`, what tests/test_vector_epilogue.py
+    compares (defined here so that an edit of refquant recompiles them)."""
+    n_valid = raw_2d_i32.shape[1] - n0
+    flat = raw_2d_i32.ravel()
+    for m in range(raw_2d_i32.shape[0]):
+        requantize_row(epilogue, flat, m * raw_2d_i32.shape[1] + n0, n_valid, n0, constants, out_u8, m)
+
+
+@njit(cache=True)
+def requantize_rows_by_element(epilogue, raw_2d_i32, n0, constants, out_u8):
+    """out[m, n] from raw[m, n], n >= n0, by :func:`requantize_channel` (the per-element function)."""
+    for m in range(raw_2d_i32.shape[0]):
+        for n in range(n0, raw_2d_i32.shape[1]):
+            out_u8[m, n] = requantize_channel(epilogue, raw_2d_i32[m, n], n, constants)
+
+
+@njit(cache=True)
+def zero_point_corrected_rows(acc_2d_i32, n0, zx_col_i32, zw_i32, row_offsets_i32, by_lanes, by_element):
+    """by_element[m, n] = :func:`zero_point_corrected` of acc[m, n] (n >= n0); by_lanes (a copy of acc) corrected
+    in place by :func:`zero_point_corrected_row`."""
+    n_valid = acc_2d_i32.shape[1] - n0
+    for m in range(acc_2d_i32.shape[0]):
+        for n in range(n0, acc_2d_i32.shape[1]):
+            by_element[m, n] = zero_point_corrected(acc_2d_i32[m, n], zx_col_i32[n], zw_i32[n],
+                                                       row_offsets_i32[m])
+    flat = by_lanes.ravel()
+    for m in range(acc_2d_i32.shape[0]):
+        zero_point_corrected_row(flat, m * acc_2d_i32.shape[1] + n0, n_valid, n0, zx_col_i32, zw_i32,
+                                    row_offsets_i32[m])
 
 
 # --------------------------------------------------------------------------------------------------------------
