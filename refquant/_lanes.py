@@ -215,3 +215,61 @@ def saturate_u8_16_f32(typingctx, v):
         return builder.fptosi(_call(builder, "llvm.rint.v16f32", _V16_F32, [c]), _V16_I32)
 
     return int32x16(float32x16), codegen
+
+
+_I64 = ir.IntType(64)
+_V16_I64 = ir.VectorType(_I64, 16)
+
+
+def _c64(value: int):
+    return ir.Constant(_V16_I64, [value] * 16)
+
+
+@intrinsic
+def tflite_requantize16(typingctx, raw, bias, multiplier, shift, zero_point, quant_min, quant_max):
+    """refquant.fixed_point.requantize_tflite_scalar on 16 lanes (int32x16 raw, bias, multiplier, shift; splat
+    zero_point, quant_min, quant_max as int32x16) -> int32x16 codes: each int64 step of the scalar function is one
+    ``<16 x i64>`` operation (two zmm registers of 8 lanes), the same shifts, products, nudges and selects::
+
+        acc = wrap32(raw + bias);  left = max(shift, 0);  right = max(−shift, 0)
+        x = wrap32(acc · 2^left)
+        SRDHM: INT32_MAX if x = M = INT32_MIN; ab = x·M; v = ab + (2^30 if ab >= 0 else 1 − 2^30);
+               h = v >> 31 if v >= 0 else −((−v) >> 31)
+        RDBPOT: mask = 2^right − 1; (h >> right) + ((h & mask) > (mask >> 1) + (h < 0))
+        q = clamp(wrap32(that + z_y), quant_min, quant_max)
+    """
+    sig = int32x16(int32x16, int32x16, int32x16, int32x16, int32x16, int32x16, int32x16)
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        raw_v, bias_v, mult_v, shift_v, zp_v, qmin_v, qmax_v = (b.sext(a, _V16_I64) for a in args)
+        zero, one = _c64(0), _c64(1)
+
+        def wrap32(v):  # ((v + 2^31) & 0xFFFFFFFF) − 2^31, the int32 value v wraps to, is sext(trunc32(v)); LLVM
+            return b.sext(b.trunc(v, _V16_I32), _V16_I64)  # then knows x·M below is 32 x 32 bits (vpmuldq)
+
+        def select_max(x, y):
+            return b.select(b.icmp_signed(">", x, y), x, y)
+
+        acc = wrap32(b.add(raw_v, bias_v))
+        left = b.select(b.icmp_signed(">", shift_v, zero), shift_v, zero)
+        right = b.select(b.icmp_signed("<", shift_v, zero), b.neg(shift_v), zero)
+        x = wrap32(b.shl(acc, left))  # acc·2^left: the same low 64 bits
+        # SaturatingRoundingDoublingHighMul(x, M)
+        overflow = b.and_(b.icmp_signed("==", x, mult_v), b.icmp_signed("==", x, _c64(-(2**31))))
+        ab = b.mul(x, mult_v)
+        nudge = b.select(b.icmp_signed(">=", ab, zero), _c64(1 << 30), _c64(1 - (1 << 30)))
+        v = b.add(ab, nudge)
+        high = b.select(b.icmp_signed(">=", v, zero), b.ashr(v, _c64(31)), b.neg(b.ashr(b.neg(v), _c64(31))))
+        high = b.select(overflow, _c64(2**31 - 1), high)
+        # RoundingDivideByPOT(high, right)
+        mask = b.sub(b.shl(one, right), one)
+        remainder = b.and_(high, mask)
+        threshold = b.add(b.ashr(mask, one), b.zext(b.icmp_signed("<", high, zero), _V16_I64))
+        divided = b.add(b.ashr(high, right), b.zext(b.icmp_signed(">", remainder, threshold), _V16_I64))
+        q = wrap32(b.add(divided, zp_v))
+        q = select_max(q, qmin_v)  # _clamp_scalar: below quant_min -> quant_min, above quant_max -> quant_max
+        q = b.select(b.icmp_signed(">", q, qmax_v), qmax_v, q)
+        return b.trunc(q, _V16_I32)
+
+    return sig, codegen

@@ -46,6 +46,7 @@ from numba.core.typing.typeof import Purpose
 from numba.extending import NativeValue, models, overload, register_model, typeof_impl, unbox
 
 from refquant.fixed_point import EPILOGUE_FUNCTIONS as INTEGER_EPILOGUE_FUNCTIONS
+from refquant.fixed_point import ROW_FUNCTIONS as INTEGER_ROW_FUNCTIONS
 from refquant.engines import (fbgemm_requantize_channel, fbgemm_requantize_row, onednn_requantize_channel,
                               onednn_requantize_row, qnnpack_requantize_channel)
 from refquant._lanes import load16, mul16_i32, splat16_i32, sub16_i32
@@ -164,7 +165,7 @@ register_epilogue("fbgemm", fbgemm_requantize_channel, fbgemm_requantize_row)
 register_epilogue("qnnpack", qnnpack_requantize_channel)
 register_epilogue("onednn", onednn_requantize_channel, onednn_requantize_row)
 for _variant, _fn in INTEGER_EPILOGUE_FUNCTIONS.items():  # requantization="tflite" etc. (refquant.fixed_point)
-    register_epilogue(f"integer_{_variant}", _fn)
+    register_epilogue(f"integer_{_variant}", _fn, INTEGER_ROW_FUNCTIONS.get(_variant))
 del _variant, _fn
 
 

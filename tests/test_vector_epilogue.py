@@ -103,3 +103,16 @@ def test_zero_point_correction_in_lanes_equals_the_scalar_one(rng):
             wrapped = (((exact + 2**31) & 0xFFFFFFFF) - 2**31).astype(np.int32)
             assert_same(by_element[:, n0:], wrapped[:, n0:], f"zero_point_corrected vs exact, N={N}")
             assert_same(by_lanes, by_element, f"zero_point_corrected_row vs zero_point_corrected, N={N} n0={n0}")
+
+
+@pytest.mark.parametrize("N", [1, 17, 64, 70])
+def test_tflite_row_equals_element_and_readable(rng, N):
+    """requantization="tflite" (Q31 doubling high multiply + rounding right shift, in int64 lanes)."""
+    for i, (ql, step) in enumerate(layers(rng, "fbgemm", N, requantization="tflite")):
+        check_rows(rng, ql, step, f"tflite N={N} layer {i}")
+
+
+def test_every_row_function_is_registered_with_its_element_function():
+    """The engines' float paths served with a row function (the others loop over their element function)."""
+    assert {"fbgemm", "onednn", "integer_tflite"} <= set(fl._ROW_FUNCTIONS)
+    assert set(fl._ROW_FUNCTIONS) <= set(fl._EPILOGUE_FUNCTIONS)
