@@ -55,21 +55,21 @@ def layers(rng, engine: str, N: int, **options):
                                                          engine=engine, **options), 16
 
 
-def check_rows(rng, ql: QuantizedLinear, ties_step: int, what: str) -> None:
+def check_rows(rng, ql: QuantizedLinear, ties_step: int, what: str, raw: np.ndarray | None = None) -> None:
     rq = ql.requantizer
     assert rq.epilogue in fl._ROW_FUNCTIONS, what
     N = ql.out_features
-    raw = edge_raw(rng, 9, N, ties_step)
+    raw = edge_raw(rng, 9, N, ties_step) if raw is None else raw
     readable = ql.requantize(raw, readable=True)
     constants = rq.epilogue_constants()
     epilogue = fl.Epilogue(rq.epilogue)
-    by_element = np.zeros((9, N), np.uint8)
+    by_element = np.zeros(raw.shape, np.uint8)
     fl.requantize_rows_by_element(epilogue, raw, 0, constants, by_element)
     assert_same(by_element, readable, f"element function vs readable stages, {what}")
     for n0 in (0, 1, 15, 16, 17, N - 1):  # rows of every length, starting anywhere
         if not 0 <= n0 < N:
             continue
-        by_row = np.full((9, N), 7, np.uint8)
+        by_row = np.full(raw.shape, 7, np.uint8)
         fl.requantize_rows_by_row_function(epilogue, raw, n0, constants, by_row)
         assert_same(by_row[:, n0:], by_element[:, n0:], f"row function vs element function, n0={n0}, {what}")
         assert (by_row[:, :n0] == 7).all(), f"row function wrote before channel n0={n0}, {what}"
@@ -79,6 +79,25 @@ def check_rows(rng, ql: QuantizedLinear, ties_step: int, what: str) -> None:
 def test_fbgemm_row_equals_element_and_readable(rng, N):
     for i, (ql, step) in enumerate(layers(rng, "fbgemm", N)):
         check_rows(rng, ql, step, f"fbgemm N={N} layer {i} {ql.requantizer!r}"[:400])
+
+
+def test_fbgemm_row_keeps_the_per_tensor_bias_fma(rng):
+    """Per-tensor weights: t = fmaf(bias, f32(1/atws), f32(raw)), ONE rounding (eq. L8c). With atws = 3 and mult =
+    1, raw ≈ −bias/3 cancels the bias term's high bits, and a product rounded on its own first (vmulps then vaddps)
+    moves some codes: the test first checks that these inputs tell the two apart."""
+    from refquant._float32 import cvtps2dq, fmaf
+
+    N, M = 64, 64
+    bias = (rng.integers(-2**20, 2**20, N) / 8).astype(np.float32)
+    rcp = np.float32(1 / np.float64(3.0))
+    raw = (-np.rint(bias.astype(np.float64) / 3) + rng.integers(-100, 100, (M, N))).astype(np.int32)
+    fused = fmaf(bias, rcp, raw.astype(np.float32))
+    separate = ((bias * rcp).astype(np.float32) + raw.astype(np.float32)).astype(np.float32)
+    assert (cvtps2dq(fused) != cvtps2dq(separate)).any(), "inputs must separate FMA from multiply-then-add"
+    ql = QuantizedLinear.from_quantized(rng.integers(-128, 128, (N, 8), dtype=np.int8), 3.0, 0, bias, 1.0, 0, 3.0,
+                                        128, engine="fbgemm")
+    assert ql.requantizer.bias_mode == 2  # FBGEMM_BIAS_FMA
+    check_rows(rng, ql, 2, "fbgemm per-tensor bias FMA", raw=raw)
 
 
 @pytest.mark.parametrize("kernel", ONEDNN_KERNELS)
