@@ -57,6 +57,8 @@ from numba import njit
 
 from ._dispatch import SmallCalls
 from ._float32 import cvtps2dq, fma_f32, fmaf
+from ._lanes import (add16_f32, add16_i32, cvtps2dq16, fma16_f32, load16, max16_i32, min16_i32, mul16_f32,
+                     relu16_f32, saturate_u8_16_f32, splat16_f32, splat16_i32, store16_u8, sub16_i32, to16_f32)
 from .quantize import quantize_per_channel, quantize_per_tensor
 
 ENGINES: tuple[str, ...] = ("fbgemm", "x86", "qnnpack", "onednn")
@@ -267,6 +269,36 @@ def _fbgemm_requantize_rows(raw_i32, bias_mode, bias_f32, bias_term_f32, rcp_f32
         for n in range(raw_i32.shape[1]):
             out_u8[m, n] = fbgemm_requantize_element(raw_i32[m, n], bias_mode, bias_f32[n], bias_term_f32[n],
                                                      rcp_f32, mult_f32[n], output_zero_point, lo)
+
+
+@njit(cache=True, inline="always")
+def fbgemm_requantize_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
+    """out_u8[m, n0 + c] = :func:`fbgemm_requantize_element` of raw_i32[offset + c] with channel n0 + c's
+    constants, c < n_valid, 16 outputs at once (refquant._lanes: the same operations and roundings; the per-tensor
+    bias term is the same single-rounding FMA, ``llvm.fma.v16f32``). tests/test_vector_epilogue.py proves it equal
+    to the element function."""
+    bias_mode, bias_f32, bias_term_f32, rcp_f32, mult_f32, output_zero_point, lo = constants
+    rcp = splat16_f32(rcp_f32)
+    low = splat16_i32(-256)
+    high = splat16_i32(511)
+    zero_point = splat16_i32(output_zero_point)
+    lower = splat16_i32(lo)
+    top = splat16_i32(255)
+    out_offset = m * out_u8.shape[1] + n0
+    for c in range(0, n_valid, 16):
+        lanes = n_valid - c
+        n = n0 + c
+        raw_f32 = to16_f32(load16(raw_i32, offset + c, lanes))  # cvtdq2ps
+        if bias_mode == 0:
+            t = raw_f32  # eq. L8a
+        elif bias_mode == 1:
+            t = add16_f32(raw_f32, load16(bias_term_f32, n, lanes))  # eq. L8b
+        else:
+            t = fma16_f32(load16(bias_f32, n, lanes), rcp, raw_f32)  # eq. L8c, one rounding
+        r = cvtps2dq16(mul16_f32(t, load16(mult_f32, n, lanes)))  # eqs. L9, L10
+        r = min16_i32(max16_i32(r, low), high)  # as the element function: changes no code
+        q = min16_i32(max16_i32(add16_i32(r, zero_point), lower), top)  # eq. L11
+        store16_u8(out_u8, out_offset + c, q, lanes)
 
 
 @njit(cache=True, inline="always")
@@ -671,6 +703,40 @@ def onednn_requantize_channel(raw_i32, n, constants):
     return onednn_requantize_element(raw_i32, kernel_code, compensation_i32[n], input_scale_onednn_f32,
                                      weight_scales_onednn_f32[n], output_scales_f32[n], has_bias, bias_f32[n],
                                      relu, dst_multiplier_f32, zero_point_f32)
+
+
+@njit(cache=True, inline="always")
+def onednn_requantize_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
+    """out_u8[m, n0 + c] = :func:`onednn_requantize_element` of raw_i32[offset + c] with channel n0 + c's
+    constants, c < n_valid (a row of the fused kernel's epilogue, refquant.fused_linear), 16 outputs at once: each
+    step of the element function is one 16-lane operation of refquant._lanes with the same rounding, in the same
+    order (no FMA: oneDNN's epilogue has none). tests/test_vector_epilogue.py proves it equal to the element
+    function."""
+    (kernel_code, compensation_i32, input_scale_onednn_f32, weight_scales_onednn_f32, output_scales_f32, has_bias,
+     bias_f32, relu, dst_multiplier_f32, zero_point_f32) = constants
+    input_scale = splat16_f32(input_scale_onednn_f32)
+    dst_multiplier = splat16_f32(dst_multiplier_f32)
+    zero_point = splat16_f32(zero_point_f32)
+    out_offset = m * out_u8.shape[1] + n0
+    for c in range(0, n_valid, 16):
+        lanes = n_valid - c
+        n = n0 + c
+        raw = load16(raw_i32, offset + c, lanes)
+        if kernel_code == 1:  # eq. DN4b: Σ x·w (int32 wrap), then the compensation added in float32
+            compensation = load16(compensation_i32, n, lanes)
+            t = add16_f32(to16_f32(sub16_i32(raw, compensation)), to16_f32(compensation))
+        else:
+            t = to16_f32(raw)  # eq. DN4a
+        if kernel_code == 0:  # eq. DN5a
+            v = mul16_f32(mul16_f32(t, input_scale), load16(weight_scales_onednn_f32, n, lanes))
+        else:  # eq. DN5b
+            v = mul16_f32(t, load16(output_scales_f32, n, lanes))
+        if has_bias:
+            v = add16_f32(v, load16(bias_f32, n, lanes))  # eq. DN5c
+        if relu:
+            v = relu16_f32(v)
+        v = add16_f32(mul16_f32(v, dst_multiplier), zero_point)  # eq. DN6
+        store16_u8(out_u8, out_offset + c, saturate_u8_16_f32(v), lanes)  # eq. DN7, vpmovusdb
 
 
 @njit(cache=True)

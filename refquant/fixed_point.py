@@ -110,6 +110,7 @@ import numpy as np
 from numba import njit
 
 from . import engines as _engines_module  # the Requantizer seam (refquant.engines does not import this module)
+from ._lanes import load16, splat16_i32, store16_u8, tflite_requantize16
 
 VARIANTS: tuple[str, ...] = ("fbgemm_fixed_point", "tflite", "tflite_single_rounding", "float_int32_bias")
 """The integer requantization variants, by the names issue 11 gives them."""
@@ -754,6 +755,27 @@ def requantize_float_int32_bias_channel(raw_i32, n, constants):
     return np.uint8(requantize_float_int32_bias_scalar(raw_i32, bias_i32[n], output_multiplier_f32[n], zero_point,
                                                        quant_min, quant_max))
 
+
+@njit(cache=True, inline="always")
+def requantize_tflite_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
+    """out_u8[m, n0 + c] = :func:`requantize_tflite_channel` of raw_i32[offset + c], c < n_valid, 16 outputs at
+    once (refquant._lanes.tflite_requantize16: the scalar function's int64 steps on 16 lanes; codes stored as
+    uint8, as the channel function's ``np.uint8``). tests/test_vector_epilogue.py proves it equal."""
+    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max = constants
+    zp = splat16_i32(zero_point)
+    qmin = splat16_i32(quant_min)
+    qmax = splat16_i32(quant_max)
+    out_offset = m * out_u8.shape[1] + n0
+    for c in range(0, n_valid, 16):
+        lanes = n_valid - c
+        n = n0 + c
+        q = tflite_requantize16(load16(raw_i32, offset + c, lanes), load16(bias_i32, n, lanes),
+                                load16(multiplier_i32, n, lanes), load16(shift_i32, n, lanes), zp, qmin, qmax)
+        store16_u8(out_u8, out_offset + c, q, lanes)
+
+
+ROW_FUNCTIONS = {"tflite": requantize_tflite_row}
+"""The variants with a 16-lane row function (refquant.fused_linear's optional ``requantize_row_fn``)."""
 
 EPILOGUE_FUNCTIONS = {"fbgemm_fixed_point": requantize_fbgemm_fixed_point_channel,
                       "tflite": requantize_tflite_channel,

@@ -29,6 +29,13 @@ Matches: pytorch/FBGEMM src/ExecuteKernelU8S8.cc (ExecuteKernel::execute: after 
 block, ``outputProcess_.f`` runs on it) with include/fbgemm/OutputProcessing-inl.h (ReQuantizeOutput::f: the
 row/column offset corrections, then requantization, of that block) — fbgemm's output pipeline.
 
+Row by row, 16 outputs at once: :func:`zero_point_corrected_row` is the zero-point step on 16 int32 lanes, and an
+epilogue may register a row function (``register_epilogue(name, fn, row_fn)``: fbgemm's, onednn's and tflite's do,
+refquant.engines / refquant.fixed_point ``*_requantize_row``) which runs its per-element formula on 16 lanes with
+the same operations and roundings (refquant._lanes); the others loop over their per-element function
+(:func:`requantize_row`). tests/test_vector_epilogue.py proves each row function equal to its element function and
+to the readable stages. (LLVM's loop vectoriser, tried first, gave no gain on the per-element functions here.)
+
 A scheme joins by naming its epilogue (``Requantizer.epilogue``, ``Requantizer.epilogue_constants()``) and
 registering its per-element function here (:func:`register_epilogue`) before the first fused call. The fused
 kernels hold the code of those functions of other modules; their cache entries stay valid only while no refquant
@@ -46,9 +53,13 @@ from numba.core.typing.typeof import Purpose
 from numba.extending import NativeValue, models, overload, register_model, typeof_impl, unbox
 
 from refquant.fixed_point import EPILOGUE_FUNCTIONS as INTEGER_EPILOGUE_FUNCTIONS
-from refquant.engines import fbgemm_requantize_channel, onednn_requantize_channel, qnnpack_requantize_channel
+from refquant.fixed_point import ROW_FUNCTIONS as INTEGER_ROW_FUNCTIONS
+from refquant.engines import (fbgemm_requantize_channel, fbgemm_requantize_row, onednn_requantize_channel,
+                              onednn_requantize_row, qnnpack_requantize_channel)
+from refquant._lanes import load16, mul16_i32, splat16_i32, sub16_i32
 from refquant.matmul import (
     _DOT4,
+    _vec_store,
     K_BLOCK,
     K_GROUP,
     PANEL_COLS,
@@ -71,12 +82,21 @@ TILE_ROWS = 6
 # --------------------------------------------------------------------------------------------------------------
 
 _EPILOGUE_FUNCTIONS: dict[str, object] = {}  # name -> njit function (raw_i32, n, constants) -> uint8
+_ROW_FUNCTIONS: dict[str, object] = {}  # name -> njit function (raw_i32 row, n0, constants, out row), optional
 
 
-def register_epilogue(name: str, requantize_channel_fn) -> None:
+def register_epilogue(name: str, requantize_channel_fn, requantize_row_fn=None) -> None:
     """Let a requantizer with ``epilogue = name`` run fused: ``requantize_channel_fn(raw_i32, n, constants)`` is an
-    ``@njit(cache=True, inline="always")`` function returning channel n's uint8 code of one int32 ``raw``."""
+    ``@njit(cache=True, inline="always")`` function returning channel n's uint8 code of one int32 ``raw``.
+
+    ``requantize_row_fn(raw_i32, offset, n_valid, n0, constants, out, m)`` (optional, same decorator): ``out[m,
+    n0 + c] = requantize_channel_fn(raw_i32[offset + c], n0 + c, constants)`` for c < n_valid (<= 64), the same
+    bits 16 outputs at once (refquant._lanes); without it the fused kernel loops over ``requantize_channel_fn``."""
     _EPILOGUE_FUNCTIONS[name] = requantize_channel_fn
+    if requantize_row_fn is None:
+        _ROW_FUNCTIONS.pop(name, None)
+    else:
+        _ROW_FUNCTIONS[name] = requantize_row_fn
 
 
 class Epilogue:
@@ -122,11 +142,37 @@ def _requantize_channel_numba(epilogue, raw_i32, n, constants):
     return lambda epilogue, raw_i32, n, constants: fn(raw_i32, n, constants)
 
 
-register_epilogue("fbgemm", fbgemm_requantize_channel)
+def requantize_row(epilogue, raw_i32, offset, n_valid, n0, constants, out, m):
+    """out[m, n0 + c] = channel (n0 + c)'s code of raw_i32[offset + c], c < n_valid: ``epilogue``'s row function
+    where it registered one, else a loop over its per-element function (Numba only)."""
+    raise NotImplementedError("requantize_row is called from Numba kernels only")
+
+
+@overload(requantize_row, inline="always")
+def _requantize_row_numba(epilogue, raw_i32, offset, n_valid, n0, constants, out, m):
+    name = epilogue.epilogue_name
+    row_fn = _ROW_FUNCTIONS.get(name)
+    if row_fn is not None:
+        def by_row(epilogue, raw_i32, offset, n_valid, n0, constants, out, m):
+            row_fn(raw_i32, offset, n_valid, n0, constants, out, m)
+
+        return by_row
+    fn = _EPILOGUE_FUNCTIONS[name]
+
+    def by_element(epilogue, raw_i32, offset, n_valid, n0, constants, out, m):
+        if n0 < 0 or offset < 0 or m < 0:  # never: no negative-index wraparound below
+            return
+        for c in range(n_valid):
+            out[m, n0 + c] = fn(raw_i32[offset + c], n0 + c, constants)
+
+    return by_element
+
+
+register_epilogue("fbgemm", fbgemm_requantize_channel, fbgemm_requantize_row)
 register_epilogue("qnnpack", qnnpack_requantize_channel)
-register_epilogue("onednn", onednn_requantize_channel)
+register_epilogue("onednn", onednn_requantize_channel, onednn_requantize_row)
 for _variant, _fn in INTEGER_EPILOGUE_FUNCTIONS.items():  # requantization="tflite" etc. (refquant.fixed_point)
-    register_epilogue(f"integer_{_variant}", _fn)
+    register_epilogue(f"integer_{_variant}", _fn, INTEGER_ROW_FUNCTIONS.get(_variant))
 del _variant, _fn
 
 
@@ -143,6 +189,20 @@ def zero_point_corrected(acc_i32, zx_col_i32, zw_i32, row_offset_i32):
     return np.int32(exact)  # keep the low 32 bits: int32's wrap
 
 
+@njit(cache=True, inline="always")
+def zero_point_corrected_row(acc_i32, offset, n_valid, n0, zx_col_i32, zw_i32, row_offset_i32):
+    """acc_i32[offset + c] = :func:`zero_point_corrected` of it for channel n0 + c (c < n_valid), in place, 16 at
+    once: int32 subtractions and the low 32 bits of z_w·row_offset (``vpsubd``, ``vpmulld``), which are those of the
+    exact value's (tests/test_vector_epilogue.py)."""
+    row_offset = splat16_i32(row_offset_i32)
+    for c in range(0, n_valid, 16):
+        lanes = n_valid - c
+        acc = load16(acc_i32, offset + c, lanes)
+        raw = sub16_i32(sub16_i32(acc, load16(zx_col_i32, n0 + c, lanes)),
+                        mul16_i32(load16(zw_i32, n0 + c, lanes), row_offset))
+        _vec_store(acc_i32, offset + c, raw, lanes)
+
+
 @njit(cache=True)
 def _requantize_tile(epilogue, constants, acc_i32, acc_offset, m0, rows, n0, n_valid, zx_col_i32, zw_i32,
                      row_offsets_i32, out_u8):
@@ -152,10 +212,42 @@ def _requantize_tile(epilogue, constants, acc_i32, acc_offset, m0, rows, n0, n_v
     for r in range(rows):
         m = m0 + r
         row = acc_offset + r * PANEL_COLS
-        for c in range(n_valid):
-            n = n0 + c
-            raw = zero_point_corrected(acc_i32[row + c], zx_col_i32[n], zw_i32[n], row_offsets_i32[m])
-            out_u8[m, n] = requantize_channel(epilogue, raw, n, constants)
+        zero_point_corrected_row(acc_i32, row, n_valid, n0, zx_col_i32, zw_i32, row_offsets_i32[m])
+        requantize_row(epilogue, acc_i32, row, n_valid, n0, constants, out_u8, m)
+
+
+@njit(cache=True)
+def requantize_rows_by_row_function(epilogue, raw_2d_i32, n0, constants, out_u8):
+    """out[m, n0:] from raw[m, n0:] by :func:`requantize_row` (the epilogue's row function), row by row; with
+    :func:`requantize_rows_by_element` and :func:`zero_point_corrected_rows`, what tests/test_vector_epilogue.py
+    compares (defined here so that an edit of refquant recompiles them)."""
+    n_valid = raw_2d_i32.shape[1] - n0
+    flat = raw_2d_i32.ravel()
+    for m in range(raw_2d_i32.shape[0]):
+        requantize_row(epilogue, flat, m * raw_2d_i32.shape[1] + n0, n_valid, n0, constants, out_u8, m)
+
+
+@njit(cache=True)
+def requantize_rows_by_element(epilogue, raw_2d_i32, n0, constants, out_u8):
+    """out[m, n] from raw[m, n], n >= n0, by :func:`requantize_channel` (the per-element function)."""
+    for m in range(raw_2d_i32.shape[0]):
+        for n in range(n0, raw_2d_i32.shape[1]):
+            out_u8[m, n] = requantize_channel(epilogue, raw_2d_i32[m, n], n, constants)
+
+
+@njit(cache=True)
+def zero_point_corrected_rows(acc_2d_i32, n0, zx_col_i32, zw_i32, row_offsets_i32, by_lanes, by_element):
+    """by_element[m, n] = :func:`zero_point_corrected` of acc[m, n] (n >= n0); by_lanes (a copy of acc) corrected
+    in place by :func:`zero_point_corrected_row`."""
+    n_valid = acc_2d_i32.shape[1] - n0
+    for m in range(acc_2d_i32.shape[0]):
+        for n in range(n0, acc_2d_i32.shape[1]):
+            by_element[m, n] = zero_point_corrected(acc_2d_i32[m, n], zx_col_i32[n], zw_i32[n],
+                                                       row_offsets_i32[m])
+    flat = by_lanes.ravel()
+    for m in range(acc_2d_i32.shape[0]):
+        zero_point_corrected_row(flat, m * acc_2d_i32.shape[1] + n0, n_valid, n0, zx_col_i32, zw_i32,
+                                    row_offsets_i32[m])
 
 
 # --------------------------------------------------------------------------------------------------------------
