@@ -373,6 +373,7 @@ class FusedLinear:
         self.affine = bool((weight_zero_points_i32 != 0).any())
         self._zx_col: tuple[int, np.ndarray] | None = None  # (z_x, z_x·col_offsets) of the last call
         self._compiled: dict = {}
+        self._constants_types: tuple | None = None  # the last call's constants and their types (the kernel key)
 
     def __call__(self, x2d_u8: np.ndarray, input_zero_point: int, epilogue: str, constants: tuple, *,
                  out_dtype=np.uint8, saturate_int16_pairs: bool = False, kernel: str | None = None,
@@ -404,9 +405,12 @@ class FusedLinear:
         x_u8, lda = padded_rows(x2d_u8, packed, tile_aligned=dot4.name == "tdpbusd")
         args = (dot4, dot4.rows_per_tile, x_u8, lda, M, packed.panels_i8, N, zx_col_i32, self.zw_i32,
                 row_offsets_i32, Epilogue(epilogue), constants, out)
-        key = (dot4.name, epilogue, bool(x_u8.flags.writeable), np.dtype(out_dtype).char,
-               tuple((c.dtype.char, c.ndim, c.flags.writeable) if isinstance(c, np.ndarray) else type(c)
-                     for c in constants))
+        last = self._constants_types  # (constants, their types): a layer passes the same tuple at every call
+        if last is None or last[0] is not constants:
+            last = self._constants_types = (constants, tuple(
+                (c.dtype.char, c.ndim, c.flags.writeable) if isinstance(c, np.ndarray) else type(c)
+                for c in constants))
+        key = (dot4.name, epilogue, bool(x_u8.flags.writeable), np.dtype(out_dtype).char, last[1])
         kernels = self._compiled.get(key)
         if kernels is None:
             kernels = self._compiled[key] = (_CompiledOnFirstCall(_fused_tasks_serial, args),

@@ -514,8 +514,9 @@ class QuantizedLinear:
         saturate = self.saturate_int16_pairs if saturate_int16_pairs is None else bool(saturate_int16_pairs)
         macs = np.size(x_u8) * self.out_features  # M·K·N: a few small calls run the stages in NumPy (matmul's
         # KERNEL_MIN_MACS; this question and the product's own both count towards its SMALL_CALLS)
-        if fused_kernel_serves(self.requantizer, saturate_int16_pairs=saturate) and \
-                kernel_for(saturate_int16_pairs=saturate, macs=macs) != "reference":
+        kernel = kernel_for(saturate_int16_pairs=saturate, macs=macs)  # once per call: it reads the environment
+        if kernel != "reference" and fused_kernel_serves(self.requantizer, saturate_int16_pairs=saturate,
+                                                         kernel=kernel):
             spec = ENGINE_SPECS[self.engine]
             x_u8 = _check_codes(x_u8, np.uint8, "x_u8", self.in_features, "in_features K", spec.min_input_ndim)
             if saturate_int16_pairs is not None:
@@ -525,7 +526,7 @@ class QuantizedLinear:
             if self._fused is None:
                 self._fused = FusedLinear(self._packed_weight, self.col_offsets, self.weight_zero_points)
             y_u8 = self._fused(x2d_u8, self.input_zero_point, self.requantizer.epilogue,
-                               self.requantizer.epilogue_constants(), saturate_int16_pairs=saturate)
+                               self.requantizer.epilogue_constants(), saturate_int16_pairs=saturate, kernel=kernel)
             y_u8 = y_u8.reshape(lead_shape + (self.out_features,))
         else:
             y_u8 = self.requantize(self.accumulate(x_u8, saturate_int16_pairs=saturate_int16_pairs))
