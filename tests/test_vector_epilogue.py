@@ -88,12 +88,28 @@ def test_fbgemm_row_keeps_the_per_tensor_bias_fma(rng):
     from refquant._float32 import cvtps2dq, fmaf
 
     N, M = 64, 64
-    bias = (rng.integers(-2**20, 2**20, N) / 8).astype(np.float32)
     rcp = np.float32(1 / np.float64(3.0))
-    raw = (-np.rint(bias.astype(np.float64) / 3) + rng.integers(-100, 100, (M, N))).astype(np.int32)
-    fused = fmaf(bias, rcp, raw.astype(np.float32))
-    separate = ((bias * rcp).astype(np.float32) + raw.astype(np.float32)).astype(np.float32)
-    assert (cvtps2dq(fused) != cvtps2dq(separate)).any(), "inputs must separate FMA from multiply-then-add"
+
+    def codes(bias_f32, raw_i32):  # (fused, multiply-then-add) codes of t for these inputs
+        fused = fmaf(bias_f32, rcp, raw_i32.astype(np.float32))
+        separate = ((bias_f32 * rcp).astype(np.float32) + raw_i32.astype(np.float32)).astype(np.float32)
+        return cvtps2dq(fused), cvtps2dq(separate)
+
+    # candidates: 4096 biases x 200 raw offsets around -bias/3; keep 64 biases for which some offset separates the
+    # two roundings, and put that offset in row 0 (the other rows: random offsets)
+    candidates = (rng.integers(-2**20, 2**20, 4096) / 8).astype(np.float32)
+    offsets = np.arange(-100, 100)
+    near = -np.rint(candidates.astype(np.float64) / 3)
+    trial = (near[:, None] + offsets[None, :]).astype(np.int32)
+    fused, separate = codes(np.repeat(candidates[:, None], len(offsets), axis=1), trial)
+    differs = fused != separate
+    keep = np.flatnonzero(differs.any(axis=1))[:N]
+    assert len(keep) == N, f"only {len(keep)} of 4096 biases separate FMA from multiply-then-add"
+    bias = candidates[keep]
+    raw = (near[keep][None, :] + rng.integers(-100, 100, (M, N))).astype(np.int32)
+    raw[0] = trial[keep, differs[keep].argmax(axis=1)]
+    fused, separate = codes(bias, raw)
+    assert (fused != separate).any(), "inputs must separate FMA from multiply-then-add"
     ql = QuantizedLinear.from_quantized(rng.integers(-128, 128, (N, 8), dtype=np.int8), 3.0, 0, bias, 1.0, 0, 3.0,
                                         128, engine="fbgemm")
     assert ql.requantizer.bias_mode == 2  # FBGEMM_BIAS_FMA
