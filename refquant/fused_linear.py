@@ -203,7 +203,7 @@ def zero_point_corrected_row(acc_i32, offset, n_valid, n0, zx_col_i32, zw_i32, r
         _vec_store(acc_i32, offset + c, raw, lanes)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _requantize_tile(epilogue, constants, acc_i32, acc_offset, m0, rows, n0, n_valid, zx_col_i32, zw_i32,
                      row_offsets_i32, out_u8):
     """out_u8[m0 .. m0+rows-1, n0 .. n0+n_valid-1] from the tile's sums (acc_i32 from acc_offset, 64 per row)."""
@@ -254,7 +254,7 @@ def zero_point_corrected_rows(acc_2d_i32, n0, zx_col_i32, zw_i32, row_offsets_i3
 # Tasks
 # --------------------------------------------------------------------------------------------------------------
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _fused_task_amx(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
                     row_offsets_i32, epilogue, constants, out_u8):
     """One task on AMX tiles (refquant.amx): all of its rows' sums (2 x 2 C tiles held over all of K, stored to the
@@ -271,7 +271,7 @@ def _fused_task_amx(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i
                      zw_i32, row_offsets_i32, out_u8)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _fused_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
                 row_offsets_i32, epilogue, constants, out_u8):
     """One task (rows [m_start, m_end) x one panel): every K block but the last over all its rows (as
@@ -304,7 +304,7 @@ def fused_task(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, z
     raise NotImplementedError("fused_task is called from Numba kernels only")
 
 
-@overload(fused_task)
+@overload(fused_task, inline="always")
 def _fused_task_numba(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, task, acc_i32, zx_col_i32, zw_i32,
                       row_offsets_i32, epilogue, constants, out_u8):
     task_fn = _fused_task_amx if getattr(dot4, "dot4_name", None) == "tdpbusd" else _fused_task
@@ -345,11 +345,16 @@ def _fused_tasks_serial(dot4, rows_per_tile, x_u8, lda, M, panels_i8, N, zx_col_
 # The call
 # --------------------------------------------------------------------------------------------------------------
 
+def epilogue_registered(requantizer) -> bool:
+    """True when ``requantizer`` names a registered epilogue (``requantizer.epilogue``, :func:`register_epilogue`)."""
+    name = getattr(requantizer, "epilogue", None)
+    return name is not None and name in _EPILOGUE_FUNCTIONS
+
+
 def fused_kernel_serves(requantizer, *, saturate_int16_pairs: bool = False, kernel: str | None = None) -> bool:
     """True when :class:`FusedLinear` runs this requantizer: it names a registered epilogue and the product runs a
     Numba kernel (not ``kernel="reference"``, not under NUMBA_DISABLE_JIT=1)."""
-    name = getattr(requantizer, "epilogue", None)
-    if name is None or name not in _EPILOGUE_FUNCTIONS:
+    if not epilogue_registered(requantizer):
         return False
     return kernel_for(saturate_int16_pairs=saturate_int16_pairs, kernel=kernel) != "reference"
 
@@ -372,7 +377,8 @@ class FusedLinear:
         self.zw_i32 = np.ascontiguousarray(np.broadcast_to(weight_zero_points_i32.astype(np.int32), (N,)))
         self.affine = bool((weight_zero_points_i32 != 0).any())
         self._zx_col: tuple[int, np.ndarray] | None = None  # (z_x, z_x·col_offsets) of the last call
-        self._compiled: dict = {}
+        self._zero_rows_i32 = np.zeros(0, np.int32)
+        self._plans: dict = {}  # (kernel, saturate_int16_pairs, epilogue, out_dtype) -> _Plan
         self._constants_types: tuple | None = None  # the last call's constants and their types (the kernel key)
 
     def __call__(self, x2d_u8: np.ndarray, input_zero_point: int, epilogue: str, constants: tuple, *,
@@ -386,13 +392,24 @@ class FusedLinear:
         if chosen == "reference" or epilogue not in _EPILOGUE_FUNCTIONS:
             raise ValueError(f"the fused kernel does not serve epilogue {epilogue!r} with the {chosen!r} matmul "
                              f"kernel; use the readable stages (accumulate, then requantize)")
-        packed = self.packed
-        M, K = x2d_u8.shape
-        N = packed.shape[0]
+        return self.run(x2d_u8, input_zero_point, epilogue, constants, chosen, out_dtype=out_dtype,
+                        saturate_int16_pairs=saturate_int16_pairs, row_offsets_i32=row_offsets_i32)
+
+    def run(self, x2d_u8: np.ndarray, input_zero_point: int, epilogue: str, constants: tuple, kernel: str, *,
+            out_dtype=np.uint8, saturate_int16_pairs: bool = False,
+            row_offsets_i32: np.ndarray | None = None) -> np.ndarray:
+        """The call of :meth:`__call__` for a ``kernel`` that refquant.matmul.kernel_for has chosen (a Numba
+        kernel's name) and a registered ``epilogue``, neither checked again: what a layer calls when it has asked
+        kernel_for itself (once per call: at batch 1 each Python step here is a few percent of the call)."""
+        M = x2d_u8.shape[0]
+        N = self.packed.shape[0]
         out = np.empty((M, N), out_dtype)
         if M == 0:
             return out
-        dot4 = _DOT4[chosen, bool(saturate_int16_pairs)]
+        plan = self._plans.get((kernel, saturate_int16_pairs, epilogue, out_dtype))
+        if plan is None:
+            plan = self._plans[kernel, saturate_int16_pairs, epilogue, out_dtype] = _Plan(
+                _DOT4[kernel, bool(saturate_int16_pairs)], epilogue, out_dtype)
         if self._zx_col is None or self._zx_col[0] != input_zero_point:
             zx_col_i32 = np.multiply(np.int32(input_zero_point), self.col_offsets_i32, dtype=np.int32)  # wraps
             self._zx_col = (input_zero_point, zx_col_i32)
@@ -400,24 +417,40 @@ class FusedLinear:
         if row_offsets_i32 is None:
             if self.affine:
                 row_offsets_i32 = x2d_u8.sum(axis=1, dtype=np.int64).astype(np.int32)  # PackAWithRowOffset
-            else:
-                row_offsets_i32 = np.zeros(M, np.int32)  # every z_w is 0: the term vanishes
-        x_u8, lda = padded_rows(x2d_u8, packed, tile_aligned=dot4.name == "tdpbusd")
-        args = (dot4, dot4.rows_per_tile, x_u8, lda, M, packed.panels_i8, N, zx_col_i32, self.zw_i32,
-                row_offsets_i32, Epilogue(epilogue), constants, out)
+            else:  # every z_w is 0: the term vanishes (zeros kept for the largest M so far, read only)
+                if self._zero_rows_i32.shape[0] < M:
+                    self._zero_rows_i32 = np.zeros(M, np.int32)
+                row_offsets_i32 = self._zero_rows_i32[:M]
+        dot4 = plan.dot4
+        x_u8, lda = padded_rows(x2d_u8, self.packed, tile_aligned=plan.tile_aligned)
+        args = (dot4, dot4.rows_per_tile, x_u8, lda, M, self.packed.panels_i8, N, zx_col_i32, self.zw_i32,
+                row_offsets_i32, plan.epilogue, constants, out)
         last = self._constants_types  # (constants, their types): a layer passes the same tuple at every call
         if last is None or last[0] is not constants:
             last = self._constants_types = (constants, tuple(
                 (c.dtype.char, c.ndim, c.flags.writeable) if isinstance(c, np.ndarray) else type(c)
                 for c in constants))
-        key = (dot4.name, epilogue, bool(x_u8.flags.writeable), np.dtype(out_dtype).char, last[1])
-        kernels = self._compiled.get(key)
+        key = (x_u8.flags.writeable, last[1])
+        kernels = plan.kernels.get(key)
         if kernels is None:
-            kernels = self._compiled[key] = (_CompiledOnFirstCall(_fused_tasks_serial, args),
-                                             _CompiledOnFirstCall(_fused_tasks_shared,
-                                                                  (np.zeros(1, np.int64), 0, 1) + args))
-        run_tasks(kernels[0], kernels[1], M, K, packed, args)
+            kernels = plan.kernels[key] = (_CompiledOnFirstCall(_fused_tasks_serial, args),
+                                           _CompiledOnFirstCall(_fused_tasks_shared,
+                                                                (np.zeros(1, np.int64), 0, 1) + args))
+        run_tasks(kernels[0], kernels[1], M, x2d_u8.shape[1], self.packed, args)
         return out
+
+
+class _Plan:
+    """What a :class:`FusedLinear` call needs for one (kernel, saturation, epilogue, output dtype), made at the
+    first such call: the product's marker, the epilogue's marker, and the compiled kernels by the remaining Numba
+    types (x's writeability, the constants' types)."""
+
+    def __init__(self, dot4, epilogue: str, out_dtype) -> None:
+        self.dot4 = dot4
+        self.tile_aligned = dot4.name == "tdpbusd"
+        self.epilogue = Epilogue(epilogue)
+        self.out_dtype = np.dtype(out_dtype)
+        self.kernels: dict = {}
 
 
 class _CompiledOnFirstCall:

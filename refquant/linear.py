@@ -65,7 +65,7 @@ from refquant.engines import (
     fbgemm_requantize_readable,
 )
 from refquant import fixed_point as _fixed_point  # noqa: F401  registers the integer variants (requantization=)
-from refquant.fused_linear import FusedLinear, fused_kernel_serves
+from refquant.fused_linear import FusedLinear, epilogue_registered
 from refquant.matmul import PackedWeightS8, kernel_for, matmul_u8s8_acc32, pack_weight_s8
 from refquant.observers import MinMaxObserver, PerChannelMinMaxObserver
 from refquant.qconfig import _DEFAULT_QCONFIGS
@@ -512,25 +512,24 @@ class QuantizedLinear:
         torch.backends.quantized.engine.
         """
         saturate = self.saturate_int16_pairs if saturate_int16_pairs is None else bool(saturate_int16_pairs)
-        macs = np.size(x_u8) * self.out_features  # M·K·N: a few small calls run the stages in NumPy (matmul's
+        macs = (x_u8.size if isinstance(x_u8, np.ndarray) else np.size(x_u8)) * self.out_features  # M·K·N: a few small calls run the stages in NumPy (matmul's
         # KERNEL_MIN_MACS; this question and the product's own both count towards its SMALL_CALLS)
         kernel = kernel_for(saturate_int16_pairs=saturate, macs=macs)  # once per call: it reads the environment
-        if kernel != "reference" and fused_kernel_serves(self.requantizer, saturate_int16_pairs=saturate,
-                                                         kernel=kernel):
-            spec = ENGINE_SPECS[self.engine]
+        spec = ENGINE_SPECS[self.engine]
+        if kernel != "reference" and epilogue_registered(self.requantizer):
             x_u8 = _check_codes(x_u8, np.uint8, "x_u8", self.in_features, "in_features K", spec.min_input_ndim)
             if saturate_int16_pairs is not None:
                 check_engine_options(self.engine, self.engine_options, saturate)
-            lead_shape = x_u8.shape[:-1]
-            x2d_u8 = np.ascontiguousarray(x_u8.reshape(-1, self.in_features))  # torch flattens N-D input to (M, K)
+            x2d_u8 = x_u8 if x_u8.ndim == 2 else x_u8.reshape(-1, self.in_features)  # torch flattens N-D input
             if self._fused is None:
                 self._fused = FusedLinear(self._packed_weight, self.col_offsets, self.weight_zero_points)
-            y_u8 = self._fused(x2d_u8, self.input_zero_point, self.requantizer.epilogue,
-                               self.requantizer.epilogue_constants(), saturate_int16_pairs=saturate, kernel=kernel)
-            y_u8 = y_u8.reshape(lead_shape + (self.out_features,))
+            y_u8 = self._fused.run(x2d_u8, self.input_zero_point, self.requantizer.epilogue,
+                                   self.requantizer.epilogue_constants(), kernel, saturate_int16_pairs=saturate)
+            if x_u8.ndim != 2:
+                y_u8 = y_u8.reshape(x_u8.shape[:-1] + (self.out_features,))
         else:
             y_u8 = self.requantize(self.accumulate(x_u8, saturate_int16_pairs=saturate_int16_pairs))
-        if ENGINE_SPECS[self.engine].empty_output_is_2d and y_u8.size == 0:
+        if spec.empty_output_is_2d and y_u8.size == 0:
             y_u8 = y_u8.reshape(0, self.out_features)  # qlinear.cpp: if (output.numel() == 0) return output;
         return y_u8
 

@@ -228,9 +228,7 @@ def kernel_for(*, saturate_int16_pairs: bool = False, kernel: str | None = None,
     if kernel == "auto" and macs is not None and _SMALL_PRODUCTS.readable(macs):
         return "reference"
     if kernel in ("amx", "auto") and not saturate_int16_pairs:
-        from refquant.amx import amx_unavailable_reason  # refquant.amx builds on this module's tiles
-
-        reason = amx_unavailable_reason()
+        reason = _amx_module().amx_unavailable_reason()
         if reason is None:
             return "amx"
         if kernel == "amx":
@@ -246,6 +244,19 @@ def kernel_for(*, saturate_int16_pairs: bool = False, kernel: str | None = None,
     mode = "eq. M2 (saturate_int16_pairs=True)" if saturate_int16_pairs else "eq. M1"
     raise RuntimeError(f"kernel='avx512' for {mode} needs the CPU feature {feature!r}, which this CPU "
                        f"(or NUMBA_CPU_FEATURES) lacks; use kernel='portable'")
+
+
+def _amx_module():
+    """refquant.amx (which builds on this module's tiles, so it cannot be imported at the top), imported at the
+    first question: an import statement in kernel_for cost ~0.5 us per call."""
+    if not _AMX_MODULE:
+        from refquant import amx
+
+        _AMX_MODULE.append(amx)
+    return _AMX_MODULE[0]
+
+
+_AMX_MODULE: list = []
 
 
 def _describe(a) -> str:

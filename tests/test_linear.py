@@ -762,6 +762,7 @@ def test_small_products_run_numpy_and_large_ones_the_kernels(rng, monkeypatch, s
     if side == "below":
         monkeypatch.setattr(mm, "_matmul_tiled", must_not_run)
         monkeypatch.setattr(L.FusedLinear, "__call__", must_not_run)
+        monkeypatch.setattr(L.FusedLinear, "run", must_not_run)
     else:
         monkeypatch.setattr(mm, "matmul_u8s8_acc32_ref", must_not_run)
         monkeypatch.setattr(L.QuantizedLinear, "accumulate", must_not_run)
