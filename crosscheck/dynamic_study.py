@@ -34,6 +34,7 @@ from . import compare as C
 from .isa import saturate_int16_pairs
 from .progress import Progress
 from .runner import ErrorSums, Perturber, UsageError, onednn_impl_kind, torch_events
+from .worker import collector_paused
 
 ENGINES = ("fbgemm", "x86", "qnnpack", "onednn")
 WEIGHT_QSCHEMES = ("per_tensor_symmetric", "per_channel_symmetric")
@@ -146,7 +147,7 @@ def run_dynamic_study(config: DynamicConfig, *, progress: bool = False, torch_su
     """Run both sides and compare every field; ``_perturb`` (tests only) flips one bit of one refquant value."""
     events = torch_events("crosscheck.torch_dynamic", config, subprocess=torch_subprocess)
     with Progress("loading refquant's Numba kernels (the first run compiles them: 10-40 s, cached afterwards)",
-                  enabled=progress, delay_s=1.0):
+                  enabled=progress, delay_s=1.0), collector_paused():
         warm_up_refquant(config.engine)
     from refquant.dynamic import DynamicQuantizedLinear, default_onednn_kernel
 

@@ -462,12 +462,12 @@ def environment(torch_env: dict, engine: str, isa: str) -> dict:
 def start(config, *, progress: bool, torch_subprocess: bool | None, warm_up: Callable[[bool], None] | None = None):
     """Start the torch side (a worker process unless torch is loaded here) and warm refquant's kernels meanwhile
     (``warm_up``, default :func:`warm_up_refquant`; its own progress phase); returns the events iterator."""
-    from .worker import torch_events
+    from .worker import collector_paused, torch_events
 
     warm_up = warm_up_refquant if warm_up is None else warm_up
     events = torch_events(config, subprocess=torch_subprocess)  # a worker process starts on torch's side ...
     with Progress("loading refquant's Numba kernels (the first run compiles them: 10-40 s, cached afterwards)",
-                  enabled=progress, delay_s=1.0):
+                  enabled=progress, delay_s=1.0), collector_paused():
         warm_up(expected_family(config.isa) == "avx2")  # ... while refquant loads its kernels here
     return events
 

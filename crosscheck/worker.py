@@ -17,9 +17,11 @@ crosscheck.model. The config must be picklable (the spawn start method pickles i
 
 from __future__ import annotations
 
+import gc
 import importlib
 import multiprocessing as mp
 import sys
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 DEFAULT_TORCH_SIDE = "crosscheck.torch_study:torch_events"
@@ -31,6 +33,26 @@ class UsageError(ValueError):
 
 class TorchSideError(RuntimeError):
     """The torch side failed unexpectedly; carries the worker's traceback."""
+
+
+@contextmanager
+def collector_paused(*, freeze: bool = False) -> Iterator[None]:
+    """Python's cyclic garbage collector paused (if it ran) for a large import: importing torch, or refquant with
+    Numba, creates hundreds of thousands of objects that live on, and the collector's passes over them cost ~10-20%
+    of the import (measured here: torch 1.85 -> 1.67 s, refquant 1.08 -> 0.95 s). Objects are freed by reference
+    counting meanwhile as always; only cycles wait for the collector, which runs again after the block.
+    ``freeze`` (the worker process, which exits after its study) moves every object alive at the end into the
+    collector's permanent generation (``gc.freeze``), so that its first pass afterwards does not walk them all
+    (~0.1 s after torch's import)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if freeze:
+            gc.freeze()
+        if was_enabled:
+            gc.enable()
 
 
 def torch_side(config, side: str | None = None) -> Callable[..., Iterator[tuple[str, Any]]]:
@@ -63,7 +85,9 @@ def _entry(config, conn, start_method: str, side: str | None = None) -> None:
     where = f"worker process ({start_method}ed"
     where += ", torch already imported)" if "torch" in sys.modules else " before torch was imported)"
     apply_environment(worker_environment(config.isa))  # before torch is imported in this process
-    run_events(torch_side(config, side), config, conn, where)  # imports torch: in the worker only
+    with collector_paused(freeze=True):
+        events = torch_side(config, side)  # imports torch: in the worker only
+    run_events(events, config, conn, where)
 
 
 def _in_process(config, side: str | None = None) -> Iterator[tuple[str, Any]]:

@@ -286,3 +286,43 @@ def test_in_process_torch_refuses_an_isa_it_does_not_run(fbgemm_kernel):
         run_study(StudyConfig(isa=other, samples=1), torch_subprocess=False)
     res = run_study(StudyConfig(isa=fbgemm_kernel, samples=1), torch_subprocess=False)  # the family it runs: fine
     assert res.equal and res.environment["fbgemm_kernel"] == fbgemm_kernel
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the collector paused for the large imports (crosscheck.worker.collector_paused)
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_collector_paused_restores_the_collector_state_even_on_error(enabled_before):
+    import gc
+
+    from crosscheck.worker import collector_paused
+
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled_before else gc.disable)()
+        with collector_paused():
+            assert not gc.isenabled()
+        assert gc.isenabled() is enabled_before
+        with pytest.raises(RuntimeError, match="inside"):
+            with collector_paused():
+                raise RuntimeError("inside")
+        assert gc.isenabled() is enabled_before
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
+def test_collector_paused_with_freeze_moves_the_live_objects_to_the_permanent_generation():
+    import gc
+
+    from crosscheck.worker import collector_paused
+
+    before = gc.get_freeze_count()
+    try:
+        kept = [[i] for i in range(1000)]  # container objects: tracked by the collector
+        with collector_paused(freeze=True):
+            pass
+        assert gc.get_freeze_count() >= before + len(kept)
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()  # this pytest process goes on: let the collector see them again
