@@ -218,58 +218,163 @@ def saturate_u8_16_f32(typingctx, v):
 
 
 _I64 = ir.IntType(64)
-_V16_I64 = ir.VectorType(_I64, 16)
+_V8_I64 = ir.VectorType(_I64, 8)
 
 
-def _c64(value: int):
-    return ir.Constant(_V16_I64, [value] * 16)
+def _c8x64(value: int):
+    return ir.Constant(_V8_I64, [value] * 8)
+
+
+def _c16x32(value: int):
+    return ir.Constant(_V16_I32, [value] * 16)
+
+
+shl16_i32 = _binary("shl16_i32", int32x16, lambda b, x, y: b.shl(x, y))
+"""Lane-wise a·2^count modulo 2^32 (``vpsllvd``), for 0 <= count <= 31 (LLVM leaves a larger count undefined)."""
+sra16_i32 = _binary("sra16_i32", int32x16, lambda b, x, y: b.ashr(x, y))
+"""Lane-wise a >> count, arithmetic: floor(a / 2^count) (``vpsravd``), for 0 <= count <= 31."""
+
+
+def _even_odd_i64(b, v):
+    """The int32 lanes of ``v`` as two ``<8 x i64>``: lanes 0, 2, .., 14 and lanes 1, 3, .., 15, each sign-extended
+    (element k = lane 2k, resp. 2k + 1): a 64-bit view of the register, shifted. An exact product of two such
+    vectors is one ``vpmuldq`` (signed 32 x 32 -> 64 bits on the low halves), as LLVM sees that both sides have
+    more than 32 sign bits."""
+    v64 = b.bitcast(v, _V8_I64)
+    c32 = _c8x64(32)
+    return b.ashr(b.shl(v64, c32), c32), b.ashr(v64, c32)
+
+
+_EVEN_ODD_LOW_HALVES = ir.Constant(ir.VectorType(_I32, 16), [i for k in range(8) for i in (2 * k, 16 + 2 * k)])
+
+
+def _low_halves(b, even, odd):
+    """int32x16 whose lane 2k is the low 32 bits of even[k] and lane 2k + 1 those of odd[k] (one ``vpermt2d``): the
+    int32 lanes back from :func:`_even_odd_i64`'s two halves, each wrapped to 32 bits."""
+    return b.shuffle_vector(b.bitcast(even, _V16_I32), b.bitcast(odd, _V16_I32), _EVEN_ODD_LOW_HALVES)
+
+
+def _products_even_odd(b, x, y):
+    """The exact int64 products x·y of the even lanes and of the odd lanes (two ``vpmuldq``)."""
+    xe, xo = _even_odd_i64(b, x)
+    ye, yo = _even_odd_i64(b, y)
+    return b.mul(xe, ye), b.mul(xo, yo)
 
 
 @intrinsic
-def tflite_requantize16(typingctx, raw, bias, multiplier, shift, zero_point, quant_min, quant_max):
-    """refquant.fixed_point.requantize_tflite_scalar on 16 lanes (int32x16 raw, bias, multiplier, shift; splat
-    zero_point, quant_min, quant_max as int32x16) -> int32x16 codes: each int64 step of the scalar function is one
-    ``<16 x i64>`` operation (two zmm registers of 8 lanes), the same shifts, products, nudges and selects::
+def saturating_rounding_doubling_high_mul16(typingctx, a, b):
+    """Lane-wise refquant.fixed_point.saturating_rounding_doubling_high_mul_scalar (gemmlowp's
+    SaturatingRoundingDoublingHighMul) on int32 lanes, every step exact::
 
-        acc = wrap32(raw + bias);  left = max(shift, 0);  right = max(−shift, 0)
-        x = wrap32(acc · 2^left)
-        SRDHM: INT32_MAX if x = M = INT32_MIN; ab = x·M; v = ab + (2^30 if ab >= 0 else 1 − 2^30);
-               h = v >> 31 if v >= 0 else −((−v) >> 31)
-        RDBPOT: mask = 2^right − 1; (h >> right) + ((h & mask) > (mask >> 1) + (h < 0))
-        q = clamp(wrap32(that + z_y), quant_min, quant_max)
-    """
-    sig = int32x16(int32x16, int32x16, int32x16, int32x16, int32x16, int32x16, int32x16)
+        ab = a·b                     exact int64, even and odd lanes apart (vpmuldq each)
+        h  = (ab + 2^30) >> 31       floor(ab / 2^31 + 1/2): the low 32 bits of each lane's result
+        INT32_MAX where a = b = INT32_MIN (the only h >= 2^31)
+
+    That is gemmlowp's nudge-and-truncate, for both signs: for ab >= 0, (ab + 2^30) / 2^31 truncated is the floor;
+    for ab < 0, v = ab + 1 − 2^30 < 0 and truncating v / 2^31 towards zero is floor((v + 2^31 − 1) / 2^31) =
+    floor((ab + 2^30) / 2^31). |ab| <= 2^62, so ab + 2^30 fits int64.
+
+    Matches: google/gemmlowp fixedpoint/fixedpoint.h (SaturatingRoundingDoublingHighMul, int32 scalar and its SIMD
+    versions), as tensorflow/tensorflow tensorflow/lite/kernels/internal/common.h (MultiplyByQuantizedMultiplier)
+    calls it."""
+    if a != int32x16 or b != int32x16:
+        raise TypingError(f"saturating_rounding_doubling_high_mul16 needs two int32x16, got {a}, {b}")
+
+    def codegen(context, builder, signature, args):
+        bld = builder
+        x, y = args
+        even, odd = _products_even_odd(bld, x, y)
+        half, c31 = _c8x64(1 << 30), _c8x64(31)
+        high = _low_halves(bld, bld.ashr(bld.add(even, half), c31), bld.ashr(bld.add(odd, half), c31))
+        int32_min = _c16x32(-(2**31))
+        overflow = bld.and_(bld.icmp_signed("==", x, y), bld.icmp_signed("==", x, int32_min))
+        return bld.select(overflow, _c16x32(2**31 - 1), high)
+
+    return int32x16(int32x16, int32x16), codegen
+
+
+@intrinsic
+def rounding_divide_by_pot16(typingctx, x, exponent):
+    """Lane-wise refquant.fixed_point.rounding_divide_by_pot_scalar (gemmlowp's RoundingDivideByPOT) in int32 lanes,
+    0 <= exponent <= 31: x / 2^exponent rounded to nearest, ties away from zero::
+
+        mask = 2^e − 1 (wrapping: 2^31 − 1 for e = 31);  remainder = x & mask;  threshold = (mask >> 1) + (x < 0)
+        (x >> e) + (remainder > threshold)
+
+    Every term is the int64 scalar's value (0 <= remainder <= mask, threshold <= 2^30), so nothing wraps.
+    Matches: google/gemmlowp fixedpoint/fixedpoint.h (RoundingDivideByPOT)."""
+    if x != int32x16 or exponent != int32x16:
+        raise TypingError(f"rounding_divide_by_pot16 needs two int32x16, got {x}, {exponent}")
 
     def codegen(context, builder, signature, args):
         b = builder
-        raw_v, bias_v, mult_v, shift_v, zp_v, qmin_v, qmax_v = (b.sext(a, _V16_I64) for a in args)
-        zero, one = _c64(0), _c64(1)
+        x_v, e_v = args
+        one = _c16x32(1)
+        mask = b.sub(b.shl(one, e_v), one)
+        remainder = b.and_(x_v, mask)
+        threshold = b.add(b.ashr(mask, one), b.zext(b.icmp_signed("<", x_v, _c16x32(0)), _V16_I32))
+        return b.add(b.ashr(x_v, e_v), b.zext(b.icmp_signed(">", remainder, threshold), _V16_I32))
 
-        def wrap32(v):  # ((v + 2^31) & 0xFFFFFFFF) − 2^31, the int32 value v wraps to, is sext(trunc32(v)); LLVM
-            return b.sext(b.trunc(v, _V16_I32), _V16_I64)  # then knows x·M below is 32 x 32 bits (vpmuldq)
+    return int32x16(int32x16, int32x16), codegen
 
-        def select_max(x, y):
-            return b.select(b.icmp_signed(">", x, y), x, y)
 
-        acc = wrap32(b.add(raw_v, bias_v))
-        left = b.select(b.icmp_signed(">", shift_v, zero), shift_v, zero)
-        right = b.select(b.icmp_signed("<", shift_v, zero), b.neg(shift_v), zero)
-        x = wrap32(b.shl(acc, left))  # acc·2^left: the same low 64 bits
-        # SaturatingRoundingDoublingHighMul(x, M)
-        overflow = b.and_(b.icmp_signed("==", x, mult_v), b.icmp_signed("==", x, _c64(-(2**31))))
-        ab = b.mul(x, mult_v)
-        nudge = b.select(b.icmp_signed(">=", ab, zero), _c64(1 << 30), _c64(1 - (1 << 30)))
-        v = b.add(ab, nudge)
-        high = b.select(b.icmp_signed(">=", v, zero), b.ashr(v, _c64(31)), b.neg(b.ashr(b.neg(v), _c64(31))))
-        high = b.select(overflow, _c64(2**31 - 1), high)
-        # RoundingDivideByPOT(high, right)
-        mask = b.sub(b.shl(one, right), one)
-        remainder = b.and_(high, mask)
-        threshold = b.add(b.ashr(mask, one), b.zext(b.icmp_signed("<", high, zero), _V16_I64))
-        divided = b.add(b.ashr(high, right), b.zext(b.icmp_signed(">", remainder, threshold), _V16_I64))
-        q = wrap32(b.add(divided, zp_v))
-        q = select_max(q, qmin_v)  # _clamp_scalar: below quant_min -> quant_min, above quant_max -> quant_max
-        q = b.select(b.icmp_signed(">", q, qmax_v), qmax_v, q)
-        return b.trunc(q, _V16_I32)
+def _rounding_shift_even_odd(b, x, y, right_shift):
+    """(x·y + 2^(s − 1)) >> s, exact in int64, for the even and the odd lanes (s = right_shift's lane, 1..63)."""
+    even, odd = _products_even_odd(b, x, y)
+    s64 = b.bitcast(right_shift, _V8_I64)
+    c32, one = _c8x64(32), _c8x64(1)
+    s_even = b.and_(s64, _c8x64(0xFFFFFFFF))  # s >= 0: zero-extended is sign-extended
+    s_odd = b.lshr(s64, c32)
 
-    return sig, codegen
+    def shifted(p, s):
+        return b.ashr(b.add(p, b.shl(one, b.sub(s, one))), s)
+
+    return shifted(even, s_even), shifted(odd, s_odd)
+
+
+@intrinsic
+def saturating_rounding_mul_with_shift16(typingctx, a, b, right_shift):
+    """Lane-wise refquant.fixed_point.saturating_rounding_mul_with_shift_scalar (FBGEMM's
+    SaturatingRoundingMulWithShift), 1 <= right_shift <= 63: (a·b + 2^(s − 1)) >> s, exact in int64 on even and
+    odd lanes apart (vpmuldq, vpsravq), then SATURATED to int32 (the scalar keeps the int64 value: a caller
+    clamping to a range inside int32 gets the same codes).
+
+    Matches: pytorch/FBGEMM src/QuantUtils.cc (SaturatingRoundingMulWithShift)."""
+    if a != int32x16 or b != int32x16 or right_shift != int32x16:
+        raise TypingError(f"saturating_rounding_mul_with_shift16 needs three int32x16, got {a}, {b}, {right_shift}")
+
+    def codegen(context, builder, signature, args):
+        bld = builder
+        lo, hi = _c8x64(-(2**31)), _c8x64(2**31 - 1)
+
+        def saturated(v):
+            v = bld.select(bld.icmp_signed("<", v, lo), lo, v)
+            return bld.select(bld.icmp_signed(">", v, hi), hi, v)
+
+        even, odd = _rounding_shift_even_odd(bld, *args)
+        return _low_halves(bld, saturated(even), saturated(odd))
+
+    return int32x16(int32x16, int32x16, int32x16), codegen
+
+
+@intrinsic
+def multiply_by_quantized_multiplier_single_rounding16(typingctx, x, quantized_multiplier, shift):
+    """Lane-wise refquant.fixed_point.multiply_by_quantized_multiplier_single_rounding_scalar (TFLite's
+    MultiplyByQuantizedMultiplier built with TFLITE_SINGLE_ROUNDING), −31 <= shift <= 30::
+
+        total = 31 − shift (1..62);  wrap32((x·M + 2^(total − 1)) >> total)
+
+    exact in int64 on even and odd lanes apart (vpmuldq, vpsravq), then the low 32 bits (the scalar's wrap32).
+    Matches: tensorflow/tensorflow tensorflow/lite/kernels/internal/common.cc (MultiplyByQuantizedMultiplier,
+    #if TFLITE_SINGLE_ROUNDING)."""
+    if x != int32x16 or quantized_multiplier != int32x16 or shift != int32x16:
+        raise TypingError(f"multiply_by_quantized_multiplier_single_rounding16 needs three int32x16, got {x}, "
+                          f"{quantized_multiplier}, {shift}")
+
+    def codegen(context, builder, signature, args):
+        x_v, m_v, shift_v = args
+        total = builder.sub(_c16x32(31), shift_v)
+        even, odd = _rounding_shift_even_odd(builder, x_v, m_v, total)
+        return _low_halves(builder, even, odd)
+
+    return int32x16(int32x16, int32x16, int32x16), codegen

@@ -110,7 +110,10 @@ import numpy as np
 from numba import njit
 
 from . import engines as _engines_module  # the Requantizer seam (refquant.engines does not import this module)
-from ._lanes import load16, splat16_i32, store16_u8, tflite_requantize16
+from ._lanes import (add16_i32, cvtps2dq16, load16, max16_i32, min16_i32, mul16_f32,
+                     multiply_by_quantized_multiplier_single_rounding16, rounding_divide_by_pot16,
+                     saturating_rounding_doubling_high_mul16, saturating_rounding_mul_with_shift16, shl16_i32,
+                     splat16_i32, store16_u8, sub16_i32, to16_f32)
 
 VARIANTS: tuple[str, ...] = ("fbgemm_fixed_point", "tflite", "tflite_single_rounding", "float_int32_bias")
 """The integer requantization variants, by the names issue 11 gives them."""
@@ -756,11 +759,85 @@ def requantize_float_int32_bias_channel(raw_i32, n, constants):
                                                        quant_min, quant_max))
 
 
+# The same per-element functions on 16 outputs at once (refquant._lanes: int32 lanes, the 64-bit products on even
+# and odd lanes apart), the row functions of refquant.fused_linear: out_u8[m, n0 + c] = the channel function's code
+# of raw_i32[offset + c] for c < n_valid. Their domain is what the variants' constants can hold: uint8 codes
+# (0 <= quant_min <= zero_point <= quant_max <= 255), TFLite's −31 <= shift <= 30, FBGEMM's 1 <= right_shift <= 63;
+# any int32 raw, bias and multiplier. tests/test_vector_epilogue.py proves each equal to its channel function.
+
+@njit(cache=True, inline="always")
+def _clamp16(q, quant_min, quant_max):
+    """_clamp_scalar on 16 lanes (quant_min <= quant_max): min(max(q, quant_min), quant_max)."""
+    return min16_i32(max16_i32(q, quant_min), quant_max)
+
+
+@njit(cache=True, inline="always")
+def requantize_fbgemm_fixed_point_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
+    """:func:`requantize_fbgemm_fixed_point_channel` on 16 outputs at once (eqs. I3, I4): the int32 bias add
+    (``vpaddd``, wraps), :func:`refquant._lanes.saturating_rounding_mul_with_shift16` (exact int64 on even and odd
+    lanes, saturated to int32), then z_y + that, clamped. The lanes clamp the product to [−256, 511] before adding
+    z_y in int32: with 0 <= quant_min <= z_y <= quant_max <= 255 every value outside that range gives quant_min or
+    quant_max in the scalar's int64 sum as well, and inside it nothing wraps.
+
+    Matches: pytorch/FBGEMM include/fbgemm/QuantUtils.h (Requantize<T>, RequantizeFixedPoint)."""
+    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max = constants
+    zp = splat16_i32(zero_point)
+    qmin = splat16_i32(quant_min)
+    qmax = splat16_i32(quant_max)
+    low = splat16_i32(-256)
+    high = splat16_i32(511)
+    out_offset = m * out_u8.shape[1] + n0
+    for c in range(0, n_valid, 16):
+        lanes = n_valid - c
+        n = n0 + c
+        acc = add16_i32(load16(raw_i32, offset + c, lanes), load16(bias_i32, n, lanes))  # eq. I3
+        r = saturating_rounding_mul_with_shift16(acc, load16(multiplier_i32, n, lanes), load16(shift_i32, n, lanes))
+        q = _clamp16(add16_i32(_clamp16(r, low, high), zp), qmin, qmax)  # eq. I4
+        store16_u8(out_u8, out_offset + c, q, lanes)
+
+
 @njit(cache=True, inline="always")
 def requantize_tflite_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
-    """out_u8[m, n0 + c] = :func:`requantize_tflite_channel` of raw_i32[offset + c], c < n_valid, 16 outputs at
-    once (refquant._lanes.tflite_requantize16: the scalar function's int64 steps on 16 lanes; codes stored as
-    uint8, as the channel function's ``np.uint8``). tests/test_vector_epilogue.py proves it equal."""
+    """:func:`requantize_tflite_channel` on 16 outputs at once (eqs. I3, I5), in int32 lanes, step by step as
+    :func:`multiply_by_quantized_multiplier_scalar`::
+
+        acc = raw + bias                                  vpaddd (wraps, as wrap32)
+        x   = acc · 2^max(shift, 0)                       vpsllvd (the low 32 bits: wrap32)
+        h   = SaturatingRoundingDoublingHighMul(x, M)     refquant._lanes.saturating_rounding_doubling_high_mul16
+        r   = RoundingDivideByPOT(h, max(−shift, 0))      refquant._lanes.rounding_divide_by_pot16
+        q   = clamp(r + z_y, quant_min, quant_max)        vpaddd (wraps), vpmaxsd, vpminsd
+
+    Matches: google/gemmlowp fixedpoint/fixedpoint.h (SaturatingRoundingDoublingHighMul, RoundingDivideByPOT);
+    tensorflow/tensorflow tensorflow/lite/kernels/internal/common.h (MultiplyByQuantizedMultiplier) and
+    .../reference/integer_ops/fully_connected.h (the bias add, output offset and clamp)."""
+    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max = constants
+    zero = splat16_i32(0)
+    zp = splat16_i32(zero_point)
+    qmin = splat16_i32(quant_min)
+    qmax = splat16_i32(quant_max)
+    out_offset = m * out_u8.shape[1] + n0
+    for c in range(0, n_valid, 16):
+        lanes = n_valid - c
+        n = n0 + c
+        acc = add16_i32(load16(raw_i32, offset + c, lanes), load16(bias_i32, n, lanes))  # eq. I3
+        shift = load16(shift_i32, n, lanes)
+        left_shift = max16_i32(shift, zero)
+        right_shift = max16_i32(sub16_i32(zero, shift), zero)
+        x = shl16_i32(acc, left_shift)
+        high = saturating_rounding_doubling_high_mul16(x, load16(multiplier_i32, n, lanes))
+        r = rounding_divide_by_pot16(high, right_shift)
+        q = _clamp16(add16_i32(r, zp), qmin, qmax)  # eq. I5
+        store16_u8(out_u8, out_offset + c, q, lanes)
+
+
+@njit(cache=True, inline="always")
+def requantize_tflite_single_rounding_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
+    """:func:`requantize_tflite_single_rounding_channel` on 16 outputs at once (eqs. I3, I6): the int32 bias add,
+    :func:`refquant._lanes.multiply_by_quantized_multiplier_single_rounding16` (exact int64 on even and odd lanes,
+    wrapped to int32 as the scalar's wrap32), z_y added in int32 (wraps), clamped.
+
+    Matches: tensorflow/tensorflow tensorflow/lite/kernels/internal/common.cc (MultiplyByQuantizedMultiplier,
+    #if TFLITE_SINGLE_ROUNDING)."""
     bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max = constants
     zp = splat16_i32(zero_point)
     qmin = splat16_i32(quant_min)
@@ -769,13 +846,43 @@ def requantize_tflite_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
     for c in range(0, n_valid, 16):
         lanes = n_valid - c
         n = n0 + c
-        q = tflite_requantize16(load16(raw_i32, offset + c, lanes), load16(bias_i32, n, lanes),
-                                load16(multiplier_i32, n, lanes), load16(shift_i32, n, lanes), zp, qmin, qmax)
+        acc = add16_i32(load16(raw_i32, offset + c, lanes), load16(bias_i32, n, lanes))  # eq. I3
+        r = multiply_by_quantized_multiplier_single_rounding16(acc, load16(multiplier_i32, n, lanes),
+                                                               load16(shift_i32, n, lanes))
+        q = _clamp16(add16_i32(r, zp), qmin, qmax)  # eq. I6
         store16_u8(out_u8, out_offset + c, q, lanes)
 
 
-ROW_FUNCTIONS = {"tflite": requantize_tflite_row}
-"""The variants with a 16-lane row function (refquant.fused_linear's optional ``requantize_row_fn``)."""
+@njit(cache=True, inline="always")
+def requantize_float_int32_bias_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
+    """:func:`requantize_float_int32_bias_channel` on 16 outputs at once (eqs. I3, I7): the int32 bias add
+    (``vpaddd``), ``vcvtdq2ps``, one ``vmulps`` by the float32 multiplier (RNE, never contracted), cvtps2dq
+    (refquant._lanes.cvtps2dq16: INT32_MIN out of range), then z_y added and clamped. As in
+    refquant.engines.fbgemm_requantize_row, the int32 result is first clamped to [−256, 511], which changes no code
+    (0 <= quant_min <= z_y <= quant_max <= 255) and keeps the int32 add of z_y from wrapping.
+
+    Matches: pytorch/FBGEMM src/QuantUtilsAvx2.cc (requantizeOutputProcessingAvx2, BIAS_TYPE = int32_t)."""
+    bias_i32, _, _, output_multiplier_f32, zero_point, quant_min, quant_max = constants
+    zp = splat16_i32(zero_point)
+    qmin = splat16_i32(quant_min)
+    qmax = splat16_i32(quant_max)
+    low = splat16_i32(-256)
+    high = splat16_i32(511)
+    out_offset = m * out_u8.shape[1] + n0
+    for c in range(0, n_valid, 16):
+        lanes = n_valid - c
+        n = n0 + c
+        acc = add16_i32(load16(raw_i32, offset + c, lanes), load16(bias_i32, n, lanes))  # eq. I3
+        y = mul16_f32(to16_f32(acc), load16(output_multiplier_f32, n, lanes))
+        r = _clamp16(cvtps2dq16(y), low, high)
+        q = _clamp16(add16_i32(r, zp), qmin, qmax)  # eq. I7
+        store16_u8(out_u8, out_offset + c, q, lanes)
+
+
+ROW_FUNCTIONS = {"fbgemm_fixed_point": requantize_fbgemm_fixed_point_row, "tflite": requantize_tflite_row,
+                 "tflite_single_rounding": requantize_tflite_single_rounding_row,
+                 "float_int32_bias": requantize_float_int32_bias_row}
+"""Each variant's 16-lane row function (refquant.fused_linear's optional ``requantize_row_fn``)."""
 
 EPILOGUE_FUNCTIONS = {"fbgemm_fixed_point": requantize_fbgemm_fixed_point_channel,
                       "tflite": requantize_tflite_channel,
@@ -881,6 +988,18 @@ class IntegerRequantizer(_engines_module.Requantizer):
     output_zero_point: int
     quant_min: int
     quant_max: int
+    _epilogue_constants: tuple = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # built once: a layer's call passes the same tuple each time (refquant.fused_linear keys its compiled
+        # kernel on the tuple's identity, and new arrays per call cost ~2 us at batch 1)
+        n = len(self.bias_i32)
+        zeros_i32 = np.zeros(n, np.int32)
+        mult = zeros_i32 if self.requant_multiplier_i32 is None else self.requant_multiplier_i32
+        shift = zeros_i32 if self.requant_shift is None else self.requant_shift
+        object.__setattr__(self, "_epilogue_constants", (
+            self.bias_i32, mult, shift, self.output_multiplier, np.int64(self.output_zero_point),
+            np.int64(self.quant_min), np.int64(self.quant_max)))
 
     @property
     def name(self) -> str:  # type: ignore[override]  (the scheme's name is the variant)
@@ -936,12 +1055,7 @@ class IntegerRequantizer(_engines_module.Requantizer):
         return f"integer_{self.variant}" if self.constants.output_dtype == np.uint8 else None
 
     def epilogue_constants(self) -> tuple:
-        n = len(self.bias_i32)
-        zeros_i32 = np.zeros(n, np.int32)
-        mult = zeros_i32 if self.requant_multiplier_i32 is None else self.requant_multiplier_i32
-        shift = zeros_i32 if self.requant_shift is None else self.requant_shift
-        return (self.bias_i32, mult, shift, self.output_multiplier, np.int64(self.output_zero_point),
-                np.int64(self.quant_min), np.int64(self.quant_max))
+        return self._epilogue_constants
 
 
 def _builder(variant: str):
