@@ -590,7 +590,7 @@ def requantize_integer_readable(raw_i32: np.ndarray, rq: IntegerRequantization) 
                                                                       rq.requant_shift)
         q_i64 = wrap_int32(scaled_i32.astype(np.int64) + zp).astype(np.int64)
     else:  # "float_int32_bias", eq. I7: cvtdq2ps, one float32 multiply, cvtps2dq, saturating packs
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):  # inf·0 -> NaN -> INT32_MIN, as cvtps2dq
             y_f32 = (acc_i32.astype(np.float32) * rq.output_multiplier_f32).astype(np.float32)
         q_i64 = _cvtps2dq(y_f32) + zp
     return np.clip(q_i64, rq.quant_min, rq.quant_max).astype(rq.output_dtype)
