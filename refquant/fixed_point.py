@@ -113,7 +113,7 @@ from . import engines as _engines_module  # the Requantizer seam (refquant.engin
 from ._lanes import (add16_i32, cvtps2dq16, load16, max16_i32, min16_i32, mul16_f32,
                      multiply_by_quantized_multiplier_single_rounding16, rounding_divide_by_pot16,
                      saturating_rounding_doubling_high_mul16, saturating_rounding_mul_with_shift16, shl16_i32,
-                     splat16_i32, store16_u8, sub16_i32, to16_f32)
+                     splat16_i32, store16_u8, to16_f32)
 
 VARIANTS: tuple[str, ...] = ("fbgemm_fixed_point", "tflite", "tflite_single_rounding", "float_int32_bias")
 """The integer requantization variants, by the names issue 11 gives them."""
@@ -733,28 +733,28 @@ def _requantize_integer_kernel(raw_i32, variant_code, bias_i32, multiplier_i32, 
 
 @njit(cache=True, inline="always")
 def requantize_fbgemm_fixed_point_channel(raw_i32, n, constants):
-    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max = constants
+    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max, _ = constants
     return np.uint8(requantize_fbgemm_fixed_point_scalar(raw_i32, bias_i32[n], multiplier_i32[n], shift_i32[n],
                                                          zero_point, quant_min, quant_max))
 
 
 @njit(cache=True, inline="always")
 def requantize_tflite_channel(raw_i32, n, constants):
-    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max = constants
+    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max, _ = constants
     return np.uint8(requantize_tflite_scalar(raw_i32, bias_i32[n], multiplier_i32[n], shift_i32[n], zero_point,
                                              quant_min, quant_max))
 
 
 @njit(cache=True, inline="always")
 def requantize_tflite_single_rounding_channel(raw_i32, n, constants):
-    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max = constants
+    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max, _ = constants
     return np.uint8(requantize_tflite_single_rounding_scalar(raw_i32, bias_i32[n], multiplier_i32[n], shift_i32[n],
                                                              zero_point, quant_min, quant_max))
 
 
 @njit(cache=True, inline="always")
 def requantize_float_int32_bias_channel(raw_i32, n, constants):
-    bias_i32, _, _, output_multiplier_f32, zero_point, quant_min, quant_max = constants
+    bias_i32, _, _, output_multiplier_f32, zero_point, quant_min, quant_max, _ = constants
     return np.uint8(requantize_float_int32_bias_scalar(raw_i32, bias_i32[n], output_multiplier_f32[n], zero_point,
                                                        quant_min, quant_max))
 
@@ -775,43 +775,57 @@ def _clamp16(q, quant_min, quant_max):
 def requantize_fbgemm_fixed_point_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
     """:func:`requantize_fbgemm_fixed_point_channel` on 16 outputs at once (eqs. I3, I4): the int32 bias add
     (``vpaddd``, wraps), :func:`refquant._lanes.saturating_rounding_mul_with_shift16` (exact int64 on even and odd
-    lanes, saturated to int32), then z_y + that, clamped. The lanes clamp the product to [−256, 511] before adding
-    z_y in int32: with 0 <= quant_min <= z_y <= quant_max <= 255 every value outside that range gives quant_min or
-    quant_max in the scalar's int64 sum as well, and inside it nothing wraps.
+    lanes, saturated to [−2^29, 2^29]), then z_y + that in int32 (no wrap: |z_y| <= 255), clamped. With
+    0 <= quant_min <= z_y <= quant_max <= 255, a value beyond ±2^29 gives quant_min or quant_max in the scalar's
+    int64 sum as well.
 
     Matches: pytorch/FBGEMM include/fbgemm/QuantUtils.h (Requantize<T>, RequantizeFixedPoint)."""
-    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max = constants
+    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max, _ = constants
     zp = splat16_i32(zero_point)
     qmin = splat16_i32(quant_min)
     qmax = splat16_i32(quant_max)
-    low = splat16_i32(-256)
-    high = splat16_i32(511)
     out_offset = m * out_u8.shape[1] + n0
     for c in range(0, n_valid, 16):
         lanes = n_valid - c
         n = n0 + c
         acc = add16_i32(load16(raw_i32, offset + c, lanes), load16(bias_i32, n, lanes))  # eq. I3
         r = saturating_rounding_mul_with_shift16(acc, load16(multiplier_i32, n, lanes), load16(shift_i32, n, lanes))
-        q = _clamp16(add16_i32(_clamp16(r, low, high), zp), qmin, qmax)  # eq. I4
+        q = _clamp16(add16_i32(r, zp), qmin, qmax)  # eq. I4
         store16_u8(out_u8, out_offset + c, q, lanes)
+
+
+def tflite_shifts(shift_i32: np.ndarray, shift_convention: str | None) -> tuple:
+    """TFLite's per-channel shift split as :func:`multiply_by_quantized_multiplier` splits it, once per layer for
+    :func:`requantize_tflite_row`: (left_shift, right_shift, remainder_mask, half_mask) int32 (N,) each,
+    ``max(shift, 0)``, ``max(−shift, 0)`` and RoundingDivideByPOT's ``mask = 2^right_shift − 1`` and ``mask >> 1``;
+    zeros for FBGEMM's right-shift convention and the float variant (their rows do not use them)."""
+    shift_i64 = np.asarray(shift_i32, np.int64)
+    if shift_convention != "left":
+        shift_i64 = np.zeros_like(shift_i64)
+    left_shift = np.maximum(shift_i64, 0)
+    right_shift = np.maximum(-shift_i64, 0)
+    remainder_mask = (np.int64(1) << right_shift) - 1
+    return tuple(np.ascontiguousarray(v.astype(np.int32))
+                 for v in (left_shift, right_shift, remainder_mask, remainder_mask >> 1))
 
 
 @njit(cache=True, inline="always")
 def requantize_tflite_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
     """:func:`requantize_tflite_channel` on 16 outputs at once (eqs. I3, I5), in int32 lanes, step by step as
-    :func:`multiply_by_quantized_multiplier_scalar`::
+    :func:`multiply_by_quantized_multiplier_scalar`, with the channel's shift split once per layer
+    (:func:`tflite_shifts`: left_shift, right_shift, and RoundingDivideByPOT's masks)::
 
         acc = raw + bias                                  vpaddd (wraps, as wrap32)
-        x   = acc · 2^max(shift, 0)                       vpsllvd (the low 32 bits: wrap32)
+        x   = acc · 2^left_shift                          vpsllvd (the low 32 bits: wrap32)
         h   = SaturatingRoundingDoublingHighMul(x, M)     refquant._lanes.saturating_rounding_doubling_high_mul16
-        r   = RoundingDivideByPOT(h, max(−shift, 0))      refquant._lanes.rounding_divide_by_pot16
+        r   = RoundingDivideByPOT(h, right_shift)         refquant._lanes.rounding_divide_by_pot16
         q   = clamp(r + z_y, quant_min, quant_max)        vpaddd (wraps), vpmaxsd, vpminsd
 
     Matches: google/gemmlowp fixedpoint/fixedpoint.h (SaturatingRoundingDoublingHighMul, RoundingDivideByPOT);
     tensorflow/tensorflow tensorflow/lite/kernels/internal/common.h (MultiplyByQuantizedMultiplier) and
     .../reference/integer_ops/fully_connected.h (the bias add, output offset and clamp)."""
-    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max = constants
-    zero = splat16_i32(0)
+    bias_i32, multiplier_i32, _, _, zero_point, quant_min, quant_max, shifts = constants
+    left_shift_i32, right_shift_i32, remainder_mask_i32, half_mask_i32 = shifts
     zp = splat16_i32(zero_point)
     qmin = splat16_i32(quant_min)
     qmax = splat16_i32(quant_max)
@@ -820,12 +834,10 @@ def requantize_tflite_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
         lanes = n_valid - c
         n = n0 + c
         acc = add16_i32(load16(raw_i32, offset + c, lanes), load16(bias_i32, n, lanes))  # eq. I3
-        shift = load16(shift_i32, n, lanes)
-        left_shift = max16_i32(shift, zero)
-        right_shift = max16_i32(sub16_i32(zero, shift), zero)
-        x = shl16_i32(acc, left_shift)
+        x = shl16_i32(acc, load16(left_shift_i32, n, lanes))
         high = saturating_rounding_doubling_high_mul16(x, load16(multiplier_i32, n, lanes))
-        r = rounding_divide_by_pot16(high, right_shift)
+        r = rounding_divide_by_pot16(high, load16(right_shift_i32, n, lanes), load16(remainder_mask_i32, n, lanes),
+                                     load16(half_mask_i32, n, lanes))
         q = _clamp16(add16_i32(r, zp), qmin, qmax)  # eq. I5
         store16_u8(out_u8, out_offset + c, q, lanes)
 
@@ -838,7 +850,7 @@ def requantize_tflite_single_rounding_row(raw_i32, offset, n_valid, n0, constant
 
     Matches: tensorflow/tensorflow tensorflow/lite/kernels/internal/common.cc (MultiplyByQuantizedMultiplier,
     #if TFLITE_SINGLE_ROUNDING)."""
-    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max = constants
+    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max, _ = constants
     zp = splat16_i32(zero_point)
     qmin = splat16_i32(quant_min)
     qmax = splat16_i32(quant_max)
@@ -862,7 +874,7 @@ def requantize_float_int32_bias_row(raw_i32, offset, n_valid, n0, constants, out
     (0 <= quant_min <= z_y <= quant_max <= 255) and keeps the int32 add of z_y from wrapping.
 
     Matches: pytorch/FBGEMM src/QuantUtilsAvx2.cc (requantizeOutputProcessingAvx2, BIAS_TYPE = int32_t)."""
-    bias_i32, _, _, output_multiplier_f32, zero_point, quant_min, quant_max = constants
+    bias_i32, _, _, output_multiplier_f32, zero_point, quant_min, quant_max, _ = constants
     zp = splat16_i32(zero_point)
     qmin = splat16_i32(quant_min)
     qmax = splat16_i32(quant_max)
@@ -999,7 +1011,7 @@ class IntegerRequantizer(_engines_module.Requantizer):
         shift = zeros_i32 if self.requant_shift is None else self.requant_shift
         object.__setattr__(self, "_epilogue_constants", (
             self.bias_i32, mult, shift, self.output_multiplier, np.int64(self.output_zero_point),
-            np.int64(self.quant_min), np.int64(self.quant_max)))
+            np.int64(self.quant_min), np.int64(self.quant_max), tflite_shifts(shift, self.shift_convention)))
 
     @property
     def name(self) -> str:  # type: ignore[override]  (the scheme's name is the variant)
