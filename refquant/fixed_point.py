@@ -727,36 +727,60 @@ def _requantize_integer_kernel(raw_i32, variant_code, bias_i32, multiplier_i32, 
             out[m, n] = q
 
 
-# The variants' per-element functions with channel n's constants from IntegerRequantizer.epilogue_constants()
-# (bias_i32, multiplier_i32, shift_i32, output_multiplier_f32: (N,) each; zero_point, quant_min, quant_max): the
-# epilogues of refquant.fused_linear, one per variant (a compile-time choice there).
+# The variants' per-element functions with channel n's constants from IntegerRequantizer.epilogue_constants() =
+# (channel_i32, output_multiplier_f32, zero_point, quant_min, quant_max): channel_i32 is (CHANNEL_ROWS, N) int32,
+# one row per per-channel constant (:func:`epilogue_channel_constants`; one array, not seven, because the fused
+# call unboxes each array it is passed, ~0.4 us apiece at batch 1), output_multiplier_f32 (N,) float32. These are
+# the epilogues of refquant.fused_linear, one per variant (a compile-time choice there).
+
+BIAS, MULTIPLIER, SHIFT, LEFT_SHIFT, RIGHT_SHIFT, REMAINDER_MASK, HALF_MASK = range(7)
+CHANNEL_ROWS = 7
+"""The rows of the epilogue's channel_i32: bias_i32, requant_multiplier_i32, requant_shift, and TFLite's shift
+split once per layer as :func:`multiply_by_quantized_multiplier` splits it (left_shift = max(shift, 0), right_shift
+= max(−shift, 0)) with RoundingDivideByPOT's mask = 2^right_shift − 1 and mask >> 1 (zeros for the other variants,
+whose rows do not use them)."""
+
+
+def epilogue_channel_constants(bias_i32: np.ndarray, multiplier_i32: np.ndarray, shift_i32: np.ndarray,
+                               shift_convention: str | None) -> np.ndarray:
+    """(CHANNEL_ROWS, N) int32 C-contiguous: the rows named by :data:`CHANNEL_ROWS` (multiplier and shift (N,) each,
+    zeros for the float variant)."""
+    shift_i64 = np.asarray(shift_i32, np.int64)
+    tflite = shift_i64 if shift_convention == "left" else np.zeros_like(shift_i64)
+    left_shift = np.maximum(tflite, 0)
+    right_shift = np.maximum(-tflite, 0)
+    remainder_mask = (np.int64(1) << right_shift) - 1
+    rows = (bias_i32, multiplier_i32, shift_i32, left_shift, right_shift, remainder_mask, remainder_mask >> 1)
+    return np.ascontiguousarray(np.stack([np.asarray(r, np.int64) for r in rows]).astype(np.int32))
+
 
 @njit(cache=True, inline="always")
 def requantize_fbgemm_fixed_point_channel(raw_i32, n, constants):
-    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max, _ = constants
-    return np.uint8(requantize_fbgemm_fixed_point_scalar(raw_i32, bias_i32[n], multiplier_i32[n], shift_i32[n],
-                                                         zero_point, quant_min, quant_max))
+    channel_i32, _, zero_point, quant_min, quant_max = constants
+    return np.uint8(requantize_fbgemm_fixed_point_scalar(raw_i32, channel_i32[BIAS, n], channel_i32[MULTIPLIER, n],
+                                                         channel_i32[SHIFT, n], zero_point, quant_min, quant_max))
 
 
 @njit(cache=True, inline="always")
 def requantize_tflite_channel(raw_i32, n, constants):
-    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max, _ = constants
-    return np.uint8(requantize_tflite_scalar(raw_i32, bias_i32[n], multiplier_i32[n], shift_i32[n], zero_point,
-                                             quant_min, quant_max))
+    channel_i32, _, zero_point, quant_min, quant_max = constants
+    return np.uint8(requantize_tflite_scalar(raw_i32, channel_i32[BIAS, n], channel_i32[MULTIPLIER, n],
+                                             channel_i32[SHIFT, n], zero_point, quant_min, quant_max))
 
 
 @njit(cache=True, inline="always")
 def requantize_tflite_single_rounding_channel(raw_i32, n, constants):
-    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max, _ = constants
-    return np.uint8(requantize_tflite_single_rounding_scalar(raw_i32, bias_i32[n], multiplier_i32[n], shift_i32[n],
+    channel_i32, _, zero_point, quant_min, quant_max = constants
+    return np.uint8(requantize_tflite_single_rounding_scalar(raw_i32, channel_i32[BIAS, n],
+                                                             channel_i32[MULTIPLIER, n], channel_i32[SHIFT, n],
                                                              zero_point, quant_min, quant_max))
 
 
 @njit(cache=True, inline="always")
 def requantize_float_int32_bias_channel(raw_i32, n, constants):
-    bias_i32, _, _, output_multiplier_f32, zero_point, quant_min, quant_max, _ = constants
-    return np.uint8(requantize_float_int32_bias_scalar(raw_i32, bias_i32[n], output_multiplier_f32[n], zero_point,
-                                                       quant_min, quant_max))
+    channel_i32, output_multiplier_f32, zero_point, quant_min, quant_max = constants
+    return np.uint8(requantize_float_int32_bias_scalar(raw_i32, channel_i32[BIAS, n], output_multiplier_f32[n],
+                                                       zero_point, quant_min, quant_max))
 
 
 # The same per-element functions on 16 outputs at once (refquant._lanes: int32 lanes, the 64-bit products on even
@@ -780,7 +804,8 @@ def requantize_fbgemm_fixed_point_row(raw_i32, offset, n_valid, n0, constants, o
     int64 sum as well.
 
     Matches: pytorch/FBGEMM include/fbgemm/QuantUtils.h (Requantize<T>, RequantizeFixedPoint)."""
-    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max, _ = constants
+    channel_i32, _, zero_point, quant_min, quant_max = constants
+    N = channel_i32.shape[1]
     zp = splat16_i32(zero_point)
     qmin = splat16_i32(quant_min)
     qmax = splat16_i32(quant_max)
@@ -788,32 +813,18 @@ def requantize_fbgemm_fixed_point_row(raw_i32, offset, n_valid, n0, constants, o
     for c in range(0, n_valid, 16):
         lanes = n_valid - c
         n = n0 + c
-        acc = add16_i32(load16(raw_i32, offset + c, lanes), load16(bias_i32, n, lanes))  # eq. I3
-        r = saturating_rounding_mul_with_shift16(acc, load16(multiplier_i32, n, lanes), load16(shift_i32, n, lanes))
+        acc = add16_i32(load16(raw_i32, offset + c, lanes), load16(channel_i32, BIAS * N + n, lanes))  # eq. I3
+        r = saturating_rounding_mul_with_shift16(acc, load16(channel_i32, MULTIPLIER * N + n, lanes),
+                                                 load16(channel_i32, SHIFT * N + n, lanes))
         q = _clamp16(add16_i32(r, zp), qmin, qmax)  # eq. I4
         store16_u8(out_u8, out_offset + c, q, lanes)
-
-
-def tflite_shifts(shift_i32: np.ndarray, shift_convention: str | None) -> tuple:
-    """TFLite's per-channel shift split as :func:`multiply_by_quantized_multiplier` splits it, once per layer for
-    :func:`requantize_tflite_row`: (left_shift, right_shift, remainder_mask, half_mask) int32 (N,) each,
-    ``max(shift, 0)``, ``max(−shift, 0)`` and RoundingDivideByPOT's ``mask = 2^right_shift − 1`` and ``mask >> 1``;
-    zeros for FBGEMM's right-shift convention and the float variant (their rows do not use them)."""
-    shift_i64 = np.asarray(shift_i32, np.int64)
-    if shift_convention != "left":
-        shift_i64 = np.zeros_like(shift_i64)
-    left_shift = np.maximum(shift_i64, 0)
-    right_shift = np.maximum(-shift_i64, 0)
-    remainder_mask = (np.int64(1) << right_shift) - 1
-    return tuple(np.ascontiguousarray(v.astype(np.int32))
-                 for v in (left_shift, right_shift, remainder_mask, remainder_mask >> 1))
 
 
 @njit(cache=True, inline="always")
 def requantize_tflite_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
     """:func:`requantize_tflite_channel` on 16 outputs at once (eqs. I3, I5), in int32 lanes, step by step as
     :func:`multiply_by_quantized_multiplier_scalar`, with the channel's shift split once per layer
-    (:func:`tflite_shifts`: left_shift, right_shift, and RoundingDivideByPOT's masks)::
+    (rows LEFT_SHIFT, RIGHT_SHIFT, REMAINDER_MASK, HALF_MASK of :data:`CHANNEL_ROWS`)::
 
         acc = raw + bias                                  vpaddd (wraps, as wrap32)
         x   = acc · 2^left_shift                          vpsllvd (the low 32 bits: wrap32)
@@ -824,8 +835,8 @@ def requantize_tflite_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
     Matches: google/gemmlowp fixedpoint/fixedpoint.h (SaturatingRoundingDoublingHighMul, RoundingDivideByPOT);
     tensorflow/tensorflow tensorflow/lite/kernels/internal/common.h (MultiplyByQuantizedMultiplier) and
     .../reference/integer_ops/fully_connected.h (the bias add, output offset and clamp)."""
-    bias_i32, multiplier_i32, _, _, zero_point, quant_min, quant_max, shifts = constants
-    left_shift_i32, right_shift_i32, remainder_mask_i32, half_mask_i32 = shifts
+    channel_i32, _, zero_point, quant_min, quant_max = constants
+    N = channel_i32.shape[1]
     zp = splat16_i32(zero_point)
     qmin = splat16_i32(quant_min)
     qmax = splat16_i32(quant_max)
@@ -833,11 +844,12 @@ def requantize_tflite_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
     for c in range(0, n_valid, 16):
         lanes = n_valid - c
         n = n0 + c
-        acc = add16_i32(load16(raw_i32, offset + c, lanes), load16(bias_i32, n, lanes))  # eq. I3
-        x = shl16_i32(acc, load16(left_shift_i32, n, lanes))
-        high = saturating_rounding_doubling_high_mul16(x, load16(multiplier_i32, n, lanes))
-        r = rounding_divide_by_pot16(high, load16(right_shift_i32, n, lanes), load16(remainder_mask_i32, n, lanes),
-                                     load16(half_mask_i32, n, lanes))
+        acc = add16_i32(load16(raw_i32, offset + c, lanes), load16(channel_i32, BIAS * N + n, lanes))  # eq. I3
+        x = shl16_i32(acc, load16(channel_i32, LEFT_SHIFT * N + n, lanes))
+        high = saturating_rounding_doubling_high_mul16(x, load16(channel_i32, MULTIPLIER * N + n, lanes))
+        r = rounding_divide_by_pot16(high, load16(channel_i32, RIGHT_SHIFT * N + n, lanes),
+                                     load16(channel_i32, REMAINDER_MASK * N + n, lanes),
+                                     load16(channel_i32, HALF_MASK * N + n, lanes))
         q = _clamp16(add16_i32(r, zp), qmin, qmax)  # eq. I5
         store16_u8(out_u8, out_offset + c, q, lanes)
 
@@ -850,7 +862,8 @@ def requantize_tflite_single_rounding_row(raw_i32, offset, n_valid, n0, constant
 
     Matches: tensorflow/tensorflow tensorflow/lite/kernels/internal/common.cc (MultiplyByQuantizedMultiplier,
     #if TFLITE_SINGLE_ROUNDING)."""
-    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max, _ = constants
+    channel_i32, _, zero_point, quant_min, quant_max = constants
+    N = channel_i32.shape[1]
     zp = splat16_i32(zero_point)
     qmin = splat16_i32(quant_min)
     qmax = splat16_i32(quant_max)
@@ -858,9 +871,9 @@ def requantize_tflite_single_rounding_row(raw_i32, offset, n_valid, n0, constant
     for c in range(0, n_valid, 16):
         lanes = n_valid - c
         n = n0 + c
-        acc = add16_i32(load16(raw_i32, offset + c, lanes), load16(bias_i32, n, lanes))  # eq. I3
-        r = multiply_by_quantized_multiplier_single_rounding16(acc, load16(multiplier_i32, n, lanes),
-                                                               load16(shift_i32, n, lanes))
+        acc = add16_i32(load16(raw_i32, offset + c, lanes), load16(channel_i32, BIAS * N + n, lanes))  # eq. I3
+        r = multiply_by_quantized_multiplier_single_rounding16(acc, load16(channel_i32, MULTIPLIER * N + n, lanes),
+                                                               load16(channel_i32, SHIFT * N + n, lanes))
         q = _clamp16(add16_i32(r, zp), qmin, qmax)  # eq. I6
         store16_u8(out_u8, out_offset + c, q, lanes)
 
@@ -874,7 +887,8 @@ def requantize_float_int32_bias_row(raw_i32, offset, n_valid, n0, constants, out
     (0 <= quant_min <= z_y <= quant_max <= 255) and keeps the int32 add of z_y from wrapping.
 
     Matches: pytorch/FBGEMM src/QuantUtilsAvx2.cc (requantizeOutputProcessingAvx2, BIAS_TYPE = int32_t)."""
-    bias_i32, _, _, output_multiplier_f32, zero_point, quant_min, quant_max, _ = constants
+    channel_i32, output_multiplier_f32, zero_point, quant_min, quant_max = constants
+    N = channel_i32.shape[1]
     zp = splat16_i32(zero_point)
     qmin = splat16_i32(quant_min)
     qmax = splat16_i32(quant_max)
@@ -884,7 +898,7 @@ def requantize_float_int32_bias_row(raw_i32, offset, n_valid, n0, constants, out
     for c in range(0, n_valid, 16):
         lanes = n_valid - c
         n = n0 + c
-        acc = add16_i32(load16(raw_i32, offset + c, lanes), load16(bias_i32, n, lanes))  # eq. I3
+        acc = add16_i32(load16(raw_i32, offset + c, lanes), load16(channel_i32, BIAS * N + n, lanes))  # eq. I3
         y = mul16_f32(to16_f32(acc), load16(output_multiplier_f32, n, lanes))
         r = _clamp16(cvtps2dq16(y), low, high)
         q = _clamp16(add16_i32(r, zp), qmin, qmax)  # eq. I7
@@ -1010,8 +1024,8 @@ class IntegerRequantizer(_engines_module.Requantizer):
         mult = zeros_i32 if self.requant_multiplier_i32 is None else self.requant_multiplier_i32
         shift = zeros_i32 if self.requant_shift is None else self.requant_shift
         object.__setattr__(self, "_epilogue_constants", (
-            self.bias_i32, mult, shift, self.output_multiplier, np.int64(self.output_zero_point),
-            np.int64(self.quant_min), np.int64(self.quant_max), tflite_shifts(shift, self.shift_convention)))
+            epilogue_channel_constants(self.bias_i32, mult, shift, self.shift_convention), self.output_multiplier,
+            np.int64(self.output_zero_point), np.int64(self.quant_min), np.int64(self.quant_max)))
 
     @property
     def name(self) -> str:  # type: ignore[override]  (the scheme's name is the variant)

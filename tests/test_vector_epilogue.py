@@ -232,7 +232,8 @@ def coverage(rq: fp.IntegerRequantization, raw: np.ndarray) -> set[str]:
     acc = fp.wrap_int32(raw.astype(np.int64) + rq.bias_i32).astype(np.int64)
     out = fp.requantize_integer_readable(raw, rq)
     reached = set()
-    if (out == rq.quant_min).any() and (out == rq.quant_max).any() and ((out > rq.quant_min) & (out < rq.quant_max)).any():
+    inside = (out > rq.quant_min) & (out < rq.quant_max)
+    if (out == rq.quant_min).any() and (out == rq.quant_max).any() and inside.any():
         reached.add("saturation and inside")
     if (np.abs(acc) >= 2**31 - 1).any():
         reached.add("±2^31")
