@@ -58,7 +58,9 @@ Requantization of one int32 ``raw`` (the bias added in int32 in every variant, w
 ReLU is ``qmin = z_y``. Every intermediate fits int64 exactly (|acc·M| < 2^62), so the readable functions use NumPy
 int64 arithmetic and are exact; the Numba per-element functions (``*_scalar``, ``inline="always"``) repeat them for
 fused kernels, and the tests prove the two equal, and equal to exact rational models, and to the C99 reference in
-``c/refquant_requant.c``.
+``c/refquant_requant.c``. The fused Linear call's epilogue runs each variant 16 outputs at once
+(``requantize_<variant>_row``, int32 lanes; the 32 x 32 -> 64-bit products exact on even and odd lanes apart,
+refquant._lanes), proven equal to the per-element functions by tests/test_vector_epilogue.py.
 
 As a layer's requantization: ``QuantizedLinear(..., requantization=<variant>)`` on any engine builds an
 :class:`IntegerRequantizer` (registered with refquant.engines.register_requantization), which exposes per output
