@@ -237,8 +237,6 @@ def _c16x32(value: int):
 
 shl16_i32 = _binary("shl16_i32", int32x16, lambda b, x, y: b.shl(x, y))
 """Lane-wise a·2^count modulo 2^32 (``vpsllvd``), for 0 <= count <= 31 (LLVM leaves a larger count undefined)."""
-sra16_i32 = _binary("sra16_i32", int32x16, lambda b, x, y: b.ashr(x, y))
-"""Lane-wise a >> count, arithmetic: floor(a / 2^count) (``vpsravd``), for 0 <= count <= 31."""
 
 
 _ODD_TO_EVEN = ir.Constant(ir.VectorType(_I32, 16), [i | 1 for i in range(16)])  # lane 2k + 1 into 2k (and 2k + 1)
@@ -292,9 +290,10 @@ def saturating_rounding_doubling_high_mul16(typingctx, a, b):
 
     That is gemmlowp's nudge-and-truncate, for both signs: for ab >= 0, (ab + 2^30) / 2^31 truncated is the floor;
     for ab < 0, v = ab + 1 − 2^30 < 0 and truncating v / 2^31 towards zero is floor((v + 2^31 − 1) / 2^31) =
-    floor((ab + 2^30) / 2^31). |ab| <= 2^62, so ab + 2^30 fits int64. And the saturation: −2^62 + 2^31 <= ab <= 2^62
-    gives −2^31 + 1 <= h <= 2^31, with h = 2^31 (whose low 32 bits are INT32_MIN) only for a = b = INT32_MIN, the
-    one product gemmlowp saturates to INT32_MAX; so no other lane has INT32_MIN there.
+    floor((ab + 2^30) / 2^31). |ab| <= 2^62, so ab + 2^30 fits int64, and so does 2·(ab + 2^30) except for
+    ab = 2^62 (a = b = INT32_MIN), where it wraps (LLVM's add) to a high half 0x80000000 = INT32_MIN. And the
+    saturation: −2^62 + 2^31 <= ab <= 2^62 gives −2^31 + 1 <= h <= 2^31, with h = 2^31 (seen as INT32_MIN) only for
+    a = b = INT32_MIN, the one product gemmlowp saturates to INT32_MAX; so no other lane has INT32_MIN there.
 
     Matches: google/gemmlowp fixedpoint/fixedpoint.h (SaturatingRoundingDoublingHighMul, int32 scalar and its SIMD
     versions), as tensorflow/tensorflow tensorflow/lite/kernels/internal/common.h (MultiplyByQuantizedMultiplier)
