@@ -7,6 +7,12 @@ namesake: ``fmul``/``fadd`` (float32, RNE, no fastmath, never contracted), ``sit
 (round half to even under the default MXCSR), ``llvm.fma`` only where the scalar code has ``fma_f32``. The lanes
 past a row's end (``n_valid`` < 16) are neither loaded nor stored (masked loads and stores).
 
+The integer requantizations (refquant.fixed_point) run in int32 lanes too: their 32 x 32 -> 64-bit products are
+exact int64 on the even lanes and on the odd lanes apart (``vpmuldq`` each, :func:`_products_even_odd`), rounded
+and shifted there, and put back into int32 lanes by one ``vpermt2d``: gemmlowp's SaturatingRoundingDoublingHighMul
+and RoundingDivideByPOT, FBGEMM's SaturatingRoundingMulWithShift and TFLite's single-rounding multiply, each an
+intrinsic named after the scalar function it repeats.
+
 Types: :data:`refquant.matmul.int32x16` and :data:`float32x16` (an LLVM ``<16 x float>``, one zmm register).
 """
 
@@ -218,58 +224,186 @@ def saturate_u8_16_f32(typingctx, v):
 
 
 _I64 = ir.IntType(64)
-_V16_I64 = ir.VectorType(_I64, 16)
+_V8_I64 = ir.VectorType(_I64, 8)
 
 
-def _c64(value: int):
-    return ir.Constant(_V16_I64, [value] * 16)
+def _c8x64(value: int):
+    return ir.Constant(_V8_I64, [value] * 8)
+
+
+def _c16x32(value: int):
+    return ir.Constant(_V16_I32, [value] * 16)
+
+
+shl16_i32 = _binary("shl16_i32", int32x16, lambda b, x, y: b.shl(x, y))
+"""Lane-wise a·2^count modulo 2^32 (``vpsllvd``), for 0 <= count <= 31 (LLVM leaves a larger count undefined)."""
+
+
+_ODD_TO_EVEN = ir.Constant(ir.VectorType(_I32, 16), [i | 1 for i in range(16)])  # lane 2k + 1 into 2k (and 2k + 1)
+
+
+def _even_odd_i64(b, v):
+    """The int32 lanes of ``v`` as two ``<8 x i64>``: lanes 0, 2, .., 14 and lanes 1, 3, .., 15, each sign-extended
+    (element k = lane 2k, resp. 2k + 1): a 64-bit view of the register, and of the register with each odd lane
+    copied down (``vpshufd``/``vmovshdup``). An exact product of two such vectors is one ``vpmuldq`` (signed
+    32 x 32 -> 64 bits on the low halves), as LLVM sees that both sides have more than 32 sign bits."""
+    c32 = _c8x64(32)
+
+    def low_halves_extended(v32):
+        v64 = b.bitcast(v32, _V8_I64)
+        return b.ashr(b.shl(v64, c32), c32)
+
+    return low_halves_extended(v), low_halves_extended(b.shuffle_vector(v, v, _ODD_TO_EVEN))
+
+
+_EVEN_ODD_LOW_HALVES = ir.Constant(ir.VectorType(_I32, 16), [i for k in range(8) for i in (2 * k, 16 + 2 * k)])
+_EVEN_ODD_HIGH_HALVES = ir.Constant(ir.VectorType(_I32, 16), [i + 1 for k in range(8) for i in (2 * k, 16 + 2 * k)])
+
+
+def _low_halves(b, even, odd):
+    """int32x16 whose lane 2k is the low 32 bits of even[k] and lane 2k + 1 those of odd[k] (one ``vpermt2d``): the
+    int32 lanes back from :func:`_even_odd_i64`'s two halves, each wrapped to 32 bits."""
+    return b.shuffle_vector(b.bitcast(even, _V16_I32), b.bitcast(odd, _V16_I32), _EVEN_ODD_LOW_HALVES)
+
+
+def _high_halves(b, even, odd):
+    """As :func:`_low_halves` with the HIGH 32 bits of each int64 (one ``vpermt2d``)."""
+    return b.shuffle_vector(b.bitcast(even, _V16_I32), b.bitcast(odd, _V16_I32), _EVEN_ODD_HIGH_HALVES)
+
+
+def _products_even_odd(b, x, y):
+    """The exact int64 products x·y of the even lanes and of the odd lanes (two ``vpmuldq``)."""
+    xe, xo = _even_odd_i64(b, x)
+    ye, yo = _even_odd_i64(b, y)
+    return b.mul(xe, ye), b.mul(xo, yo)
 
 
 @intrinsic
-def tflite_requantize16(typingctx, raw, bias, multiplier, shift, zero_point, quant_min, quant_max):
-    """refquant.fixed_point.requantize_tflite_scalar on 16 lanes (int32x16 raw, bias, multiplier, shift; splat
-    zero_point, quant_min, quant_max as int32x16) -> int32x16 codes: each int64 step of the scalar function is one
-    ``<16 x i64>`` operation (two zmm registers of 8 lanes), the same shifts, products, nudges and selects::
+def saturating_rounding_doubling_high_mul16(typingctx, a, b):
+    """Lane-wise refquant.fixed_point.saturating_rounding_doubling_high_mul_scalar (gemmlowp's
+    SaturatingRoundingDoublingHighMul) on int32 lanes, every step exact::
 
-        acc = wrap32(raw + bias);  left = max(shift, 0);  right = max(−shift, 0)
-        x = wrap32(acc · 2^left)
-        SRDHM: INT32_MAX if x = M = INT32_MIN; ab = x·M; v = ab + (2^30 if ab >= 0 else 1 − 2^30);
-               h = v >> 31 if v >= 0 else −((−v) >> 31)
-        RDBPOT: mask = 2^right − 1; (h >> right) + ((h & mask) > (mask >> 1) + (h < 0))
-        q = clamp(wrap32(that + z_y), quant_min, quant_max)
-    """
-    sig = int32x16(int32x16, int32x16, int32x16, int32x16, int32x16, int32x16, int32x16)
+        ab = a·b                     exact int64, even and odd lanes apart (vpmuldq each)
+        h  = (ab + 2^30) >> 31       floor(ab / 2^31 + 1/2): the high 32 bits of 2·(ab + 2^30) (bits 31..62 of
+                                     ab + 2^30, two vpaddq), one vpermt2d for both halves
+        INT32_MAX where h is INT32_MIN
+
+    That is gemmlowp's nudge-and-truncate, for both signs: for ab >= 0, (ab + 2^30) / 2^31 truncated is the floor;
+    for ab < 0, v = ab + 1 − 2^30 < 0 and truncating v / 2^31 towards zero is floor((v + 2^31 − 1) / 2^31) =
+    floor((ab + 2^30) / 2^31). |ab| <= 2^62, so ab + 2^30 fits int64, and so does 2·(ab + 2^30) except for
+    ab = 2^62 (a = b = INT32_MIN), where it wraps (LLVM's add) to a high half 0x80000000 = INT32_MIN. And the
+    saturation: −2^62 + 2^31 <= ab <= 2^62 gives −2^31 + 1 <= h <= 2^31, with h = 2^31 (seen as INT32_MIN) only for
+    a = b = INT32_MIN, the one product gemmlowp saturates to INT32_MAX; so no other lane has INT32_MIN there.
+
+    Matches: google/gemmlowp fixedpoint/fixedpoint.h (SaturatingRoundingDoublingHighMul, int32 scalar and its SIMD
+    versions), as tensorflow/tensorflow tensorflow/lite/kernels/internal/common.h (MultiplyByQuantizedMultiplier)
+    calls it."""
+    if a != int32x16 or b != int32x16:
+        raise TypingError(f"saturating_rounding_doubling_high_mul16 needs two int32x16, got {a}, {b}")
+
+    def codegen(context, builder, signature, args):
+        bld = builder
+        even, odd = _products_even_odd(bld, *args)
+        half = _c8x64(1 << 30)
+
+        def doubled(p):  # 2·(ab + 2^30): its high 32 bits are those of (ab + 2^30) >> 31 (adds, not shifts)
+            t = bld.add(p, half)
+            return bld.add(t, t)
+
+        high = _high_halves(bld, doubled(even), doubled(odd))
+        overflow = bld.icmp_signed("==", high, _c16x32(-(2**31)))  # a = b = INT32_MIN, and only there
+        return bld.select(overflow, _c16x32(2**31 - 1), high)
+
+    return int32x16(int32x16, int32x16), codegen
+
+
+@intrinsic
+def rounding_divide_by_pot16(typingctx, x, exponent, mask, half_mask):
+    """Lane-wise refquant.fixed_point.rounding_divide_by_pot_scalar (gemmlowp's RoundingDivideByPOT) in int32 lanes,
+    0 <= exponent <= 31, with mask = 2^exponent − 1 and half_mask = mask >> 1 given (per-channel constants):
+    x / 2^exponent rounded to nearest, ties away from zero::
+
+        remainder = x & mask;  threshold = half_mask + (x < 0);  (x >> exponent) + (remainder > threshold)
+
+    Every term is the int64 scalar's value (0 <= remainder <= mask <= 2^31 − 1, threshold <= 2^30), so nothing
+    wraps. Matches: google/gemmlowp fixedpoint/fixedpoint.h (RoundingDivideByPOT)."""
+    if any(v != int32x16 for v in (x, exponent, mask, half_mask)):
+        raise TypingError(f"rounding_divide_by_pot16 needs four int32x16, got {x}, {exponent}, {mask}, {half_mask}")
 
     def codegen(context, builder, signature, args):
         b = builder
-        raw_v, bias_v, mult_v, shift_v, zp_v, qmin_v, qmax_v = (b.sext(a, _V16_I64) for a in args)
-        zero, one = _c64(0), _c64(1)
+        x_v, e_v, mask_v, half_v = args
+        remainder = b.and_(x_v, mask_v)
+        threshold = b.add(half_v, b.zext(b.icmp_signed("<", x_v, _c16x32(0)), _V16_I32))
+        return b.add(b.ashr(x_v, e_v), b.zext(b.icmp_signed(">", remainder, threshold), _V16_I32))
 
-        def wrap32(v):  # ((v + 2^31) & 0xFFFFFFFF) − 2^31, the int32 value v wraps to, is sext(trunc32(v)); LLVM
-            return b.sext(b.trunc(v, _V16_I32), _V16_I64)  # then knows x·M below is 32 x 32 bits (vpmuldq)
+    return int32x16(int32x16, int32x16, int32x16, int32x16), codegen
 
-        def select_max(x, y):
-            return b.select(b.icmp_signed(">", x, y), x, y)
 
-        acc = wrap32(b.add(raw_v, bias_v))
-        left = b.select(b.icmp_signed(">", shift_v, zero), shift_v, zero)
-        right = b.select(b.icmp_signed("<", shift_v, zero), b.neg(shift_v), zero)
-        x = wrap32(b.shl(acc, left))  # acc·2^left: the same low 64 bits
-        # SaturatingRoundingDoublingHighMul(x, M)
-        overflow = b.and_(b.icmp_signed("==", x, mult_v), b.icmp_signed("==", x, _c64(-(2**31))))
-        ab = b.mul(x, mult_v)
-        nudge = b.select(b.icmp_signed(">=", ab, zero), _c64(1 << 30), _c64(1 - (1 << 30)))
-        v = b.add(ab, nudge)
-        high = b.select(b.icmp_signed(">=", v, zero), b.ashr(v, _c64(31)), b.neg(b.ashr(b.neg(v), _c64(31))))
-        high = b.select(overflow, _c64(2**31 - 1), high)
-        # RoundingDivideByPOT(high, right)
-        mask = b.sub(b.shl(one, right), one)
-        remainder = b.and_(high, mask)
-        threshold = b.add(b.ashr(mask, one), b.zext(b.icmp_signed("<", high, zero), _V16_I64))
-        divided = b.add(b.ashr(high, right), b.zext(b.icmp_signed(">", remainder, threshold), _V16_I64))
-        q = wrap32(b.add(divided, zp_v))
-        q = select_max(q, qmin_v)  # _clamp_scalar: below quant_min -> quant_min, above quant_max -> quant_max
-        q = b.select(b.icmp_signed(">", q, qmax_v), qmax_v, q)
-        return b.trunc(q, _V16_I32)
+def _halved_shift_even_odd(b, x, y, right_shift):
+    """floor(x·y / 2^(s − 1)) for the even and the odd lanes, exact int64 (s = right_shift's lane, s − 1 >= 0): the
+    first half of :func:`_round_half_up_of_halved` (vpmuldq, vpsravq)."""
+    even, odd = _products_even_odd(b, x, y)
+    s64 = b.bitcast(b.sub(right_shift, _c16x32(1)), _V8_I64)
+    s_even = b.and_(s64, _c8x64(0xFFFFFFFF))  # s − 1 >= 0: zero-extended is sign-extended
+    s_odd = b.lshr(s64, _c8x64(32))
+    return b.ashr(even, s_even), b.ashr(odd, s_odd)
 
-    return sig, codegen
+
+def _round_half_up_of_halved(b, t, one):
+    """(t + 1) >> 1 for t = floor(p / 2^(s − 1)): equals (p + 2^(s − 1)) >> s = floor(p / 2^s + 1/2), since
+    floor((floor(y) + 1) / 2) = floor((y + 1) / 2) for every real y (here y = p / 2^(s − 1))."""
+    return b.ashr(b.add(t, one), one)
+
+
+@intrinsic
+def saturating_rounding_mul_with_shift16(typingctx, a, b, right_shift):
+    """Lane-wise refquant.fixed_point.saturating_rounding_mul_with_shift_scalar (FBGEMM's
+    SaturatingRoundingMulWithShift), 1 <= right_shift <= 63, SATURATED to [−2^29, 2^29] (the scalar keeps the int64
+    value: a caller clamping into a range inside it, plus a small zero point, gets the same codes)::
+
+        t = floor(a·b / 2^(s − 1))          exact int64, even and odd lanes apart (vpmuldq, vpsravq)
+        t = clamp(t, −2^30, 2^30)           (vpmaxsq, vpminsq), then int32 lanes
+        (t + 1) >> 1                        = (a·b + 2^(s − 1)) >> s, saturated to [−2^29, 2^29]
+
+    (a t beyond ±2^30 would give a result beyond ±2^29, and the clamped t gives exactly ±2^29.)
+    Matches: pytorch/FBGEMM src/QuantUtils.cc (SaturatingRoundingMulWithShift)."""
+    if a != int32x16 or b != int32x16 or right_shift != int32x16:
+        raise TypingError(f"saturating_rounding_mul_with_shift16 needs three int32x16, got {a}, {b}, {right_shift}")
+
+    def codegen(context, builder, signature, args):
+        bld = builder
+        lo, hi = _c8x64(-(2**30)), _c8x64(2**30)
+
+        def clamped(v):
+            v = bld.select(bld.icmp_signed("<", v, lo), lo, v)
+            return bld.select(bld.icmp_signed(">", v, hi), hi, v)
+
+        even, odd = _halved_shift_even_odd(bld, *args)
+        return _round_half_up_of_halved(bld, _low_halves(bld, clamped(even), clamped(odd)), _c16x32(1))
+
+    return int32x16(int32x16, int32x16, int32x16), codegen
+
+
+@intrinsic
+def multiply_by_quantized_multiplier_single_rounding16(typingctx, x, quantized_multiplier, shift):
+    """Lane-wise refquant.fixed_point.multiply_by_quantized_multiplier_single_rounding_scalar (TFLite's
+    MultiplyByQuantizedMultiplier built with TFLITE_SINGLE_ROUNDING), −31 <= shift <= 30::
+
+        total = 31 − shift (1..62);  wrap32((x·M + 2^(total − 1)) >> total)
+
+    exact in int64 on even and odd lanes apart, as ((x·M >> (total − 1)) + 1) >> 1 (vpmuldq, vpsravq), then the low
+    32 bits (the scalar's wrap32). Matches: tensorflow/tensorflow tensorflow/lite/kernels/internal/common.cc
+    (MultiplyByQuantizedMultiplier, #if TFLITE_SINGLE_ROUNDING)."""
+    if x != int32x16 or quantized_multiplier != int32x16 or shift != int32x16:
+        raise TypingError(f"multiply_by_quantized_multiplier_single_rounding16 needs three int32x16, got {x}, "
+                          f"{quantized_multiplier}, {shift}")
+
+    def codegen(context, builder, signature, args):
+        x_v, m_v, shift_v = args
+        even, odd = _halved_shift_even_odd(builder, x_v, m_v, builder.sub(_c16x32(31), shift_v))
+        one = _c8x64(1)
+        return _low_halves(builder, _round_half_up_of_halved(builder, even, one),
+                           _round_half_up_of_halved(builder, odd, one))
+
+    return int32x16(int32x16, int32x16, int32x16), codegen

@@ -58,7 +58,9 @@ Requantization of one int32 ``raw`` (the bias added in int32 in every variant, w
 ReLU is ``qmin = z_y``. Every intermediate fits int64 exactly (|acc·M| < 2^62), so the readable functions use NumPy
 int64 arithmetic and are exact; the Numba per-element functions (``*_scalar``, ``inline="always"``) repeat them for
 fused kernels, and the tests prove the two equal, and equal to exact rational models, and to the C99 reference in
-``c/refquant_requant.c``.
+``c/refquant_requant.c``. The fused Linear call's epilogue runs each variant 16 outputs at once
+(``requantize_<variant>_row``, int32 lanes; the 32 x 32 -> 64-bit products exact on even and odd lanes apart,
+refquant._lanes), proven equal to the per-element functions by tests/test_vector_epilogue.py.
 
 As a layer's requantization: ``QuantizedLinear(..., requantization=<variant>)`` on any engine builds an
 :class:`IntegerRequantizer` (registered with refquant.engines.register_requantization), which exposes per output
@@ -110,7 +112,10 @@ import numpy as np
 from numba import njit
 
 from . import engines as _engines_module  # the Requantizer seam (refquant.engines does not import this module)
-from ._lanes import load16, splat16_i32, store16_u8, tflite_requantize16
+from ._lanes import (add16_i32, cvtps2dq16, load16, max16_i32, min16_i32, mul16_f32,
+                     multiply_by_quantized_multiplier_single_rounding16, rounding_divide_by_pot16,
+                     saturating_rounding_doubling_high_mul16, saturating_rounding_mul_with_shift16, shl16_i32,
+                     splat16_i32, store16_u8, to16_f32)
 
 VARIANTS: tuple[str, ...] = ("fbgemm_fixed_point", "tflite", "tflite_single_rounding", "float_int32_bias")
 """The integer requantization variants, by the names issue 11 gives them."""
@@ -587,7 +592,7 @@ def requantize_integer_readable(raw_i32: np.ndarray, rq: IntegerRequantization) 
                                                                       rq.requant_shift)
         q_i64 = wrap_int32(scaled_i32.astype(np.int64) + zp).astype(np.int64)
     else:  # "float_int32_bias", eq. I7: cvtdq2ps, one float32 multiply, cvtps2dq, saturating packs
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):  # inf·0 -> NaN -> INT32_MIN, as cvtps2dq
             y_f32 = (acc_i32.astype(np.float32) * rq.output_multiplier_f32).astype(np.float32)
         q_i64 = _cvtps2dq(y_f32) + zp
     return np.clip(q_i64, rq.quant_min, rq.quant_max).astype(rq.output_dtype)
@@ -724,44 +729,85 @@ def _requantize_integer_kernel(raw_i32, variant_code, bias_i32, multiplier_i32, 
             out[m, n] = q
 
 
-# The variants' per-element functions with channel n's constants from IntegerRequantizer.epilogue_constants()
-# (bias_i32, multiplier_i32, shift_i32, output_multiplier_f32: (N,) each; zero_point, quant_min, quant_max): the
-# epilogues of refquant.fused_linear, one per variant (a compile-time choice there).
+# The variants' per-element functions with channel n's constants from IntegerRequantizer.epilogue_constants() =
+# (channel_i32, output_multiplier_f32, zero_point, quant_min, quant_max): channel_i32 is (CHANNEL_ROWS, N) int32,
+# one row per per-channel constant (:func:`epilogue_channel_constants`; one array, not seven, because the fused
+# call unboxes each array it is passed, ~0.4 us apiece at batch 1), output_multiplier_f32 (N,) float32. These are
+# the epilogues of refquant.fused_linear, one per variant (a compile-time choice there).
+
+BIAS, MULTIPLIER, SHIFT, LEFT_SHIFT, RIGHT_SHIFT, REMAINDER_MASK, HALF_MASK = range(7)
+CHANNEL_ROWS = 7
+"""The rows of the epilogue's channel_i32: bias_i32, requant_multiplier_i32, requant_shift, and TFLite's shift
+split once per layer as :func:`multiply_by_quantized_multiplier` splits it (left_shift = max(shift, 0), right_shift
+= max(−shift, 0)) with RoundingDivideByPOT's mask = 2^right_shift − 1 and mask >> 1 (zeros for the other variants,
+whose rows do not use them)."""
+
+
+def epilogue_channel_constants(bias_i32: np.ndarray, multiplier_i32: np.ndarray, shift_i32: np.ndarray,
+                               shift_convention: str | None) -> np.ndarray:
+    """(CHANNEL_ROWS, N) int32 C-contiguous: the rows named by :data:`CHANNEL_ROWS` (multiplier and shift (N,) each,
+    zeros for the float variant)."""
+    shift_i64 = np.asarray(shift_i32, np.int64)
+    tflite = shift_i64 if shift_convention == "left" else np.zeros_like(shift_i64)
+    left_shift = np.maximum(tflite, 0)
+    right_shift = np.maximum(-tflite, 0)
+    remainder_mask = (np.int64(1) << right_shift) - 1
+    rows = (bias_i32, multiplier_i32, shift_i32, left_shift, right_shift, remainder_mask, remainder_mask >> 1)
+    return np.ascontiguousarray(np.stack([np.asarray(r, np.int64) for r in rows]).astype(np.int32))
+
 
 @njit(cache=True, inline="always")
 def requantize_fbgemm_fixed_point_channel(raw_i32, n, constants):
-    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max = constants
-    return np.uint8(requantize_fbgemm_fixed_point_scalar(raw_i32, bias_i32[n], multiplier_i32[n], shift_i32[n],
-                                                         zero_point, quant_min, quant_max))
+    channel_i32, _, zero_point, quant_min, quant_max = constants
+    return np.uint8(requantize_fbgemm_fixed_point_scalar(raw_i32, channel_i32[BIAS, n], channel_i32[MULTIPLIER, n],
+                                                         channel_i32[SHIFT, n], zero_point, quant_min, quant_max))
 
 
 @njit(cache=True, inline="always")
 def requantize_tflite_channel(raw_i32, n, constants):
-    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max = constants
-    return np.uint8(requantize_tflite_scalar(raw_i32, bias_i32[n], multiplier_i32[n], shift_i32[n], zero_point,
-                                             quant_min, quant_max))
+    channel_i32, _, zero_point, quant_min, quant_max = constants
+    return np.uint8(requantize_tflite_scalar(raw_i32, channel_i32[BIAS, n], channel_i32[MULTIPLIER, n],
+                                             channel_i32[SHIFT, n], zero_point, quant_min, quant_max))
 
 
 @njit(cache=True, inline="always")
 def requantize_tflite_single_rounding_channel(raw_i32, n, constants):
-    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max = constants
-    return np.uint8(requantize_tflite_single_rounding_scalar(raw_i32, bias_i32[n], multiplier_i32[n], shift_i32[n],
+    channel_i32, _, zero_point, quant_min, quant_max = constants
+    return np.uint8(requantize_tflite_single_rounding_scalar(raw_i32, channel_i32[BIAS, n],
+                                                             channel_i32[MULTIPLIER, n], channel_i32[SHIFT, n],
                                                              zero_point, quant_min, quant_max))
 
 
 @njit(cache=True, inline="always")
 def requantize_float_int32_bias_channel(raw_i32, n, constants):
-    bias_i32, _, _, output_multiplier_f32, zero_point, quant_min, quant_max = constants
-    return np.uint8(requantize_float_int32_bias_scalar(raw_i32, bias_i32[n], output_multiplier_f32[n], zero_point,
-                                                       quant_min, quant_max))
+    channel_i32, output_multiplier_f32, zero_point, quant_min, quant_max = constants
+    return np.uint8(requantize_float_int32_bias_scalar(raw_i32, channel_i32[BIAS, n], output_multiplier_f32[n],
+                                                       zero_point, quant_min, quant_max))
+
+
+# The same per-element functions on 16 outputs at once (refquant._lanes: int32 lanes, the 64-bit products on even
+# and odd lanes apart), the row functions of refquant.fused_linear: out_u8[m, n0 + c] = the channel function's code
+# of raw_i32[offset + c] for c < n_valid. Their domain is what the variants' constants can hold: uint8 codes
+# (0 <= quant_min <= zero_point <= quant_max <= 255), TFLite's −31 <= shift <= 30, FBGEMM's 1 <= right_shift <= 63;
+# any int32 raw, bias and multiplier. tests/test_vector_epilogue.py proves each equal to its channel function.
+
+@njit(cache=True, inline="always")
+def _clamp16(q, quant_min, quant_max):
+    """_clamp_scalar on 16 lanes (quant_min <= quant_max): min(max(q, quant_min), quant_max)."""
+    return min16_i32(max16_i32(q, quant_min), quant_max)
 
 
 @njit(cache=True, inline="always")
-def requantize_tflite_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
-    """out_u8[m, n0 + c] = :func:`requantize_tflite_channel` of raw_i32[offset + c], c < n_valid, 16 outputs at
-    once (refquant._lanes.tflite_requantize16: the scalar function's int64 steps on 16 lanes; codes stored as
-    uint8, as the channel function's ``np.uint8``). tests/test_vector_epilogue.py proves it equal."""
-    bias_i32, multiplier_i32, shift_i32, _, zero_point, quant_min, quant_max = constants
+def requantize_fbgemm_fixed_point_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
+    """:func:`requantize_fbgemm_fixed_point_channel` on 16 outputs at once (eqs. I3, I4): the int32 bias add
+    (``vpaddd``, wraps), :func:`refquant._lanes.saturating_rounding_mul_with_shift16` (exact int64 on even and odd
+    lanes, saturated to [−2^29, 2^29]), then z_y + that in int32 (no wrap: |z_y| <= 255), clamped. With
+    0 <= quant_min <= z_y <= quant_max <= 255, a value beyond ±2^29 gives quant_min or quant_max in the scalar's
+    int64 sum as well.
+
+    Matches: pytorch/FBGEMM include/fbgemm/QuantUtils.h (Requantize<T>, RequantizeFixedPoint)."""
+    channel_i32, _, zero_point, quant_min, quant_max = constants
+    N = channel_i32.shape[1]
     zp = splat16_i32(zero_point)
     qmin = splat16_i32(quant_min)
     qmax = splat16_i32(quant_max)
@@ -769,13 +815,102 @@ def requantize_tflite_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
     for c in range(0, n_valid, 16):
         lanes = n_valid - c
         n = n0 + c
-        q = tflite_requantize16(load16(raw_i32, offset + c, lanes), load16(bias_i32, n, lanes),
-                                load16(multiplier_i32, n, lanes), load16(shift_i32, n, lanes), zp, qmin, qmax)
+        acc = add16_i32(load16(raw_i32, offset + c, lanes), load16(channel_i32, BIAS * N + n, lanes))  # eq. I3
+        r = saturating_rounding_mul_with_shift16(acc, load16(channel_i32, MULTIPLIER * N + n, lanes),
+                                                 load16(channel_i32, SHIFT * N + n, lanes))
+        q = _clamp16(add16_i32(r, zp), qmin, qmax)  # eq. I4
         store16_u8(out_u8, out_offset + c, q, lanes)
 
 
-ROW_FUNCTIONS = {"tflite": requantize_tflite_row}
-"""The variants with a 16-lane row function (refquant.fused_linear's optional ``requantize_row_fn``)."""
+@njit(cache=True, inline="always")
+def requantize_tflite_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
+    """:func:`requantize_tflite_channel` on 16 outputs at once (eqs. I3, I5), in int32 lanes, step by step as
+    :func:`multiply_by_quantized_multiplier_scalar`, with the channel's shift split once per layer
+    (rows LEFT_SHIFT, RIGHT_SHIFT, REMAINDER_MASK, HALF_MASK of :data:`CHANNEL_ROWS`)::
+
+        acc = raw + bias                                  vpaddd (wraps, as wrap32)
+        x   = acc · 2^left_shift                          vpsllvd (the low 32 bits: wrap32)
+        h   = SaturatingRoundingDoublingHighMul(x, M)     refquant._lanes.saturating_rounding_doubling_high_mul16
+        r   = RoundingDivideByPOT(h, right_shift)         refquant._lanes.rounding_divide_by_pot16
+        q   = clamp(r + z_y, quant_min, quant_max)        vpaddd (wraps), vpmaxsd, vpminsd
+
+    Matches: google/gemmlowp fixedpoint/fixedpoint.h (SaturatingRoundingDoublingHighMul, RoundingDivideByPOT);
+    tensorflow/tensorflow tensorflow/lite/kernels/internal/common.h (MultiplyByQuantizedMultiplier) and
+    .../reference/integer_ops/fully_connected.h (the bias add, output offset and clamp)."""
+    channel_i32, _, zero_point, quant_min, quant_max = constants
+    N = channel_i32.shape[1]
+    zp = splat16_i32(zero_point)
+    qmin = splat16_i32(quant_min)
+    qmax = splat16_i32(quant_max)
+    out_offset = m * out_u8.shape[1] + n0
+    for c in range(0, n_valid, 16):
+        lanes = n_valid - c
+        n = n0 + c
+        acc = add16_i32(load16(raw_i32, offset + c, lanes), load16(channel_i32, BIAS * N + n, lanes))  # eq. I3
+        x = shl16_i32(acc, load16(channel_i32, LEFT_SHIFT * N + n, lanes))
+        high = saturating_rounding_doubling_high_mul16(x, load16(channel_i32, MULTIPLIER * N + n, lanes))
+        r = rounding_divide_by_pot16(high, load16(channel_i32, RIGHT_SHIFT * N + n, lanes),
+                                     load16(channel_i32, REMAINDER_MASK * N + n, lanes),
+                                     load16(channel_i32, HALF_MASK * N + n, lanes))
+        q = _clamp16(add16_i32(r, zp), qmin, qmax)  # eq. I5
+        store16_u8(out_u8, out_offset + c, q, lanes)
+
+
+@njit(cache=True, inline="always")
+def requantize_tflite_single_rounding_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
+    """:func:`requantize_tflite_single_rounding_channel` on 16 outputs at once (eqs. I3, I6): the int32 bias add,
+    :func:`refquant._lanes.multiply_by_quantized_multiplier_single_rounding16` (exact int64 on even and odd lanes,
+    wrapped to int32 as the scalar's wrap32), z_y added in int32 (wraps), clamped.
+
+    Matches: tensorflow/tensorflow tensorflow/lite/kernels/internal/common.cc (MultiplyByQuantizedMultiplier,
+    #if TFLITE_SINGLE_ROUNDING)."""
+    channel_i32, _, zero_point, quant_min, quant_max = constants
+    N = channel_i32.shape[1]
+    zp = splat16_i32(zero_point)
+    qmin = splat16_i32(quant_min)
+    qmax = splat16_i32(quant_max)
+    out_offset = m * out_u8.shape[1] + n0
+    for c in range(0, n_valid, 16):
+        lanes = n_valid - c
+        n = n0 + c
+        acc = add16_i32(load16(raw_i32, offset + c, lanes), load16(channel_i32, BIAS * N + n, lanes))  # eq. I3
+        r = multiply_by_quantized_multiplier_single_rounding16(acc, load16(channel_i32, MULTIPLIER * N + n, lanes),
+                                                               load16(channel_i32, SHIFT * N + n, lanes))
+        q = _clamp16(add16_i32(r, zp), qmin, qmax)  # eq. I6
+        store16_u8(out_u8, out_offset + c, q, lanes)
+
+
+@njit(cache=True, inline="always")
+def requantize_float_int32_bias_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
+    """:func:`requantize_float_int32_bias_channel` on 16 outputs at once (eqs. I3, I7): the int32 bias add
+    (``vpaddd``), ``vcvtdq2ps``, one ``vmulps`` by the float32 multiplier (RNE, never contracted), cvtps2dq
+    (refquant._lanes.cvtps2dq16: INT32_MIN out of range), then z_y added and clamped. As in
+    refquant.engines.fbgemm_requantize_row, the int32 result is first clamped to [−256, 511], which changes no code
+    (0 <= quant_min <= z_y <= quant_max <= 255) and keeps the int32 add of z_y from wrapping.
+
+    Matches: pytorch/FBGEMM src/QuantUtilsAvx2.cc (requantizeOutputProcessingAvx2, BIAS_TYPE = int32_t)."""
+    channel_i32, output_multiplier_f32, zero_point, quant_min, quant_max = constants
+    N = channel_i32.shape[1]
+    zp = splat16_i32(zero_point)
+    qmin = splat16_i32(quant_min)
+    qmax = splat16_i32(quant_max)
+    low = splat16_i32(-256)
+    high = splat16_i32(511)
+    out_offset = m * out_u8.shape[1] + n0
+    for c in range(0, n_valid, 16):
+        lanes = n_valid - c
+        n = n0 + c
+        acc = add16_i32(load16(raw_i32, offset + c, lanes), load16(channel_i32, BIAS * N + n, lanes))  # eq. I3
+        y = mul16_f32(to16_f32(acc), load16(output_multiplier_f32, n, lanes))
+        r = _clamp16(cvtps2dq16(y), low, high)
+        q = _clamp16(add16_i32(r, zp), qmin, qmax)  # eq. I7
+        store16_u8(out_u8, out_offset + c, q, lanes)
+
+
+ROW_FUNCTIONS = {"fbgemm_fixed_point": requantize_fbgemm_fixed_point_row, "tflite": requantize_tflite_row,
+                 "tflite_single_rounding": requantize_tflite_single_rounding_row,
+                 "float_int32_bias": requantize_float_int32_bias_row}
+"""Each variant's 16-lane row function (refquant.fused_linear's optional ``requantize_row_fn``)."""
 
 EPILOGUE_FUNCTIONS = {"fbgemm_fixed_point": requantize_fbgemm_fixed_point_channel,
                       "tflite": requantize_tflite_channel,
@@ -881,6 +1016,18 @@ class IntegerRequantizer(_engines_module.Requantizer):
     output_zero_point: int
     quant_min: int
     quant_max: int
+    _epilogue_constants: tuple = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # built once: a layer's call passes the same tuple each time (refquant.fused_linear keys its compiled
+        # kernel on the tuple's identity, and new arrays per call cost ~2 us at batch 1)
+        n = len(self.bias_i32)
+        zeros_i32 = np.zeros(n, np.int32)
+        mult = zeros_i32 if self.requant_multiplier_i32 is None else self.requant_multiplier_i32
+        shift = zeros_i32 if self.requant_shift is None else self.requant_shift
+        object.__setattr__(self, "_epilogue_constants", (
+            epilogue_channel_constants(self.bias_i32, mult, shift, self.shift_convention), self.output_multiplier,
+            np.int64(self.output_zero_point), np.int64(self.quant_min), np.int64(self.quant_max)))
 
     @property
     def name(self) -> str:  # type: ignore[override]  (the scheme's name is the variant)
@@ -936,12 +1083,7 @@ class IntegerRequantizer(_engines_module.Requantizer):
         return f"integer_{self.variant}" if self.constants.output_dtype == np.uint8 else None
 
     def epilogue_constants(self) -> tuple:
-        n = len(self.bias_i32)
-        zeros_i32 = np.zeros(n, np.int32)
-        mult = zeros_i32 if self.requant_multiplier_i32 is None else self.requant_multiplier_i32
-        shift = zeros_i32 if self.requant_shift is None else self.requant_shift
-        return (self.bias_i32, mult, shift, self.output_multiplier, np.int64(self.output_zero_point),
-                np.int64(self.quant_min), np.int64(self.quant_max))
+        return self._epilogue_constants
 
 
 def _builder(variant: str):

@@ -30,9 +30,10 @@ block, ``outputProcess_.f`` runs on it) with include/fbgemm/OutputProcessing-inl
 row/column offset corrections, then requantization, of that block) — fbgemm's output pipeline.
 
 Row by row, 16 outputs at once: :func:`zero_point_corrected_row` is the zero-point step on 16 int32 lanes, and an
-epilogue may register a row function (``register_epilogue(name, fn, row_fn)``: fbgemm's, onednn's and tflite's do,
-refquant.engines / refquant.fixed_point ``*_requantize_row``) which runs its per-element formula on 16 lanes with
-the same operations and roundings (refquant._lanes); the others loop over their per-element function
+epilogue may register a row function (``register_epilogue(name, fn, row_fn)``: fbgemm's, onednn's and the four
+integer variants' do, refquant.engines ``<engine>_requantize_row`` / refquant.fixed_point ``requantize_<variant>_row``)
+which runs its per-element formula on 16 lanes with the same operations and roundings (refquant._lanes: the integer
+variants' 64-bit products on even and odd int32 lanes); qnnpack's loops over its per-element function
 (:func:`requantize_row`). tests/test_vector_epilogue.py proves each row function equal to its element function and
 to the readable stages. (LLVM's loop vectoriser, tried first, gave no gain on the per-element functions here.)
 
