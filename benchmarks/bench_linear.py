@@ -10,8 +10,8 @@ engine's default qscheme: per-channel symmetric, per-tensor for qnnpack; float32
     time relative to the float path's;
 checks that torch and refquant give the same output codes, and prints GMAC/s (M*K*N multiply-adds per second) and
 the refquant/torch speed ratio (> 1: refquant is faster). torch and refquant alternate within each of --repeat
-rounds, so machine load hits both alike; each figure is the median over the rounds. The CPU (lscpu's model name)
-and the load average before and after are printed.
+rounds, so machine load hits both alike; each time is the median over the rounds, each ratio the median of the
+rounds' ratios. The CPU (lscpu's model name) and the load average before and after are printed.
 
     python benchmarks/bench_linear.py [--repeat 7] [--engine fbgemm,x86,qnnpack,onednn|all]
                                       [--kernel auto|amx|avx512|portable|reference] [--requantization tflite]
@@ -98,6 +98,12 @@ def _seconds_per_call(fn, calls: int) -> float:
     for _ in range(calls):
         fn()
     return (CLOCK() - t0) / calls
+
+
+def _median_ratio(numerator_s: list[float], denominator_s: list[float]) -> float:
+    """The median over the rounds of each round's time ratio: both were timed one after the other in that round,
+    so a burst of load on a shared machine moves both (a ratio of the two medians mixes different rounds)."""
+    return statistics.median(a / b for a, b in zip(numerator_s, denominator_s))
 
 
 def _torch_call(torch, engine: str, p: dict, per_channel: bool):
@@ -208,12 +214,12 @@ def main(argv: list[str] | None = None) -> int:
             fns = {
                 "torch": _torch_call(torch, engine, p, per_channel),
                 "refquant": lambda: ql(x_u8),
-                "stages": lambda: ql.requantize(ql.accumulate(x_u8)),
-                "matmul": lambda: matmul_u8s8_acc32(x_u8, ql._packed_weight),
             }
-            if variant:
+            if variant:  # timed right after the float path's call, in the same round
                 qv = ql.with_requantization(variant)
                 fns["variant"] = lambda: qv(x_u8)
+            fns["stages"] = lambda: ql.requantize(ql.accumulate(x_u8))
+            fns["matmul"] = lambda: matmul_u8s8_acc32(x_u8, ql._packed_weight)
             y_torch = fns["torch"]().int_repr().numpy()
             y_refquant = fns["refquant"]()
             same = bool(np.array_equal(y_torch, y_refquant))
@@ -225,12 +231,12 @@ def main(argv: list[str] | None = None) -> int:
                     seconds[name].append(_seconds_per_call(fn, calls[name]))
             median = {name: statistics.median(s) for name, s in seconds.items()}
             gmacs = {name: M * K * N / t / 1e9 for name, t in median.items()}
-            ratio = median["torch"] / median["refquant"]
+            ratio = _median_ratio(seconds["torch"], seconds["refquant"])
             row = dict(engine=engine, M=M, K=K, N=N, same_output=same, same_as_stages=same_stages, kernel=kernel,
                        ratio=ratio, seconds_median=median, gmacs=gmacs, seconds_all=seconds)
             if variant:
                 row["variant"] = variant
-                row["variant_time_over_float"] = median["variant"] / median["refquant"]
+                row["variant_time_over_float"] = _median_ratio(seconds["variant"], seconds["refquant"])
             results.append(row)
             shape = f"{M}, {K}, {N}"
             print(f"{shape:>18} | {gmacs['torch']:7.1f} {median['torch'] * 1e6:7.0f} | {gmacs['refquant']:7.1f} "
