@@ -410,7 +410,7 @@ class FusedLinear:
         plan = self._plans.get((kernel, saturate_int16_pairs, epilogue, out_dtype))
         if plan is None:
             plan = self._plans[kernel, saturate_int16_pairs, epilogue, out_dtype] = _Plan(
-                _DOT4[kernel, bool(saturate_int16_pairs)], epilogue, out_dtype)
+                _DOT4[kernel, bool(saturate_int16_pairs)], epilogue)
         if self._zx_col is None or self._zx_col[0] != input_zero_point:
             zx_col_i32 = np.multiply(np.int32(input_zero_point), self.col_offsets_i32, dtype=np.int32)  # wraps
             self._zx_col = (input_zero_point, zx_col_i32)
@@ -446,11 +446,10 @@ class _Plan:
     first such call: the product's marker, the epilogue's marker, and the compiled kernels by the remaining Numba
     types (x's writeability, the constants' types)."""
 
-    def __init__(self, dot4, epilogue: str, out_dtype) -> None:
+    def __init__(self, dot4, epilogue: str) -> None:
         self.dot4 = dot4
         self.tile_aligned = dot4.name == "tdpbusd"
         self.epilogue = Epilogue(epilogue)
-        self.out_dtype = np.dtype(out_dtype)
         self.kernels: dict = {}
 
 
