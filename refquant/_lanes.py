@@ -365,6 +365,7 @@ def saturating_rounding_mul_with_shift16(typingctx, a, b, right_shift):
         t = floor(a·b / 2^(s − 1))          exact int64, even and odd lanes apart (vpmuldq, vpsravq)
         t = clamp(t, −2^30, 2^30)           (vpmaxsq, vpminsq), then int32 lanes
         (t + 1) >> 1                        = (a·b + 2^(s − 1)) >> s, saturated to [−2^29, 2^29]
+        −1 where a = b = INT32_MIN and s = 63 (the scalar's int64 sum 2^62 + 2^62 wraps to −2^63 there)
 
     (a t beyond ±2^30 would give a result beyond ±2^29, and the clamped t gives exactly ±2^29.)
     Matches: pytorch/FBGEMM src/QuantUtils.cc (SaturatingRoundingMulWithShift)."""
@@ -380,7 +381,12 @@ def saturating_rounding_mul_with_shift16(typingctx, a, b, right_shift):
             return bld.select(bld.icmp_signed(">", v, hi), hi, v)
 
         even, odd = _halved_shift_even_odd(bld, *args)
-        return _round_half_up_of_halved(bld, _low_halves(bld, clamped(even), clamped(odd)), _c16x32(1))
+        r = _round_half_up_of_halved(bld, _low_halves(bld, clamped(even), clamped(odd)), _c16x32(1))
+        a, b, s = args  # the one int64 overflow of the scalar: INT32_MIN·INT32_MIN + 2^62 at s = 63 wraps to −2^63
+        min32 = _c16x32(-(2**31))
+        wraps = bld.and_(bld.and_(bld.icmp_signed("==", a, min32), bld.icmp_signed("==", b, min32)),
+                         bld.icmp_signed("==", s, _c16x32(63)))
+        return bld.select(wraps, _c16x32(-1), r)  # (−2^63) >> 63 = −1, as the scalar and the readable function
 
     return int32x16(int32x16, int32x16, int32x16), codegen
 

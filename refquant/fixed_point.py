@@ -309,7 +309,10 @@ def quantize_multiplier(double_multiplier: float, *, single_rounding: bool = Fal
 def saturating_rounding_mul_with_shift(a_i32: np.ndarray, b_i32: np.ndarray, right_shift: np.ndarray) -> np.ndarray:
     """FBGEMM: (a·b + 2^(right_shift − 1)) >> right_shift in int64: a·b·2^−s rounded half up (ties to +inf).
 
-    Despite the name nothing saturates: the int64 sum cannot overflow for 1 <= s <= 63.
+    Despite the name nothing saturates. The int64 sum overflows in one case only: a = b = INT32_MIN with s = 63,
+    2^62 + 2^62 = 2^63, which wraps to −2^63 (NumPy's int64, and the two's-complement add C++ compiles to on x86,
+    where the overflow is undefined behaviour), so the result is −1 there, not 1. Real multipliers never reach it
+    (ChooseRequantizationMultiplier's are in [2^30, 2^31)).
     Matches: pytorch/FBGEMM src/QuantUtils.cc (SaturatingRoundingMulWithShift).
     """
     ab_i64 = np.asarray(a_i32, np.int64) * np.asarray(b_i32, np.int64)

@@ -311,6 +311,32 @@ def test_integer_rows_on_extreme_constants(rng, variant):
                 assert (by_row[:, :n0] == 7).all(), f"{variant} row function wrote before n0={n0}"
 
 
+def test_fbgemm_fixed_point_row_on_its_one_int64_overflow():
+    """acc = M = INT32_MIN with s = 63: the scalar's (and FBGEMM's) int64 sum 2^62 + 2^62 wraps to −2^63, so the
+    rounded product is −1; the 16-lane row function must give the same code (a seed of the random test above met it
+    once: 145 against 143), next to the neighbouring cases that do not wrap."""
+    N = 16
+    multiplier = np.full(N, INT32_MIN, np.int32)
+    multiplier[8:] = INT32_MAX
+    shift = np.array([63, 62] * 8, np.int32)
+    rq = fp.IntegerRequantization(variant="fbgemm_fixed_point", bias_rule="fbgemm", bias_i32=np.zeros(N, np.int32),
+                                  requant_multiplier_i32=multiplier, requant_shift=shift,
+                                  output_multiplier_f32=np.ones(N, np.float32), real_multiplier=np.ones(N),
+                                  output_zero_point=144, quant_min=0, quant_max=255)
+    raw = np.array([[INT32_MIN] * N, [INT32_MIN + 1] * N, [INT32_MAX] * N, [0] * N], np.int32)
+    readable = fp.requantize_integer_readable(raw, rq)
+    assert readable[0, 0] == 143  # z_y + (−1): the wrap, as documented in fixed_point.saturating_rounding_mul_with_shift
+    requantizer = fp.IntegerRequantizer.from_constants(rq, N)
+    epilogue = fl.Epilogue(requantizer.epilogue)
+    constants = requantizer.epilogue_constants()
+    by_element = np.zeros(raw.shape, np.uint8)
+    fl.requantize_rows_by_element(epilogue, raw, 0, constants, by_element)
+    by_row = np.zeros(raw.shape, np.uint8)
+    fl.requantize_rows_by_row_function(epilogue, raw, 0, constants, by_row)
+    assert_same(by_element, readable, "element function vs readable")
+    assert_same(by_row, readable, "row function vs readable")
+
+
 def test_every_row_function_is_registered_with_its_element_function():
     """The engines' float paths served with a row function (the others loop over their element function)."""
     assert {"fbgemm", "onednn"} | {f"integer_{v}" for v in fp.VARIANTS} <= set(fl._ROW_FUNCTIONS)
