@@ -382,10 +382,10 @@ def saturating_rounding_mul_with_shift16(typingctx, a, b, right_shift):
 
         even, odd = _halved_shift_even_odd(bld, *args)
         r = _round_half_up_of_halved(bld, _low_halves(bld, clamped(even), clamped(odd)), _c16x32(1))
-        a, b, s = args  # the one int64 overflow of the scalar: INT32_MIN·INT32_MIN + 2^62 at s = 63 wraps to −2^63
+        x, multiplier, shift = args  # the scalar's one int64 overflow: INT32_MIN·INT32_MIN + 2^62 at s = 63
         min32 = _c16x32(-(2**31))
-        wraps = bld.and_(bld.and_(bld.icmp_signed("==", a, min32), bld.icmp_signed("==", b, min32)),
-                         bld.icmp_signed("==", s, _c16x32(63)))
+        wraps = bld.and_(bld.and_(bld.icmp_signed("==", x, min32), bld.icmp_signed("==", multiplier, min32)),
+                         bld.icmp_signed("==", shift, _c16x32(63)))
         return bld.select(wraps, _c16x32(-1), r)  # (−2^63) >> 63 = −1, as the scalar and the readable function
 
     return int32x16(int32x16, int32x16, int32x16), codegen
