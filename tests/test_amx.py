@@ -108,9 +108,11 @@ def test_auto_falls_back_without_the_permission_with_the_same_bits(rng, monkeypa
     w_i8 = draw(rng, (70, 130), "uniform", np.int8)
     before = matmul_u8s8_acc32(x_u8, w_i8)
     monkeypatch.setattr(amx, "_os_tile_permission", lambda: "Linux refused the AMX tile data (test)")
-    has = mm._cpu_has  # on a CPU without AMX (AMD EPYC) the features are what is missing first: claim them here,
-    monkeypatch.setattr(mm, "_cpu_has", lambda feature: feature in amx.AMX_FEATURES or has(feature))  # so that
-    if mm.config.DISABLE_JIT:  # the permission is what refuses, on every machine (no AMX code runs below)
+    # On a CPU without AMX (AMD EPYC) the missing features are named first: claim them, so that the refused
+    # permission is what the refusal names on every machine (no AMX code runs below).
+    has = mm._cpu_has
+    monkeypatch.setattr(mm, "_cpu_has", lambda feature: feature in amx.AMX_FEATURES or has(feature))
+    if mm.config.DISABLE_JIT:
         assert kernel_for() == "reference"
     else:
         assert kernel_for() in ("avx512", "portable")
