@@ -356,8 +356,8 @@ int32_t rq_requantize_onednn(int32_t raw, int kernel, int32_t compensation, floa
     }
     v = v * dst_multiplier;                                  /* DN6 */
     v = v + zero_point_f32;
-    if (v != v) {
-        return 255;                                          /* NaN -> INT32_MIN -> vpmovusdb saturates to 255 */
+    if (v != v) {                                            /* brgemm: NaN -> INT32_MIN -> vpmovusdb gives 255; */
+        return kernel == RQ_ONEDNN_GEMM ? 0 : 255;           /* gemm:jit's vmaxps(v, 0) gives 0 for NaN */
     }
     if (v < 0.0f) {                                          /* DN7: saturate in float, then RNE */
         v = 0.0f;

@@ -50,9 +50,10 @@ What depends on the CPU (everything else is the same on every x86-64 CPU that ru
 * onednn chooses its matmul kernel by ISA (``onednn_kernel``): AMX CPUs run "brgemm_amx" (DQ5d) except for small
   shapes, which go to the VNNI kernel (DQ5c); VNNI CPUs (AVX-512 VNNI, AVX10, AVX-VNNI) run "brgemm_vnni" (DQ5c);
   AVX-512 CPUs without VNNI run "brgemm_no_vnni": DQ5c with int16-saturated pairs (eq. M2), which, as on fbgemm,
-  matters only for 8-bit codes (reduce_range=False). AVX2 CPUs without VNNI run oneDNN's "gemm:jit": with the
-  module's 7-bit codes it matched DQ5d (60 of 60 problems, under ONEDNN_MAX_CPU_ISA=AVX2), with 8-bit codes no
-  formula tried matched exactly; refquant refuses it.
+  matters only for 8-bit codes (reduce_range=False). AVX2 CPUs without VNNI run oneDNN's "gemm:jit"
+  ("gemm_no_vnni"): DQ5d at every shape, with int16-saturated pairs that restart at its second K block
+  (refquant.matmul eq. M2b, refquant.engines.onednn_gemm_pairs_restart), which again matter only for 8-bit codes.
+  (Measured on an AMD EPYC Zen 3, AVX2 without VNNI, where oneDNN's verbose output names ``gemm:jit``.)
 
 Matches: pytorch/pytorch aten/src/ATen/native/quantized/cpu/qlinear_dynamic.cpp (PackedLinearWeight::
 apply_dynamic_impl, PackedLinearWeightsQnnp::apply_dynamic_impl, PackedLinearWeightsOnednn::apply_dynamic_impl)
@@ -74,7 +75,8 @@ from refquant._float32 import fma_f32, fmaf
 from refquant._threads import DEFAULT_THREADS, finish_item, item_to_try, share_items, take_item, threads_for
 from refquant.fused_linear import FusedLinear, register_epilogue
 from refquant.linear import accumulate_raw
-from refquant.matmul import K_GROUP, PackedWeightS8, kernel_for, pack_weight_s8
+from refquant.engines import onednn_gemm_pairs_restart
+from refquant.matmul import K_GROUP, PackedWeightS8, PairsRestart, kernel_for, pack_weight_s8, pairs_restart
 from refquant.observers import MinMaxObserver, PerChannelMinMaxObserver
 import refquant.quantize
 from refquant.quantize import (_quantize_fma_readable, _quantize_mul_add_readable, _quantize_padded_rows_kernel,
@@ -87,8 +89,9 @@ ENGINES = ("fbgemm", "x86", "qnnpack", "onednn")
 WEIGHT_QSCHEMES = ("per_tensor_symmetric", "per_channel_symmetric", "per_tensor_affine", "per_channel_affine")
 """Weight qschemes of a qint8 dynamic Linear; onednn accepts only the symmetric ones (zero points 0)."""
 
-ONEDNN_KERNELS = ("brgemm_amx", "brgemm_vnni", "brgemm_no_vnni")
-"""oneDNN matmul kernels refquant models (oneDNN's implementation names brg_matmul:<isa>): see the module docstring."""
+ONEDNN_KERNELS = ("brgemm_amx", "brgemm_vnni", "brgemm_no_vnni", "gemm_no_vnni")
+"""oneDNN matmul kernels refquant models (oneDNN's implementation names brg_matmul:<isa>, and gemm:jit on AVX2
+CPUs): see the module docstring."""
 
 SMALL_SCALE_THRESHOLD = np.float32(6.1e-5)
 """quant_utils' cut-off for tiny input scales ("fp16_min"), a float32 constant compared with a double scale."""
@@ -535,12 +538,14 @@ def onednn_kernel_for_shape(kernel: str, M: int, K: int, N: int) -> str:
     if kernel == "brgemm_amx":
         small = (M == 1 and K == 256) or (M <= 32 and M * N <= 256) or K <= 16
         return "onednn_two_multiplies" if small else "onednn_combined_scale"
+    if kernel == "gemm_no_vnni":  # gemm:jit multiplies by the scales' product at every shape
+        return "onednn_combined_scale"
     return "onednn_two_multiplies"
 
 
 def default_onednn_kernel() -> str | None:
-    """The oneDNN matmul kernel family this CPU runs: "brgemm_amx", "brgemm_vnni", "brgemm_no_vnni", or None for a
-    CPU whose oneDNN path (AVX2 without VNNI: gemm:jit) refquant does not model.
+    """The oneDNN matmul kernel family this CPU runs: "brgemm_amx", "brgemm_vnni", "brgemm_no_vnni",
+    "gemm_no_vnni" (AVX2 without VNNI: gemm:jit), or None for a CPU without AVX2, whose path refquant does not model.
 
     From the CPU's features (llvmlite's host features), capped by the environment variable ONEDNN_MAX_CPU_ISA
     (oneDNN's own switch; DNNL_MAX_CPU_ISA is its old name). This predicts what oneDNN picks; a test that needs
@@ -553,17 +558,21 @@ def default_onednn_kernel() -> str | None:
         best = "brgemm_vnni"
     elif features.get("avx512bw", False):
         best = "brgemm_no_vnni"
+    elif features.get("avx2", False):
+        best = "gemm_no_vnni"
     else:
         return None
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
     if cap in ("ALL", "DEFAULT") or "AMX" in cap:
         return best
-    order = [None, "brgemm_no_vnni", "brgemm_vnni", "brgemm_amx"]
+    order = [None, "gemm_no_vnni", "brgemm_no_vnni", "brgemm_vnni", "brgemm_amx"]
     if cap in ("AVX512_CORE_VNNI", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX2_VNNI",
                "AVX2_VNNI_2", "AVX10_2_512"):
         limit = "brgemm_vnni"
     elif cap == "AVX512_CORE":
         limit = "brgemm_no_vnni"
+    elif cap == "AVX2":
+        limit = "gemm_no_vnni"
     else:
         return None
     return min(best, limit, key=order.index)
@@ -654,7 +663,8 @@ class DynamicQuantizedLinear:
             passed to ``torch.ops.quantized.linear_dynamic`` (qnnpack warns and ignores True, as torch does).
         saturate_int16_pairs: fbgemm/x86 only: sum products in int16-saturated pairs as a CPU without VNNI does
             (refquant.matmul eq. M2); it can change results only with ``reduce_range=False``.
-        onednn_kernel: onednn only: "brgemm_amx", "brgemm_vnni" or "brgemm_no_vnni" (see the module docstring);
+        onednn_kernel: onednn only: "brgemm_amx", "brgemm_vnni", "brgemm_no_vnni" or "gemm_no_vnni" (see the
+            module docstring);
             None = :func:`default_onednn_kernel` for this CPU.
 
     Attributes: in_features, out_features, engine, reduce_range (the effective one), weight_qscheme, weight_int8,
@@ -713,6 +723,7 @@ class DynamicQuantizedLinear:
         self._weight_zero_points_n = np.ascontiguousarray(np.broadcast_to(self.weight_zero_points, (N,)))
         self._packed_weight: PackedWeightS8 = pack_weight_s8(self.weight_int8)
         self._fused = None  # refquant.fused_linear.FusedLinear, made at the first call
+        self._fused_restart = None  # the same for eq. M2b's operands (gemm:jit, 8-bit codes)
         self._bias_or_zeros = None  # the bias, or N zeros: float_output_constants' fourth entry, made once
         # x's rows as the product's tiles read them: whole groups of K_GROUP bytes (refquant.matmul.padded_rows)
         self._lda = self._packed_weight.panels_i8.shape[1] * K_GROUP
@@ -740,14 +751,19 @@ class DynamicQuantizedLinear:
             if onednn_kernel is None:
                 onednn_kernel = default_onednn_kernel()
                 if onednn_kernel is None:
-                    raise NotImplementedError("this CPU (or ONEDNN_MAX_CPU_ISA) runs oneDNN's AVX2 gemm:jit int8 path "
-                                              "without VNNI, which refquant does not model; pass onednn_kernel= "
+                    raise NotImplementedError("this CPU (or ONEDNN_MAX_CPU_ISA) runs an int8 path of oneDNN below "
+                                              "AVX2, which refquant does not model; pass onednn_kernel= "
                                               "to model another CPU")
             elif onednn_kernel not in ONEDNN_KERNELS:
                 raise ValueError(f"onednn_kernel must be None or one of {ONEDNN_KERNELS}, got {onednn_kernel!r}")
         elif onednn_kernel is not None:
             raise ValueError(f"onednn_kernel applies to engine 'onednn' only, got engine {self.engine!r}")
         self.onednn_kernel = onednn_kernel
+        # gemm:jit restarts its int16 pairs at its second K block (refquant.matmul eq. M2b); 7-bit codes
+        # (reduce_range) never saturate a pair, so there the restart changes nothing and is skipped
+        restart_k = (onednn_gemm_pairs_restart(K) if onednn_kernel == "gemm_no_vnni" and not self.reduce_range
+                     else None)
+        self._pairs_restart: PairsRestart | None = pairs_restart(self.weight_int8, restart_k)
         # the input's code range (eq. DQ2 with reduce_range applied), and up to which size one Numba call does
         # eqs. DQ1-DQ3 (_quantize_input_kernel) rather than the steps shared by the pool
         self._input_qmin, self._input_qmax = (0, 127) if self.reduce_range else (0, 255)
@@ -828,7 +844,10 @@ class DynamicQuantizedLinear:
         lead_shape = q["lead_shape"]
         x_min, x_max, input_scale = q["x_min"], q["x_max"], q["input_scale"]
         x = q["x"]
-        raw_i32 = accumulate_raw(x2d_u8, self._packed_weight, self.col_offsets, input_zero_point,   # eq. DQ4
+        product_x_u8, packed = x2d_u8, self._packed_weight
+        if self._pairs_restart is not None:  # eq. M2b: a zero k where gemm:jit's pairs restart
+            product_x_u8, packed = self._pairs_restart.input(x2d_u8), self._pairs_restart.packed
+        raw_i32 = accumulate_raw(product_x_u8, packed, self.col_offsets, input_zero_point,           # eq. DQ4
                                  self._weight_zero_points_n, saturate_int16_pairs=self._saturates())
 
         formula = self._formula(M)                                                              # eq. DQ5
@@ -907,7 +926,7 @@ class DynamicQuantizedLinear:
     def _saturates(self) -> bool:
         """Whether the products are summed in int16-saturated pairs (eq. M2): fbgemm/x86 when asked, onednn on a CPU
         without VNNI."""
-        return self.saturate_int16_pairs or self.onednn_kernel == "brgemm_no_vnni"
+        return self.saturate_int16_pairs or self.onednn_kernel in ("brgemm_no_vnni", "gemm_no_vnni")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 (..., K) -> float32 (..., N). Matches: torch.ops.quantized.linear_dynamic (reduce_range as set).
@@ -924,11 +943,20 @@ class DynamicQuantizedLinear:
             return self.stages(x)["output"]
         q = self._quantized_input(x, False)
         M, N = q["M"], self.out_features
-        if self._fused is None:
-            self._fused = FusedLinear(self._packed_weight, self.col_offsets, self._weight_zero_points_n)
+        x_u8 = q["x_padded_u8"]
+        if self._pairs_restart is not None:  # eq. M2b: a zero k where gemm:jit's pairs restart (sums unchanged)
+            x_u8 = self._pairs_restart.input(q["x2d_u8"])
+            if self._fused_restart is None:
+                self._fused_restart = FusedLinear(self._pairs_restart.packed, self.col_offsets,
+                                                  self._weight_zero_points_n)
+            fused = self._fused_restart
+        else:
+            if self._fused is None:
+                self._fused = FusedLinear(self._packed_weight, self.col_offsets, self._weight_zero_points_n)
+            fused = self._fused
         formula = self._formula(M)
         constants = self._output_constants(q["input_scale_used"])
-        y2d_f32 = self._fused(q["x_padded_u8"], q["input_zero_point"], f"dynamic_{formula}", constants,
+        y2d_f32 = fused(x_u8, q["input_zero_point"], f"dynamic_{formula}", constants,
                               out_dtype=np.float32, saturate_int16_pairs=saturate, kernel=kernel,
                               row_offsets_i32=q["row_sums"])
         output_shape = q["lead_shape"] + (N,)

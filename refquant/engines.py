@@ -19,7 +19,8 @@ side (f32 = round to float32, RNE; s_x, s_w, s_y are the input, weight and outpu
     bias          float32: f32(raw) + bias/atws  int32: quantize(bias, s_w·s_x),     float32, added after the scale
                   (FMA for per-tensor weights)   added to raw in int32
     rounding      cvtps2dq(y) + z_y              cvtps2dq(y), int16 packs + z_y      z_y added in float, then rint
-    overflow      INT32_MIN -> code 0            INT32_MIN -> code 0                 saturates: 255 (NaN: 255)
+    overflow      INT32_MIN -> code 0            INT32_MIN -> code 0                 saturates: 255 (NaN: 255;
+                                                                                     gemm:jit 0)
     ReLU          clamp below at z_y             output_min = z_y                    max(v, 0) before the output scale
 
 Each engine has: a **prepack** (what ``quantized::linear_prepack`` and the first call keep, and what they refuse), a
@@ -43,8 +44,8 @@ Machine-dependent arithmetic, modelled by switches of refquant.linear.QuantizedL
   (eq. DN4b, which changes results once |Σ x·w| or |z_x·Σ w| exceeds 2^24: K >= 515 at full range); "gemm"
   (``gemm:jit``, AVX2 CPUs) their product. The scale order alone changed 122 of 115,916 outputs of random problems
   (a third of them aimed at rounding ties) when measured.
-  Not modelled: gemm:jit restarts its int16 pairs at each K block (oneDNN gemm_driver.cpp get_k_padd: two blocks
-  split at (K + 1) // 2 for 256 < K < 768), so on AVX2 with full-range codes and such K a pair can differ.
+  gemm:jit also restarts its int16 pairs at its second K block (:func:`onednn_gemm_pairs_restart`, refquant.matmul
+  eq. M2b): QuantizedLinear applies it with ``onednn_kernel="gemm"`` and ``saturate_int16_pairs=True``.
 """
 
 from __future__ import annotations
@@ -594,6 +595,7 @@ class QnnpackRequantizer(Requantizer):
 #   v = f32(v + bias[n]);  v = max(v, 0) with ReLU (NaN -> 0)                                           (eq. DN5c)
 #   v = f32(f32(v·dst_multiplier) + f32(z_y))          the output zero point added BEFORE rounding      (eq. DN6)
 #   q_y = vpmovusdb(cvtps2dq(min(max(v, 0), 255)))     NaN stays NaN -> INT32_MIN -> 255                (eq. DN7)
+#         gemm:jit (AVX2): its saturate_f32 takes vmaxps(v, 0), whose second operand wins for NaN: NaN -> 0
 #
 # Which kernel runs is oneDNN's choice per call (ONEDNN_VERBOSE names it): brg_matmul:<isa> without AMX ("brgemm"),
 # brg_matmul:<isa>_amx on CPUs with AMX for larger M ("brgemm_amx"), gemm:jit on AVX2 CPUs ("gemm").
@@ -602,6 +604,21 @@ class QnnpackRequantizer(Requantizer):
 ONEDNN_KERNELS: tuple[str, ...] = ("brgemm", "brgemm_amx", "gemm")
 """The oneDNN matmul kernels whose arithmetic differs (eqs. DN4, DN5): EngineOptions.onednn_kernel."""
 _ONEDNN_KERNEL_CODES = {"brgemm": 0, "brgemm_amx": 1, "gemm": 2}
+
+ONEDNN_GEMM_ONE_BLOCK_MAX_K = 256  # oneDNN gemm_driver's bk_traditional: up to this K, one K block
+ONEDNN_GEMM_BLOCK_K = 384  # its bk: below 2·bk, two blocks of (K + 1) // 2; from 2·bk on, blocks of bk (even)
+
+
+def onednn_gemm_pairs_restart(K: int) -> int | None:
+    """The k at which oneDNN's ``gemm:jit`` starts a K block whose int16 pairs start afresh at an odd k (refquant.matmul
+    eq. M2b), or None where its pairs are those of eq. M2: b = (K + 1) // 2 for 256 < K < 768 when b is odd.
+
+    Matches: oneapi-src/oneDNN src/cpu/x64/gemm/gemm_driver.cpp (get_k_padd: ``rnd_up((k + 1) / 2, uk)`` for
+    bk_traditional < k < 2·bk; uk = 1 on AVX2's int8 kernel, as measured: refquant.matmul's module docstring)."""
+    if ONEDNN_GEMM_ONE_BLOCK_MAX_K < K < 2 * ONEDNN_GEMM_BLOCK_K:
+        b = (K + 1) // 2
+        return b if b % 2 else None
+    return None
 
 
 @dataclass(frozen=True, eq=False)
@@ -656,6 +673,8 @@ def onednn_requantize_readable(raw_i32: np.ndarray, kernel: str, compensation_i3
             v_f32 = np.where(v_f32 > 0, v_f32, np.float32(0))  # vmaxps(v, 0): NaN -> 0
         v_f32 = (v_f32 * dst_multiplier_f32).astype(np.float32)  # eq. DN6
         v_f32 = (v_f32 + np.float32(output_zero_point)).astype(np.float32)
+        if kernel == "gemm":  # gemm:jit's saturate_f32 starts with vmaxps(v, 0), which gives 0 for NaN
+            v_f32 = np.where(v_f32 > 0, v_f32, np.float32(0))
         v_f32 = np.where(np.isnan(v_f32), v_f32, np.clip(v_f32, np.float32(0), np.float32(255)))  # eq. DN7
     r_i32 = cvtps2dq(v_f32)  # RNE; NaN -> INT32_MIN
     return np.where(r_i32 < 0, 255, r_i32).astype(np.uint8)  # vpmovusdb: INT32_MIN as unsigned saturates to 255
@@ -685,8 +704,8 @@ def onednn_requantize_element(raw_i32, kernel_code, compensation_i32, input_scal
         v = np.float32(0)
     v = np.float32(v * dst_multiplier_f32)  # eq. DN6
     v = np.float32(v + zero_point_f32)
-    if v != v:  # NaN passes saturate_f32 unchanged; cvtps2dq gives INT32_MIN; vpmovusdb saturates it to 255
-        return np.uint8(255)
+    if v != v:  # NaN passes brgemm's saturate_f32 unchanged; cvtps2dq gives INT32_MIN; vpmovusdb saturates it
+        return np.uint8(0) if kernel_code == 2 else np.uint8(255)  # to 255; gemm:jit's vmaxps(v, 0) gives 0
     if v < np.float32(0):  # eq. DN7: saturate in float, then round half to even
         v = np.float32(0)
     if v > np.float32(255):
@@ -736,6 +755,8 @@ def onednn_requantize_row(raw_i32, offset, n_valid, n0, constants, out_u8, m):
         if relu:
             v = relu16_f32(v)
         v = add16_f32(mul16_f32(v, dst_multiplier), zero_point)  # eq. DN6
+        if kernel_code == 2:  # gemm:jit's saturate_f32 starts with vmaxps(v, 0): NaN -> 0, as relu16_f32
+            v = relu16_f32(v)
         store16_u8(out_u8, out_offset + c, saturate_u8_16_f32(v), lanes)  # eq. DN7, vpmovusdb
 
 

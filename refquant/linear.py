@@ -63,10 +63,12 @@ from refquant.engines import (
     check_requantization,
     fbgemm_requantize_fast,
     fbgemm_requantize_readable,
+    onednn_gemm_pairs_restart,
 )
 from refquant import fixed_point as _fixed_point  # noqa: F401  registers the integer variants (requantization=)
 from refquant.fused_linear import FusedLinear, epilogue_registered
-from refquant.matmul import PackedWeightS8, kernel_for, matmul_u8s8_acc32, pack_weight_s8
+from refquant.matmul import (PackedWeightS8, PairsRestart, kernel_for, matmul_u8s8_acc32, pack_weight_s8,
+                             pairs_restart)
 from refquant.observers import MinMaxObserver, PerChannelMinMaxObserver
 from refquant.qconfig import _DEFAULT_QCONFIGS
 from refquant.quantize import quantize_per_channel, quantize_per_tensor
@@ -360,6 +362,10 @@ class QuantizedLinear:
 
         self._packed_weight: PackedWeightS8 = pack_weight_s8(self.weight_int8)
         self._fused: FusedLinear | None = None  # refquant.fused_linear, made at the first fused call
+        # oneDNN's gemm:jit (AVX2) restarts its int16 pairs at its second K block (refquant.matmul eq. M2b)
+        restart_k = onednn_gemm_pairs_restart(K) if engine == "onednn" and onednn_kernel == "gemm" else None
+        self._pairs_restart: PairsRestart | None = pairs_restart(self.weight_int8, restart_k)
+        self._fused_restart: FusedLinear | None = None
         if int32_accumulator_can_overflow(K):
             warnings.warn(f"in_features K = {K} > 65,793: K·255·128 exceeds int32, so the int32 accumulators can "
                           f"wrap (modulo 2^32) exactly as {engine}'s do; outputs are then not the real-number result",
@@ -485,7 +491,10 @@ class QuantizedLinear:
             check_engine_options(self.engine, self.engine_options, bool(saturate_int16_pairs))
         lead_shape = x_u8.shape[:-1]
         x2d_u8 = np.ascontiguousarray(x_u8.reshape(-1, self.in_features))  # torch flattens N-D input to (M, K)
-        raw_i32 = accumulate_raw(x2d_u8, self._packed_weight, self.col_offsets, self.input_zero_point,
+        packed = self._packed_weight
+        if saturate_int16_pairs and self._pairs_restart is not None:  # eq. M2b: a zero k where the pairs restart
+            x2d_u8, packed = self._pairs_restart.input(x2d_u8), self._pairs_restart.packed
+        raw_i32 = accumulate_raw(x2d_u8, packed, self.col_offsets, self.input_zero_point,
                                  self.weight_zero_points, saturate_int16_pairs=bool(saturate_int16_pairs))
         return raw_i32.reshape(lead_shape + (self.out_features,))
 
@@ -521,10 +530,18 @@ class QuantizedLinear:
             if saturate_int16_pairs is not None:
                 check_engine_options(self.engine, self.engine_options, saturate)
             x2d_u8 = x_u8 if x_u8.ndim == 2 else x_u8.reshape(-1, self.in_features)  # torch flattens N-D input
-            if self._fused is None:
-                self._fused = FusedLinear(self._packed_weight, self.col_offsets, self.weight_zero_points)
-            y_u8 = self._fused.run(x2d_u8, self.input_zero_point, self.requantizer.epilogue,
-                                   self.requantizer.epilogue_constants(), kernel, saturate_int16_pairs=saturate)
+            if saturate and self._pairs_restart is not None:  # eq. M2b: a zero k where the pairs restart
+                x2d_u8 = self._pairs_restart.input(x2d_u8)
+                if self._fused_restart is None:
+                    self._fused_restart = FusedLinear(self._pairs_restart.packed, self.col_offsets,
+                                                      self.weight_zero_points)
+                fused = self._fused_restart
+            else:
+                if self._fused is None:
+                    self._fused = FusedLinear(self._packed_weight, self.col_offsets, self.weight_zero_points)
+                fused = self._fused
+            y_u8 = fused.run(x2d_u8, self.input_zero_point, self.requantizer.epilogue,
+                             self.requantizer.epilogue_constants(), kernel, saturate_int16_pairs=saturate)
             if x_u8.ndim != 2:
                 y_u8 = y_u8.reshape(x_u8.shape[:-1] + (self.out_features,))
         else:

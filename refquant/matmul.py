@@ -22,6 +22,19 @@ of A holds x[m, k..k+3]; ``vpmaddubsw`` pairs bytes (0, 1) and (2, 3) of a lane,
 from k = 0. K is padded to a multiple of 4 with zero weights ("fill the remaining with zero" in
 PackBMatrix::pack), and a zero product leaves a pair sum unchanged, so odd K needs nothing special.
 
+oneDNN's ``gemm:jit`` (its int8 GEMM on AVX2 CPUs) forms the same pairs, but within each K block of its own: for
+256 < K < 768 it splits K in two at b = (K + 1) // 2, and the pairs of the second block start at k = b::
+
+    acc_i32[m, n] = M2(x[m, :b], w[n, :b]) + M2(x[m, b:], w[n, b:])                            (eq. M2b)
+
+which differs from eq. M2 only where b is odd (the pair (b − 1, b) of eq. M2 is split into (b − 1, 0) and
+(b, b + 1)). Refquant's kernels compute eq. M2b as eq. M2 on operands with a zero k inserted before k = b
+(:class:`PairsRestart`): a zero product changes no pair sum, and every k from b on moves one pair position.
+Matches: oneapi-src/oneDNN src/cpu/x64/gemm/gemm_driver.cpp (get_k_padd: one block for K <= bk_traditional = 256,
+two of rnd_up((K + 1) / 2, uk) for K < 2·bk = 768, else blocks of bk = 384, even, which change no pair); measured
+on an AMD EPYC (Zen 3, AVX2 without VNNI; torch 2.13, oneDNN's matmul ``gemm:jit``): every K from 2 to 1,400 and
+every 97th to 4,311, M = 1, 7, 64, one and two threads: the pairs restart at b exactly where the rule says.
+
 Fast kernels
 ------------
 :func:`matmul_u8s8_acc32` runs one of four kernels (``kernel=`` or the environment variable
@@ -102,6 +115,13 @@ def matmul_u8s8_acc32_sat16_ref(x_u8: np.ndarray, w_i8: np.ndarray) -> np.ndarra
     return acc_i64.astype(np.int32)
 
 
+def matmul_u8s8_acc32_sat16_blocks_ref(x_u8: np.ndarray, w_i8: np.ndarray, block_start: int) -> np.ndarray:
+    """Readable reference of eq. M2b: eq. M2 on k < block_start and on k >= block_start, summed in int32."""
+    first_i32 = matmul_u8s8_acc32_sat16_ref(x_u8[:, :block_start], w_i8[:, :block_start])
+    second_i32 = matmul_u8s8_acc32_sat16_ref(x_u8[:, block_start:], w_i8[:, block_start:])
+    return np.add(first_i32, second_i32, dtype=np.int32)  # int32 adds wrap, as the kernel's
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The packed weight
 # --------------------------------------------------------------------------------------------------------------
@@ -153,6 +173,42 @@ def pack_weight_s8(w_i8: np.ndarray) -> PackedWeightS8:
     panels_i8 = aligned_zeros((n_panels, n_groups, PANEL_COLS, K_GROUP), np.int8)  # AMX's B tiles: aligned rows
     panels_i8[:] = padded_i8.reshape(n_panels, PANEL_COLS, n_groups, K_GROUP).transpose(0, 2, 1, 3)
     return PackedWeightS8(w_i8, panels_i8)
+
+
+@dataclass(frozen=True, eq=False)
+class PairsRestart:
+    """Eq. M2b on the kernels of eq. M2: int16 pairs that start afresh at ``k`` (odd), computed as eq. M2 of
+    operands with one zero k inserted before ``k``. Make it with :func:`pairs_restart`.
+
+    ``packed`` is the (N, K + 1) weight with that zero column; :meth:`input` gives an (M, K) input the same column.
+    Row sums Σ_k x and column sums Σ_k w do not change (the inserted k is zero), so eq. L5 is untouched.
+    """
+
+    k: int
+    packed: "PackedWeightS8"
+
+    def input(self, x2d_u8: np.ndarray) -> np.ndarray:
+        """(M, K) uint8 -> (M, K + 1): a zero column before column ``k``."""
+        M, K = x2d_u8.shape
+        out_u8 = np.empty((M, K + 1), np.uint8)
+        out_u8[:, :self.k] = x2d_u8[:, :self.k]
+        out_u8[:, self.k] = 0
+        out_u8[:, self.k + 1:] = x2d_u8[:, self.k:]
+        return out_u8
+
+
+def pairs_restart(w_i8: np.ndarray, k: int | None) -> PairsRestart | None:
+    """The :class:`PairsRestart` of an (N, K) int8 weight whose pairs restart at ``k`` (eq. M2b); None when nothing
+    changes: no restart (``k`` None), or an even ``k``, where the pairs of eq. M2 start anyway."""
+    if k is None or k % 2 == 0:
+        return None
+    N, K = w_i8.shape
+    if not 0 < k < K:
+        raise ValueError(f"the pairs can restart only inside K = {K}, got k = {k}")
+    w_inserted_i8 = np.zeros((N, K + 1), np.int8)
+    w_inserted_i8[:, :k] = w_i8[:, :k]
+    w_inserted_i8[:, k + 1:] = w_i8[:, k:]
+    return PairsRestart(k, pack_weight_s8(w_inserted_i8))
 
 
 # --------------------------------------------------------------------------------------------------------------

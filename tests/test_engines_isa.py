@@ -81,12 +81,14 @@ def check_capped(rng, tmp_path, isa: str, count: int, k_choices) -> set:
     return seen
 
 
-# K <= 256: gemm:jit sums one K block; beyond, its int16 pairs restart at each block (not modelled, refquant.engines)
 SMALL_K = (1, 2, 3, 5, 8, 17, 31, 64, 100, 255, 256)
+# gemm:jit sums one K block up to K = 256; below 768 two, whose int16 pairs restart at (K + 1) // 2 (odd for these
+# K but 767: refquant.engines.onednn_gemm_pairs_restart); from 768 on blocks of 384
+GEMM_BLOCK_K = (257, 258, 301, 513, 514, 765, 767, 768, 1024)
 
 
 def test_onednn_avx2_gemm_jit(rng, tmp_path):
-    seen = check_capped(rng, tmp_path, "AVX2", 150, SMALL_K)
+    seen = check_capped(rng, tmp_path, "AVX2", 150, SMALL_K + GEMM_BLOCK_K)
     assert seen, "no problem ran"
 
 
@@ -94,6 +96,6 @@ def test_onednn_avx2_gemm_jit(rng, tmp_path):
 @pytest.mark.parametrize("isa, k_choices", [("AVX512_CORE", SMALL_K + (513, 514, 1024, 4096)),
                                             ("AVX512_CORE_VNNI", SMALL_K + (513, 514, 1024, 4096)),
                                             ("AVX2_VNNI", SMALL_K + (513, 514, 1024)),
-                                            ("AVX2", SMALL_K)])
+                                            ("AVX2", SMALL_K + GEMM_BLOCK_K)])
 def test_onednn_capped_isa_slow(rng, tmp_path, isa, k_choices):
     check_capped(rng, tmp_path, isa, 600, k_choices)

@@ -21,16 +21,20 @@ from refquant.matmul import (
     kernel_for,
     matmul_u8s8_acc32,
     matmul_u8s8_acc32_ref,
+    matmul_u8s8_acc32_sat16_blocks_ref,
     matmul_u8s8_acc32_sat16_ref,
     pack_weight_s8,
+    pairs_restart,
 )
 
 
 def _marks(kernel: str, saturate: bool) -> list:
     """Skip the avx512 kernels where the CPU lacks their instructions (vpdpbusd: avx512vnni; vpmaddubsw: avx512bw),
-    and the Numba kernels under NUMBA_DISABLE_JIT=1."""
+    and the Numba kernels under NUMBA_DISABLE_JIT=1. The reference always runs (it is what the others must equal)."""
+    if kernel == "reference":
+        return []
     try:
-        kernel_for(kernel="avx512", saturate_int16_pairs=saturate)
+        kernel_for(kernel=kernel, saturate_int16_pairs=saturate)
     except RuntimeError as missing:
         return [pytest.mark.skip(reason=str(missing))]
     return []
@@ -236,6 +240,45 @@ def test_full_range_activations_saturate(kernel, saturate, rng):
     acc_m2 = matmul_u8s8_acc32(x_u8, w_i8, saturate_int16_pairs=saturate, kernel=kernel)
     assert (acc_m1 != acc_m2).any()
     assert (np.abs(acc_m2.astype(np.int64) - acc_m1) <= 32 * 32513).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Eq. M2b: pairs that restart at a K block (oneDNN's gemm:jit)
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_golden_pairs_restart():
+    """K = 3, the second block from k = 1: pairs (0, pad), (1, 2) instead of eq. M2's (0, 1), (2, pad)."""
+    x_u8 = np.array([[255, 255, 255]], np.uint8)
+    w_i8 = np.array([[127, -128, -128]], np.int8)
+    assert matmul_u8s8_acc32_sat16_ref(x_u8, w_i8)[0, 0] == -255 - 32640  # (127 - 128)·255, then -128·255
+    assert matmul_u8s8_acc32_sat16_blocks_ref(x_u8, w_i8, 1)[0, 0] == 32385 - 32768  # 127·255, sat(-65280)
+    restart = pairs_restart(w_i8, 1)
+    assert_same(restart.input(x_u8), np.array([[255, 0, 255, 255]], np.uint8), "the inserted zero k")
+    assert pairs_restart(w_i8, 2) is None and pairs_restart(w_i8, None) is None  # even k: eq. M2 already
+
+
+@pytest.mark.parametrize("kernel, saturate", [p for p in KERNELS_AND_MODES if p.values[1]])
+@pytest.mark.parametrize("kind", ["uniform", "extremes", "max_magnitude", "sparse"])
+def test_pairs_restart_equals_the_two_blocks(kernel, saturate, kind, rng):
+    """Eq. M2 of the operands with the zero k (every kernel) equals eq. M2b written as two blocks, at oneDNN's
+    split points and elsewhere, and differs from eq. M2 where pairs leave int16."""
+    differs = False
+    for M, K, N in [(1, 257, 3), (7, 301, 64), (40, 513, 70), (3, 765, 17), (97, 259, 5), (2, 5, 1)]:
+        k = K // 2 if (K // 2) % 2 else K // 2 + 1
+        x_u8 = draw(rng, (M, K), kind, np.uint8)
+        w_i8 = draw(rng, (N, K), kind, np.int8)
+        restart = pairs_restart(w_i8, k)
+        got = matmul_u8s8_acc32(restart.input(x_u8), restart.packed, saturate_int16_pairs=True, kernel=kernel)
+        expected = matmul_u8s8_acc32_sat16_blocks_ref(x_u8, w_i8, k)
+        assert_same(got, expected, f"eq. M2b, kernel {kernel}, (M, K, N) = {(M, K, N)}, k = {k}, {kind}")
+        differs |= not np.array_equal(expected, matmul_u8s8_acc32_sat16_ref(x_u8, w_i8))
+    if kind in ("uniform", "extremes"):  # all equal products (max_magnitude) pair the same in both forms
+        assert differs, "no case told eq. M2b from eq. M2"
+
+
+def test_pairs_restart_refuses_a_k_outside():
+    with pytest.raises(ValueError, match="inside K = 4, got k = 5"):
+        pairs_restart(np.zeros((2, 4), np.int8), 5)
 
 
 # ----------------------------------------------------------------------------------------------------------------

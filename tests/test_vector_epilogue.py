@@ -124,6 +124,23 @@ def test_onednn_row_equals_element_and_readable(rng, kernel, N):
         check_rows(rng, ql, step, f"onednn {kernel} N={N} layer {i}")
 
 
+@pytest.mark.parametrize("kernel", ONEDNN_KERNELS)
+@pytest.mark.parametrize("relu", [False, True])
+def test_onednn_row_on_nan_and_inf(rng, kernel, relu):
+    """Scales of 1e20: raw = 0 gives 0·inf = NaN on the kernels that multiply by f32(s_x'·s_w') (brgemm_amx: code
+    255; gemm: 0), every other raw ±inf; the row function must saturate them as the element function does."""
+    N = 40
+    w_i8 = rng.integers(-128, 128, (N, 8), dtype=np.int8)
+    bias = (rng.standard_normal(N) * 3).astype(np.float32)
+    ql = QuantizedLinear.from_quantized(w_i8, 1e20, 0, bias, 1e20, 3, 1.0, 9, relu=relu, engine="onednn",
+                                        onednn_kernel=kernel)
+    raw = rng.integers(-3, 4, (9, N)).astype(np.int32)
+    raw[0] = 0
+    check_rows(rng, ql, 2, f"onednn {kernel} NaN/inf, relu={relu}", raw=raw)
+    if kernel != "brgemm" and not relu:
+        assert (ql.requantize(raw, readable=True)[0] == (0 if kernel == "gemm" else 255)).all()
+
+
 def test_zero_point_correction_in_lanes_equals_the_scalar_one(rng):
     """int32 wrap of acc − zx_col − z_w·row_offset, with full-range values (the products overflow int32)."""
     for N in (1, 16, 33, 64):
