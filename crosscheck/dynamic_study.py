@@ -85,8 +85,9 @@ NOTES = {
     "accumulators": "per call: Σ_k (q_x − z_x)(q_w − z_w), torch side derived from torch's codes and int_repr() with "
                     "exact int64 ops (the op keeps them inside); refquant: stages(x)['accumulators']",
     "output": "per call: torch: module(x); refquant: DynamicQuantizedLinear(x); float32 compared as bit patterns",
-    "kernel": "per call: 1 = oneDNN's AMX kernel (the combined scale f32(s_x'·s_w'), refquant formula "
-              "onednn_combined_scale), 0 = its other brgemm kernels (two multiplies, onednn_two_multiplies). torch: "
+    "kernel": "per call: 1 = oneDNN's AMX kernel or gemm:jit on AVX2 (the combined scale f32(s_x'·s_w'), refquant "
+              "formula onednn_combined_scale), 0 = its other brgemm kernels (two multiplies, onednn_two_multiplies). "
+              "torch: "
               "the implementation ONEDNN_VERBOSE named in the torch worker; refquant: its own prediction "
               "(default_onednn_kernel() and onednn_kernel_for_shape)",
     "error": "[mean |e|, max |e|, SQNR dB] against torch's float model (nn.Linear on the same inputs), computed by the "
@@ -174,8 +175,8 @@ def run_dynamic_study(config: DynamicConfig, *, progress: bool = False, torch_su
         onednn_kernel = default_onednn_kernel()
         if onednn_kernel is None:
             events.close()
-            raise NotImplementedError("this CPU (or ONEDNN_MAX_CPU_ISA) runs oneDNN's AVX2 gemm:jit int8 path, which "
-                                      "refquant does not model (refquant.dynamic.default_onednn_kernel)")
+            raise NotImplementedError("this CPU (or ONEDNN_MAX_CPU_ISA) runs an int8 path of oneDNN below AVX2, "
+                                      "which refquant does not model (refquant.dynamic.default_onednn_kernel)")
         kwargs["onednn_kernel"] = onednn_kernel
     elif config.engine in ("fbgemm", "x86"):
         kwargs["saturate_int16_pairs"] = saturate_int16_pairs(family)
@@ -242,7 +243,7 @@ def run_dynamic_study(config: DynamicConfig, *, progress: bool = False, torch_su
             }
             if onednn:
                 kinds = [onednn_impl_kind(i) for i in t["onednn_impls"]]
-                t = dict(t, kernel=np.array([{"amx": 1, "vnni": 0, "no_vnni": 0}.get(k, -1) for k in kinds],
+                t = dict(t, kernel=np.array([{"amx": 1, "vnni": 0, "no_vnni": 0, "gemm": 1}.get(k, -1) for k in kinds],
                                             np.int64))
                 for impl in t["onednn_impls"]:
                     impl_counts[impl] = impl_counts.get(impl, 0) + 1

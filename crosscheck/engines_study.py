@@ -47,9 +47,10 @@ from .runner import ErrorSums, Perturber, UsageError, onednn_impl_kind, torch_ev
 
 ENGINES = ("fbgemm", "x86", "qnnpack", "onednn")
 OTHERS = ("x86", "qnnpack", "onednn")
-KERNEL_CODES = {"vnni": 0, "amx": 1, "no_vnni": 2, "other": -1}
+KERNEL_CODES = {"vnni": 0, "amx": 1, "no_vnni": 2, "gemm": 3, "other": -1}
 """oneDNN kernel per call, as the parity row holds it: 0 brg_matmul with VNNI (two multiplies), 1 the AMX kernel
-(combined scale), 2 brg_matmul:avx512_core (two multiplies, int16-saturated pairs), -1 anything else."""
+(combined scale), 2 brg_matmul:avx512_core (two multiplies, int16-saturated pairs), 3 gemm:jit on AVX2 (combined
+scale, int16-saturated pairs restarting at its second K block), -1 anything else."""
 
 
 @dataclass(frozen=True)
@@ -81,16 +82,19 @@ class EnginesConfig:
 class OnednnPrediction:
     """Which oneDNN kernel refquant expects for an (M, K) x (K, N) call on this CPU."""
 
-    family: str | None  # refquant.dynamic.default_onednn_kernel(): brgemm_amx, brgemm_vnni, brgemm_no_vnni, None
+    family: str | None  # refquant.dynamic.default_onednn_kernel(): brgemm_amx, brgemm_vnni, brgemm_no_vnni,
+    # gemm_no_vnni, None
 
     def kernel(self, M: int, K: int, N: int) -> tuple[str, bool, int]:
         """(refquant.engines onednn_kernel, saturate_int16_pairs, KERNEL_CODES value) for one call."""
         from refquant.dynamic import onednn_kernel_for_shape
 
         if self.family is None:
-            raise NotImplementedError("this CPU runs oneDNN's AVX2 gemm:jit int8 path, which refquant does not model")
+            raise NotImplementedError("this CPU runs an int8 path of oneDNN below AVX2, which refquant does not model")
         if self.family == "brgemm_no_vnni":
             return "brgemm", True, KERNEL_CODES["no_vnni"]
+        if self.family == "gemm_no_vnni":
+            return "gemm", True, KERNEL_CODES["gemm"]
         amx = onednn_kernel_for_shape(self.family, M, K, N) == "onednn_combined_scale"
         return ("brgemm_amx", False, 1) if amx else ("brgemm", False, 0)
 
@@ -214,7 +218,7 @@ def describe_step(ingredient: str, a: Recipe, b: Recipe, qparams: dict[str, tupl
     if ingredient == "formula" and b.formula == "qnnpack":
         return "multiplier formula: qnnpack's f32(f32(s_w·f32(s_x))·f32(1/f32(s_y))), not f32(atws / f32(s_y))"
     if ingredient == "formula" and b.formula == "onednn":
-        return "requantization formula: onednn's f32(raw)·s_x'·s_w' (AMX: ·f32(s_x'·s_w')) + bias, ·f32(1/s_y')"
+        return "requantization formula: onednn's f32(raw)·s_x'·s_w' (AMX, gemm:jit: ·f32(s_x'·s_w')) + bias, ·f32(1/s_y')"
     if ingredient == "zero_point":
         return "requantization rounding: onednn adds the output zero point in float, before the rounding"
     if ingredient == "saturation" and b.saturation == "qnnpack":
@@ -403,7 +407,7 @@ def describe_dynamic_step(ingredient: str, a: DynamicRecipe, b: DynamicRecipe) -
     if ingredient == "formula" and b.formula == "qnnpack":
         return "output formula: f32(f32(f32(s_w·s_x)·f32(raw)) + bias) (qnnpack), not fmaf(f32(raw), mult, bias)"
     if ingredient == "formula" and b.formula == "onednn":
-        return "output formula: f32(f32(f32(raw)·s_x')·s_w') + bias (AMX: ·f32(s_x'·s_w')), not one FMA"
+        return "output formula: f32(f32(f32(raw)·s_x')·s_w') + bias (AMX, gemm:jit: ·f32(s_x'·s_w')), not one FMA"
     return f"{ingredient}: {getattr(a, ingredient)} -> {getattr(b, ingredient)}"
 
 
@@ -564,7 +568,8 @@ NOTES = {
     "output_codes": "torch: model.fc(q_x).int_repr() on the engine; refquant: QuantizedLinear(engine=...)",
     "output": "torch: model(x) (DeQuantStub); refquant: dequantize(y_u8, s_y, z_y); float32 bits",
     "kernel": "per call: 0 oneDNN brg_matmul with VNNI (two multiplies), 1 its AMX kernel (combined scale), 2 "
-              "brg_matmul:avx512_core (int16-saturated pairs); torch: the implementation ONEDNN_VERBOSE named; "
+              "brg_matmul:avx512_core (int16-saturated pairs), 3 gemm:jit on AVX2 (combined scale, int16-saturated "
+              "pairs restarting at its second K block); torch: the implementation ONEDNN_VERBOSE named; "
               "refquant: its prediction (default_onednn_kernel() and the small-shape rule onednn_kernel_for_shape)",
     "error": "[mean |e|, max |e|, SQNR dB] against torch's float model, the same code for both sides; float64 bits",
     "dyn_weight": "torch: quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8) on the engine, "
@@ -625,9 +630,9 @@ def run_engines_study(config: EnginesConfig, *, progress: bool = False, torch_su
     onednn = OnednnPrediction(default_onednn_kernel())
     if onednn.family is None:
         events.close()
-        raise NotImplementedError("this CPU (or ONEDNN_MAX_CPU_ISA) runs oneDNN's AVX2 gemm:jit int8 path, which "
+        raise NotImplementedError("this CPU (or ONEDNN_MAX_CPU_ISA) runs an int8 path of oneDNN below AVX2, which "
                                   "refquant does not model (refquant.dynamic.default_onednn_kernel)")
-    od_pairs = onednn.family == "brgemm_no_vnni"
+    od_pairs = onednn.family in ("brgemm_no_vnni", "gemm_no_vnni")
     pairs = {"fbgemm": fb_pairs, "x86": fb_pairs, "qnnpack": False, "onednn": od_pairs}
     K, N = config.in_features, config.out_features
 
@@ -806,8 +811,8 @@ def run_engines_study(config: EnginesConfig, *, progress: bool = False, torch_su
                     kernel_counts[impl_d] = kernel_counts.get(impl_d, 0) + 1
                     kernel_dyn.update(np.array([KERNEL_CODES[onednn_impl_kind(impl_d)]]),
                                       perturb(kernel_dyn.name, np.array(
-                                          [int(st["output_formula"] == "onednn_combined_scale")
-                                           if onednn.family != "brgemm_no_vnni" else 2])))
+                                          [{"brgemm_no_vnni": 2, "gemm_no_vnni": 3}.get(
+                                              onednn.family, int(st["output_formula"] == "onednn_combined_scale"))])))
             # (d)
             for ch in chains:
                 if ch.name.startswith("dynamic"):

@@ -196,8 +196,10 @@ def onednn_family_from_verbose(text: str, cpu_isa: str | None = None) -> str | N
         return "brgemm" if vnni else "brgemm+pairs"
     if impl.startswith("gemm:"):  # the ISA is not in the name: take oneDNN's CPU line
         isa_line = cpu_isa if cpu_isa is not None else (_ONEDNN_CPU_ISA[-1] if _ONEDNN_CPU_ISA else None)
-        if isa_line is None:
-            raise RuntimeError(f"oneDNN ran {impl!r} but printed no ISA line to tell its kernel family")
+        if isa_line is None:  # oneDNN printed it before anyone listened (once per process): the CPU's features,
+            from refquant.dynamic import default_onednn_kernel  # capped by ONEDNN_MAX_CPU_ISA, tell the same
+
+            return "gemm+pairs" if default_onednn_kernel() == "gemm_no_vnni" else "gemm"
         return "gemm" if ("DL Boost" in isa_line or "AMX" in isa_line or "AVX10" in isa_line) else "gemm+pairs"
     raise RuntimeError(f"unknown oneDNN matmul implementation {impl!r}: refquant does not model it (extend "
                        f"crosscheck.isa.onednn_family_from_verbose)")

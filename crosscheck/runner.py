@@ -136,8 +136,12 @@ def onednn_impl_kind(impl: str) -> str:
     "amx"      brg_matmul:<isa>_amx: the combined scale f32(s_x'·s_w') (refquant: onednn_kernel "brgemm_amx")
     "vnni"     brg_matmul:<isa> with VNNI (avx512_core_vnni, avx10_*, avx2_vnni, ...): two multiplies ("brgemm")
     "no_vnni"  brg_matmul:avx512_core: two multiplies over int16-saturated pairs (refquant.matmul eq. M2)
-    "other"    anything else (gemm:jit on AVX2 CPUs, ...): not modelled by the studies
+    "gemm"     gemm:jit, which oneDNN runs on AVX2 CPUs without VNNI: the combined scale over int16-saturated pairs
+               that restart at its second K block (refquant: onednn_kernel "gemm" static, "gemm_no_vnni" dynamic)
+    "other"    anything else: not modelled by the studies
     """
+    if impl == "gemm:jit":
+        return "gemm"
     if not impl.startswith("brg_matmul:"):
         return "other"
     isa = impl.split(":", 1)[1]

@@ -201,7 +201,14 @@ def torch_events(config, where: str = "") -> Iterator[tuple[str, Any]]:
     def pairs(engine: str, impl: str | None) -> bool:
         if engine in ("fbgemm", "x86"):
             return fbgemm_pairs
-        return engine == "onednn" and onednn_impl_kind(impl) == "no_vnni"
+        return engine == "onednn" and onednn_impl_kind(impl) in ("no_vnni", "gemm")
+
+    def restart(engine: str, impl: str | None) -> int | None:
+        """Where gemm:jit's int16 pairs start afresh (its second K block), else None."""
+        from refquant.engines import onednn_gemm_pairs_restart
+
+        gemm = engine == "onednn" and onednn_impl_kind(impl) == "gemm"
+        return onednn_gemm_pairs_restart(config.in_features) if gemm else None
 
     def chunk(x: torch.Tensor) -> dict:
         out: dict[str, Any] = {"x": x.numpy(), "own": {}, "shared": {}}
@@ -220,7 +227,8 @@ def torch_events(config, where: str = "") -> Iterator[tuple[str, Any]]:
             out["own"][engine] = {
                 "input_codes": codes, "output_codes": qy.int_repr().numpy(), "output": y.numpy(),
                 "accumulators": derived_accumulators(codes, rec["weight_int8"], int(rec["input_zero_point"][0]),
-                                                     rec["weight_zero_points"], pairs(engine, impl)),
+                                                     rec["weight_zero_points"], pairs(engine, impl),
+                                                     restart(engine, impl)),
                 "onednn_impl": impl}
         qx = None
         with quantized_engine("fbgemm"), torch.no_grad(), warnings.catch_warnings():
@@ -234,7 +242,8 @@ def torch_events(config, where: str = "") -> Iterator[tuple[str, Any]]:
             out["shared"][engine] = {
                 "output_codes": qy.int_repr().numpy(),
                 "accumulators": derived_accumulators(codes, rec["weight_int8"], int(rec["input_zero_point"][0]),
-                                                     rec["weight_zero_points"], pairs(engine, impl)),
+                                                     rec["weight_zero_points"], pairs(engine, impl),
+                                                     restart(engine, impl)),
                 "onednn_impl": impl}
         out["dynamic"] = {}
         for engine in ENGINES:

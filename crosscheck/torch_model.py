@@ -38,6 +38,8 @@ import torch.ao.nn.intrinsic.quantized as nniq
 import torch.ao.nn.quantized as nnq
 from torch import nn
 
+from refquant.engines import onednn_gemm_pairs_restart
+
 from .torch_record import BatchRecord, ModelRecord
 from .worker import UsageError
 
@@ -86,14 +88,16 @@ def derived_col_offsets(weight_int8: np.ndarray, weight_zero_points: np.ndarray)
 
 
 def derived_accumulators(input_codes_u8: np.ndarray, weight_int8: np.ndarray, input_zero_point: int,
-                         weight_zero_points: np.ndarray, saturate_int16_pairs: bool = False) -> np.ndarray:
+                         weight_zero_points: np.ndarray, saturate_int16_pairs: bool = False,
+                         pairs_restart_at: int | None = None) -> np.ndarray:
     """int32 accumulators from torch's own integer tensors with exact int64 torch ops (then wrapped to int32).
 
     raw[m, n] = sum_k qx[m,k]*qw[n,k] - x_zp*col_offsets[n] - w_zp[n]*sum_k qx[m,k]  (torch does not expose them)
 
     With ``saturate_int16_pairs`` (fbgemm's "avx2" kernel family, oneDNN without VNNI: crosscheck.isa) the first sum
     is the one ``vpmaddubsw`` forms: sum_j clamp(qx[m,2j]*qw[n,2j] + qx[m,2j+1]*qw[n,2j+1], -32768, 32767), K padded
-    with a zero column when odd (refquant.matmul eq. M2).
+    with a zero column when odd (refquant.matmul eq. M2). ``pairs_restart_at``: the k where the pairs start afresh
+    (oneDNN's gemm:jit on AVX2, its second K block: refquant.matmul eq. M2b); each block is paired on its own.
     """
     K = weight_int8.shape[1]
     qx = torch.from_numpy(np.ascontiguousarray(input_codes_u8)).reshape(-1, K).to(torch.int64)
@@ -101,12 +105,15 @@ def derived_accumulators(input_codes_u8: np.ndarray, weight_int8: np.ndarray, in
     w_zp = torch.from_numpy(np.asarray(weight_zero_points)).to(torch.int64)
     col_offsets = qw.sum(dim=1) - w_zp * K
     if saturate_int16_pairs:
-        qx_even = torch.nn.functional.pad(qx, (0, K % 2))
-        qw_even = torch.nn.functional.pad(qw, (0, K % 2))
         acc = torch.zeros(qx.shape[0], qw.shape[0], dtype=torch.int64)
-        for j in range(0, qx_even.shape[1], 2):
-            pair = torch.outer(qx_even[:, j], qw_even[:, j]) + torch.outer(qx_even[:, j + 1], qw_even[:, j + 1])
-            acc += pair.clamp(-32768, 32767)
+        starts = [0] if pairs_restart_at is None else [0, pairs_restart_at]
+        for start, end in zip(starts, starts[1:] + [K]):
+            width = end - start
+            qx_even = torch.nn.functional.pad(qx[:, start:end], (0, width % 2))
+            qw_even = torch.nn.functional.pad(qw[:, start:end], (0, width % 2))
+            for j in range(0, qx_even.shape[1], 2):
+                pair = torch.outer(qx_even[:, j], qw_even[:, j]) + torch.outer(qx_even[:, j + 1], qw_even[:, j + 1])
+                acc += pair.clamp(-32768, 32767)
     else:
         acc = qx @ qw.T
     raw = acc - input_zero_point * col_offsets - qx.sum(dim=1, keepdim=True) * w_zp
@@ -293,9 +300,10 @@ class ForwardRecorder:
                 w = self.converted.get_submodule(path).weight()
                 per_channel = w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
                 w_zp = w.q_per_channel_zero_points().numpy() if per_channel else np.array([w.q_zero_point()])
+                pairs = kernel in ("avx2",) or kernel.endswith("+pairs")
+                restart = (onednn_gemm_pairs_restart(w.shape[1]) if kernel == "gemm+pairs" else None)  # gemm:jit
                 accumulators[name] = derived_accumulators(inp.int_repr().numpy(), w.int_repr().numpy(),
-                                                          int(inp.q_zero_point()), w_zp,
-                                                          kernel in ("avx2",) or kernel.endswith("+pairs"))
+                                                          int(inp.q_zero_point()), w_zp, pairs, restart)
         return BatchRecord(set=set_name, x=x.numpy(), calls=calls, qparams=qparams, accumulators=accumulators,
                            kernels=kernels, output=y.detach().numpy(), float_output=float_y.detach().numpy(),
                            labels=labels)

@@ -125,3 +125,18 @@ def test_probe_predicts_torch_on_every_shape(rng, tmp_path, forced):
                     f"M={M} N={N} K={K}")
         differ += int((ql(p["x"], saturate_int16_pairs=False) != ql(p["x"], saturate_int16_pairs=True)).sum())
     assert differ > 0, "no problem distinguishes the two families: the shapes test nothing"
+
+
+def test_onednn_gemm_jit_family_from_the_isa_line_or_the_cpu(monkeypatch):
+    """gemm:jit's name carries no ISA: oneDNN's "isa:" line decides (AVX2 without VNNI: int16-saturated pairs);
+    when that line was printed before anyone listened, the CPU's features (capped by ONEDNN_MAX_CPU_ISA) do."""
+    import crosscheck.isa as isa_module
+    from refquant import dynamic
+
+    line = "onednn_verbose,v1,primitive,exec,cpu,matmul,gemm:jit,undef,src:u8::blocked:ab::f0,,,4x300:300x8,7.8"
+    assert isa_module.onednn_family_from_verbose(line, cpu_isa="Intel AVX2") == "gemm+pairs"
+    assert isa_module.onednn_family_from_verbose(line, cpu_isa="Intel AVX-512 with Intel DL Boost") == "gemm"
+    monkeypatch.setattr(isa_module, "_ONEDNN_CPU_ISA", [])
+    for predicted, family in (("gemm_no_vnni", "gemm+pairs"), ("brgemm_vnni", "gemm")):
+        monkeypatch.setattr(dynamic, "default_onednn_kernel", lambda p=predicted: p)
+        assert isa_module.onednn_family_from_verbose(line) == family

@@ -68,8 +68,23 @@ def _torch_study(config: StudyConfig):
     return converted, calls
 
 
-def _refquant_layer(converted, engine: str) -> QuantizedLinear:
-    """refquant's layer from torch's converted weights and qparams (refquant.linear.from_quantized)."""
+def _onednn_kernel(converted, x_codes_u8: np.ndarray) -> dict:
+    """QuantizedLinear's onednn_kernel / saturate_int16_pairs for the kernel oneDNN runs on these input codes here
+    (its verbose output, crosscheck.isa): brgemm with or without VNNI, AMX, or AVX2's gemm:jit."""
+    from crosscheck.isa import OnednnVerboseCapture, onednn_family_from_verbose, onednn_kernel_options
+
+    q = converted.quant
+    qx = torch._make_per_tensor_quantized_tensor(torch.from_numpy(x_codes_u8), float(q.scale), int(q.zero_point))
+    with OnednnVerboseCapture() as cap, torch.no_grad():
+        converted.fc(qx)
+        family = onednn_family_from_verbose(cap.read())
+    pairs, kernel = onednn_kernel_options(family)
+    return {"onednn_kernel": kernel, "saturate_int16_pairs": pairs}
+
+
+def _refquant_layer(converted, engine: str, x_codes_u8: np.ndarray | None = None) -> QuantizedLinear:
+    """refquant's layer from torch's converted weights and qparams (refquant.linear.from_quantized); for onednn,
+    modelling the kernel oneDNN runs on ``x_codes_u8``."""
     fc = converted.fc
     w = fc.weight()
     per_channel = w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
@@ -79,7 +94,8 @@ def _refquant_layer(converted, engine: str) -> QuantizedLinear:
     return QuantizedLinear.from_quantized(
         w.int_repr().numpy(), scales, zps, bias, float(converted.quant.scale), int(converted.quant.zero_point),
         float(fc.scale), int(fc.zero_point), relu=type(fc).__name__ == "LinearReLU", engine=engine,
-        saturate_int16_pairs=engine in ("fbgemm", "x86") and torch_saturates_int16_pairs())
+        **(_onednn_kernel(converted, x_codes_u8) if engine == "onednn" else
+           {"saturate_int16_pairs": engine in ("fbgemm", "x86") and torch_saturates_int16_pairs()}))
 
 
 def test_variants_are_refquants():
@@ -206,7 +222,8 @@ def test_exported_programs_run_in_c_and_the_default_one_is_torchs(tmp_path, rng,
             assert np.array_equal(program.tensors[2], calls["fc"][0].output)
             assert np.array_equal(program.tensors[program.output].view(np.uint32), y.view(np.uint32))
         elif variant in ("fbgemm_fixed_point", "tflite"):  # its codes are the variant's, as the rows count them
-            layer = _refquant_layer(_torch_study(config)[0], config.engine).with_requantization(variant)
+            layer = _refquant_layer(_torch_study(config)[0], config.engine, program.tensors[1]
+                                    ).with_requantization(variant)
             assert np.array_equal(program.tensors[2], layer(program.tensors[1]))
 
 
