@@ -218,7 +218,8 @@ def describe_step(ingredient: str, a: Recipe, b: Recipe, qparams: dict[str, tupl
     if ingredient == "formula" and b.formula == "qnnpack":
         return "multiplier formula: qnnpack's f32(f32(s_w·f32(s_x))·f32(1/f32(s_y))), not f32(atws / f32(s_y))"
     if ingredient == "formula" and b.formula == "onednn":
-        return "requantization formula: onednn's f32(raw)·s_x'·s_w' (AMX, gemm:jit: ·f32(s_x'·s_w')) + bias, ·f32(1/s_y')"
+        return ("requantization formula: onednn's f32(raw)·s_x'·s_w' (AMX, gemm:jit: ·f32(s_x'·s_w')) + bias, "
+                "·f32(1/s_y')")
     if ingredient == "zero_point":
         return "requantization rounding: onednn adds the output zero point in float, before the rounding"
     if ingredient == "saturation" and b.saturation == "qnnpack":

@@ -957,8 +957,8 @@ class DynamicQuantizedLinear:
         formula = self._formula(M)
         constants = self._output_constants(q["input_scale_used"])
         y2d_f32 = fused(x_u8, q["input_zero_point"], f"dynamic_{formula}", constants,
-                              out_dtype=np.float32, saturate_int16_pairs=saturate, kernel=kernel,
-                              row_offsets_i32=q["row_sums"])
+                        out_dtype=np.float32, saturate_int16_pairs=saturate, kernel=kernel,
+                        row_offsets_i32=q["row_sums"])
         output_shape = q["lead_shape"] + (N,)
         if self.engine == "onednn" and M == 0:
             output_shape = (0, N)   # as in stages()
