@@ -1,5 +1,5 @@
 /*
- * refquant_program.c: runs a golden program written by refquant (format refquant-golden-model/1, a C header from
+ * refquant_program.c: runs a golden program written by refquant (format refquant-golden-model/2, or /1, a C header from
  * refquant.export.export_model / refquant.program.c_header) and compares everything it computes with the
  * program's test vectors and constants, bit for bit.
  *
@@ -40,6 +40,7 @@
 
 static long n_codes, n_float_bits, n_int32, n_constants, n_views;
 static int verbose;
+static int format_version; /* 2 (refquant-golden-model/2) or 1 */
 
 /* ---- fields ----------------------------------------------------------------------------------------------- */
 
@@ -316,6 +317,18 @@ static int onednn_kernel_code(const char *name)
     return -1;
 }
 
+/* eq. M2 on k = lo .. hi - 1: the products summed in pairs (lo + 2j, lo + 2j + 1), each pair saturated to int16
+ * (a lone last k is a pair of its own); exact in int64. */
+static int64_t saturated_pairs_sum(const uint8_t *x, const int8_t *w, int64_t lo, int64_t hi)
+{
+    int64_t s = 0, k;
+    for (k = lo; k < hi; k += 2) {
+        const int64_t p = (int64_t)x[k] * w[k] + (k + 1 < hi ? (int64_t)x[k + 1] * w[k + 1] : 0);
+        s += p < -32768 ? -32768 : (p > 32767 ? 32767 : p);
+    }
+    return s;
+}
+
 /* One linear step: input codes (rows x K) -> acc, raw (rows x N) and output codes. */
 static void run_linear(int i, const tensor *in, tensor *out, int32_t *acc_out, int32_t *raw_out)
 {
@@ -327,6 +340,9 @@ static void run_linear(int i, const tensor *in, tensor *out, int32_t *acc_out, i
     const int32_t zy = (int32_t)int_of(step_field(i, "output_zero_point"));
     const int sat = (int)int_of(step_field(i, "saturate_int16_pairs")), relu = (int)int_of(step_field(i, "relu"));
     const int rq = requantization_code(str_of(step_field(i, "requantization")));
+    /* eq. M2b: the k where the pairs start afresh, 0 for none (version 2; version 1 paired from k = 0 only) */
+    const int64_t restart = format_version == 1 ? 0 : int_of(step_field(i, "pairs_restart_k"));
+    const int64_t block_end = restart > 0 ? restart : K;
     int64_t m, n, k;
     for (m = 0; m < rows; m++) {
         const uint8_t *x = in->u + m * K;
@@ -338,11 +354,8 @@ static void run_linear(int i, const tensor *in, tensor *out, int32_t *acc_out, i
             const int8_t *wn = w + n * K;
             int64_t s = 0;
             int32_t acc, raw, q;
-            if (sat) { /* eq. M2: products summed in pairs (2j, 2j+1), each pair saturated to int16 */
-                for (k = 0; k < K; k += 2) {
-                    int64_t p = (int64_t)x[k] * wn[k] + (k + 1 < K ? (int64_t)x[k + 1] * wn[k + 1] : 0);
-                    s += p < -32768 ? -32768 : (p > 32767 ? 32767 : p);
-                }
+            if (sat) { /* eq. M2 over the block [0, block_end), then again over [block_end, K) (eq. M2b) */
+                s = saturated_pairs_sum(x, wn, 0, block_end) + saturated_pairs_sum(x, wn, block_end, K);
             } else {
                 for (k = 0; k < K; k++) {
                     s += (int64_t)x[k] * wn[k]; /* eq. L4, exact; the wrap below is modulo 2^32 */
@@ -631,7 +644,11 @@ int main(int argc, char **argv)
     tensor file[RQG_NUM_TENSORS];
     int i, t;
     verbose = argc > 1 && strcmp(argv[1], "-v") == 0;
-    if (strcmp(str_of(need("format")), "refquant-golden-model/1") != 0) {
+    if (strcmp(str_of(need("format")), "refquant-golden-model/2") == 0) {
+        format_version = 2;
+    } else if (strcmp(str_of(need("format")), "refquant-golden-model/1") == 0) {
+        format_version = 1;
+    } else {
         fail("not a program this runner knows", str_of(need("format")));
     }
     if (int_of(need("num_steps")) != RQG_NUM_STEPS) {

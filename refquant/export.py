@@ -65,10 +65,10 @@ another format, a field missing, foreign or of the wrong type, shape or range, a
 bits, pickled objects (never unpickled) -- raises one :class:`GoldenFileError` (a ValueError) naming the file and
 the field. To add a format, write its table of :class:`Field`\\ s (or a :class:`Schema` that derives the table
 from the file's header) and register it in ``SCHEMAS`` under its own versioned format string; both readers and the
-writer follow it. refquant.program registers the whole-model format "refquant-golden-model/1" (steps over tensors,
-any engine's float path or integer variant, float64 fields, a C header): :func:`export_model` writes it, and
-:func:`export_linear` writes it for every layer that is not fbgemm's float path; ``write_golden(..., header=True)``
-adds the C header ``<path>.h`` of any format.
+writer follow it. refquant.program registers the whole-model format "refquant-golden-model/2" (and reads /1;
+steps over tensors, any engine's float path or integer variant, float64 fields, a C header): :func:`export_model`
+writes it, and :func:`export_linear` writes it for every layer that is not fbgemm's float path;
+``write_golden(..., header=True)`` adds the C header ``<path>.h`` of any format.
 """
 
 from __future__ import annotations
@@ -86,7 +86,6 @@ from typing import BinaryIO
 import numpy as np
 
 from .linear import QuantizedLinear
-from .matmul import matmul_u8s8_acc32
 
 FORMAT = "refquant-golden-linear/2"
 FORMAT_V1 = "refquant-golden-linear/1"
@@ -165,7 +164,8 @@ class Schema:
 
 SCHEMAS: dict[str, dict[str, Field] | Schema] = {FORMAT: LINEAR_FIELDS, FORMAT_V1: LINEAR_FIELDS}
 """Format string -> its fields (or a :class:`Schema` that derives them from the file's header). Every format string
-names a kind and a version ("refquant-golden-<kind>/<n>"); refquant.program registers "refquant-golden-model/1"."""
+names a kind and a version ("refquant-golden-<kind>/<n>"); refquant.program registers "refquant-golden-model/2"
+and "/1"."""
 
 BITS_SUFFIX = "_bits"
 FLOAT_DTYPES = {"float32": np.uint32, "float64": np.uint64}
@@ -231,7 +231,7 @@ def golden_program(ql: QuantizedLinear, x_u8: np.ndarray) -> dict[str, object]:
         "bias_term": bias_term,
         "bias_rcp": bias_rcp,
         "x_u8": x_u8.astype(np.uint8),
-        "acc_i32": matmul_u8s8_acc32(x_u8, ql.weight_int8, saturate_int16_pairs=ql.saturate_int16_pairs),
+        "acc_i32": ql.products(x_u8),
         "raw_i32": raw_i32,
         "y_u8": ql.requantize(raw_i32),
     }

@@ -371,6 +371,13 @@ class QuantizedLinear:
                           f"wrap (modulo 2^32) exactly as {engine}'s do; outputs are then not the real-number result",
                           RuntimeWarning, stacklevel=2)
 
+    @property
+    def pairs_restart_k(self) -> int | None:
+        """The k at which this layer's int16 pairs start afresh (eq. M2b: oneDNN's ``gemm:jit`` with
+        ``saturate_int16_pairs``, an odd k = refquant.engines.onednn_gemm_pairs_restart(K)); None where the pairs are
+        those of eq. M2 or there are none."""
+        return self._pairs_restart.k if self.saturate_int16_pairs and self._pairs_restart is not None else None
+
     def with_requantization(self, requantization: str | None) -> "QuantizedLinear":
         """The same layer (weights, scales, zero points, bias, engine and its switches) with another requantization
         scheme (None: the engine's own float path)."""
@@ -476,6 +483,17 @@ class QuantizedLinear:
                                  f"constants are in .requantizer")
         return getattr(self.requantizer, name)
 
+    def products(self, x_u8: np.ndarray, *, saturate_int16_pairs: bool | None = None) -> np.ndarray:
+        """uint8 input codes (..., K) -> int32 ``acc`` (..., N) = Σ_k x[.., k]·w[n, k], before any zero-point
+        correction: eq. L4 (M1), or with ``saturate_int16_pairs`` eq. M2 -- and eq. M2b where the layer models
+        oneDNN's ``gemm:jit`` (its pairs restart at refquant.engines.onednn_gemm_pairs_restart(K)).
+
+        What a port's multiply-accumulate loop must produce; :meth:`accumulate` corrects it to ``raw``.
+        """
+        x2d_u8, packed, saturate, lead_shape = self._product_operands(x_u8, saturate_int16_pairs)
+        acc_i32 = matmul_u8s8_acc32(x2d_u8, packed, saturate_int16_pairs=saturate)
+        return acc_i32.reshape(lead_shape + (self.out_features,))
+
     def accumulate(self, x_u8: np.ndarray, *, saturate_int16_pairs: bool | None = None) -> np.ndarray:
         """uint8 input codes (..., K) -> int32 ``raw`` (..., N): eq. L4 then the zero-point corrections of eq. L5.
 
@@ -483,6 +501,15 @@ class QuantizedLinear:
         (default: the layer's setting) sums the products in int16-saturated pairs as non-VNNI CPUs do. Every engine
         starts requantization from this same int32 (refquant.engines).
         """
+        x2d_u8, packed, saturate, lead_shape = self._product_operands(x_u8, saturate_int16_pairs)
+        raw_i32 = accumulate_raw(x2d_u8, packed, self.col_offsets, self.input_zero_point,
+                                 self.weight_zero_points, saturate_int16_pairs=saturate)
+        return raw_i32.reshape(lead_shape + (self.out_features,))
+
+    def _product_operands(self, x_u8: np.ndarray, saturate_int16_pairs: bool | None
+                          ) -> tuple[np.ndarray, PackedWeightS8, bool, tuple[int, ...]]:
+        """Checked (M, K) codes, the packed weight and the pairs rule of one product; with eq. M2b's restart, both
+        operands get its zero k (:class:`refquant.matmul.PairsRestart`)."""
         spec = ENGINE_SPECS[self.engine]
         x_u8 = _check_codes(x_u8, np.uint8, "x_u8", self.in_features, "in_features K", spec.min_input_ndim)
         if saturate_int16_pairs is None:
@@ -494,9 +521,7 @@ class QuantizedLinear:
         packed = self._packed_weight
         if saturate_int16_pairs and self._pairs_restart is not None:  # eq. M2b: a zero k where the pairs restart
             x2d_u8, packed = self._pairs_restart.input(x2d_u8), self._pairs_restart.packed
-        raw_i32 = accumulate_raw(x2d_u8, packed, self.col_offsets, self.input_zero_point,
-                                 self.weight_zero_points, saturate_int16_pairs=bool(saturate_int16_pairs))
-        return raw_i32.reshape(lead_shape + (self.out_features,))
+        return x2d_u8, packed, bool(saturate_int16_pairs), lead_shape
 
     def requantize(self, acc_i32: np.ndarray, *, readable: bool | None = None) -> np.ndarray:
         """int32 ``raw`` (..., N) from :meth:`accumulate` -> uint8 output codes (..., N): the engine's

@@ -23,6 +23,9 @@ names the model output. Each tensor is stored whole (``tensor<t>``: float32 valu
     linear      a quantized Linear [ReLU] on codes (..., K) -> codes (..., N), refquant.linear eqs. L4, L5:
                     acc[m, n] = Σ_k x[m, k]·weight_int8[n, k]                 int32 (wraps; int16 pairs if
                                                                               saturate_int16_pairs, eq. M2)
+                (with saturate_int16_pairs the pairs are (2j, 2j + 1) from k = 0; where pairs_restart_k = r > 0,
+                 oneDNN gemm:jit's second K block, refquant.matmul eq. M2b: pairs (2j, 2j + 1) for k < r, then
+                 (r + 2j, r + 2j + 1), a lone last k of a block its own pair)
                     raw[m, n] = acc − input_zero_point·col_offsets[n] − weight_zero_points[n]·Σ_k x[m, k]   int32
                 then the requantization step<i>.requantization of raw, with its constants (per output channel n):
                     "fbgemm"   eqs. L8-L11: bias_mode none/add/fma, bias_term, bias_rcp, output_multiplier
@@ -47,7 +50,7 @@ the writer check every field against the table this file's header selects, then 
 (dtypes and shapes of the tensors they connect, engine and requantization, rules and formulas)::
 
     name                          dtype     shape        meaning
-    format                        str                    "refquant-golden-model/1"
+    format                        str                    "refquant-golden-model/2" (/1 still read)
     num_steps                     int                    S >= 1
     output                        int                    the tensor the model returns (0..S)
     tensor0.dtype                 str                    "float32" (a model) or "uint8" (a bare layer's codes)
@@ -66,8 +69,9 @@ the writer check every field against the table this file's header selects, then 
                 saturate_int16_pairs bool, weight_qscheme str, input_scale float64, input_zero_point int32,
                 output_scale float64, output_zero_point int32, weight_int8 int8 (N, K), weight_scales float32 (N,),
                 weight_scales_f64 float64 (N,) (torch's doubles), weight_zero_points int32 (N,),
-                col_offsets int32 (N,), has_bias bool, bias float32 (N,) (zeros without), acc_i32 int32 and
-                raw_i32 int32 (the output tensor's shape), and the constants of its requantization
+                col_offsets int32 (N,), has_bias bool, bias float32 (N,) (zeros without), pairs_restart_k int
+                (version 2; 0 or refquant.engines.onednn_gemm_pairs_restart(K)), acc_i32 int32 and raw_i32
+                int32 (the output tensor's shape), and the constants of its requantization
                 (REQUANTIZATION_FIELDS; per-tensor values repeated for every n)
 
 Per-tensor scales and zero points are repeated N times. Floats: JSON gives every float32 and float64 value also as
@@ -82,7 +86,9 @@ differs from the file's vectors; :func:`refquant.fixed_point.compare_with_float_
 ``raw_i32`` names the cause of each differing code.
 
 Versioning: the format string carries the version; a reader refuses formats it does not know
-(refquant.export.SCHEMAS). Within one version, fields are only ever added by a new version. The linear formats
+(refquant.export.SCHEMAS). Within one version, fields are only ever added by a new version: version 2 added
+``pairs_restart_k`` to linear steps. A version-1 file still loads, its linear steps given the restart their layer
+runs (a version-1 ``acc_i32`` always paired from k = 0, so on gemm:jit layers it can differ). The linear formats
 ("refquant-golden-linear/1", "/2": one fbgemm layer, no stubs) stay readable: :func:`load_program` makes a one-step
 program of them.
 
@@ -95,6 +101,7 @@ infinities in float views).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,15 +110,16 @@ from typing import Any
 import numpy as np
 
 from . import fixed_point as fp
-from .engines import ENGINES, ENGINE_SPECS, check_requantization
+from .engines import ENGINES, ENGINE_SPECS, check_requantization, onednn_gemm_pairs_restart
 from .export import Field, GoldenFileError, Schema, SCHEMAS, load_golden
 from .functional import flatten_shape
 from .linear import QuantizedLinear
-from .matmul import matmul_u8s8_acc32
 from .quantize import PORT_ROUNDINGS, ROUNDINGS, dequantize, quantize_per_tensor, quantize_per_tensor_port
 
-MODEL_FORMAT = "refquant-golden-model/1"
-"""The format string (kind "model", version 1) of a program of steps."""
+MODEL_FORMAT = "refquant-golden-model/2"
+"""The format string (kind "model", version 2) of a program of steps: what refquant writes."""
+MODEL_FORMAT_V1 = "refquant-golden-model/1"
+"""Version 1, still read: no ``pairs_restart_k`` (its ``acc_i32`` always paired from k = 0)."""
 
 STEP_KINDS: tuple[str, ...] = ("quantize", "linear", "relu", "identity", "flatten", "dequantize")
 REQUANTIZATION_NAMES: tuple[str, ...] = ("fbgemm", "qnnpack", "onednn", *fp.VARIANTS)
@@ -185,7 +193,13 @@ KIND_FIELDS: dict[str, dict[str, Field]] = {
     },
 }
 """Each kind's own fields (``step<i>.`` + name). A linear step adds ``acc_i32``, ``raw_i32`` (int32, the shape of
-its output tensor) and its requantization's fields."""
+its output tensor), its requantization's fields and, from version 2 on, :data:`LINEAR_FIELDS_V2`."""
+
+LINEAR_FIELDS_V2: dict[str, Field] = {
+    "pairs_restart_k": Field("int", lo=0, hi=INT32[1]),
+}
+"""A linear step's fields added by version 2 (MODEL_FORMAT): ``pairs_restart_k``, the k at which the int16 pairs of
+eq. M2 start afresh (eq. M2b, oneDNN's gemm:jit), 0 where they pair from k = 0 only."""
 
 _INTEGER_FIELDS: dict[str, Field] = {
     "bias_rule": Field("str", choices=(*fp.BIAS_RULES, "none")),
@@ -249,9 +263,10 @@ def _scoped(table: dict[str, Field], prefix: str, i: int) -> dict[str, Field]:
             for name, f in table.items()}
 
 
-def _model_fields(peek, source: Path) -> dict[str, Field]:
-    """The field table of one model program, from its header: steps, tensor shapes and dtypes; checks on the way
-    that each step reads a tensor of the dtype and shape it takes and writes the shape it should."""
+def _model_fields(peek, source: Path, *, version: int = 2) -> dict[str, Field]:
+    """The field table of one model program of format ``version``, from its header: steps, tensor shapes and
+    dtypes; checks on the way that each step reads a tensor of the dtype and shape it takes and writes the shape it
+    should."""
     fields = dict(HEADER_FIELDS)
     S = peek("num_steps", HEADER_FIELDS["num_steps"])
     shapes: list[tuple[int, ...]] = []
@@ -311,6 +326,8 @@ def _model_fields(peek, source: Path) -> dict[str, Field]:
                                                                  f"{in_shape}")
             requantization = peek(p + "requantization", own[p + "requantization"])
             fields.update(_scoped(REQUANTIZATION_FIELDS[requantization], p, i))
+            if version >= 2:
+                fields.update(_scoped(LINEAR_FIELDS_V2, p, i))
             out_dtype, out_shape = "uint8", in_shape[:-1] + (N,)
             fields[p + "acc_i32"] = Field("int32", out_shape)
             fields[p + "raw_i32"] = Field("int32", out_shape)
@@ -344,6 +361,8 @@ def _validate(values: dict[str, object], source: Path) -> None:
             check_requantization(name, engine)
         except ValueError as e:
             raise GoldenFileError(source, p + "requantization", str(e)) from None
+        if p + "pairs_restart_k" in values:
+            _check_pairs_restart(values, p, source)
         qscheme = values[p + "weight_qscheme"]
         zps, scales = values[p + "weight_zero_points"], values[p + "weight_scales_f64"]
         if qscheme.endswith("symmetric") and (zps != 0).any():
@@ -372,7 +391,27 @@ def _validate(values: dict[str, object], source: Path) -> None:
                                                                       f"{fp.SHIFT_CONVENTION[name] or 'none'!r}")
 
 
+def _check_pairs_restart(values: dict[str, object], p: str, source: Path) -> None:
+    """``pairs_restart_k`` is 0, or oneDNN gemm:jit's restart (eq. M2b) on a layer that sums int16 pairs -- and
+    exactly that restart where the step's own onednn_kernel says "gemm"."""
+    k, K = values[p + "pairs_restart_k"], values[p + "in_features"]
+    restart = onednn_gemm_pairs_restart(K) or 0
+    if values[p + "engine"] != "onednn" or not values[p + "saturate_int16_pairs"]:
+        if k != 0:
+            raise GoldenFileError(source, p + "pairs_restart_k", f"must be 0: only oneDNN's gemm:jit kernel with "
+                                                                 f"saturate_int16_pairs restarts its pairs, got {k}")
+    elif values.get(p + "onednn_kernel") is not None:
+        expected = restart if values[p + "onednn_kernel"] == "gemm" else 0
+        if k != expected:
+            raise GoldenFileError(source, p + "pairs_restart_k", f"must be {expected} for onednn_kernel "
+                                                                 f"{values[p + 'onednn_kernel']!r} and K = {K}, "
+                                                                 f"got {k}")
+    elif k not in (0, restart):
+        raise GoldenFileError(source, p + "pairs_restart_k", f"must be 0 or {restart} (gemm:jit, K = {K}), got {k}")
+
+
 SCHEMAS[MODEL_FORMAT] = Schema(_model_fields, _validate)
+SCHEMAS[MODEL_FORMAT_V1] = Schema(functools.partial(_model_fields, version=1), _validate)
 
 
 # ================================================================================================================
@@ -420,7 +459,9 @@ class ProgramStep:
         scales = c["weight_scales_f64"] if per_channel else c["weight_scales_f64"][:1]
         zps = c["weight_zero_points"] if per_channel else c["weight_zero_points"][:1]
         cached = c.get("requantization_output_scale")
-        kernel = c.get("onednn_kernel", "brgemm") if onednn_kernel is None else onednn_kernel
+        if onednn_kernel is None:  # an integer variant's step has no onednn_kernel: a restart says gemm:jit ran
+            onednn_kernel = c.get("onednn_kernel", "gemm" if c.get("pairs_restart_k") else "brgemm")
+        kernel = onednn_kernel
         return QuantizedLinear(
             c["weight_int8"], scales, zps, c["bias"] if c["has_bias"] else None, float(c["input_scale"]),
             int(c["input_zero_point"]), float(c["output_scale"]), int(c["output_zero_point"]), relu=c["relu"],
@@ -471,7 +512,7 @@ def program_from_fields(values: dict[str, object], source: Path | None = None) -
     :data:`MODEL_FORMAT`, or a linear format ("refquant-golden-linear/1", "/2"), which becomes one linear step on
     the input codes x_u8 (engine fbgemm, requantization "fbgemm"; its float32 scales taken as the doubles)."""
     fmt = values["format"]
-    if fmt != MODEL_FORMAT:
+    if fmt not in (MODEL_FORMAT, MODEL_FORMAT_V1):
         return _program_from_linear(values, source)
     steps = []
     for i in range(values["num_steps"]):
@@ -480,6 +521,9 @@ def program_from_fields(values: dict[str, object], source: Path | None = None) -
         kind = own.pop("kind")
         name, module, inputs = own.pop("name"), own.pop("module"), own.pop("inputs")
         acc, raw = own.pop("acc_i32", None), own.pop("raw_i32", None)
+        if kind == "linear" and fmt == MODEL_FORMAT_V1:  # version 1 had no pairs_restart_k: what its layer ran
+            gemm = own["engine"] == "onednn" and own.get("onednn_kernel") == "gemm" and own["saturate_int16_pairs"]
+            own["pairs_restart_k"] = (onednn_gemm_pairs_restart(own["in_features"]) or 0) if gemm else 0
         steps.append(ProgramStep(i, kind, name, module, int(inputs[0]), own, acc, raw))
     tensors = [values[f"tensor{t}"] for t in range(values["num_steps"] + 1)]
     return Program(fmt, steps, tensors, values["output"], source)
@@ -496,7 +540,7 @@ def _program_from_linear(v: dict[str, object], source: Path | None) -> Program:
          "weight_zero_points": v["weight_zero_points"], "col_offsets": v["col_offsets"],
          "has_bias": v["bias_mode"] != "none", "bias": v["bias"], "bias_mode": v["bias_mode"],
          "act_times_w_scale": v["act_times_w_scale"], "output_multiplier": v["output_multiplier"],
-         "bias_term": v["bias_term"], "bias_rcp": v["bias_rcp"]}
+         "bias_term": v["bias_term"], "bias_rcp": v["bias_rcp"], "pairs_restart_k": 0}  # fbgemm: eq. M2's pairs
     step = ProgramStep(0, "linear", "linear", "QuantizedLinear", 0, c, v["acc_i32"], v["raw_i32"])
     return Program(v["format"], [step], [v["x_u8"], v["y_u8"]], 1, source)
 
@@ -529,7 +573,7 @@ def _linear_constants(ql: QuantizedLinear) -> dict[str, Any]:
         "weight_scales": per_n(ql.weight_scales, np.float32), "weight_scales_f64": per_n(ql.weight_scales_f64,
                                                                                          np.float64),
         "weight_zero_points": per_n(ql.weight_zero_points, np.int32), "col_offsets": ql.col_offsets.astype(np.int32),
-        "has_bias": ql.bias is not None, "bias": bias,
+        "has_bias": ql.bias is not None, "bias": bias, "pairs_restart_k": ql.pairs_restart_k or 0,
     }
     rq, name = ql.requantizer, ql.requantization
     if name == "fbgemm":
@@ -680,15 +724,13 @@ def _run_step(step: ProgramStep, x: np.ndarray, layer: QuantizedLinear | None, *
         return x, None, None
     if step.kind == "flatten":
         return x.reshape(flatten_shape(x.shape, c["start_dim"], c["end_dim"])), None, None
-    lead = x.shape[:-1]
-    x2d = np.ascontiguousarray(x.reshape(-1, layer.in_features))
-    acc = matmul_u8s8_acc32(x2d, layer.weight_int8, saturate_int16_pairs=layer.saturate_int16_pairs)
+    acc = layer.products(x)  # eq. L4 (M2, M2b: the CPU kernel's pairs)
     raw = layer.accumulate(x)
     if negate_input_zero_point:  # a port's sign slip: acc + z_x·col_offsets, i.e. raw + 2·z_x·col_offsets (int32)
         raw = (raw.astype(np.int64) + 2 * int(layer.input_zero_point) * layer.col_offsets.astype(np.int64)
                ).astype(np.int32)  # astype keeps the low 32 bits: int32's wrap
     y = layer.requantize(raw) if requantizer is None else requantizer.requantize(raw)
-    return y, acc.reshape(lead + (layer.out_features,)), raw
+    return y, acc, raw
 
 
 def _check_x(x: object, argname: str, dtype) -> np.ndarray:

@@ -224,7 +224,7 @@ def test_export_refuses_a_model_with_an_add_after_the_study(user_dir, monkeypatc
                  "--export", "golden"]) == 2
     captured = capsys.readouterr()
     assert captured.out.startswith("result: all 7 layers equal")
-    assert "--export golden: skip (QFunctional.add): refquant-golden-model/1 has no 'add' step" in captured.err
+    assert "--export golden: skip (QFunctional.add): refquant-golden-model/2 has no 'add' step" in captured.err
 
 
 def test_a_state_dict_that_holds_a_whole_module_is_refused_with_a_hint(user_dir, monkeypatch, capsys):

@@ -29,6 +29,7 @@ from refquant import model as rm
 from refquant.engines import ENGINES
 from refquant.export import GoldenFileError, export_linear, export_model, load_golden
 from refquant.linear import QuantizedLinear
+from refquant.matmul import matmul_u8s8_acc32
 from refquant.pipeline import ObservedLinear, QuantizedLinearModel
 from torch_engines import quantized_engine, random_problem, refquant_layer, run_torch, torch_qweight
 from torch_models import torch_saturates_int16_pairs
@@ -488,6 +489,8 @@ def test_model_files_are_read_strictly(tmp_path, model_files):
         ({p + "input_scale_bits": doc[p + "input_scale_bits"] + 1}, p + "input_scale", "disagrees"),
         ({p + "inputs": [0]}, p + "inputs", "reads uint8 values"),
         ({"output": 99}, "output", "must name a tensor"),
+        ({p + "pairs_restart_k": 151}, p + "pairs_restart_k", "must be 0"),
+        ({p + "pairs_restart_k": None}, p + "pairs_restart_k", "missing"),
     ]
     for changes, field, words in cases:
         path = _edit(tmp_path, doc, **{k.replace(".", "__"): v for k, v in changes.items()})
@@ -516,7 +519,7 @@ def test_docstring_lists_the_field_tables():
     """Every field name of the code tables appears in refquant/program.py's docstring."""
     doc = pg.__doc__
     names = set(pg.HEADER_FIELDS) | set(pg.STEP_FIELDS)
-    for table in (*pg.KIND_FIELDS.values(), *pg.REQUANTIZATION_FIELDS.values()):
+    for table in (*pg.KIND_FIELDS.values(), *pg.REQUANTIZATION_FIELDS.values(), pg.LINEAR_FIELDS_V2):
         names |= set(table)
     undocumented = [n for n in sorted(names) if n not in doc]
     assert undocumented == []
@@ -611,7 +614,7 @@ def test_exported_layers_are_torchs_every_engine(tmp_path, rng, capfd, c_runner,
     the file."""
     done = 0
     while done < 3:
-        p = random_problem(rng, engine, k_choices=(1, 3, 8, 17, 64), max_n=12, max_m=5)
+        p = random_problem(rng, engine, k_choices=(1, 3, 8, 17, 64, 302), max_n=12, max_m=5)
         y, family = run_torch(p, capfd)
         if isinstance(y, Exception):
             continue
@@ -625,6 +628,64 @@ def test_exported_layers_are_torchs_every_engine(tmp_path, rng, capfd, c_runner,
             assert_c_reproduces(c_runner, tmp_path / f"l{done}.h")
         done += 1
         COUNTS[f"torch layers {engine}"] += 1
+
+
+def _gemm_jit_layer(rng, K: int, N: int, requantization: str | None = None) -> QuantizedLinear:
+    """An onednn layer modelling gemm:jit on a CPU without VNNI (int16-saturated pairs, eq. M2b), its weights near
+    ±127 so that pairs of full-range codes saturate."""
+    w = rng.choice(np.array([-128, -127, -126, 125, 126, 127], np.int8), size=(N, K))
+    w[:, rng.random(K) < 0.3] = rng.integers(-128, 128, size=1, dtype=np.int8)
+    scales = rng.uniform(0.002, 0.01, N)
+    return QuantizedLinear(w, scales, np.zeros(N, np.int64), rng.standard_normal(N).astype(np.float32),
+                           0.02, int(rng.integers(0, 256)), float(rng.uniform(2, 40)), int(rng.integers(0, 256)),
+                           relu=bool(rng.random() < 0.3), weight_qscheme="per_channel_symmetric",
+                           saturate_int16_pairs=True, engine="onednn", requantization=requantization,
+                           onednn_kernel="gemm")
+
+
+@pytest.mark.parametrize("K, restart", [(200, 0), (300, 0), (302, 151), (513, 257), (767, 0), (800, 0)])
+@pytest.mark.parametrize("requantization", [None, "tflite"])
+def test_gemm_jit_pairs_restart_in_the_program(tmp_path, rng, c_runner, K, restart, requantization):
+    """oneDNN gemm:jit's second K block starts new int16 pairs at an odd k (eq. M2b): the file names that k
+    (pairs_restart_k), its acc_i32 are the layer's own products, Python re-runs them from the file, and C
+    reproduces every vector -- where pairing from k = 0 (eq. M2) would give other accumulators."""
+    ql = _gemm_jit_layer(rng, K, N=int(rng.integers(3, 9)), requantization=requantization)
+    x = rng.choice(np.array([0, 1, 254, 255], np.uint8), size=(int(rng.integers(2, 6)), K))
+    x[0] = 255
+    path = tmp_path / f"gemm{K}"
+    fields = export_linear(ql, x, path, format=pg.MODEL_FORMAT, header=True)
+    assert fields["format"] == "refquant-golden-model/2"
+    assert fields["step0.pairs_restart_k"] == restart == (ql.pairs_restart_k or 0)
+    assert_same(fields["step0.acc_i32"], ql.products(x), "acc_i32 = the layer's products")
+    assert_same(fields["tensor1"], ql(x), "codes = the layer's")
+    from_k0 = matmul_u8s8_acc32(x, ql.weight_int8, saturate_int16_pairs=True)
+    if restart:  # the case is one where the restart matters
+        assert not np.array_equal(fields["step0.acc_i32"], from_k0)
+    else:
+        assert_same(fields["step0.acc_i32"], from_k0, "no restart: eq. M2")
+    program = assert_python_reproduces(path)
+    assert program.steps[0].layer().pairs_restart_k == ql.pairs_restart_k
+    assert_c_reproduces(c_runner, path.with_suffix(".h"))
+    COUNTS["gemm:jit programs"] += 1
+
+
+def test_gemm_jit_pairs_restart_is_read_strictly(tmp_path, rng):
+    """A file whose pairs_restart_k disagrees with its onednn_kernel and K is refused; a version-1 file (no
+    pairs_restart_k) loads with the restart its layer runs."""
+    ql = _gemm_jit_layer(rng, 302, 4)
+    x = np.full((2, 302), 255, np.uint8)
+    fields = export_linear(ql, x, tmp_path / "g", format=pg.MODEL_FORMAT, header=False)
+    doc = json.loads((tmp_path / "g.json").read_text())
+    _refused(_edit(tmp_path, doc, step0__pairs_restart_k=0), "step0.pairs_restart_k", "must be 151",
+             "onednn_kernel 'gemm'")
+    _refused(_edit(tmp_path, doc, step0__onednn_kernel="brgemm"), "step0.pairs_restart_k", "must be 0")
+    v1 = _edit(tmp_path, doc, format=pg.MODEL_FORMAT_V1, step0__pairs_restart_k=None)
+    program = pg.load_program(v1)
+    assert program.steps[0].constants["pairs_restart_k"] == 151
+    run = pg.run_program(program)
+    assert_same(run.tensors[1], fields["tensor1"], "a version-1 file's codes")
+    with pytest.raises(GoldenFileError, match="not a field"):
+        load_golden(_edit(tmp_path, doc, format=pg.MODEL_FORMAT_V1))
 
 
 @pytest.mark.slow
