@@ -208,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
 
                 onednn_kernel, saturate, _ = OnednnPrediction(default_onednn_kernel()).kernel(M, K, N)
                 options = dict(onednn_kernel=onednn_kernel, saturate_int16_pairs=saturate)
+            elif engine in ("fbgemm", "x86"):  # fbgemm's pre-VNNI kernels sum int16-saturated pairs (eq. M2): probed
+                from crosscheck.isa import saturate_int16_pairs, torch_fbgemm_kernel_family
+
+                options = dict(saturate_int16_pairs=saturate_int16_pairs(torch_fbgemm_kernel_family()))
             ql = QuantizedLinear.from_quantized(p["w_i8"], scales, zps, p["bias"], p["s_x"], p["z_x"], p["s_y"],
                                                 p["z_y"], engine=engine, **options)
             x_u8 = p["x_u8"]
