@@ -1,5 +1,5 @@
 /*
- * refquant_program.c: runs a golden program written by refquant (format refquant-golden-model/2, or /1, a C header from
+ * refquant_program.c: runs a golden program written by refquant (format refquant-golden-model/2 or /1, a C header from
  * refquant.export.export_model / refquant.program.c_header) and compares everything it computes with the
  * program's test vectors and constants, bit for bit.
  *

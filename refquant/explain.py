@@ -14,6 +14,8 @@ layers -- and compares each run's codes with theirs::
     kernel           int16_saturation, no_int16_saturation         pre-VNNI int16-saturating pairs, or their absence
                                                                    (refquant.matmul eq. M2)
                      onednn_brgemm, onednn_brgemm_amx, onednn_gemm oneDNN's other kernels (eqs. DN4, DN5)
+                     no_pairs_restart                              int16 pairs from k = 0 where gemm:jit restarts them
+                                                                   at its second K block (eq. M2b)
     input_rounding   fbgemm_legacy_fma, nearbyint_then_add,        the QuantStub's rounding (refquant.quantize eqs.
                      multiply_then_add (no FMA),                   Q1, Q1c; PORT_ROUNDINGS: half away from zero,
                      half_away, textbook_float64,                  np.round(x / scale + zero_point) in double or in
@@ -102,6 +104,8 @@ VARIANT_WHAT: dict[str, str] = {
     "int16_saturation": "pairs of u8·s8 products saturated to int16 before the int32 sum (vpmaddubsw, pre-VNNI CPUs; "
                         "eq. M2)",
     "no_int16_saturation": "exact int32 sums of the products (VNNI vpdpbusd), where the golden saturated int16 pairs",
+    "no_pairs_restart": "int16 pairs (2j, 2j + 1) from k = 0 throughout (eq. M2), where oneDNN's gemm:jit starts them "
+                        "afresh at its second K block (pairs_restart_k, eq. M2b)",
     "input_zero_point_negated": "every linear's input zero point with the wrong sign: raw = acc + z_x·col_offsets "
                                 "instead of acc − z_x·col_offsets (eq. L5)",
     "fbgemm_legacy_fma": "QuantStub: fmaf(x, 1/scale, zero_point), one rounding, half to even (eq. Q1)",
@@ -230,6 +234,9 @@ def variants_of(program: Program) -> list[Variant]:
         for k in ONEDNN_KERNELS:
             if kernels != {k}:
                 out.append(Variant(f"onednn_{k}", "kernel", VARIANT_WHAT[f"onednn_{k}"], (("onednn_kernel", k),)))
+    if any(s.constants.get("pairs_restart_k") for s in linear):
+        out.append(Variant("no_pairs_restart", "kernel", VARIANT_WHAT["no_pairs_restart"],
+                           (("pairs_from_k0", True),)))
     if any(int(s.constants["input_zero_point"]) for s in linear):
         out.append(Variant("input_zero_point_negated", "zero_point_sign", VARIANT_WHAT["input_zero_point_negated"],
                            (("negate_input_zero_point", True),)))

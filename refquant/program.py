@@ -114,6 +114,7 @@ from .engines import ENGINES, ENGINE_SPECS, check_requantization, onednn_gemm_pa
 from .export import Field, GoldenFileError, Schema, SCHEMAS, load_golden
 from .functional import flatten_shape
 from .linear import QuantizedLinear
+from .matmul import matmul_u8s8_acc32
 from .quantize import PORT_ROUNDINGS, ROUNDINGS, dequantize, quantize_per_tensor, quantize_per_tensor_port
 
 MODEL_FORMAT = "refquant-golden-model/2"
@@ -461,13 +462,13 @@ class ProgramStep:
         cached = c.get("requantization_output_scale")
         if onednn_kernel is None:  # an integer variant's step has no onednn_kernel: a restart says gemm:jit ran
             onednn_kernel = c.get("onednn_kernel", "gemm" if c.get("pairs_restart_k") else "brgemm")
-        kernel = onednn_kernel
         return QuantizedLinear(
             c["weight_int8"], scales, zps, c["bias"] if c["has_bias"] else None, float(c["input_scale"]),
             int(c["input_zero_point"]), float(c["output_scale"]), int(c["output_zero_point"]), relu=c["relu"],
             weight_qscheme=c["weight_qscheme"],
             saturate_int16_pairs=c["saturate_int16_pairs"] if saturate_int16_pairs is None else saturate_int16_pairs,
-            engine=engine, requantization=requantization, onednn_kernel=kernel if engine == "onednn" else "brgemm",
+            engine=engine, requantization=requantization,
+            onednn_kernel=onednn_kernel if engine == "onednn" else "brgemm",
             qnnpack_cached_output_scale=(float(cached) if engine == "qnnpack" and cached is not None
                                          and float(cached) != float(c["output_scale"]) else None))
 
@@ -509,8 +510,9 @@ class Program:
 
 def program_from_fields(values: dict[str, object], source: Path | None = None) -> Program:
     """A :class:`Program` from the checked fields of any golden format (refquant.export.load_golden's dict):
-    :data:`MODEL_FORMAT`, or a linear format ("refquant-golden-linear/1", "/2"), which becomes one linear step on
-    the input codes x_u8 (engine fbgemm, requantization "fbgemm"; its float32 scales taken as the doubles)."""
+    :data:`MODEL_FORMAT` (or :data:`MODEL_FORMAT_V1`), or a linear format ("refquant-golden-linear/1", "/2"), which
+    becomes one linear step on the input codes x_u8 (engine fbgemm, requantization "fbgemm"; its float32 scales
+    taken as the doubles)."""
     fmt = values["format"]
     if fmt not in (MODEL_FORMAT, MODEL_FORMAT_V1):
         return _program_from_linear(values, source)
@@ -705,7 +707,7 @@ def _model_steps(model: object, requantization: str | None) -> tuple[list[Progra
 
 
 def _run_step(step: ProgramStep, x: np.ndarray, layer: QuantizedLinear | None, *, rounding: str | None = None,
-              requantizer=None, negate_input_zero_point: bool = False
+              requantizer=None, negate_input_zero_point: bool = False, pairs_from_k0: bool = False
               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """One step on its input values: (output, acc_i32, raw_i32) -- the last two only for a linear step."""
     c = step.constants
@@ -726,6 +728,11 @@ def _run_step(step: ProgramStep, x: np.ndarray, layer: QuantizedLinear | None, *
         return x.reshape(flatten_shape(x.shape, c["start_dim"], c["end_dim"])), None, None
     acc = layer.products(x)  # eq. L4 (M2, M2b: the CPU kernel's pairs)
     raw = layer.accumulate(x)
+    if pairs_from_k0 and layer.pairs_restart_k is not None:  # a port that ignores eq. M2b: eq. M2's pairs from k = 0
+        x2d = np.ascontiguousarray(x.reshape(-1, layer.in_features))
+        plain = matmul_u8s8_acc32(x2d, layer.weight_int8, saturate_int16_pairs=True).reshape(acc.shape)
+        raw = (raw.astype(np.int64) + plain.astype(np.int64) - acc.astype(np.int64)).astype(np.int32)  # int32 wrap
+        acc = plain
     if negate_input_zero_point:  # a port's sign slip: acc + z_x·col_offsets, i.e. raw + 2·z_x·col_offsets (int32)
         raw = (raw.astype(np.int64) + 2 * int(layer.input_zero_point) * layer.col_offsets.astype(np.int64)
                ).astype(np.int32)  # astype keeps the low 32 bits: int32's wrap
@@ -863,7 +870,8 @@ class ProgramRun:
 def run_program(program: Program, *, requantization: str | None = None, engine: str | None = None,
                 bias_rule: str | None = None, rounding: str | None = None,
                 saturate_int16_pairs: bool | None = None, onednn_kernel: str | None = None,
-                negate_input_zero_point: bool = False, chained: bool = True) -> ProgramRun:
+                negate_input_zero_point: bool = False, pairs_from_k0: bool = False,
+                chained: bool = True) -> ProgramRun:
     """Run a program again with refquant: every step, from its primary quantities (weights, scales, zero points,
     bias: :meth:`ProgramStep.layer`), optionally with another requantization, engine or bias rule for every linear
     step and another QuantStub rounding.
@@ -880,6 +888,9 @@ def run_program(program: Program, *, requantization: str | None = None, engine: 
         negate_input_zero_point: model a port that takes every linear step's input zero point with the wrong sign,
             acc + z_x·col_offsets[n] instead of eq. L5's acc − z_x·col_offsets[n] (the weight zero-point term kept),
             in int32 (refquant.explain's "input_zero_point_negated").
+        pairs_from_k0: model a port that sums eq. M2's int16 pairs from k = 0 where the step's pairs restart
+            (pairs_restart_k > 0, oneDNN gemm:jit's eq. M2b), the zero-point corrections kept (refquant.explain's
+            "no_pairs_restart").
         chained: True runs the program end to end from tensor 0 (every step on what the previous computed);
             False runs each step on the program's own input tensor, so a difference stays in the step that made it.
 
@@ -911,7 +922,7 @@ def run_program(program: Program, *, requantization: str | None = None, engine: 
                 requantizer = fp.IntegerRequantizer.build(layer.requantization, layer.qparams(), bias_rule=bias_rule)
             run.layers[s.index] = layer
         y, acc, raw = _run_step(s, x, layer, rounding=rounding, requantizer=requantizer,
-                                negate_input_zero_point=negate_input_zero_point)
+                                negate_input_zero_point=negate_input_zero_point, pairs_from_k0=pairs_from_k0)
         run.tensors.append(y)
         if s.kind == "linear":
             run.acc_i32[s.index], run.raw_i32[s.index] = acc, raw

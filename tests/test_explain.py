@@ -297,6 +297,30 @@ def test_int16_saturation(rng):
     assert named >= 5
 
 
+def test_pairs_restart_ignored(rng):
+    """A port of a oneDNN gemm:jit golden (K = 302: its second K block starts new int16 pairs at k = 151, eq. M2b)
+    that sums the pairs from k = 0, plain NumPy (port_raw), with the golden's own requantization."""
+    named = 0
+    for _ in range(12):  # until 3 layers gave differing codes
+        if named >= 3:
+            break
+        K, N = int(rng.choice([302, 514])), int(rng.integers(2, 12))
+        w = rng.choice(np.array([-128, -127, 126, 127], np.int8), size=(N, K))
+        ql = QuantizedLinear(w, rng.uniform(0.002, 0.01, N), np.zeros(N, np.int64),
+                             rng.standard_normal(N).astype(F32), 0.02, int(rng.integers(0, 256)),
+                             float(rng.uniform(5, 40)), int(rng.integers(0, 256)),
+                             weight_qscheme="per_channel_symmetric", saturate_int16_pairs=True, engine="onednn",
+                             onednn_kernel="gemm")
+        assert ql.pairs_restart_k == (K + 1) // 2
+        x = rng.choice(np.array([0, 200, 255], np.uint8), size=(int(rng.integers(4, 16)), K))
+        p = pg.program_from_fields(pg.linear_program(ql, x))
+        raw = port_raw(x, w, ql.input_zero_point, saturate_pairs=True).astype(np.int32)
+        theirs = ql.requantize(raw)
+        rep = assert_explains(p, theirs, "no_pairs_restart")
+        named += rep.differing > 0  # (fbgemm's engine, which pairs from k = 0 too, may reproduce them as well)
+    assert named >= 3
+
+
 @pytest.mark.parametrize("how, intended", [("fma_half_away", "half_away"), ("no_fma", "multiply_then_add"),
                                            ("textbook64", "textbook_float64"), ("textbook32", "textbook_float32")])
 def test_quantstub_roundings(rng, how, intended):
