@@ -392,6 +392,13 @@ def _validate(values: dict[str, object], source: Path) -> None:
                                                                       f"{fp.SHIFT_CONVENTION[name] or 'none'!r}")
 
 
+def _pairs_restart_k(engine: str, onednn_kernel: str | None, saturate_int16_pairs: bool, K: int) -> int:
+    """The ``pairs_restart_k`` of a linear step: oneDNN gemm:jit's restart (eq. M2b) on a layer that sums int16
+    pairs, else 0 -- what QuantizedLinear.pairs_restart_k gives for that engine, kernel and K."""
+    gemm = engine == "onednn" and onednn_kernel == "gemm" and saturate_int16_pairs
+    return (onednn_gemm_pairs_restart(K) or 0) if gemm else 0
+
+
 def _check_pairs_restart(values: dict[str, object], p: str, source: Path) -> None:
     """``pairs_restart_k`` is 0, or oneDNN gemm:jit's restart (eq. M2b) on a layer that sums int16 pairs -- and
     exactly that restart where the step's own onednn_kernel says "gemm"."""
@@ -402,7 +409,7 @@ def _check_pairs_restart(values: dict[str, object], p: str, source: Path) -> Non
             raise GoldenFileError(source, p + "pairs_restart_k", f"must be 0: only oneDNN's gemm:jit kernel with "
                                                                  f"saturate_int16_pairs restarts its pairs, got {k}")
     elif values.get(p + "onednn_kernel") is not None:
-        expected = restart if values[p + "onednn_kernel"] == "gemm" else 0
+        expected = _pairs_restart_k("onednn", values[p + "onednn_kernel"], True, K)
         if k != expected:
             raise GoldenFileError(source, p + "pairs_restart_k", f"must be {expected} for onednn_kernel "
                                                                  f"{values[p + 'onednn_kernel']!r} and K = {K}, "
@@ -524,8 +531,8 @@ def program_from_fields(values: dict[str, object], source: Path | None = None) -
         name, module, inputs = own.pop("name"), own.pop("module"), own.pop("inputs")
         acc, raw = own.pop("acc_i32", None), own.pop("raw_i32", None)
         if kind == "linear" and fmt == MODEL_FORMAT_V1:  # version 1 had no pairs_restart_k: what its layer ran
-            gemm = own["engine"] == "onednn" and own.get("onednn_kernel") == "gemm" and own["saturate_int16_pairs"]
-            own["pairs_restart_k"] = (onednn_gemm_pairs_restart(own["in_features"]) or 0) if gemm else 0
+            own["pairs_restart_k"] = _pairs_restart_k(own["engine"], own.get("onednn_kernel"),
+                                                      own["saturate_int16_pairs"], own["in_features"])
         steps.append(ProgramStep(i, kind, name, module, int(inputs[0]), own, acc, raw))
     tensors = [values[f"tensor{t}"] for t in range(values["num_steps"] + 1)]
     return Program(fmt, steps, tensors, values["output"], source)
