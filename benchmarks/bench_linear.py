@@ -14,7 +14,7 @@ rounds, so machine load hits both alike; each time is the median over the rounds
 rounds' ratios. The CPU (lscpu's model name) and the load average before and after are printed.
 
     python benchmarks/bench_linear.py [--repeat 7] [--engine fbgemm,x86,qnnpack,onednn|all]
-                                      [--kernel auto|amx|avx512|portable|reference] [--requantization tflite]
+                                      [--kernel auto|amx|avx512|avx2|portable|reference] [--requantization tflite]
                                       [--shapes 1x1024x1024,1024x1024x1024] [--json out.json]
 """
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=0.1, help="time per measurement within a round")
     parser.add_argument("--engine", default="fbgemm",
                         help="comma-separated engines among fbgemm, x86, qnnpack, onednn, or 'all' (default fbgemm)")
-    parser.add_argument("--kernel", default=None, choices=["auto", "amx", "avx512", "portable", "reference"],
+    parser.add_argument("--kernel", default=None, choices=["auto", "amx", "avx512", "avx2", "portable", "reference"],
                         help="refquant matmul kernel (sets REFQUANT_MATMUL_KERNEL; default: the environment or auto)")
     parser.add_argument("--requantization", default=None, metavar="VARIANT",
                         help="also time refquant's call with this integer requantization (refquant.fixed_point "

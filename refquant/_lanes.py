@@ -24,7 +24,7 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, models, register_model
 
-from .matmul import _I1, _I8, _I32, _V16_I32, _lanes_below, _splat, int32x16
+from .matmul import _I1, _I8, _I32, _V16_I32, _lanes_below, _splat, int32x16, load_lanes, store_lanes
 
 _F32 = ir.FloatType()
 _V16_F32 = ir.VectorType(_F32, 16)
@@ -68,11 +68,8 @@ def load16(typingctx, arr, offset, n_valid):
         arr_v, offset_v, n_valid_v = args
         data = cgutils.create_struct_proxy(signature.args[0])(context, builder, value=arr_v).data
         ptr = builder.bitcast(builder.gep(data, [offset_v]), llty.as_pointer())
-        mask = _lanes_below(builder, n_valid_v)
-        fnty = ir.FunctionType(llty, [llty.as_pointer(), _I32, _V16_I1, llty])
         name = "llvm.masked.load.v16i32.p0" if llty is _V16_I32 else "llvm.masked.load.v16f32.p0"
-        fn = cgutils.get_or_insert_function(builder.module, fnty, name)
-        return builder.call(fn, [ptr, ir.Constant(_I32, 4), mask, ir.Constant(llty, None)])
+        return load_lanes(builder, ptr, n_valid_v, name)
 
     return vty(arr, types.intp, types.intp), codegen
 
@@ -88,9 +85,7 @@ def store16_u8(typingctx, arr, offset, codes, n_valid):
         arr_v, offset_v, codes_v, n_valid_v = args
         data = cgutils.create_struct_proxy(signature.args[0])(context, builder, value=arr_v).data
         ptr = builder.bitcast(builder.gep(data, [offset_v]), _V16_I8.as_pointer())
-        mask = _lanes_below(builder, n_valid_v)
-        bytes_v = builder.trunc(codes_v, _V16_I8)
-        _call(builder, "llvm.masked.store.v16i8.p0", ir.VoidType(), [bytes_v, ptr, ir.Constant(_I32, 1), mask])
+        store_lanes(builder, builder.trunc(codes_v, _V16_I8), ptr, n_valid_v, "llvm.masked.store.v16i8.p0")
         return context.get_dummy_value()
 
     return types.void(arr, types.intp, int32x16, types.intp), codegen

@@ -80,6 +80,28 @@ def test_fused_call_with_int16_saturating_pairs(rng, engine):
         check_fused_equals_readable(ql, x_u8, f"{engine} sat16 case {i}")
 
 
+@pytest.mark.parametrize("kernel", ["avx2", "portable"])
+def test_fused_call_with_int16_saturating_pairs_on_each_vector_kernel(rng, monkeypatch, kernel):
+    """The same bits from kernel="avx2" (vpmaddubsw on ymm halves, the 1-row tile; auto's choice on AVX2-only
+    CPUs) and "portable": fbgemm's eq. M2 and oneDNN gemm:jit's eq. M2b (K = 515, 1100 restart the pairs), over
+    whole and partial panels (plain and masked stores) and the thread pool."""
+    try:
+        mm.kernel_for(kernel=kernel, saturate_int16_pairs=True)
+    except RuntimeError as missing:
+        pytest.skip(str(missing))
+    monkeypatch.setattr(mm, "PARALLEL_MIN_MACS", 0)
+    for i, (M, K, N) in enumerate(SHAPES + [(200, 302, 128), (97, 513, 200)]):
+        for engine, options in (("fbgemm", {}), ("onednn", {"onednn_kernel": "gemm"})):
+            ql, x_u8 = random_problem(rng, engine, M, K, N, i, saturate_int16_pairs=True, **options)
+            what = f"{kernel} {engine} sat16 case {i} {(M, K, N)}"
+            monkeypatch.setenv(KERNEL_ENV_VAR, "reference")  # the readable product (eq. M2 / M2b) and stages
+            raw_i32 = ql.accumulate(x_u8)
+            readable = ql.requantize(raw_i32, readable=True)
+            monkeypatch.setenv(KERNEL_ENV_VAR, kernel)
+            assert_same(ql.accumulate(x_u8), raw_i32, f"accumulate, {what}")
+            assert_same(ql(x_u8), readable, f"fused call vs readable stages, {what}")
+
+
 @pytest.mark.parametrize("kernel", ONEDNN_KERNELS)
 def test_fused_call_every_onednn_kernel(rng, kernel):
     for i, (M, K, N) in enumerate(SHAPES):

@@ -46,8 +46,8 @@ def _cases(kernels: list[str]) -> list:
 
 
 needs_jit = pytest.mark.skipif(numba_config.DISABLE_JIT, reason="NUMBA_DISABLE_JIT=1: only the reference runs")
-FAST_KERNELS_AND_MODES = _cases(["avx512", "portable"])  # (kernel, saturate_int16_pairs)
-KERNELS_AND_MODES = _cases(["avx512", "portable", "reference"])
+FAST_KERNELS_AND_MODES = _cases(["avx512", "avx2", "portable"])  # (kernel, saturate_int16_pairs)
+KERNELS_AND_MODES = _cases(["avx512", "avx2", "portable", "reference"])
 
 
 def reference(x_u8: np.ndarray, w_i8: np.ndarray, saturate: bool) -> np.ndarray:
@@ -307,6 +307,7 @@ def test_packed_weight_layout(rng):
 def test_kernel_choice_and_environment_variable(monkeypatch, rng):
     monkeypatch.delenv(KERNEL_ENV_VAR, raising=False)
     assert kernel_for() in ("amx", "avx512", "portable")
+    assert kernel_for(saturate_int16_pairs=True) in ("avx512", "avx2", "portable")
     x_u8 = draw(rng, (9, 21), "extremes", np.uint8)
     w_i8 = draw(rng, (5, 21), "extremes", np.int8)
     for name in ("portable", "reference"):
@@ -328,14 +329,16 @@ def test_bad_environment_variable_is_named(monkeypatch, value):
         matmul_u8s8_acc32(np.zeros((1, 4), np.uint8), np.zeros((2, 4), np.int8))
     message = str(info.value)
     assert "environment variable REFQUANT_MATMUL_KERNEL" in message and repr(value) in message, message
-    assert "allowed values: auto, amx, avx512, portable, reference" in message, message
+    assert "allowed values: auto, amx, avx512, avx2, portable, reference" in message, message
 
 
 @needs_jit
 def test_missing_cpu_feature_is_an_error_not_an_illegal_instruction(monkeypatch):
     monkeypatch.delenv(KERNEL_ENV_VAR, raising=False)
     monkeypatch.setattr(mm, "_cpu_has", lambda feature: False)
-    assert kernel_for() == "portable"
+    assert kernel_for() == "portable" and kernel_for(saturate_int16_pairs=True) == "portable"
+    with pytest.raises(RuntimeError, match="needs the CPU feature 'avx2'"):
+        kernel_for(kernel="avx2", saturate_int16_pairs=True)
     with pytest.raises(RuntimeError, match="amx-tile, amx-int8, avx512vnni"):
         kernel_for(kernel="amx")
     with pytest.raises(RuntimeError, match="avx512vnni"):
@@ -391,7 +394,7 @@ def test_numba_disable_jit_falls_back_to_the_reference(monkeypatch):
     monkeypatch.delenv(KERNEL_ENV_VAR, raising=False)
     monkeypatch.setattr(numba_config, "DISABLE_JIT", True)
     assert kernel_for() == "reference" and kernel_for(saturate_int16_pairs=True) == "reference"
-    for kernel in ("amx", "avx512", "portable"):
+    for kernel in ("amx", "avx512", "avx2", "portable"):
         with pytest.raises(RuntimeError, match="NUMBA_DISABLE_JIT"):
             kernel_for(kernel=kernel)
 
@@ -409,5 +412,19 @@ def test_cpu_features_follow_numba_target(monkeypatch):
 
 
 def test_bad_kernel_name():
-    with pytest.raises(ValueError, match=r"kernel must be one of \('auto', 'amx', 'avx512', 'portable', 'reference'\)"):
+    with pytest.raises(ValueError, match=r"kernel must be one of \('auto', 'amx', 'avx512', 'avx2', 'portable', 'reference'\)"):
         matmul_u8s8_acc32(X, W, kernel="vnni")
+
+
+@needs_jit
+def test_avx2_kernel_computes_eq_m2_only():
+    """kernel="avx2" (vpmaddubsw on ymm halves) saturates every pair sum: asked for eq. M1 it says so."""
+    with pytest.raises(RuntimeError, match=r"kernel='avx2' computes eq. M2 only"):
+        matmul_u8s8_acc32(X, W, kernel="avx2")
+
+
+@needs_jit
+def test_auto_picks_avx2_for_eq_m2_where_avx512bw_is_missing(monkeypatch):
+    monkeypatch.delenv(KERNEL_ENV_VAR, raising=False)
+    monkeypatch.setattr(mm, "_cpu_has", lambda feature: feature == "avx2")
+    assert kernel_for(saturate_int16_pairs=True) == "avx2" and kernel_for() == "portable"
