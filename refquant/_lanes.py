@@ -5,7 +5,8 @@ them here), about half of the fused call's time. Their row versions (``<engine>_
 outputs at once with these Numba intrinsics, each ONE LLVM vector operation with the rounding of its scalar
 namesake: ``fmul``/``fadd`` (float32, RNE, no fastmath, never contracted), ``sitofp`` (cvtdq2ps), ``llvm.rint``
 (round half to even under the default MXCSR), ``llvm.fma`` only where the scalar code has ``fma_f32``. The lanes
-past a row's end (``n_valid`` < 16) are neither loaded nor stored (masked loads and stores).
+past a row's end (``n_valid`` < 16) are neither loaded nor stored (masked loads and stores there, plain ones for
+whole vectors: refquant.matmul.store_lanes).
 
 The integer requantizations (refquant.fixed_point) run in int32 lanes too: their 32 x 32 -> 64-bit products are
 exact int64 on the even lanes and on the odd lanes apart (``vpmuldq`` each, :func:`_products_even_odd`), rounded
@@ -24,11 +25,10 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, models, register_model
 
-from .matmul import _I1, _I8, _I32, _V16_I32, _lanes_below, _splat, int32x16, load_lanes, store_lanes
+from .matmul import _I8, _I32, _V16_I32, _splat, int32x16, load_lanes, store_lanes
 
 _F32 = ir.FloatType()
 _V16_F32 = ir.VectorType(_F32, 16)
-_V16_I1 = ir.VectorType(_I1, 16)
 _V16_I8 = ir.VectorType(_I8, 16)
 
 
