@@ -77,7 +77,8 @@ def load16(typingctx, arr, offset, n_valid):
 @intrinsic
 def store16_u8(typingctx, arr, offset, codes, n_valid):
     """Element offset + c of the C-contiguous uint8 array ``arr`` (flat index) = uint8(codes[c]) for c < n_valid:
-    ``codes`` (int32x16, each already in [0, 255]) truncated to bytes (``vpmovdb``) and stored masked."""
+    ``codes`` (int32x16, each already in [0, 255]) truncated to bytes (``vpmovdb``), stored whole or masked
+    (refquant.matmul.store_lanes)."""
     if not (isinstance(arr, types.Array) and arr.layout == "C" and arr.dtype == types.uint8):
         raise TypingError(f"store16_u8 needs a C-contiguous uint8 array, got {arr}")
 

@@ -375,12 +375,11 @@ class _Dot4:
     only for the markers that are called (a kernel with an instruction the CPU lacks is never compiled).
     """
 
-    def __init__(self, name: str, cpu_feature: str | None):
+    def __init__(self, name: str, cpu_feature: str | None, rows_per_tile: int | None = None):
         self.name = name
         self.cpu_feature = cpu_feature
-        self.rows_per_tile = 6 if cpu_feature else 2  # generic vector code spills with 24 accumulators on AVX2
-        if name == "vpmaddubsw256":
-            self.rows_per_tile = 1
+        # zmm kernels: 6 rows (24 of 32 registers); generic vector code spills with 24 accumulators on AVX2: 2
+        self.rows_per_tile = rows_per_tile or (6 if cpu_feature else 2)
 
     def __repr__(self) -> str:
         return f"_Dot4({self.name!r})"
@@ -409,7 +408,7 @@ _DOT4 = {  # (kernel, saturate_int16_pairs) -> marker
     ("amx", False): _Dot4("tdpbusd", "amx-int8"),  # eq. M1 on AMX tiles (refquant.amx), the rest on vpdpbusd
     ("avx512", False): _Dot4("vpdpbusd", "avx512vnni"),  # eq. M1
     ("avx512", True): _Dot4("vpmaddubsw", "avx512bw"),  # eq. M2
-    ("avx2", True): _Dot4("vpmaddubsw256", "avx2"),  # eq. M2 on two ymm halves
+    ("avx2", True): _Dot4("vpmaddubsw256", "avx2", rows_per_tile=1),  # eq. M2 on ymm halves, 8 of 16 registers
     ("portable", False): _Dot4("portable_exact", None),  # eq. M1
     ("portable", True): _Dot4("portable_sat16", None),  # eq. M2
 }
