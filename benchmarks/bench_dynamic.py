@@ -35,11 +35,11 @@ def _refquant_parts(dq, x) -> dict:
     q = dq._quantized_input(x, False)
     formula = f"dynamic_{dq._formula(q['M'])}"
     constants = dq._output_constants(q["input_scale_used"])
-    saturate = dq._saturates()
+    kernel, saturate = dq._product_kernel()
 
     def fused_product():
         return dq._fused(q["x_padded_u8"], q["input_zero_point"], formula, constants, out_dtype=np.float32,
-                         saturate_int16_pairs=saturate, row_offsets_i32=q["row_sums"])
+                         saturate_int16_pairs=saturate, kernel=kernel, row_offsets_i32=q["row_sums"])
 
     return {"input_passes": lambda: dq._quantized_input(x, False), "fused_product": fused_product}
 

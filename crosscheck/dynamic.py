@@ -30,6 +30,7 @@ from .linear import (DISTRIBUTIONS, EXIT_CODES_EPILOG, EXIT_EQUAL, EXIT_MISMATCH
                      _int_at_least, _seed, _shape)
 from .runner import (check_isa, check_json_path, check_shape, json_floats, machine_line, parity_table, result_line,
                      run_main)
+from .worker import exit_after_main
 
 PROG = "python -m crosscheck.linear --dynamic"
 
@@ -230,4 +231,4 @@ def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after_main(main())

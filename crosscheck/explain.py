@@ -23,6 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .worker import exit_after_main
+
 PROG = "python -m crosscheck.explain"
 EXIT_EXPLAINED, EXIT_UNEXPLAINED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -163,4 +165,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after_main(main())

@@ -40,6 +40,7 @@ MAX_ELEMENTS = 1 << 28  # refuse shapes whose single input or weight would not f
 
 from .requantization import VARIANTS, parse_variants  # noqa: E402  (no refquant import: --help stays fast)
 from .runner import check_export_dir, check_isa, check_json_path, check_shape, emit, unwritable_dir  # noqa: E402
+from .worker import exit_after_main  # noqa: E402
 
 
 def _int_at_least(lowest: int, name: str):
@@ -243,4 +244,4 @@ def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after_main(main())

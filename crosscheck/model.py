@@ -28,6 +28,7 @@ import numpy as np
 
 from .linear import EXIT_EQUAL, EXIT_FAILED, EXIT_MISMATCH, EXIT_USAGE, ENGINES, ISAS, _int_at_least, _seed
 from .runner import check_export_dir, check_isa, check_json_path, emit
+from .worker import exit_after_main
 from .requantization import VARIANTS, parse_variants
 from .model_study import BUILTIN_MODELS
 
@@ -214,4 +215,4 @@ def main(argv: Sequence[str] | None = None, *, _perturb: tuple[str, int] | None 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after_main(main())

@@ -22,7 +22,7 @@ import importlib
 import multiprocessing as mp
 import sys
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 DEFAULT_TORCH_SIDE = "crosscheck.torch_study:torch_events"
 
@@ -53,6 +53,17 @@ def collector_paused(*, freeze: bool = False) -> Iterator[None]:
             gc.freeze()
         if was_enabled:
             gc.enable()
+
+
+def exit_after_main(code: int) -> NoReturn:
+    """``sys.exit(code)`` for a CLI's ``__main__`` block, without the interpreter's last collector pass: the
+    objects alive at the end (Numba's and llvmlite's hundreds of thousands after refquant's import) move to the
+    collector's permanent generation first (``gc.freeze``), so the final pass at shutdown does not walk them (it cost
+    ~170 ms of a 2.5 s study here, measured from the last line printed to the process's end). Everything else
+    of the shutdown runs as usual: atexit handlers, module teardown, the flush of stdout and stderr; every file
+    refquant and crosscheck write is closed (and renamed into place) before main returns."""
+    gc.freeze()
+    sys.exit(code)
 
 
 def torch_side(config, side: str | None = None) -> Callable[..., Iterator[tuple[str, Any]]]:

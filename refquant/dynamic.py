@@ -44,7 +44,8 @@ What depends on the CPU (everything else is the same on every x86-64 CPU that ru
 
 * fbgemm/x86 with full 8-bit codes (``reduce_range=False``, never the module's choice) on a CPU without VNNI sums
   products in int16-saturated pairs (refquant.matmul eq. M2): ``saturate_int16_pairs=True``. With the module's
-  7-bit codes a pair cannot saturate, so the module's results are the same everywhere.
+  7-bit codes a pair cannot saturate, so the module's results are the same everywhere (and on AVX2 CPUs without
+  VNNI the fused call runs eq. M1 on eq. M2's avx2 kernel: refquant.matmul.kernel_for_seven_bit_codes).
 * qnnpack runs its SSE2 kernel (``pytorch_q8gemm_dq_ukernel_4x4c2__sse2``: exact int16 products, int32 sums) on
   every x86-64 CPU: no ISA dependence.
 * onednn chooses its matmul kernel by ISA (``onednn_kernel``): AMX CPUs run "brgemm_amx" (DQ5d) except for small
@@ -76,7 +77,8 @@ from refquant._threads import DEFAULT_THREADS, finish_item, item_to_try, share_i
 from refquant.fused_linear import FusedLinear, register_epilogue
 from refquant.linear import accumulate_raw
 from refquant.engines import onednn_gemm_pairs_restart
-from refquant.matmul import K_GROUP, PackedWeightS8, PairsRestart, kernel_for, pack_weight_s8, pairs_restart
+from refquant.matmul import (K_GROUP, SEVEN_BIT_MAX_CODE, PackedWeightS8, PairsRestart, kernel_for,
+                             kernel_for_seven_bit_codes, pack_weight_s8, pairs_restart)
 from refquant.observers import MinMaxObserver, PerChannelMinMaxObserver
 import refquant.quantize
 from refquant.quantize import (_quantize_fma_readable, _quantize_mul_add_readable, _quantize_padded_rows_kernel,
@@ -928,6 +930,16 @@ class DynamicQuantizedLinear:
         without VNNI."""
         return self.saturate_int16_pairs or self.onednn_kernel in ("brgemm_no_vnni", "gemm_no_vnni")
 
+    def _product_kernel(self) -> tuple[str, bool]:
+        """(kernel, saturate_int16_pairs) of the fused call's product (refquant.matmul.kernel_for). With 7-bit
+        codes (reduce_range) no pair can saturate, so eq. M2's kernel gives eq. M1's sums: on AVX2 CPUs without
+        VNNI the fused call runs the avx2 kernel rather than the portable one
+        (refquant.matmul.kernel_for_seven_bit_codes)."""
+        saturate = self._saturates()
+        if not saturate and self._input_qmax <= SEVEN_BIT_MAX_CODE:
+            return kernel_for_seven_bit_codes()
+        return kernel_for(saturate_int16_pairs=saturate), saturate
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 (..., K) -> float32 (..., N). Matches: torch.ops.quantized.linear_dynamic (reduce_range as set).
 
@@ -937,8 +949,7 @@ class DynamicQuantizedLinear:
         (eq. DQ1), then the codes with their row sums, written in the padded rows the product's tiles read
         (eq. DQ3); below MIN_MAX_PARALLEL_MIN_SIZE elements both, with eq. DQ2 between them, in one Numba call
         (:func:`_quantize_input_kernel`), above it each pass shared by the cores (refquant._threads)."""
-        saturate = self._saturates()
-        kernel = kernel_for(saturate_int16_pairs=saturate)
+        kernel, saturate = self._product_kernel()
         if kernel == "reference":
             return self.stages(x)["output"]
         q = self._quantized_input(x, False)

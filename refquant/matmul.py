@@ -53,7 +53,8 @@ Fast kernels
   for eq. M2 where avx512bw is missing and avx2 is there. Its tile is one row x 64 columns (8 ymm accumulators of
   the 16 registers; the weights are memory operands of ``vpmaddubsw``): the accumulators are not inputs of the
   multiplies, so one row keeps both multiply pipes busy. Zen 3, 2 cores: ~130 GMAC/s for the fused call at
-  1024^3, ~3x the portable kernel.
+  1024^3, ~3x the portable kernel. Eq. M1 on codes <= 127 (the 7-bit codes of ``reduce_range``, e.g. the dynamic
+  Linear's on fbgemm/x86) is eq. M2 (no pair can saturate), so :func:`kernel_for_seven_bit_codes` runs it here too.
 * ``"portable"``: the same tiles with LLVM's generic vector operations (16-bit products, exact, widened to int32;
   ``llvm.sadd.sat`` for eq. M2), which LLVM compiles for any CPU Numba supports.
 * ``"reference"``: the readable NumPy functions below.
@@ -315,6 +316,24 @@ def kernel_for(*, saturate_int16_pairs: bool = False, kernel: str | None = None,
     mode = "eq. M2 (saturate_int16_pairs=True)" if saturate_int16_pairs else "eq. M1"
     raise RuntimeError(f"kernel='avx512' for {mode} needs the CPU feature {feature!r}, which this CPU "
                        f"(or NUMBA_CPU_FEATURES) lacks; use kernel={'avx2' if saturate_int16_pairs else 'portable'!r}")
+
+
+SEVEN_BIT_MAX_CODE = 127
+"""The largest uint8 code for which eq. M1 and eq. M2 agree: with every x <= 127 a pair sum lies within
+|x0·w0 + x1·w1| <= 2 · 127 · 128 = 32,512 < 32,767, so ``vpmaddubsw`` never saturates it."""
+
+
+def kernel_for_seven_bit_codes(*, kernel: str | None = None) -> tuple[str, bool]:
+    """(kernel, saturate_int16_pairs) to run eq. M1 on codes that are all <= :data:`SEVEN_BIT_MAX_CODE` (the
+    7-bit codes of ``reduce_range``, e.g. torch's dynamic Linear on fbgemm/x86): there eq. M2 gives the same sums,
+    so where ``"auto"`` would run eq. M1 on the portable kernel and the CPU has avx2 (AVX2 without VNNI: no
+    ``vpdpbusd``), it runs eq. M2 on ``"avx2"`` (~3x faster) instead; any other choice is :func:`kernel_for`'s
+    for eq. M1. A kernel asked for by name (``kernel=`` or REFQUANT_MATMUL_KERNEL) is kept as asked."""
+    chosen = kernel_for(saturate_int16_pairs=False, kernel=kernel)
+    asked = kernel if kernel is not None else (os.environ.get(KERNEL_ENV_VAR) or "auto")
+    if chosen == "portable" and asked == "auto" and _cpu_has("avx2"):
+        return "avx2", True
+    return chosen, False
 
 
 def _amx_module():

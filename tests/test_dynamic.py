@@ -23,6 +23,7 @@ import warnings
 
 import numpy as np
 import pytest
+from numba.core import config as numba_config
 
 torch = pytest.importorskip("torch")
 
@@ -30,6 +31,7 @@ from parity import assert_same  # noqa: E402
 
 import refquant  # noqa: E402
 from refquant import dynamic as dq  # noqa: E402
+from refquant import matmul as mm  # noqa: E402
 from refquant.matmul import matmul_u8s8_acc32_ref, matmul_u8s8_acc32_sat16_ref  # noqa: E402
 from refquant.quantize import _quantize_mul_add_kernel, _quantize_mul_add_readable  # noqa: E402
 
@@ -382,6 +384,32 @@ def test_large_k(rng, engine, onednn_kernel_in_torch):
                                                          **layer_kwargs(engine, onednn_kernel_in_torch))
             x = draw_input(rng, (M, K), kind)
             assert_same(layer(x), run_torch(module, x, engine), f"{engine} {weight_qscheme} K={K}")
+
+
+@pytest.mark.skipif(numba_config.DISABLE_JIT or not mm._cpu_has("avx2"),
+                    reason="needs Numba's JIT and a CPU with avx2")
+@pytest.mark.parametrize("engine", ["fbgemm", "x86", "onednn"])
+def test_seven_bit_codes_on_the_avx2_kernel(rng, monkeypatch, engine, onednn_kernel_in_torch):
+    """With reduce_range (7-bit codes, the module's default but on qnnpack) the fused call may run eq. M2's avx2
+    kernel for eq. M1 (refquant.matmul.kernel_for_seven_bit_codes), as it does on AVX2 CPUs without VNNI: forced here
+    on any CPU with avx2 (refquant.matmul._cpu_has reports avx2 alone), the outputs equal torch's, whatever kernel
+    torch runs. Every input kind, large K, M = 1 and beyond the thread pool's threshold."""
+    monkeypatch.delenv(mm.KERNEL_ENV_VAR, raising=False)
+    monkeypatch.setattr(mm, "_cpu_has", lambda feature: feature == "avx2")
+    for i, kind in enumerate(INPUT_KINDS + ("normal", "heavy")):
+        shape, N = draw_shape(rng, kind)
+        if i >= len(INPUT_KINDS):
+            shape, N = ((1, 1100) if i % 2 else (70, 2050)), 130
+        weight = draw_weight(rng, N, shape[-1])
+        bias = rng.standard_normal(N).astype(F32) if i % 3 else None
+        module = torch_dynamic_linear(weight, bias, engine, WEIGHT_QSCHEMES[i % 2])
+        layer = dq.DynamicQuantizedLinear.from_float(weight, bias, engine=engine, weight_qscheme=WEIGHT_QSCHEMES[i % 2],
+                                                     **layer_kwargs(engine, onednn_kernel_in_torch))
+        assert layer.reduce_range
+        if not layer._saturates():
+            assert layer._product_kernel() == ("avx2", True)
+        x = draw_input(rng, shape, kind, engine)
+        assert_same(layer(x), run_torch(module, x, engine), f"{engine} {kind} x {x.shape} N {N}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

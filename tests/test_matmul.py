@@ -17,8 +17,10 @@ from parity import assert_same
 from refquant import matmul as mm
 from refquant.matmul import (
     KERNEL_ENV_VAR,
+    SEVEN_BIT_MAX_CODE,
     PackedWeightS8,
     kernel_for,
+    kernel_for_seven_bit_codes,
     matmul_u8s8_acc32,
     matmul_u8s8_acc32_ref,
     matmul_u8s8_acc32_sat16_blocks_ref,
@@ -428,3 +430,49 @@ def test_auto_picks_avx2_for_eq_m2_where_avx512bw_is_missing(monkeypatch):
     monkeypatch.delenv(KERNEL_ENV_VAR, raising=False)
     monkeypatch.setattr(mm, "_cpu_has", lambda feature: feature == "avx2")
     assert kernel_for(saturate_int16_pairs=True) == "avx2" and kernel_for() == "portable"
+
+
+def test_eq_m1_equals_eq_m2_on_seven_bit_codes(rng):
+    """Codes <= 127 never saturate a pair (|x0·w0 + x1·w1| <= 2·127·128 = 32,512): eq. M2 is eq. M1 there, at the
+    extremes (x = 127 with w = -128 or 127 on both k of a pair) and on random codes; code 255 does saturate."""
+    K = 64
+    w_extreme = np.stack([np.full(K, -128), np.full(K, 127), np.tile([-128, 127], K // 2),
+                          rng.integers(-128, 128, K)]).astype(np.int8)
+    x_extreme = np.stack([np.full(K, SEVEN_BIT_MAX_CODE), np.tile([SEVEN_BIT_MAX_CODE, 0], K // 2),
+                          rng.integers(0, SEVEN_BIT_MAX_CODE + 1, K)]).astype(np.uint8)
+    x_random = rng.integers(0, SEVEN_BIT_MAX_CODE + 1, (50, 301)).astype(np.uint8)
+    w_random = rng.choice(np.array([-128, 127, -1, 0, 5], np.int8), (40, 301))
+    for x_u8, w_i8 in ((x_extreme, w_extreme), (x_random, w_random)):
+        np.testing.assert_array_equal(matmul_u8s8_acc32_sat16_ref(x_u8, w_i8), matmul_u8s8_acc32_ref(x_u8, w_i8))
+    x_full = np.full((1, K), 255, np.uint8)
+    assert not np.array_equal(matmul_u8s8_acc32_sat16_ref(x_full, w_extreme), matmul_u8s8_acc32_ref(x_full, w_extreme))
+
+
+@needs_jit
+def test_seven_bit_codes_run_eq_m2_on_avx2_where_eq_m1_would_run_portable(monkeypatch):
+    """kernel_for_seven_bit_codes: eq. M2 on "avx2" only where auto would run eq. M1 on the portable kernel and the
+    CPU has avx2; else eq. M1 as kernel_for chooses it; a kernel asked for by name is kept."""
+    monkeypatch.delenv(KERNEL_ENV_VAR, raising=False)
+    monkeypatch.setattr(mm, "_cpu_has", lambda feature: feature == "avx2")
+    assert kernel_for_seven_bit_codes() == ("avx2", True)
+    assert kernel_for_seven_bit_codes(kernel="auto") == ("avx2", True)
+    assert kernel_for_seven_bit_codes(kernel="portable") == ("portable", False)
+    assert kernel_for_seven_bit_codes(kernel="reference") == ("reference", False)
+    monkeypatch.setenv(KERNEL_ENV_VAR, "portable")
+    assert kernel_for_seven_bit_codes() == ("portable", False)
+    monkeypatch.delenv(KERNEL_ENV_VAR)
+    monkeypatch.setattr(mm, "_cpu_has", lambda feature: feature in ("avx2", "avx512bw", "avx512vnni"))
+    assert kernel_for_seven_bit_codes() == ("avx512", False)  # vpdpbusd: eq. M1 as it is
+    monkeypatch.setattr(mm, "_cpu_has", lambda feature: False)
+    assert kernel_for_seven_bit_codes() == ("portable", False)
+
+
+@needs_jit
+@pytest.mark.skipif(not mm._cpu_has("avx2"), reason="the CPU lacks avx2")
+def test_avx2_kernel_gives_eq_m1_on_seven_bit_codes(rng):
+    for M, K, N in ((1, 1, 1), (7, 515, 70), (64, 1100, 130), (200, 64, 64)):
+        x_u8 = rng.integers(0, SEVEN_BIT_MAX_CODE + 1, (M, K)).astype(np.uint8)
+        x_u8[0, :] = SEVEN_BIT_MAX_CODE
+        w_i8 = rng.choice(np.array([-128, 127, -7, 0, 3], np.int8), (N, K))
+        got = matmul_u8s8_acc32(x_u8, w_i8, kernel="avx2", saturate_int16_pairs=True)
+        np.testing.assert_array_equal(got, matmul_u8s8_acc32_ref(x_u8, w_i8), strict=True)
