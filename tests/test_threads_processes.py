@@ -12,15 +12,19 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from numba import njit
+from numba.core import config as numba_config
 
 import refquant.observers as robs
 from parity import assert_same
 from refquant.histogram import HistogramObserver
 from refquant.linear import QuantizedLinear
+from refquant._threads import finish_item, item_to_try, take_item
 from refquant.matmul import PARALLEL_MIN_MACS, matmul_u8s8_acc32, matmul_u8s8_acc32_ref
 
 F32 = np.float32
@@ -262,6 +266,65 @@ def test_matmul_from_many_threads_at_once(rng):
         assert len(results[i]) == 5
         for got in results[i]:
             assert_same(got, expected, f"thread {i}")
+
+
+@njit(nogil=True)
+def _count_takers(claims_i64, thread, threads, takers_i64, fail_thread):
+    """A shared kernel for the pool's tests: each item records which thread took it (takers += thread + 1). With
+    fail_thread >= 0 only that thread takes items, and it raises at its first."""
+    if 0 <= fail_thread != thread:
+        return
+    n_items = claims_i64.shape[0] - 1
+    for k in range(n_items):
+        item = item_to_try(k, n_items, thread, threads)
+        if take_item(claims_i64, item):
+            if thread == fail_thread:
+                raise ValueError("a pool thread's kernel failed")
+            takers_i64[item] += thread + 1
+            finish_item(claims_i64)
+
+
+def _wait_for(condition, seconds: float = 5.0) -> bool:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        if condition():
+            return True
+        time.sleep(0.001)
+    return condition()
+
+
+@pytest.mark.skipif(numba_config.DISABLE_JIT, reason="NUMBA_DISABLE_JIT=1: one thread does all the work")
+def test_pool_spins_between_calls_then_sleeps_and_every_item_runs_once():
+    """Calls back to back (the pool threads spin between them, refquant._threads), calls after the pool has gone to
+    sleep on the queue, and 2 to 5 threads: every item is taken by exactly one thread every time; idle, the pool's
+    state settles (no thread spinning, none in Python) and the next call still runs every item."""
+    from refquant import _threads as pool
+
+    for threads in (2, 3, 5):
+        for n_items in (threads, 7, 64):
+            for call in range(40):
+                takers = np.zeros(n_items, np.int64)
+                pool.share_items(_count_takers, n_items, [(takers, -1)] * threads)
+                assert np.all((takers >= 1) & (takers <= threads)), (threads, n_items, call, takers)
+                if call % 10 == 9:  # idle longer than the pool stays awake: it sleeps on the queue
+                    assert _wait_for(lambda: pool._state_i64[pool.SPINNING] == 0
+                                     and pool._state_i64[pool.IN_PYTHON] == 0), pool._state_i64
+    assert pool._state_i64[pool.SPINNING] >= 0 and pool._state_i64[pool.IN_PYTHON] >= 0
+
+
+@pytest.mark.skipif(numba_config.DISABLE_JIT, reason="NUMBA_DISABLE_JIT=1: one thread does all the work")
+def test_pool_thread_error_is_raised_and_the_pool_goes_on():
+    """A pool thread's kernel that raises (while the pool spins between calls): share_items raises that error in
+    the caller; the next calls run every item."""
+    from refquant import _threads as pool
+
+    pool.share_items(_count_takers, 8, [(np.zeros(8, np.int64), -1)] * 2)  # the pool is awake
+    with pytest.raises(ValueError, match="a pool thread's kernel failed"):
+        pool.share_items(_count_takers, 8, [(np.zeros(8, np.int64), 1)] * 2)
+    for _ in range(5):
+        takers = np.zeros(8, np.int64)
+        pool.share_items(_count_takers, 8, [(takers, -1)] * 2)
+        assert np.all((takers >= 1) & (takers <= 2)), takers
 
 
 # --------------------------------------------------------------------------------------------------------------
