@@ -967,9 +967,9 @@ class DynamicQuantizedLinear:
             fused = self._fused
         formula = self._formula(M)
         constants = self._output_constants(q["input_scale_used"])
-        y2d_f32 = fused(x_u8, q["input_zero_point"], f"dynamic_{formula}", constants,
-                        out_dtype=np.float32, saturate_int16_pairs=saturate, kernel=kernel,
-                        row_offsets_i32=q["row_sums"])
+        y2d_f32 = fused.run(x_u8, q["input_zero_point"], f"dynamic_{formula}", constants, kernel,  # kernel_for's
+                            out_dtype=np.float32, saturate_int16_pairs=saturate,                # choice above
+                            row_offsets_i32=q["row_sums"])
         output_shape = q["lead_shape"] + (N,)
         if self.engine == "onednn" and M == 0:
             output_shape = (0, N)   # as in stages()
