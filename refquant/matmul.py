@@ -328,12 +328,24 @@ def kernel_for_seven_bit_codes(*, kernel: str | None = None) -> tuple[str, bool]
     7-bit codes of ``reduce_range``, e.g. torch's dynamic Linear on fbgemm/x86): there eq. M2 gives the same sums,
     so where ``"auto"`` would run eq. M1 on the portable kernel and the CPU has avx2 (AVX2 without VNNI: no
     ``vpdpbusd``), it runs eq. M2 on ``"avx2"`` (~3x faster) instead; any other choice is :func:`kernel_for`'s
-    for eq. M1. A kernel asked for by name (``kernel=`` or REFQUANT_MATMUL_KERNEL) is kept as asked."""
-    chosen = kernel_for(saturate_int16_pairs=False, kernel=kernel)
+    for eq. M1. A kernel asked for by name (``kernel=`` or REFQUANT_MATMUL_KERNEL) is kept as asked.
+
+    Asked at every call of a dynamic Linear, so the answer is kept for what decides it (the kernel asked for, the
+    environment variable, NUMBA_DISABLE_JIT, the CPU probes): ~7 us saved per call, ~20 after a product has
+    evicted the interpreter's data from the caches."""
     asked = kernel if kernel is not None else (os.environ.get(KERNEL_ENV_VAR) or "auto")
-    if chosen == "portable" and asked == "auto" and _cpu_has("avx2"):
-        return "avx2", True
-    return chosen, False
+    key = (asked, config.DISABLE_JIT, _cpu_has, _amx_module().amx_unavailable_reason)
+    known = _SEVEN_BIT_CHOICE.get(key)
+    if known is not None:
+        return known
+    chosen = kernel_for(saturate_int16_pairs=False, kernel=kernel)
+    choice = ("avx2", True) if chosen == "portable" and asked == "auto" and _cpu_has("avx2") else (chosen, False)
+    _SEVEN_BIT_CHOICE.clear()  # one answer kept: the key changes only when a test patches what decides it
+    _SEVEN_BIT_CHOICE[key] = choice
+    return choice
+
+
+_SEVEN_BIT_CHOICE: dict = {}
 
 
 def _amx_module():

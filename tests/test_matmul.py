@@ -460,7 +460,11 @@ def test_seven_bit_codes_run_eq_m2_on_avx2_where_eq_m1_would_run_portable(monkey
     assert kernel_for_seven_bit_codes(kernel="reference") == ("reference", False)
     monkeypatch.setenv(KERNEL_ENV_VAR, "portable")
     assert kernel_for_seven_bit_codes() == ("portable", False)
+    monkeypatch.setenv(KERNEL_ENV_VAR, "vnni")
+    with pytest.raises(ValueError, match=f"the environment variable {KERNEL_ENV_VAR} is 'vnni'"):
+        kernel_for_seven_bit_codes()
     monkeypatch.delenv(KERNEL_ENV_VAR)
+    assert kernel_for_seven_bit_codes() == ("avx2", True)  # the kept answer follows the environment
     monkeypatch.setattr(mm, "_cpu_has", lambda feature: feature in ("avx2", "avx512bw", "avx512vnni"))
     assert kernel_for_seven_bit_codes() == ("avx512", False)  # vpdpbusd: eq. M1 as it is
     monkeypatch.setattr(mm, "_cpu_has", lambda feature: False)
