@@ -6,8 +6,8 @@ engine's default qscheme: per-channel symmetric, per-tensor for qnnpack; float32
   * refquant: QuantizedLinear(..., engine=...)(x_u8), the whole call (refquant.fused_linear: the product's tiles with
     the zero-point correction and requantization as their epilogue);
     and its parts: "stages" = requantize(accumulate(x)) (the readable path's two passes, Numba kernels),
-    matmul_u8s8_acc32 alone; with --requantization VARIANT also the fused call with that integer variant and its
-    time relative to the float path's;
+    matmul_u8s8_acc32 alone (eq. M1, or eq. M2 where the layer sums int16-saturated pairs); with
+    --requantization VARIANT also the fused call with that integer variant and its time relative to the float path's;
 checks that torch and refquant give the same output codes, and prints GMAC/s (M*K*N multiply-adds per second) and
 the refquant/torch speed ratio (> 1: refquant is faster). torch and refquant alternate within each of --repeat
 rounds, so machine load hits both alike; each time is the median over the rounds, each ratio the median of the
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.requantization is not None and args.requantization not in VARIANTS:
         parser.error(f"--requantization must be one of {', '.join(VARIANTS)}, got {args.requantization!r}")
     warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-    kernel = kernel_for()
+    kernel = f"{kernel_for()} for eq. M1 (exact sums), {kernel_for(saturate_int16_pairs=True)} for eq. M2 (int16 pairs)"
     load_before = load_average()
     print(f"CPU: {cpu_model()} ({os.cpu_count()} CPUs); load average before: {load_before}")
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), numba {numba.__version__} "
@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                 qv = ql.with_requantization(variant)
                 fns["variant"] = lambda: qv(x_u8)
             fns["stages"] = lambda: ql.requantize(ql.accumulate(x_u8))
-            fns["matmul"] = lambda: matmul_u8s8_acc32(x_u8, ql._packed_weight)
+            fns["matmul"] = lambda: matmul_u8s8_acc32(x_u8, ql._packed_weight,  # the layer's own sums, eq. M1 or M2
+                                                      saturate_int16_pairs=ql.saturate_int16_pairs)
             y_torch = fns["torch"]().int_repr().numpy()
             y_refquant = fns["refquant"]()
             same = bool(np.array_equal(y_torch, y_refquant))
@@ -250,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
     print()
     print("ratio = torch time / refquant time for the whole Linear call (refquant: QuantizedLinear.__call__, fused);")
-    print("stages = requantize(accumulate(x)), the two-pass path; matmul = matmul_u8s8_acc32 alone; us = microseconds")
+    print("stages = requantize(accumulate(x)), the two-pass path; matmul = matmul_u8s8_acc32 alone, in the layer's "
+          "mode (eq. M2 where it sums int16 pairs); us = microseconds")
     if variant:
         print(f"x float = time of the call with requantization={variant!r} / time of the float path's call")
     print(f"load average after: {load_average()}")

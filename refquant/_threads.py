@@ -261,7 +261,7 @@ _state_i64 = np.zeros(3, np.int64)  # RINGS, SPINNING, IN_PYTHON
 
 STAY_AWAKE_SECONDS = 0.0005
 """How long an idle pool thread spins for the next work before it sleeps on the queue (see :func:`share_items`)."""
-START_WAIT_SECONDS = 0.0002
+START_WAIT_SECONDS = 0.00005
 """How long share_items waits at most for spinning pool threads to start, or at the end to leave Python."""
 _SPINS_PER_SECOND: list = []
 
