@@ -10,8 +10,9 @@ engine's default qscheme: per-channel symmetric, per-tensor for qnnpack; float32
     --requantization VARIANT also the fused call with that integer variant and its time relative to the float path's;
 checks that torch and refquant give the same output codes, and prints GMAC/s (M*K*N multiply-adds per second) and
 the refquant/torch speed ratio (> 1: refquant is faster). torch and refquant alternate within each of --repeat
-rounds, so machine load hits both alike; each time is the median over the rounds, each ratio the median of the
-rounds' ratios. The CPU (lscpu's model name) and the load average before and after are printed.
+rounds, so machine load hits both alike, each measurement after an untimed pause that lets the previous one's
+spinning threads sleep (SETTLE_SECONDS); each time is the median over the rounds, each ratio the median of the rounds'
+ratios. The CPU (lscpu's model name) and the load average before and after are printed.
 
     python benchmarks/bench_linear.py [--repeat 7] [--engine fbgemm,x86,qnnpack,onednn|all]
                                       [--kernel auto|amx|avx512|avx2|portable|reference] [--requantization tflite]
@@ -93,7 +94,17 @@ CLOCK = time.perf_counter  # --clock process: time.process_time (CPU time of thi
 # leaves out the time other processes on a shared machine take from this one)
 
 
+SETTLE_SECONDS = 0.05
+"""Untimed pause before each measurement: torch's OpenMP threads spin after its last call (libgomp's default wait
+policy; here ~18 ms of CPU in the 11 ms after it) and refquant's pool threads for 0.5 ms, so without it the function
+timed right after torch ran with a core taken by torch's spinning threads (measured here at 64 x 1024 x 1024:
+refquant's fused call took 690-900 us right after torch, 490-530 us with OMP_WAIT_POLICY=PASSIVE or after the pause;
+torch's own time is the same either way). Each measurement starts on quiet cores."""
+
+
 def _seconds_per_call(fn, calls: int) -> float:
+    time.sleep(SETTLE_SECONDS)  # the previous function's spinning threads go to sleep (not timed)
+    fn()  # and this one's wake up (not timed)
     t0 = CLOCK()
     for _ in range(calls):
         fn()
