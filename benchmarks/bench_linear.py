@@ -99,7 +99,7 @@ SETTLE_SECONDS = 0.05
 policy; here ~18 ms of CPU in the 11 ms after it) and refquant's pool threads for 0.5 ms, so without it the function
 timed right after torch ran with a core taken by torch's spinning threads (measured here at 64 x 1024 x 1024:
 refquant's fused call took 690-900 us right after torch, 490-530 us with OMP_WAIT_POLICY=PASSIVE or after the pause;
-torch's own time is the same either way). Each measurement starts on quiet cores."""
+torch's own time is unchanged by the pause). Each measurement starts on quiet cores."""
 
 
 def _seconds_per_call(fn, calls: int) -> float:
