@@ -42,9 +42,9 @@ import threading
 import time
 
 import numpy as np
+from llvmlite import ir
 from numba import config as numba_config
 from numba import njit, types
-from llvmlite import ir
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
