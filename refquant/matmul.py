@@ -231,8 +231,8 @@ def matmul_u8s8_acc32(x_u8: np.ndarray, w: np.ndarray | PackedWeightS8, *,
     """(M, K) uint8 x (N, K) int8 weight (raw or packed) -> (M, N) int32 accumulators (eq. M1, or M2).
 
     ``kernel``: ``"auto"`` (the fastest the CPU runs; the reference for a few products below
-    :data:`KERNEL_MIN_MACS`), ``"amx"``, ``"avx512"``, ``"portable"`` or ``"reference"`` (see the module
-    docstring); ``None`` reads the environment variable REFQUANT_MATMUL_KERNEL (unset or empty: ``"auto"``; any
+    :data:`KERNEL_MIN_MACS`), ``"amx"``, ``"avx512"``, ``"avx2"`` (eq. M2 only), ``"portable"`` or ``"reference"``
+    (see the module docstring); ``None`` reads the environment variable REFQUANT_MATMUL_KERNEL (unset or empty: ``"auto"``; any
     other value is a ValueError naming the variable).
     Every kernel returns the same bits.
     """
@@ -269,12 +269,13 @@ _SMALL_PRODUCTS = SmallCalls(KERNEL_MIN_MACS)
 
 def kernel_for(*, saturate_int16_pairs: bool = False, kernel: str | None = None, macs: int | None = None) -> str:
     """The kernel :func:`matmul_u8s8_acc32` runs for these arguments: ``"amx"``, ``"avx512"``, ``"avx2"``,
-    ``"portable"`` or ``"reference"``. ``"auto"`` is ``"reference"`` under NUMBA_DISABLE_JIT=1 or for one of the first few products
-    of ``macs`` < :data:`KERNEL_MIN_MACS` multiply-adds (each such question counts); else ``"amx"`` for eq. M1
+    ``"portable"`` or ``"reference"``. ``"auto"`` is ``"reference"`` under NUMBA_DISABLE_JIT=1 or for one of the
+    first few products of ``macs`` < :data:`KERNEL_MIN_MACS` multiply-adds (each such question counts); else
+    ``"amx"`` for eq. M1
     where refquant.amx.amx_unavailable_reason() finds nothing missing (CPU, Numba's target, the OS's permission),
     else ``"avx512"`` where the CPU has the instruction, else ``"avx2"`` for eq. M2 where it has avx2, else
-    ``"portable"``. Raises RuntimeError when ``"amx"`` or
-    ``"avx512"`` is asked for where it cannot run (saying why), or a Numba kernel while the JIT is disabled."""
+    ``"portable"``. Raises RuntimeError when ``"amx"``, ``"avx512"`` or ``"avx2"`` is asked for where it cannot run
+    or for the equation it does not compute (saying why), or a Numba kernel while the JIT is disabled."""
     if kernel is None:
         kernel = os.environ.get(KERNEL_ENV_VAR) or "auto"  # unset or empty: auto
         if kernel not in KERNELS:
@@ -299,7 +300,7 @@ def kernel_for(*, saturate_int16_pairs: bool = False, kernel: str | None = None,
             raise RuntimeError(f"kernel='amx' cannot run here: {reason}; use kernel='avx512' or 'auto'")
     if kernel == "amx":  # saturate_int16_pairs
         raise RuntimeError("kernel='amx' computes eq. M1 only (tdpbusd adds 4 exact products to int32); eq. M2 "
-                           "(saturate_int16_pairs=True) runs on kernel='avx512' (vpmaddubsw) or 'portable'")
+                           "(saturate_int16_pairs=True) runs on kernel='avx512' or 'avx2' (vpmaddubsw) or 'portable'")
     if kernel == "avx2":
         if not saturate_int16_pairs:
             raise RuntimeError("kernel='avx2' computes eq. M2 only (vpmaddubsw saturates each pair sum to int16); "
@@ -778,8 +779,9 @@ def _tile_row_64(dot4, x_u8, lda, m, g0, n_groups, panels_i8, panel_offset, out_
 @njit(cache=True)
 def _block_tiles(dot4, rows_per_tile, x_u8, lda, m_start, m_end, g0, block_groups, panels_i8, panel_offset, out_i32,
                  out_offset, ldc, n_valid):
-    """Rows [m_start, m_end) of x times one panel over one K block, in tiles of 6 rows (or 2), then single rows;
-    x row m_start's sums go to out_i32 from element out_offset, the next rows ldc elements apart."""
+    """Rows [m_start, m_end) of x times one panel over one K block, in tiles of ``rows_per_tile`` rows: 6 (or 2),
+    then single rows; 1 (the avx2 marker) row by row; x row m_start's sums go to out_i32 from element out_offset,
+    the next rows ldc elements apart."""
     m = m_start
     if rows_per_tile == 1:
         while m < m_end:
